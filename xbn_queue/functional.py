@@ -1,0 +1,169 @@
+"""The math of cross-batch memory adaptation, as pure functions.
+
+Everything a reader needs to check the implementation against the paper lives here:
+
+* :func:`moments` - per-dimension mean and (Bessel-corrected) standard deviation over rows.
+* :func:`moment_matching_affine` / :func:`match_moments` - XBN, Eq. 6 (and Eq. 23 with Kalman estimates)::
+
+      z <- (z - mean_R) / (std_R + eps) * std_B + mean_B
+
+* :func:`kalman_step` - the diagonal static-state Kalman filter of AXBN, Eq. 18-22.
+* :func:`measurement_noise` - the per-dimension measurement noise used by ``kalman_r="auto"``.
+
+No function here keeps state or touches a module; :mod:`xbn_queue.adaptation` owns the state.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "moments",
+    "moment_matching_affine",
+    "match_moments",
+    "apply_affine_",
+    "kalman_step",
+    "measurement_noise",
+]
+
+
+def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-dimension mean and standard deviation over the rows of ``x``.
+
+    One pass over the data (``torch.var_mean``); the standard deviation uses Bessel's
+    correction, as ``torch.std`` does by default. Low-precision inputs are promoted to float32.
+
+    Args:
+        x: ``(N, D)`` rows, ``N >= 2``.
+
+    Returns:
+        ``(mean, std)``, each ``(D,)``, float32 (float64 if ``x`` is float64).
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    var, mean = torch.var_mean(x, dim=0, correction=1)  # (D,), (D,)
+    return mean, var.clamp_min_(0).sqrt_()
+
+
+def moment_matching_affine(
+    src_mean: Tensor, src_std: Tensor, tgt_mean: Tensor, tgt_std: Tensor, eps: float = 1e-6
+) -> Tuple[Tensor, Tensor]:
+    """Per-dimension affine map ``z -> z * scale + shift`` equal to Eq. 6.
+
+    ``(z - src_mean) / (src_std + eps) * tgt_std + tgt_mean == z * scale + shift`` with
+    ``scale = tgt_std / (src_std + eps)`` and ``shift = tgt_mean - src_mean * scale``.
+    A dimension that is constant in the source (``src_std == 0``) has ``z == src_mean`` for
+    every row, so Eq. 6 sends it to ``tgt_mean`` exactly; the scale of such a dimension is set
+    to 0 so that the affine form gives that exact value too (no ``1 / eps`` blow-up).
+
+    Args:
+        src_mean: ``(D,)`` mean of the rows to be adapted (the memory).
+        src_std: ``(D,)`` standard deviation of those rows.
+        tgt_mean: ``(D,)`` target mean (the batch, or the Kalman estimate).
+        tgt_std: ``(D,)`` target standard deviation.
+        eps: Added to ``src_std`` before dividing.
+
+    Returns:
+        ``(scale, shift)``, each ``(D,)``.
+    """
+    scale = tgt_std / (src_std + eps)
+    scale = torch.where(src_std > 0, scale, torch.zeros_like(scale))
+    shift = tgt_mean - src_mean * scale
+    return scale, shift
+
+
+def match_moments(
+    z: Tensor, src_mean: Tensor, src_std: Tensor, tgt_mean: Tensor, tgt_std: Tensor, eps: float = 1e-6
+) -> Tensor:
+    """Eq. 6 out of place: ``(z - src_mean) / (src_std + eps) * tgt_std + tgt_mean``.
+
+    Args:
+        z: ``(N, D)`` rows to adapt.
+        src_mean, src_std, tgt_mean, tgt_std: ``(D,)`` statistics, see :func:`moment_matching_affine`.
+        eps: Added to ``src_std`` before dividing.
+
+    Returns:
+        ``(N, D)`` adapted rows, in the dtype of ``z``.
+    """
+    scale, shift = moment_matching_affine(src_mean, src_std, tgt_mean, tgt_std, eps)
+    return torch.addcmul(shift.to(z.dtype), z, scale.to(z.dtype))  # (N, D)
+
+
+def apply_affine_(z: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """In place ``z <- z * scale + shift`` (per column), one pass over ``z``.
+
+    Args:
+        z: ``(N, D)`` tensor modified in place.
+        scale: ``(D,)``.
+        shift: ``(D,)``.
+
+    Returns:
+        ``z``.
+    """
+    return torch.addcmul(shift.to(z.dtype), z, scale.to(z.dtype), out=z)
+
+
+def kalman_step(
+    u: Tensor,
+    p: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q: Tensor | float,
+    r: Tensor | float,
+    update_gain: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """One step of the diagonal static-state Kalman filter (Eq. 18-22).
+
+    ::
+
+        P <- P + q                     (19, predicted variance; the predicted state is u, Eq. 18)
+        K <- P / (P + r)               (20, only when ``update_gain``; otherwise the held gain)
+        u <- u + K (v - u)             (21)
+        P <- (1 - K) P                 (22)
+
+    Args:
+        u: ``(D,)`` current estimate.
+        p: ``(D,)`` current estimation variance.
+        k: ``(D,)`` current (held) gain.
+        v: ``(D,)`` new measurement (a batch statistic).
+        q: Process noise variance (scalar or ``(D,)``).
+        r: Measurement noise variance (scalar or ``(D,)``), already divided by the batch size.
+        update_gain: Recompute the gain from ``P`` (Eq. 20) or keep ``k``.
+
+    Returns:
+        ``(u, P, K)`` after the step (new tensors).
+    """
+    p = p + q
+    if update_gain:
+        k = p / (p + r)
+    u = u + k * (v - u)
+    p = (1 - k) * p
+    return u, p, k
+
+
+def measurement_noise(batch_std: Tensor, batch_size: int, statistic: str) -> Tensor:
+    """Per-dimension variance of a batch statistic, estimated from the batch itself.
+
+    The variance of a mean of ``B`` samples is ``s^2 / B``; the variance of a sample standard
+    deviation is about ``s^2 / (2 (B - 1))`` (normal approximation).
+
+    Args:
+        batch_std: ``(D,)`` standard deviation of the batch.
+        batch_size: ``B``.
+        statistic: ``"mean"`` or ``"std"``.
+
+    Returns:
+        ``(D,)`` measurement noise variance.
+
+    Raises:
+        ValueError: If ``statistic`` is neither ``"mean"`` nor ``"std"``.
+    """
+    var = batch_std.square()
+    if statistic == "mean":
+        return var / batch_size
+    if statistic == "std":
+        return var / (2 * max(batch_size - 1, 1))
+    raise ValueError(f"statistic must be 'mean' or 'std', got {statistic!r}")
