@@ -120,7 +120,8 @@ def kalman_step(
     ::
 
         P <- P + q                     (19, predicted variance; the predicted state is u, Eq. 18)
-        K <- P / (P + r)               (20, only when ``update_gain``; otherwise the held gain)
+        K <- P / (P + r)               (20, only when ``update_gain``; otherwise the held gain;
+                                           1 where P + r == 0, i.e. an exact measurement)
         u <- u + K (v - u)             (21)
         P <- (1 - K) P                 (22)
 
@@ -138,7 +139,9 @@ def kalman_step(
     """
     p = p + q
     if update_gain:
-        k = p / (p + r)
+        denom = p + r
+        # No uncertainty at all (P + R == 0) means the measurement is exact: gain 1, never 0 / 0.
+        k = torch.where(denom > 0, p / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.ones_like(denom))
     u = u + k * (v - u)
     p = (1 - k) * p
     return u, p, k
