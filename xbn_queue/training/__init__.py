@@ -1,0 +1,53 @@
+"""Shared infrastructure of the ``metric`` and ``selfsup`` trainers.
+
+Small, independent modules; none of them is imported by ``xbn_queue`` itself, and the optional packages
+they use (PyYAML, NumPy, tqdm, matplotlib, wandb) are imported only when needed, with an ``ImportError``
+that names the extra to install (``pip install "xbn-queue[train]"`` or ``"xbn-queue[wandb]"``).
+
+- :mod:`~xbn_queue.training.config`: dataclass <-> command line / YAML (``parse_config``, ``save_config``,
+  ``load_config``, ``config_to_dict``, ``build_parser``).
+- :mod:`~xbn_queue.training.checkpoint`: ``atomic_save``, ``load_checkpoint``, ``resolve_resume``,
+  ``check_compatible``.
+- :mod:`~xbn_queue.training.distributed`: ``init_distributed`` -> ``DistContext`` for ``torchrun``;
+  ``gather_features``, ``all_reduce_mean``, ``barrier``.
+- :mod:`~xbn_queue.training.rng`: ``get_rng_state`` / ``set_rng_state`` for exact resume.
+- :mod:`~xbn_queue.training.seeding`: ``seed_everything``, ``resolve_device``.
+- :mod:`~xbn_queue.training.signals`: ``GracefulExit`` (SIGTERM / SIGINT -> checkpoint and stop).
+- :mod:`~xbn_queue.training.tracking`: ``RunLogger`` (``metrics.jsonl`` + W&B), ``plot_history``.
+- :mod:`~xbn_queue.training.progress`: ``progress`` (tqdm on the main rank only).
+
+Import from the submodules (``from xbn_queue.training.config import parse_config``); the functions and
+classes above (except ``progress``, which shares its module's name) are also available lazily as
+``xbn_queue.training.<name>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "parse_config": "config", "build_parser": "config", "config_from_namespace": "config",
+    "config_from_dict": "config", "config_to_dict": "config", "save_config": "config", "load_config": "config",
+    "atomic_save": "checkpoint", "load_checkpoint": "checkpoint", "resolve_resume": "checkpoint",
+    "check_compatible": "checkpoint",
+    "DistContext": "distributed", "init_distributed": "distributed", "gather_features": "distributed",
+    "all_reduce_mean": "distributed", "barrier": "distributed",
+    "get_rng_state": "rng", "set_rng_state": "rng",
+    "seed_everything": "seeding", "resolve_device": "seeding",
+    "GracefulExit": "signals",
+    "RunLogger": "tracking", "plot_history": "tracking", "read_metrics": "tracking",
+    "read_wandb_history": "tracking",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

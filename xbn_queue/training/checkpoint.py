@@ -1,0 +1,201 @@
+"""Crash-safe checkpoints, ``--resume`` resolution and configuration compatibility checks.
+
+``atomic_save(obj, path)`` writes ``torch.save(obj)`` to a temporary file in the same directory, flushes
+and fsyncs it, then renames it over ``path`` with ``os.replace`` (atomic on POSIX and Windows), so a
+run killed at any moment leaves either the previous checkpoint or the new one, never a torn file.
+
+``resolve_resume(resume, output_dir)`` turns the ``--resume`` option into a path: ``""`` means a fresh
+run, ``"auto"`` (what a bare ``--resume`` gives) means ``output_dir/last.pt`` when it exists, and anything
+else is a checkpoint file (or a directory holding ``last.pt``) that must exist.
+
+``check_compatible(saved_cfg, cfg, keys)`` refuses to resume from a checkpoint whose configuration
+differs on keys that change the model or the memory, listing every difference::
+
+    path = resolve_resume(cfg.resume, cfg.output_dir)
+    if path is not None:
+        ckpt = load_checkpoint(path, map_location=device)
+        check_compatible(ckpt["config"], config_to_dict(cfg), ["method", "embedding_dim", "memory_size"])
+    ...
+    atomic_save({"model": model.state_dict(), ..., "config": config_to_dict(cfg)}, out / "last.pt")
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+__all__ = ["atomic_save", "load_checkpoint", "resolve_resume", "check_compatible", "LAST_CHECKPOINT"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: File name that ``resolve_resume("auto", output_dir)`` looks for.
+LAST_CHECKPOINT = "last.pt"
+
+_MISSING = object()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Best-effort fsync of a directory so that a rename survives a power loss (POSIX only)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """Save ``obj`` with ``torch.save`` atomically.
+
+    Writes to a temporary file in the destination directory, flushes and ``os.fsync``s it, then
+    ``os.replace``s it onto ``path``. Parent directories are created. On any error the temporary file
+    is removed and an existing ``path`` is left untouched.
+
+    Args:
+        obj: Anything ``torch.save`` accepts (typically a dict of state dicts).
+        path: Destination file.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(
+    path: PathLike,
+    map_location: Union[str, torch.device, None] = "cpu",
+    weights_only: bool = True,
+) -> Any:
+    """Load a checkpoint written by :func:`atomic_save`.
+
+    Args:
+        path: Checkpoint file.
+        map_location: Passed to ``torch.load`` (``"cpu"`` by default, so that a GPU checkpoint loads
+            anywhere; move modules afterwards).
+        weights_only: Passed to ``torch.load``. ``True`` (the safe default) accepts tensors, state
+            dicts and plain Python containers/scalars, which is what these utilities produce
+            (including :func:`xbn_queue.training.rng.get_rng_state`). Pass ``False`` only for a file you
+            trust that holds other Python objects.
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        RuntimeError: If the file cannot be loaded (the message names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
+        hint = (
+            " If it holds Python objects other than tensors and plain containers and you trust the file,"
+            " load it with weights_only=False."
+            if weights_only
+            else ""
+        )
+        raise RuntimeError(f"cannot load checkpoint {str(path)!r}: {err}.{hint}") from err
+
+
+def resolve_resume(resume: Union[PathLike, bool, None], output_dir: PathLike) -> Optional[Path]:
+    """Resolve a ``--resume`` value to the checkpoint to continue from.
+
+    Args:
+        resume: ``""``, ``None`` or ``False``: start fresh. ``"auto"`` or ``True``:
+            ``output_dir/last.pt`` if it exists, else start fresh. Any other value: a checkpoint file,
+            or a directory containing ``last.pt``; it must exist.
+        output_dir: The run's output directory.
+
+    Returns:
+        The checkpoint path, or ``None`` for a fresh run.
+
+    Raises:
+        FileNotFoundError: If an explicit path (or a directory without ``last.pt``) does not exist.
+    """
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        resume = "auto"
+    text = os.fspath(resume)
+    if text.strip() == "":
+        return None
+    if text.strip().lower() == "auto":
+        candidate = Path(output_dir) / LAST_CHECKPOINT
+        return candidate if candidate.is_file() else None
+    path = Path(text).expanduser()
+    if path.is_dir():
+        candidate = path / LAST_CHECKPOINT
+        if not candidate.is_file():
+            raise FileNotFoundError(f"--resume {text!r} is a directory without {LAST_CHECKPOINT}")
+        return candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {text!r}: checkpoint file not found")
+    return path
+
+
+def _fmt(value: Any) -> str:
+    return "<missing>" if value is _MISSING else repr(value)
+
+
+def check_compatible(
+    saved_cfg: Mapping[str, Any],
+    cfg: Mapping[str, Any],
+    keys: Iterable[str],
+    source: Optional[PathLike] = None,
+) -> None:
+    """Refuse to resume from a checkpoint whose configuration differs on ``keys``.
+
+    Keys may be written with ``_`` or ``-``; both dicts are looked up by field name (``_``). A key
+    absent from one side counts as a difference (shown as ``<missing>``).
+
+    Args:
+        saved_cfg: The configuration stored in the checkpoint (``config_to_dict`` output).
+        cfg: The current configuration as a dict.
+        keys: The keys that must agree (e.g. ``["method", "embedding_dim", "memory_size"]``).
+        source: Optional checkpoint path, named in the message.
+
+    Raises:
+        ValueError: Listing every differing key, e.g.
+            ``checkpoint 'run/last.pt' is incompatible with the current configuration; differs:
+            memory_size: saved 1024, now 2048; method: saved 'xbm', now 'xbn'``.
+    """
+    diffs = []
+    for key in keys:
+        name = key.replace("-", "_")
+        old = saved_cfg.get(name, saved_cfg.get(key, _MISSING))
+        new = cfg.get(name, cfg.get(key, _MISSING))
+        # bool is an int subclass: True == 1, but a flag and a count are not the same setting.
+        if old != new or isinstance(old, bool) != isinstance(new, bool):
+            diffs.append(f"{name}: saved {_fmt(old)}, now {_fmt(new)}")
+    if diffs:
+        where = f" {str(source)!r}" if source is not None else ""
+        raise ValueError(
+            f"checkpoint{where} is incompatible with the current configuration; differs: " + "; ".join(diffs)
+        )

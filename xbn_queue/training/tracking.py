@@ -1,0 +1,372 @@
+"""Run logging: a local ``metrics.jsonl`` always, Weights & Biases when asked, and a PNG of the history.
+
+``RunLogger(output_dir, config, project, mode, enabled, name)`` appends one JSON object per ``.log`` call
+to ``output_dir/metrics.jsonl`` (flushed at once, so a killed run keeps every line it logged) and, with
+``mode="online"`` or ``"offline"``, forwards the same values to ``wandb`` with the same ``step``. Tensors
+and NumPy scalars are turned into Python numbers. On non-main ranks pass ``enabled=False``: every method
+is then a no-op and no file is touched::
+
+    logger = RunLogger(out, config_to_dict(cfg), project=cfg.wandb_project, mode=cfg.wandb_mode,
+                       enabled=ctx.is_main, resume_step=start_step if resumed else None)
+    logger.log({"epoch": epoch, "recall@1": r1, "loss": loss}, step=step)
+    logger.finish()
+    plot_history(out / "metrics.jsonl", out / "recall.png", panels=[("recall@1",), ("drift_mean", "drift_max")])
+
+A fresh run (``resume_step=None``) starts a new ``metrics.jsonl``; a resumed run passes the step of the
+checkpoint it continues from, which keeps the records up to that step and drops the ones a killed run
+wrote after its last checkpoint, so a resumed history equals an uninterrupted one. The W&B run id is
+kept in ``output_dir/wandb-run-id.txt`` so that a resumed run continues the same W&B run.
+
+``wandb`` is imported only when a W&B mode is requested (``pip install "xbn-queue[wandb]"``);
+``plot_history`` needs matplotlib (``pip install "xbn-queue[train]"``) and never touches pyplot's global
+state. ``read_wandb_history(run_dir)`` reads the logged rows back from an offline run's ``.wandb`` file
+(for tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from xbn_queue.training._optional import require
+
+__all__ = ["RunLogger", "plot_history", "read_metrics", "read_wandb_history", "to_plain"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+WANDB_MODES = ("online", "offline", "disabled")
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb-run-id.txt"
+
+
+def to_plain(value: Any) -> Any:
+    """Convert tensors, NumPy values, paths and containers to JSON-friendly Python values.
+
+    Args:
+        value: A number, string, bool, ``None``, tensor, NumPy scalar/array, or a list/tuple/dict of them.
+
+    Returns:
+        The same value built from ``int``, ``float``, ``bool``, ``str``, ``None``, lists and dicts
+        (a one-element tensor or array becomes a number, larger ones nested lists).
+
+    Raises:
+        TypeError: For anything else.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    item = getattr(value, "item", None)
+    if callable(item):  # torch.Tensor, numpy scalar / ndarray
+        detach = getattr(value, "detach", None)
+        if callable(detach):
+            value = detach().cpu()
+        size = getattr(value, "numel", None)
+        n = size() if callable(size) else getattr(value, "size", 1)
+        if n == 1:
+            return to_plain(value.item())
+        return to_plain(value.tolist())
+    raise TypeError(f"cannot log a value of type {type(value).__name__}: {value!r}")
+
+
+def read_metrics(path: PathLike) -> list[dict[str, Any]]:
+    """Read a ``metrics.jsonl`` file.
+
+    Args:
+        path: The file.
+
+    Returns:
+        One dict per non-empty line.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If a line is not a JSON object (naming the file and line number).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file {str(path)!r} not found")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            records.append(record)
+    return records
+
+
+class RunLogger:
+    """Log metrics to ``metrics.jsonl`` and optionally to Weights & Biases.
+
+    Args:
+        output_dir: Run folder; ``metrics.jsonl`` and the W&B files go there.
+        config: The resolved configuration (plain types), stored with the W&B run.
+        project: W&B project name (default ``"xbn-queue"``).
+        mode: ``"disabled"`` (local file only), ``"offline"`` (W&B run written locally, nothing sent)
+            or ``"online"``.
+        enabled: False makes every method a no-op (use ``enabled=ctx.is_main`` under DDP).
+        name: W&B run name.
+        resume_step: ``None`` for a fresh run (an existing ``metrics.jsonl`` is replaced); for a resumed
+            run, the step of the checkpoint: records with a larger ``step`` are dropped and new ones
+            appended, and the previous W&B run (if its id was saved) is continued.
+        filename: Name of the JSON-lines file.
+        wandb_kwargs: Extra keyword arguments for ``wandb.init`` (e.g. ``tags``, ``group``, ``entity``).
+
+    Raises:
+        ValueError: On an unknown ``mode``.
+        ImportError: If a W&B mode is requested and ``wandb`` is not installed.
+    """
+
+    def __init__(
+        self,
+        output_dir: PathLike,
+        config: Mapping[str, Any],
+        project: Optional[str] = None,
+        mode: str = "disabled",
+        enabled: bool = True,
+        name: Optional[str] = None,
+        resume_step: Optional[int] = None,
+        filename: str = METRICS_FILE,
+        wandb_kwargs: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        if mode not in WANDB_MODES:
+            raise ValueError(f"unknown W&B mode {mode!r}; choose from {list(WANDB_MODES)}")
+        self.output_dir = Path(output_dir)
+        self.mode = mode
+        self.enabled = enabled
+        self.path = self.output_dir / filename
+        self._file: Any = None
+        self._run: Any = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self._file = open(self.path, "w", encoding="utf-8")
+        else:
+            kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= resume_step] if self.path.is_file() else []
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                for record in kept:
+                    f.write(json.dumps(record) + "\n")
+            os.replace(tmp, self.path)
+            self._file = open(self.path, "a", encoding="utf-8")
+        if mode != "disabled":
+            self._run = self._init_wandb(config, project, name, resume_step is not None, dict(wandb_kwargs or {}))
+
+    def _init_wandb(self, config: Mapping[str, Any], project: Optional[str], name: Optional[str],
+                    resuming: bool, extra: dict[str, Any]) -> Any:
+        wandb = require("wandb", f'RunLogger(mode="{self.mode}")')
+        id_file = self.output_dir / WANDB_ID_FILE
+        if resuming and id_file.is_file() and "id" not in extra:
+            extra.setdefault("id", id_file.read_text().strip())
+            extra.setdefault("resume", "allow")
+        settings = extra.pop("settings", None)
+        if settings is None:
+            settings = wandb.Settings(console="off", x_disable_stats=True, save_code=False)
+        run = wandb.init(
+            project=project or "xbn-queue",
+            mode=self.mode,
+            dir=str(self.output_dir),
+            config=to_plain(dict(config)),
+            name=name,
+            reinit="create_new",
+            settings=settings,
+            **extra,
+        )
+        id_file.write_text(run.id + "\n")
+        return run
+
+    @property
+    def wandb_run(self) -> Any:
+        """The ``wandb`` run, or ``None``."""
+        return self._run
+
+    @property
+    def wandb_run_dir(self) -> Optional[Path]:
+        """Folder of the W&B run (``.../wandb/offline-run-*`` or ``run-*``), or ``None``."""
+        return Path(self._run.dir).parent if self._run is not None else None
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Append ``{"step": step, **metrics}`` to the JSON-lines file and send it to W&B.
+
+        Args:
+            metrics: Names to numbers (tensors and NumPy scalars are converted).
+            step: Global step; must agree with ``metrics["step"]`` if that is present.
+
+        Raises:
+            ValueError: If ``metrics["step"]`` differs from ``step``.
+            TypeError: If a value cannot be converted to JSON.
+            RuntimeError: If called after :meth:`finish`.
+        """
+        if not self.enabled:
+            return
+        if self._file is None:
+            raise RuntimeError("RunLogger.log called after finish()")
+        plain = to_plain(dict(metrics))
+        step = int(step)
+        if "step" in plain and plain["step"] != step:
+            raise ValueError(f"metrics['step']={plain['step']} differs from step={step}")
+        record = {"step": step, **{k: v for k, v in plain.items() if k != "step"}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._run is not None:
+            self._run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def finish(self) -> None:
+        """Close the file and finish the W&B run (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.finish()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def plot_history(
+    metrics_jsonl: PathLike,
+    png_path: PathLike,
+    panels: Sequence[Sequence[str]] = (("recall@1",), ("drift_mean", "drift_max")),
+    x: str = "epoch",
+    title: Optional[str] = None,
+) -> Path:
+    """Plot metrics from a ``metrics.jsonl`` file into a PNG, one panel per tuple of keys.
+
+    Only records that have ``x`` and a finite number for a key contribute to that key's line; keys
+    that appear in no record are skipped, and a panel with none of its keys is left out. If nothing
+    at all can be plotted the PNG says so (and a warning is issued).
+
+    Args:
+        metrics_jsonl: The metrics file.
+        png_path: Output PNG (parent directories are created).
+        panels: Key groups; each group shares one panel.
+        x: Key for the horizontal axis (e.g. ``"epoch"`` or ``"step"``).
+        title: Optional figure title.
+
+    Returns:
+        ``png_path`` as a ``Path``.
+
+    Raises:
+        FileNotFoundError: If ``metrics_jsonl`` does not exist.
+        ImportError: If matplotlib is not installed.
+    """
+    records = read_metrics(metrics_jsonl)
+    require("matplotlib", "plot_history")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Accept a bare key ("loss") or a list of keys as shorthand for one-key panels.
+    panels = [(p,) if isinstance(p, str) else tuple(p) for p in ([panels] if isinstance(panels, str) else panels)]
+    series: list[list[tuple[str, list[float], list[float]]]] = []
+    for keys in panels:
+        lines = []
+        for key in keys:
+            pts = [(r[x], r[key]) for r in records if _is_number(r.get(x)) and _is_number(r.get(key))]
+            if pts:
+                lines.append((key, [p[0] for p in pts], [p[1] for p in pts]))
+        if lines:
+            series.append(lines)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    n = max(len(series), 1)
+    fig = Figure(figsize=(6.0, 2.8 * n), layout="constrained")
+    FigureCanvasAgg(fig)
+    if not series:
+        wanted = ", ".join(k for keys in panels for k in keys)
+        warnings.warn(f"plot_history: none of [{wanted}] (against {x!r}) found in {metrics_jsonl}", stacklevel=2)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, f"no data for {wanted}", ha="center", va="center")
+        ax.set_axis_off()
+    for i, lines in enumerate(series):
+        ax = fig.add_subplot(n, 1, i + 1)
+        for key, xs, ys in lines:
+            ax.plot(xs, ys, marker="o", markersize=3, label=key)
+        ax.set_xlabel(x)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(png_path, format="png", dpi=100)
+    return png_path
+
+
+def read_wandb_history(run_dir: PathLike) -> list[dict[str, Any]]:
+    """Read the rows logged to an offline W&B run back from its ``.wandb`` file.
+
+    The file is W&B's LevelDB-style log (a 7-byte ``:W&B`` header, then 32 KiB blocks of
+    checksum/length/type-framed protobuf ``Record`` messages); this decodes the ``history`` records.
+    Meant for tests that check what was sent to W&B without network access.
+
+    Args:
+        run_dir: The run folder (``.../wandb/offline-run-*``), or the ``.wandb`` file itself.
+
+    Returns:
+        One dict per ``log`` call, including W&B's ``_step``, ``_runtime`` and ``_timestamp``.
+
+    Raises:
+        FileNotFoundError: If no ``.wandb`` file is found.
+        ValueError: If the file is not a W&B log.
+    """
+    require("wandb", "read_wandb_history")
+    from wandb.proto import wandb_internal_pb2
+
+    path = Path(run_dir)
+    if path.is_dir():
+        files = sorted(path.glob("*.wandb"))
+        if not files:
+            raise FileNotFoundError(f"no .wandb file in {str(path)!r}")
+        path = files[0]
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run log")
+    block, header = 32768, 7
+    pos, pending, payloads = header, b"", []
+    while pos + header <= len(data):
+        left = block - pos % block
+        if left < header:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        chunk = data[pos + header:pos + header + length]
+        pos += header + length
+        if kind == 1:  # full record
+            payloads.append(chunk)
+        elif kind == 2:  # first fragment
+            pending = chunk
+        elif kind == 3:  # middle fragment
+            pending += chunk
+        elif kind == 4:  # last fragment
+            payloads.append(pending + chunk)
+            pending = b""
+    rows = []
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({
+                (item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item
+            })
+    return rows
