@@ -73,6 +73,8 @@ _TRUE = {"true", "yes", "on", "1", "y", "t"}
 _FALSE = {"false", "no", "off", "0", "n", "f"}
 _NONE = {"none", "null", "~"}
 _REQUIRED = object()
+# typing.Union[...] and, on Python >= 3.10, ``X | Y``.
+_UNION_ORIGINS = (Union, getattr(types, "UnionType", Union))
 
 
 @dataclasses.dataclass
@@ -131,7 +133,7 @@ def _scalar_converter(tp: Any) -> Callable[[str], Any]:
 
         convert_enum.__name__ = tp.__name__
         return convert_enum
-    if typing.get_origin(tp) in (Union, types.UnionType):
+    if typing.get_origin(tp) in _UNION_ORIGINS:
         return _union_converter(typing.get_args(tp))
     raise TypeError(f"unsupported type {tp!r}")
 
@@ -141,7 +143,7 @@ def _analyze(f: dataclasses.Field, tp: Any) -> _Spec:
     meta = f.metadata or {}
     optional = False
     origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
+    if origin in _UNION_ORIGINS:
         args = typing.get_args(tp)
         if type(None) in args:
             optional = True

@@ -11,12 +11,13 @@ every collective below is a no-op, so the same training code runs with ``python 
     model.to(ctx.device)
     feats = ctx.gather_features(local_feats)    # (sum of all ranks' B_r, D), in rank order
     loss_avg = ctx.all_reduce_mean(loss.item())
+    rng_per_rank = ctx.all_gather_object(get_rng_state())   # [state_rank0, state_rank1, ...]
     if ctx.is_main:
         save(...)
     ctx.cleanup()
 
-The module-level functions (``gather_features``, ``all_reduce_mean``, ``barrier``, ``get_rank``,
-``get_world_size``, ``is_main_process``) do the same on whatever default process group exists, and
+The module-level functions (``gather_features``, ``all_reduce_mean``, ``all_gather_object``,
+``broadcast_object``, ``barrier``, ``get_rank``, ``get_world_size``, ``is_main_process``) do the same on whatever default process group exists, and
 are safe without one.
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from typing import Optional, Union, overload
+from typing import Any, Optional, Union, overload
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,8 @@ __all__ = [
     "init_distributed",
     "gather_features",
     "all_reduce_mean",
+    "all_gather_object",
+    "broadcast_object",
     "barrier",
     "cleanup",
     "get_rank",
@@ -155,6 +158,40 @@ def all_reduce_mean(x: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]
     return float(buf.item()) / world
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Collect one picklable object from every rank, in rank order (e.g. per-rank RNG states).
+
+    Args:
+        obj: Any picklable object.
+
+    Returns:
+        ``[obj_rank0, obj_rank1, ...]`` on every rank; ``[obj]`` at world size 1.
+    """
+    world = get_world_size()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from rank ``src`` to every rank (e.g. a decision made on rank 0).
+
+    Args:
+        obj: The object (only ``src``'s value matters).
+        src: The sending rank.
+
+    Returns:
+        ``src``'s object on every rank; ``obj`` itself at world size 1.
+    """
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def cleanup() -> None:
     """Destroy the default process group if one exists."""
     if _active():
@@ -203,6 +240,14 @@ class DistContext:
     def all_reduce_mean(self, x: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
         """See :func:`all_reduce_mean`."""
         return all_reduce_mean(x)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """See :func:`all_gather_object`."""
+        return all_gather_object(obj)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """See :func:`broadcast_object`."""
+        return broadcast_object(obj, src=src)
 
     def cleanup(self) -> None:
         """Destroy the process group if this context created it."""

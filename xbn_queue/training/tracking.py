@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import time
 import warnings
@@ -43,6 +44,12 @@ PathLike = Union[str, "os.PathLike[str]"]
 WANDB_MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb-run-id.txt"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"0.19.10rc1"`` -> ``(0, 19, 10)``."""
+    match = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", text)
+    return tuple(int(g or 0) for g in match.groups()) if match else (0, 0, 0)
 
 
 def to_plain(value: Any) -> Any:
@@ -177,14 +184,18 @@ class RunLogger:
             extra.setdefault("resume", "allow")
         settings = extra.pop("settings", None)
         if settings is None:
-            settings = wandb.Settings(console="off", x_disable_stats=True, save_code=False)
+            try:  # no console capture (it fights with tqdm), no system-metrics sampler
+                settings = wandb.Settings(console="off", x_disable_stats=True)
+            except Exception:  # older wandb spells the stats switch differently
+                settings = wandb.Settings(console="off")
+        # wandb >= 0.19.10 takes reinit="create_new"; older versions take a bool.
+        extra.setdefault("reinit", "create_new" if _version(wandb.__version__) >= (0, 19, 10) else True)
         run = wandb.init(
             project=project or "xbn-queue",
             mode=self.mode,
             dir=str(self.output_dir),
             config=to_plain(dict(config)),
             name=name,
-            reinit="create_new",
             settings=settings,
             **extra,
         )

@@ -59,6 +59,8 @@ def main(out: Path) -> None:
         "mean_tensor": ctx.all_reduce_mean(torch.tensor([r * 2.0, 4.0])),
         "mean_int_tensor": ctx.all_reduce_mean(torch.tensor([r])),
         "module_rank": (D.get_rank(), D.get_world_size(), D.is_main_process()),
+        "objects": ctx.all_gather_object({"rank": r, "name": f"r{r}"}),
+        "broadcast": ctx.broadcast_object(f"from rank {r}", src=1),
     }
     ctx.barrier()
     torch.save(result, out / f"rank{r}.pt")

@@ -32,6 +32,8 @@ def test_single_process_is_a_noop(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not g.requires_grad
     assert ctx.gather_features(x, keep_local_grad=True) is x
     assert ctx.all_reduce_mean(2.5) == 2.5
+    assert ctx.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert ctx.broadcast_object("x") == "x"
     t = torch.tensor([1.0, 3.0])
     m = ctx.all_reduce_mean(t)
     torch.testing.assert_close(m, t)
@@ -85,6 +87,8 @@ def test_two_process_gloo_group(tmp_path: Path) -> None:
         assert res["is_main"] == (r == 0)
         assert res["backend"] == "gloo" and res["device"] == "cpu"
         assert res["module_rank"] == (r, world, r == 0)
+        assert res["objects"] == [{"rank": 0, "name": "r0"}, {"rank": 1, "name": "r1"}]
+        assert res["broadcast"] == "from rank 1"
         torch.testing.assert_close(res["feats"], ref_feats, rtol=0, atol=0)
         assert res["labels"].dtype == torch.int64
         assert torch.equal(res["labels"], ref_labels)
