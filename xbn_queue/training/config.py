@@ -103,12 +103,11 @@ def _union_converter(members: Sequence[Any]) -> Callable[[str], Any]:
     convs = [_scalar_converter(m) for m in members]
 
     def convert(text: str) -> Any:
-        errors = []
         for conv in convs:
             try:
                 return conv(text)
-            except (ValueError, TypeError) as err:
-                errors.append(str(err))
+            except (ValueError, TypeError):
+                continue
         raise ValueError(f"{text!r} is none of {convert.__name__}")
 
     convert.__name__ = "|".join(getattr(m, "__name__", str(m)) for m in members)

@@ -3,7 +3,8 @@
 ``RunLogger(output_dir, config, project, mode, enabled, name)`` appends one JSON object per ``.log`` call
 to ``output_dir/metrics.jsonl`` (flushed at once, so a killed run keeps every line it logged) and, with
 ``mode="online"`` or ``"offline"``, forwards the same values to ``wandb`` with the same ``step``. Tensors
-and NumPy scalars are turned into Python numbers. On non-main ranks pass ``enabled=False``: every method
+and NumPy scalars are turned into Python numbers (a non-finite float is written as ``NaN`` / ``Infinity``,
+which Python's ``json`` reads back). On non-main ranks pass ``enabled=False``: every method
 is then a no-op and no file is touched::
 
     logger = RunLogger(out, config_to_dict(cfg), project=cfg.wandb_project, mode=cfg.wandb_mode,
@@ -173,7 +174,12 @@ class RunLogger:
             os.replace(tmp, self.path)
             self._file = open(self.path, "a", encoding="utf-8")
         if mode != "disabled":
-            self._run = self._init_wandb(config, project, name, resume_step is not None, dict(wandb_kwargs or {}))
+            try:
+                self._run = self._init_wandb(config, project, name, resume_step is not None, dict(wandb_kwargs or {}))
+            except BaseException:
+                self._file.close()
+                self._file = None
+                raise
 
     def _init_wandb(self, config: Mapping[str, Any], project: Optional[str], name: Optional[str],
                     resuming: bool, extra: dict[str, Any]) -> Any:

@@ -28,6 +28,9 @@ def test_atomic_save_round_trip_weights_only(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded["model"]["weight"], model.weight.detach())
     torch.testing.assert_close(loaded["rng"]["torch"], state["rng"]["torch"])
     assert os.listdir(path.parent) == ["last.pt"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # ordinary permissions, not mkstemp's 0600
 
 
 def test_atomic_save_fsyncs_before_replace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
