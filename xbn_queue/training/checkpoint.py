@@ -6,7 +6,8 @@ run killed at any moment leaves either the previous checkpoint or the new one, n
 
 ``resolve_resume(resume, output_dir)`` turns the ``--resume`` option into a path: ``""`` means a fresh
 run, ``"auto"`` (what a bare ``--resume`` gives) means ``output_dir/last.pt`` when it exists, and anything
-else is a checkpoint file (or a directory holding ``last.pt``) that must exist.
+else is a checkpoint file (or a directory holding ``last.pt``) that must exist; a relative name is also
+looked up in ``output_dir`` (``--resume best.pt``).
 
 ``check_compatible(saved_cfg, cfg, keys)`` refuses to resume from a checkpoint whose configuration
 differs on keys that change the model or the memory, listing every difference::
@@ -132,7 +133,8 @@ def resolve_resume(resume: Union[PathLike, bool, None], output_dir: PathLike) ->
     Args:
         resume: ``""``, ``None`` or ``False``: start fresh. ``"auto"`` or ``True``:
             ``output_dir/last.pt`` if it exists, else start fresh. Any other value: a checkpoint file,
-            or a directory containing ``last.pt``; it must exist.
+            or a directory containing ``last.pt``; it must exist. A relative path that does not exist
+            from the working directory is looked up in ``output_dir``.
         output_dir: The run's output directory.
 
     Returns:
@@ -152,6 +154,8 @@ def resolve_resume(resume: Union[PathLike, bool, None], output_dir: PathLike) ->
         candidate = Path(output_dir) / LAST_CHECKPOINT
         return candidate if candidate.is_file() else None
     path = Path(text).expanduser()
+    if not path.exists() and not path.is_absolute() and (Path(output_dir) / path).exists():
+        path = Path(output_dir) / path  # e.g. --resume epoch10.pt inside the run folder
     if path.is_dir():
         candidate = path / LAST_CHECKPOINT
         if not candidate.is_file():

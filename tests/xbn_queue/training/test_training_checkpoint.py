@@ -82,6 +82,8 @@ def test_resolve_resume(tmp_path: Path) -> None:
     other = atomic_save({}, tmp_path / "other" / "epoch3.pt")
     assert resolve_resume(str(other), tmp_path) == other
     assert resolve_resume(str(tmp_path), tmp_path / "elsewhere") == last  # a directory -> its last.pt
+    best = atomic_save({}, tmp_path / "best.pt")
+    assert resolve_resume("best.pt", tmp_path) == best  # relative names are also looked up in output_dir
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         resolve_resume(str(tmp_path / "nope.pt"), tmp_path)
     with pytest.raises(FileNotFoundError, match="without last.pt"):
