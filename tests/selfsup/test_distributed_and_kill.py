@@ -1,0 +1,131 @@
+"""Real processes: a 2-process gloo DDP run, and SIGTERM / SIGKILL followed by exact resume."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfsup.train import Trainer, train
+from tests.selfsup.conftest import REPO, subprocess_env, tiny_config
+
+TIMING_KEYS = {"epoch_time_s", "images_per_s"}
+
+
+def cli_args(cfg):
+    """The command line equivalent of a config (every field that differs from the defaults)."""
+    from selfsup.config import SelfSupConfig
+
+    default = asdict(SelfSupConfig())
+    args = []
+    for key, value in asdict(cfg).items():
+        if value == default[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def strip_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_two_process_gloo_run_has_identical_queues_and_rank0_writes(tmp_path):
+    out = tmp_path / "ddp"
+    cfg = tiny_config(out, batch_size=16, train_subset=128, epochs=1, adaptation="xbn")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "selfsup" / "_ddp_driver.py")] + cli_args(cfg)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(out / "queue_rank0.pt", weights_only=True)
+    r1 = torch.load(out / "queue_rank1.pt", weights_only=True)
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["queue"].keys() == r1["queue"].keys()
+    for key in r0["queue"]:
+        assert torch.equal(r0["queue"][key], r1["queue"][key]), key
+    # 4 steps x 2 ranks x 16 keys gathered into a 96-row queue
+    assert int(r0["queue"]["num_filled"]) == 96
+    records = read_jsonl(out / "metrics.jsonl")  # rank 0 only: one record per step, one epoch record
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 4]
+    knn = records[-1]["knn_acc"]
+    assert 0.0 <= knn <= 1.0 and r0["summary"]["knn_acc"] == r1["summary"]["knn_acc"] == knn
+    # the gathered k-NN features give what one process computes from the same checkpoint
+    single = Trainer(tiny_config(tmp_path / "single", batch_size=16, train_subset=128, epochs=1, adaptation="xbn",
+                                 resume=str(out / "last.pt")))
+    single.load_checkpoint(out / "last.pt")
+    assert single.knn_eval() == pytest.approx(knn, abs=1e-6)
+
+
+def _wait_for_checkpoint(proc, path, min_step, timeout=180.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return None
+        if path.is_file():
+            try:
+                step = torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+            except Exception:  # being replaced right now
+                step = -1
+            if step >= min_step:
+                return step
+        time.sleep(0.01)
+    return None
+
+
+def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    kw = dict(adaptation="axbn", kalman_gain_every=2, train_subset=320, epochs=2, checkpoint_every=1)
+    reference = train(tiny_config(tmp_path / "ref", **kw))  # 20 steps in this process
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "selfsup", "train"] + cli_args(tiny_config(out, **kw))
+    env = subprocess_env()
+    ckpt = out / "last.pt"
+
+    # 1) SIGTERM: checkpoint after the current step and a clean exit
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    step = _wait_for_checkpoint(proc, ckpt, 2)
+    assert step is not None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal" in err
+    stopped_at = torch.load(ckpt, weights_only=True)["global_step"]
+    assert 2 <= stopped_at < 20
+
+    # 2) resume, then SIGKILL once a later checkpoint exists
+    proc = subprocess.Popen(args + ["--resume"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed_after = _wait_for_checkpoint(proc, ckpt, stopped_at + 2)
+    assert killed_after is not None, "the resumed run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+    # 3) resume to the end
+    proc = subprocess.run(args + ["--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    final = torch.load(ckpt, weights_only=True)
+    ref = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    assert final["global_step"] == ref["global_step"] == reference["global_step"] == 20
+    for part in ("criterion", "encoder_q", "encoder_k"):
+        for key in ref[part]:
+            assert torch.equal(final[part][key], ref[part][key]), (part, key)
+    assert strip_timing(read_jsonl(out / "metrics.jsonl")) == strip_timing(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))

@@ -1,0 +1,164 @@
+"""End-to-end CPU runs of the MoCo trainer on digits (seconds each)."""
+
+import glob
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfsup.train import NonFiniteError, Trainer, train
+from tests.selfsup.conftest import tiny_config
+
+TIMING_KEYS = {"epoch_time_s", "images_per_s"}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def queue_of(checkpoint_path):
+    sd = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["criterion"]
+    return {k: v for k, v in sd.items() if k.startswith("memory_bank.")}
+
+
+@pytest.mark.parametrize("adaptation", ["none", "xbn", "axbn"])
+def test_each_adaptation_trains_writes_outputs_and_resumes(tmp_path, adaptation):
+    cfg = tiny_config(tmp_path, adaptation=adaptation, train_subset=128, max_steps=3, kalman_gain_every=2)
+    first = train(cfg)
+    assert first["global_step"] == 3
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "history.png"):
+        assert (tmp_path / name).is_file(), name
+    rec = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rec if "knn_acc" not in r] == [1, 2, 3]
+    assert all({"epoch", "step", "loss", "lr"} <= set(r) for r in rec)
+    # resume to the end of the 2 epochs (4 steps each)
+    second = train(replace(cfg, max_steps=0, resume="auto"))
+    assert second["global_step"] == 8
+    rec = read_jsonl(tmp_path / "metrics.jsonl")
+    knn = {r["epoch"]: r["knn_acc"] for r in rec if "knn_acc" in r}
+    assert set(knn) == {0.75, 1.0, 2.0}
+    assert all(0.0 <= a <= 1.0 for a in knn.values())
+    assert [r["step"] for r in rec if "knn_acc" not in r] == list(range(1, 9))
+    bank = queue_of(tmp_path / "last.pt")
+    assert int(bank["memory_bank.queue.num_filled"]) == 96  # 8 steps x 32 keys through a 96-row ring
+    assert torch.isfinite(bank["memory_bank.queue.memory"]).all()
+    if adaptation == "axbn":
+        # Kalman state is checkpointed: 7 filter updates (the first step finds the queue empty)
+        assert int(bank["memory_bank.queue.adaptation.step"]) == 7
+
+
+def test_resume_in_process_is_bit_identical(tmp_path):
+    straight = train(tiny_config(tmp_path / "a", adaptation="axbn", train_subset=128, kalman_gain_every=2))
+    cfg = tiny_config(tmp_path / "b", adaptation="axbn", train_subset=128, kalman_gain_every=2, max_steps=5)
+    train(cfg)
+    resumed = train(replace(cfg, max_steps=0, resume="auto"))
+    assert straight["global_step"] == resumed["global_step"] == 8
+    qa, qb = queue_of(tmp_path / "a" / "last.pt"), queue_of(tmp_path / "b" / "last.pt")
+    assert qa.keys() == qb.keys()
+    for k in qa:
+        assert torch.equal(qa[k], qb[k]), k
+    ra = {r["step"]: r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if r["epoch"] in (1.0, 2.0)}
+    rb = {r["step"]: r for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if r["epoch"] in (1.0, 2.0)}
+    for step in ra:
+        assert {k: v for k, v in ra[step].items() if k not in TIMING_KEYS} == {k: v for k, v in rb[step].items() if k not in TIMING_KEYS}
+
+
+def test_bank_inside_the_lightly_loss_is_ours_and_holds_the_adapted_keys(tmp_path):
+    from lightly.loss import NTXentLoss
+
+    from xbn_queue.lightly import AdaptiveMemoryBank
+
+    cfg = tiny_config(tmp_path, adaptation="xbn", max_steps=2)
+    trainer = Trainer(cfg)
+    assert type(trainer.criterion) is NTXentLoss
+    bank = trainer.criterion.memory_bank
+    assert isinstance(bank, AdaptiveMemoryBank) and bank.adaptation == "xbn"
+    trainer.fit()
+    stored = bank.queue.embeddings.clone()  # (64, 128): two batches of keys
+    assert stored.shape == (64, 128)
+
+    seen = {}
+    original = bank.forward
+
+    def spy(output, labels=None, update=False):
+        seen["keys"] = output.detach().clone()
+        out, negatives = original(output, labels=labels, update=update)
+        seen["negatives"] = negatives.clone()
+        return out, negatives
+
+    bank.forward = spy
+    idx = trainer.sampler.batches(0)[2]
+    x0, x1, g = trainer._views(0, 2, idx, None)
+    loss = trainer.train_step(x0, x1, g)
+    del bank.forward
+
+    k = F.normalize(seen["keys"].double(), dim=1)  # lightly normalizes keys before the bank sees them
+    torch.testing.assert_close(seen["keys"].double(), k)
+    # float64 XBN (Eq. 6) of the stored rows to the keys' statistics, Bessel-corrected std, eps 1e-6
+    r = stored.double()
+    adapted = (r - r.mean(0)) / (r.std(0) + 1e-6) * k.std(0) + k.mean(0)
+    torch.testing.assert_close(seen["negatives"].double(), F.normalize(adapted, dim=1).t(), atol=1e-5, rtol=1e-5)
+    after = bank.queue.embeddings  # (96, 128): adapted old rows, then this batch's keys
+    torch.testing.assert_close(after[:64].double(), adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[64:].double(), k, atol=1e-6, rtol=1e-6)
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_non_finite_embedding_stops_naming_the_step_and_keeps_a_clean_checkpoint(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, adaptation="xbn", checkpoint_every=1, max_steps=6))
+    views = trainer._views
+
+    def poisoned(epoch, step, idx, batch):
+        x0, x1, g = views(epoch, step, idx, batch)
+        if trainer.global_step == 2:
+            x1 = x1 * float("nan")
+        return x0, x1, g
+
+    trainer._views = poisoned
+    before = None
+    with pytest.raises(NonFiniteError, match=r"non-finite embedding at step 3 .*last good checkpoint .*last.pt is kept"):
+        try:
+            trainer.fit()
+        finally:
+            before = trainer.criterion.memory_bank.queue.embeddings.clone()
+    ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert torch.isfinite(before).all() and before.shape == (64, 128)
+    q = queue_of(tmp_path / "last.pt")
+    assert all(torch.isfinite(v).all() for v in q.values() if v.is_floating_point())
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    train(tiny_config(tmp_path, max_steps=1, knn_every=0))
+    with pytest.raises(ValueError, match=r"differs: .*queue_size: saved 96, now 128.*adaptation: saved 'xbn', now 'none'|differs: .*adaptation: saved 'xbn', now 'none'.*queue_size: saved 96, now 128"):
+        train(tiny_config(tmp_path, queue_size=128, adaptation="none", resume="auto"))
+
+
+def test_pil_pipeline_is_reproducible_with_workers(tmp_path):
+    a = train(tiny_config(tmp_path / "w0", gpu_augment=False, workers=0, max_steps=2, knn_every=0))
+    b = train(tiny_config(tmp_path / "w1", gpu_augment=False, workers=1, max_steps=2, knn_every=0))
+    la = [r["loss"] for r in read_jsonl(tmp_path / "w0" / "metrics.jsonl")]
+    lb = [r["loss"] for r in read_jsonl(tmp_path / "w1" / "metrics.jsonl")]
+    assert la == lb and a["knn_acc"] == b["knn_acc"]
+
+
+def test_wandb_offline_run_logs_the_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from xbn_queue.training.tracking import read_wandb_history
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tiny_config(tmp_path, max_steps=2, wandb_mode="offline", wandb_project="xbn-selfsup-test"))
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    history = read_wandb_history(runs[0])
+    local = read_jsonl(tmp_path / "metrics.jsonl")
+    by_step = {h["_step"]: h for h in history}
+    assert [r["step"] for r in local] == [1, 2, 2]  # W&B merges the step record and the epoch record of step 2
+    for r in local:
+        for key, value in r.items():
+            if key != "step" and not (r["step"] == 2 and key == "loss" and "knn_acc" not in r):
+                assert by_step[r["step"]][key] == pytest.approx(value), (r["step"], key)
+    assert 0.0 <= by_step[2]["knn_acc"] <= 1.0
