@@ -9,6 +9,9 @@ Everything a reader needs to check the implementation against the paper lives he
 
 * :func:`kalman_step` - the diagonal static-state Kalman filter of AXBN, Eq. 18-22.
 * :func:`measurement_noise` - the per-dimension measurement noise used by ``kalman_r="auto"``.
+* :func:`shifted_sums` / :func:`moments_from_sums` / :func:`affine_sums` - running per-dimension
+  sums that let the queue know its memory's moments in O(B * D) per step instead of a pass over
+  the memory (see ``docs/performance.md``).
 
 No function here keeps state or touches a module; :mod:`xbn_queue.adaptation` owns the state.
 """
@@ -27,14 +30,23 @@ __all__ = [
     "apply_affine_",
     "kalman_step",
     "measurement_noise",
+    "shifted_sums",
+    "moments_from_sums",
+    "affine_sums",
 ]
+
+#: Rows per chunk when a reduction over a large matrix is done in float64 (bounds the temporary).
+_CHUNK_ROWS = 4096
 
 
 def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-dimension mean and standard deviation over the rows of ``x``.
 
-    One pass over the data (``torch.var_mean``); the standard deviation uses Bessel's
-    correction, as ``torch.std`` does by default. Low-precision inputs are promoted to float32.
+    The standard deviation uses Bessel's correction, as ``torch.std`` does by default.
+    Low-precision inputs are promoted to float32. On CUDA this is one ``torch.var_mean`` pass;
+    on CPU, where ``var_mean`` over dim 0 is slow (a strided Welford reduction), it is one pass
+    of float64 sums of deviations from the first row (:func:`shifted_sums`), which is as
+    accurate and gives exactly zero for a constant column. Both agree up to float rounding.
 
     Args:
         x: ``(N, D)`` rows, ``N >= 2``.
@@ -44,8 +56,13 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    var, mean = torch.var_mean(x, dim=0, correction=1)  # (D,), (D,)
-    return mean, var.clamp_min_(0).sqrt_()
+    if x.device.type != "cpu":
+        var, mean = torch.var_mean(x, dim=0, correction=1)  # (D,), (D,)
+        return mean, var.clamp_min_(0).sqrt_()
+    center = x[0].to(torch.float64)  # (D,) a constant column gives exactly zero deviations
+    s1, s2 = shifted_sums(x, center)
+    mean, var = moments_from_sums(center, s1, s2, x.shape[0])
+    return mean.to(x.dtype), var.clamp_min_(0).sqrt_().to(x.dtype)
 
 
 def moment_matching_affine(
@@ -170,3 +187,66 @@ def measurement_noise(batch_std: Tensor, batch_size: int, statistic: str) -> Ten
     if statistic == "std":
         return var / (2 * max(batch_size - 1, 1))
     raise ValueError(f"statistic must be 'mean' or 'std', got {statistic!r}")
+
+
+def shifted_sums(x: Tensor, center: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-dimension sums of deviations from ``center`` and of their squares, in float64.
+
+    ``s1 = sum_i (x_i - c)`` and ``s2 = sum_i (x_i - c)^2``. With a center close to the data
+    (the queue uses one of the stored rows) ``s2 - s1^2 / n`` does not suffer the cancellation
+    of the textbook ``sum x^2 - n mean^2``, and a column whose values all equal the center gives
+    exactly zero. One pass over ``x``, in row chunks (the float64 temporary stays small).
+
+    Args:
+        x: ``(N, D)`` rows, any floating dtype.
+        center: ``(D,)`` float64.
+
+    Returns:
+        ``(s1, s2)``, each ``(D,)`` float64.
+    """
+    s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)  # (D,)
+    s2 = torch.zeros_like(s1)  # (D,)
+    for start in range(0, x.shape[0], _CHUNK_ROWS):
+        dev = x[start : start + _CHUNK_ROWS].to(torch.float64) - center  # (c, D)
+        s1 += dev.sum(dim=0)
+        s2 += dev.mul_(dev).sum(dim=0)
+    return s1, s2
+
+
+def moments_from_sums(center: Tensor, s1: Tensor, s2: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """Mean and Bessel-corrected variance of ``n >= 2`` rows from their :func:`shifted_sums`.
+
+    ``mean = c + s1 / n``, ``var = (s2 - s1^2 / n) / (n - 1)``.
+
+    Args:
+        center: ``(D,)`` the center the sums were taken about.
+        s1: ``(D,)`` sum of deviations.
+        s2: ``(D,)`` sum of squared deviations.
+        n: number of rows.
+
+    Returns:
+        ``(mean, var)``, each ``(D,)``, in the dtype of the sums. ``var`` is not clamped: a
+        negative value is rounding noise the caller may want to see.
+    """
+    mean = center + s1 / n
+    var = (s2 - s1 * s1 / n) / (n - 1)
+    return mean, var
+
+
+def affine_sums(
+    center: Tensor, s1: Tensor, s2: Tensor, scale: Tensor, shift: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The :func:`shifted_sums` of the rows after ``z -> z * scale + shift``, exactly.
+
+    Moving the center with the rows, ``c' = c * scale + shift``, every deviation is multiplied
+    by ``scale``: ``s1' = scale * s1`` and ``s2' = scale^2 * s2`` (no term in ``shift``, so no
+    cancellation).
+
+    Args:
+        center, s1, s2: ``(D,)`` current center and sums.
+        scale, shift: ``(D,)`` the per-dimension affine map applied to every row.
+
+    Returns:
+        ``(center', s1', s2')``, each ``(D,)``.
+    """
+    return torch.addcmul(shift, center, scale), s1 * scale, s2 * scale * scale

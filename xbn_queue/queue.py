@@ -13,6 +13,19 @@ from .distributed import all_gather_cat
 
 __all__ = ["AdaptiveQueue"]
 
+#: Storage dtypes kept in a fixed frame: raw rows, rounded once when written, plus a per-dimension
+#: affine map composed in float64 (re-rounding low-precision rows at every step would accumulate error).
+_FIXED_FRAME_DTYPES = (torch.bfloat16, torch.float16)
+#: A dimension whose variance from the running sums is below this fraction of its sum of squared
+#: deviations is at the rounding floor (e.g. a column that became constant): re-synchronise exactly.
+_SUSPICIOUS_VARIANCE = 1e-9
+#: Fixed frame: the frame is re-based (rows rewritten once, centered and scaled to unit spread) when
+#: a column's raw mean strays more than this many raw standard deviations from 0 (low-precision
+#: rows lose relative precision with their offset) ...
+_FRAME_MAX_OFFSET = 2.0
+#: ... when a raw standard deviation leaves [1 / limit, limit], or when a frame scale becomes 0.
+_FRAME_SPREAD_LIMIT = 2.0**16
+
 
 class AdaptiveQueue(nn.Module):
     """Ring buffer of embeddings whose stored rows can be adapted to the current batch.
@@ -35,6 +48,19 @@ class AdaptiveQueue(nn.Module):
     ``torch.no_grad()``; properties return copies, never the live buffers. Bad input raises
     ``ValueError`` before anything is changed.
 
+    Fast path (see ``docs/performance.md``): the memory's per-dimension moments are not recomputed
+    by a pass over the memory at every step. Float64 sums of the stored rows' deviations from a
+    center (``stat_center``, ``stat_sum``, ``stat_sumsq``) are kept up to date on every enqueue
+    (overwritten rows subtracted, new rows added) and moved exactly through every affine map, so
+    the statistics cost O(B * dim); they are re-synchronised exactly (one pass) every
+    ``min(stats_resync_every, len(self))`` adaptations and whenever a dimension reaches the
+    rounding floor (e.g. a column that became constant). A float32 (or float64) memory is then rewritten by one fused
+    in-place affine per step. A bfloat16 / float16 memory is kept in a fixed frame: ``memory``
+    holds raw rows rounded once when written, the per-dimension map ``frame_scale`` /
+    ``frame_shift`` (float64) is composed at every step and applied when the rows are read, so
+    rounding errors never accumulate. Results equal the straightforward computation (moments by a
+    pass over the rows, then Eq. 6) up to float rounding.
+
     Args:
         size: Number of rows the memory holds.
         dim: Embedding dimension.
@@ -48,9 +74,15 @@ class AdaptiveQueue(nn.Module):
             every rank holds the same memory. A no-op without a process group. Every rank must
             then call the state-changing methods in lockstep.
         dtype: Storage dtype of the rows (float32 by default). Values read back are float32.
+            ``torch.bfloat16`` / ``torch.float16`` halve the memory; their statistics and map are
+            float32 / float64, and the rows are read back as float32 (``valid_memory()`` then
+            returns a materialised float32 tensor rather than a view).
+        stats_resync_every: Recompute the memory's running sums exactly (one pass over the
+            memory) at least every this many adaptations (and every ``len(self)`` adaptations
+            when the memory holds fewer rows); 1 recomputes them at every step.
 
     Raises:
-        ValueError: On a non-positive size or dim, or a bad adaptation.
+        ValueError: On a non-positive size, dim or ``stats_resync_every``, or a bad adaptation.
     """
 
     def __init__(
@@ -65,12 +97,16 @@ class AdaptiveQueue(nn.Module):
         kalman_gain_every: int = 1,
         gather_distributed: bool = False,
         dtype: torch.dtype = torch.float32,
+        stats_resync_every: int = 1000,
     ) -> None:
         super().__init__()
         if int(size) < 1 or int(dim) < 1:
             raise ValueError(f"size and dim must be positive, got size={size}, dim={dim}")
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        if int(stats_resync_every) < 1:
+            raise ValueError(f"stats_resync_every must be >= 1, got {stats_resync_every}")
+        self.stats_resync_every = int(stats_resync_every)
         self.size = int(size)
         self.dim = int(dim)
         self.eps = float(eps)
@@ -91,6 +127,16 @@ class AdaptiveQueue(nn.Module):
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))  # n = min(enqueued, size)
         self.register_buffer("has_labels", torch.zeros((), dtype=torch.bool))
         self.register_buffer("has_ids", torch.zeros((), dtype=torch.bool))
+        # Running statistics of the stored rows (in the storage frame), see the class docstring.
+        f64 = torch.float64
+        self.register_buffer("stat_center", torch.zeros(self.dim, dtype=f64))  # (D,) c
+        self.register_buffer("stat_sum", torch.zeros(self.dim, dtype=f64))  # (D,) sum (z - c)
+        self.register_buffer("stat_sumsq", torch.zeros(self.dim, dtype=f64))  # (D,) sum (z - c)^2
+        self.register_buffer("stat_age", torch.zeros((), dtype=torch.long))  # adaptations since exact sync
+        self.register_buffer("stat_synced", torch.zeros((), dtype=torch.bool))  # sums describe the memory
+        # Fixed frame (bfloat16 / float16 storage): row i reads memory[i] * frame_scale + frame_shift.
+        self.register_buffer("frame_scale", torch.ones(self.dim, dtype=f64))  # (D,)
+        self.register_buffer("frame_shift", torch.zeros(self.dim, dtype=f64))  # (D,)
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -102,8 +148,19 @@ class AdaptiveQueue(nn.Module):
         return len(self) == self.size
 
     @property
+    def _fixed_frame(self) -> bool:
+        return self.memory.dtype in _FIXED_FRAME_DTYPES
+
+    def _materialize(self, n: int) -> Tensor:
+        """``(n, dim)`` float32 rows of a fixed-frame memory: ``raw * frame_scale + frame_shift``."""
+        raw = self.memory[:n]  # (n, D) bf16 / fp16
+        return torch.addcmul(self.frame_shift.float(), raw.float(), self.frame_scale.float())  # (n, D)
+
+    @property
     def embeddings(self) -> Tensor:
         """``(n, dim)`` float32 copy of the valid rows, in storage order."""
+        if self._fixed_frame:
+            return self._materialize(len(self))
         return self.memory[: len(self)].to(torch.float32, copy=True)
 
     @property
@@ -121,8 +178,11 @@ class AdaptiveQueue(nn.Module):
 
         For integrations that only read the memory right away (e.g. to compute a loss), where a
         copy of a large memory would cost time. Do not modify it, and do not keep it across a
-        state-changing call.
+        state-changing call. A bfloat16 / float16 queue keeps raw rows in a fixed frame, so
+        there this returns the rows materialised as a new float32 tensor.
         """
+        if self._fixed_frame:
+            return self._materialize(len(self))
         return self.memory[: len(self)]
 
     def valid_labels(self) -> Tensor:
@@ -209,10 +269,123 @@ class AdaptiveQueue(nn.Module):
         target = self.adaptation.target(batch_mean, batch_std, batch.shape[0])
         if target is None:
             return
+        mem_mean, mem_std = self._memory_moments(n)  # (D,), (D,) float64, O(D)
+        f64 = torch.float64
+        scale, shift = F.moment_matching_affine(mem_mean, mem_std, target[0].to(f64), target[1].to(f64), self.eps)
+        if self._fixed_frame:
+            self._compose_frame(scale, shift, n)
+        else:
+            self._affine_in_place(scale, shift, n)
+        self.stat_age.add_(1)
+
+    # ------------------------------------------------------------------ running statistics
+    def _sync_stats(self, n: int) -> None:
+        """Recompute the running sums exactly from the ``n`` stored rows (one pass)."""
+        if n == 0:
+            center = torch.zeros_like(self.stat_center)
+            s1, s2 = torch.zeros_like(center), torch.zeros_like(center)
+        else:
+            raw = self.memory[:n]  # (n, D) storage frame
+            center = raw[0].to(torch.float64)  # a stored row: exact zeros for constant columns
+            s1, s2 = F.shifted_sums(raw, center)
+        self.stat_center.copy_(center)
+        self.stat_sum.copy_(s1)
+        self.stat_sumsq.copy_(s2)
+        self.stat_age.zero_()
+        self.stat_synced.fill_(True)
+
+    def _memory_moments(self, n: int) -> Tuple[Tensor, Tensor]:
+        """Mean and std (float64, ``(D,)``) of the ``n >= 2`` valid rows as read, from the running sums.
+
+        The sums are re-synchronised exactly when they are stale, every ``min(stats_resync_every, n)``
+        adaptations (so the float32 rounding of the rewritten rows, which the sums do not see,
+        never adds up to more than about one rounding of the rows' magnitude), or when a dimension
+        is at the rounding floor (e.g. a column that became constant). Then the center is moved to
+        the mean (``s1 = 0``), so that deviations stay small and the sums keep their precision.
+        """
+        center, s1, s2 = self.stat_center, self.stat_sum, self.stat_sumsq
+        mean, var = F.moments_from_sums(center, s1, s2, n)  # (D,), (D,)
+        floor = (var * (n - 1) <= _SUSPICIOUS_VARIANCE * s2) & ((s2 > 0) | (s1 != 0))  # (D,)
+        due = self.stat_age >= min(self.stats_resync_every, n)
+        if bool(~self.stat_synced | due | floor.any()):  # one host sync
+            self._sync_stats(n)
+            mean, var = F.moments_from_sums(self.stat_center, self.stat_sum, self.stat_sumsq, n)
+        var.clamp_min_(0)
+        self.stat_center.copy_(mean)  # re-center: s1 = 0, s2 = (n - 1) var
+        self.stat_sum.zero_()
+        self.stat_sumsq.copy_(var * (n - 1))
+        std = var.sqrt()
+        if self._fixed_frame:
+            return torch.addcmul(self.frame_shift, mean, self.frame_scale), std * self.frame_scale.abs()
+        return mean, std
+
+    def _affine_in_place(self, scale: Tensor, shift: Tensor, n: int) -> None:
+        """``memory[:n] <- memory[:n] * scale + shift`` (one fused pass), sums moved along exactly."""
         mem = self.memory[:n]  # (n, D), live
-        mem_mean, mem_std = F.moments(mem)  # (D,), (D,)
-        scale, shift = F.moment_matching_affine(mem_mean, mem_std, target[0], target[1], self.eps)
-        F.apply_affine_(mem, scale, shift)
+        a, b = scale.to(mem.dtype), shift.to(mem.dtype)  # what is really applied
+        torch.addcmul(b, mem, a, out=mem)
+        center, s1, s2 = F.affine_sums(
+            self.stat_center, self.stat_sum, self.stat_sumsq, a.to(torch.float64), b.to(torch.float64)
+        )
+        self.stat_center.copy_(center)
+        self.stat_sum.copy_(s1)
+        self.stat_sumsq.copy_(s2)
+
+    def _compose_frame(self, scale: Tensor, shift: Tensor, n: int) -> None:
+        """Fixed frame: compose ``z -> z * scale + shift`` into the frame map; the raw rows stay as they are.
+
+        Called right after :meth:`_memory_moments`, so ``stat_center`` / ``stat_sumsq`` are the raw
+        rows' mean and ``(n - 1)`` times their variance.
+        """
+        frame_a, frame_b = self.frame_scale, self.frame_shift
+        raw_mean, raw_var = self.stat_center, self.stat_sumsq / (n - 1)  # (D,), (D,)
+        # Raw columns whose rows are all equal (then scale is 0): keep the frame scale and move the
+        # shift so that every row reads the target mean.
+        const = raw_var == 0  # (D,)
+        new_a = torch.where(const, frame_a, scale * frame_a)
+        new_b = torch.where(const, shift - frame_a * raw_mean, torch.addcmul(shift, frame_b, scale))
+        frame_a.copy_(new_a)
+        frame_b.copy_(new_b)
+        raw_std = raw_var.sqrt()
+        ill = (frame_a == 0) | (
+            ~const
+            & (
+                (raw_mean.abs() > _FRAME_MAX_OFFSET * raw_std)
+                | (raw_std > _FRAME_SPREAD_LIMIT)
+                | (raw_std < 1.0 / _FRAME_SPREAD_LIMIT)
+            )
+        )  # (D,)
+        if bool(ill.any()):
+            self._rebase(n)
+
+    def _rebase(self, n: int) -> None:
+        """Re-base the fixed frame: rewrite the raw rows (once) so each column has mean 0 and unit spread.
+
+        The new frame is ``(std, mean)`` of the rows as read (scale 1 for a constant column), so
+        low-precision raw rows keep their full relative precision. Sums are then synced exactly.
+        """
+        raw_mean, raw_var = self.stat_center, self.stat_sumsq.clamp_min(0) / (n - 1)  # (D,) raw frame
+        eff_mean = torch.addcmul(self.frame_shift, raw_mean, self.frame_scale)  # (D,)
+        eff_std = raw_var.sqrt() * self.frame_scale.abs()  # (D,)
+        new_a = torch.where(eff_std > 0, eff_std, torch.ones_like(eff_std))
+        # raw' = (raw * A + B - B') / A'
+        r = (self.frame_scale / new_a).float()  # (D,)
+        t = ((self.frame_shift - eff_mean) / new_a).float()  # (D,)
+        for start in range(0, n, F._CHUNK_ROWS):
+            chunk = self.memory[start : min(start + F._CHUNK_ROWS, n)]  # (c, D), live
+            chunk.copy_(torch.addcmul(t, chunk.float(), r))
+        self.frame_scale.copy_(new_a)
+        self.frame_shift.copy_(eff_mean)
+        self._sync_stats(n)
+
+    def _start_frame(self, emb: Tensor) -> None:
+        """Fixed frame for the first rows of an empty memory: their mean and std, so raw rows are centered."""
+        self.frame_shift.copy_(emb.to(torch.float64).mean(dim=0))
+        if emb.shape[0] >= 2:
+            std = emb.to(torch.float64).std(dim=0)  # (D,)
+            self.frame_scale.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        else:
+            self.frame_scale.fill_(1.0)
 
     @torch.no_grad()
     def enqueue(self, embeddings: Tensor, labels: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> Tensor:
@@ -237,8 +410,23 @@ class AdaptiveQueue(nn.Module):
 
     def _enqueue(self, emb: Tensor, labels: Optional[Tensor], ids: Optional[Tensor]) -> Tensor:
         b = emb.shape[0]
+        n_old = len(self)
         pos = (self.ptr + torch.arange(b, device=self.memory.device)) % self.size  # (B,)
-        self.memory[pos] = emb.to(self.memory.dtype)
+        if self._fixed_frame:
+            if n_old == 0:
+                self._start_frame(emb)
+            rows = ((emb.to(torch.float64) - self.frame_shift) / self.frame_scale).to(self.memory.dtype)  # (B, D) raw
+        else:
+            rows = emb.to(self.memory.dtype)  # (B, D)
+        track = self.adaptation.active and n_old > 0 and bool(self.stat_synced)
+        if track:
+            # Rows are written in order until the memory is full, so the valid rows are 0..n-1 and
+            # the rows this batch overwrites are its last k positions.
+            k = min(b, max(0, n_old + b - self.size))
+            self._add_to_sums(rows, 1.0)
+            if k > 0:
+                self._add_to_sums(self.memory[pos[b - k :]], -1.0)
+        self.memory[pos] = rows
         if labels is not None:
             self.label_memory[pos] = labels
             self.has_labels.fill_(True)
@@ -247,7 +435,15 @@ class AdaptiveQueue(nn.Module):
             self.has_ids.fill_(True)
         self.ptr.copy_((self.ptr + b) % self.size)
         self.num_filled.clamp_(max=self.size - b).add_(b)  # min(n + b, size)
+        if self.adaptation.active and n_old == 0:
+            self._sync_stats(b)  # the first rows: exact sums, about a stored row
         return pos
+
+    def _add_to_sums(self, rows: Tensor, sign: float) -> None:
+        """Add (``sign=1``) or remove (``sign=-1``) stored ``rows`` ``(k, D)`` from the running sums."""
+        dev = rows.to(torch.float64) - self.stat_center  # (k, D)
+        self.stat_sum.add_(dev.sum(dim=0), alpha=sign)
+        self.stat_sumsq.add_(dev.mul_(dev).sum(dim=0), alpha=sign)
 
     @torch.no_grad()
     def update(self, embeddings: Tensor, labels: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> Tensor:
@@ -273,10 +469,37 @@ class AdaptiveQueue(nn.Module):
         self.num_filled.zero_()
         self.has_labels.fill_(False)
         self.has_ids.fill_(False)
+        self.stat_center.zero_()
+        self.stat_sum.zero_()
+        self.stat_sumsq.zero_()
+        self.stat_age.zero_()
+        self.stat_synced.fill_(False)
+        self.frame_scale.fill_(1.0)
+        self.frame_shift.zero_()
         self.adaptation.reset()
+
+    _STAT_BUFFERS = ("stat_center", "stat_sum", "stat_sumsq", "stat_age", "stat_synced")
+    _FRAME_BUFFERS = ("frame_scale", "frame_shift")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Accept state dicts saved without the running statistics (they are then recomputed on the next adaptation)."""
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        absent = [name for name in self._STAT_BUFFERS + self._FRAME_BUFFERS if prefix + name not in state_dict]
+        for name in absent:
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+        with torch.no_grad():
+            if any(name in absent for name in self._STAT_BUFFERS):
+                self.stat_synced.fill_(False)
+            if any(name in absent for name in self._FRAME_BUFFERS):
+                self.frame_scale.fill_(1.0)  # rows saved without a frame are the rows as read
+                self.frame_shift.zero_()
+                self.stat_synced.fill_(False)
 
     def extra_repr(self) -> str:
         return (
             f"size={self.size}, dim={self.dim}, dtype={self.memory.dtype}, "
-            f"gather_distributed={self.gather_distributed}"
+            f"gather_distributed={self.gather_distributed}, stats_resync_every={self.stats_resync_every}"
         )
