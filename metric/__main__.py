@@ -1,0 +1,7 @@
+"""``python -m metric ...`` = ``xbn-metric ...``."""
+
+import sys
+
+from metric.cli import main
+
+sys.exit(main())

@@ -1,0 +1,105 @@
+"""``xbn-metric compare``: train every method with every seed and tabulate mean +- std (the paper's Table 1).
+
+Each run goes to ``OUTPUT_DIR/<method>-seed<seed>/`` (a full run folder); its score is its best
+evaluation by Recall@1 (the paper selects the best epoch by Recall@1 on the validation set). The table
+shows, per method, the mean and the sample standard deviation (ddof=1) over seeds of Recall@K and
+MAP@R in percent, and is written to ``OUTPUT_DIR/compare.md`` and ``OUTPUT_DIR/compare.json``.
+Seeds are ``seed, seed + 1, ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from .config import METHODS, MetricConfig, resolve_config
+
+__all__ = ["add_compare_args", "run_compare", "format_table"]
+
+
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``compare`` that are not training options."""
+    p.add_argument("--methods", default="none,xbm,xbn,axbn",
+                   help=f"comma-separated methods among {', '.join(METHODS)} (default: none,xbm,xbn,axbn)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per method (default: 3)")
+
+
+def _mean_std(values: List[float]) -> Dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def format_table(summary: Dict[str, Dict[str, Dict[str, float]]], keys: List[str]) -> str:
+    """Markdown table: one row per method, ``mean ± std`` in percent per metric."""
+    names = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN", "axbn": "AXBN"}
+    head = "| Method | " + " | ".join(k.replace("recall@", "R@").replace("map@r", "MAP@R") for k in keys) + " |"
+    lines = [head, "|---|" + "---|" * len(keys)]
+    for method, stats in summary.items():
+        cells = []
+        for k in keys:
+            s = stats.get(k)
+            cells.append("n/a" if s is None else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}")
+        lines.append(f"| {names.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_compare(cfg: MetricConfig, methods: str, seeds: int) -> Dict[str, Any]:
+    """Train ``methods`` x ``seeds`` runs with ``cfg`` and print / write the table.
+
+    Returns:
+        The content of ``compare.json``.
+
+    Raises:
+        ValueError: unknown method or seeds < 1.
+    """
+    from xbn_queue.training.distributed import get_rank
+
+    from .train import train
+
+    todo = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in todo if m not in METHODS]
+    if unknown or not todo:
+        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(METHODS)}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    cfg = resolve_config(cfg)
+    out = Path(cfg.output_dir)
+    main = get_rank() == 0
+    t0 = time.time()
+    runs: List[Dict[str, Any]] = []
+    for method in todo:
+        for i in range(seeds):
+            seed = cfg.seed + i
+            run_cfg = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out / f"{method}-seed{seed}"),
+                                          wandb_name=f"{cfg.wandb_name or cfg.dataset}-{method}-seed{seed}")
+            t = time.time()
+            res = train(run_cfg)
+            best = res["best"]
+            runs.append({"method": method, "seed": seed, "seconds": round(time.time() - t, 1), "best_epoch": best.get("epoch"),
+                         **{k: v for k, v in best.items() if k.startswith(("recall@", "map@r"))}})
+            if main:
+                shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in runs[-1].items() if k.startswith(("recall@", "map@r")))
+                print(f"[compare] {method} seed {seed}: {shown} ({runs[-1]['seconds']} s)", file=sys.stderr, flush=True)
+    keys = [f"recall@{k}" for k in cfg.recall_ks] + ["map@r"]
+    summary = {m: {k: _mean_std([r[k] for r in runs if r["method"] == m and k in r]) for k in keys
+                   if any(k in r for r in runs if r["method"] == m)} for m in todo}
+    wall = time.time() - t0
+    table = format_table(summary, keys)
+    result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds, "wall_seconds": round(wall, 1),
+              "machine": f"{platform.machine()} {platform.processor()}".strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "summary": summary, "runs": runs}
+    if main:
+        header = (f"{cfg.dataset}: mean ± std over {seeds} seed(s) of the best epoch (by Recall@1), in %; "
+                  f"{len(runs)} runs in {wall:.0f} s")
+        print(header)
+        print(table)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(f"{header}\n\n{table}\n")
+        (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

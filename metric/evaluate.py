@@ -1,0 +1,204 @@
+"""Retrieval evaluation: Recall@K and MAP@R, computed in bounded memory.
+
+The query x gallery similarity matrix is never materialised as a whole: queries are processed in
+chunks of ``chunk_size`` rows, each chunk against the whole gallery (``chunk_size x G`` float32
+similarities, about 0.5 GB at SOP scale with the default chunk of 2048), on the features' device
+(GPU when the features live there).
+
+Definitions (all over the queries that have at least one positive in the gallery; a query without a
+positive is left out and counted in ``queries_without_positive``):
+
+* similarity = inner product of the given features (cosine similarity for L2-normalised
+  embeddings), computed in float32 by one matrix product per chunk;
+* positives of a query = gallery items with the same label; in leave-one-out mode
+  (``query_is_gallery=True``, SOP / folder / digits protocol) the query itself is removed from its
+  own gallery;
+* **ties count against the query** (pessimistic ranking): a negative whose similarity equals that of
+  a positive is ranked before it. The ranking is thus the stable order of (similarity descending,
+  negatives before positives among equal similarities); the order among equal positives does not
+  change any metric;
+* Recall@K = fraction of queries whose first positive is at rank <= K, i.e. with fewer than K
+  negatives at least as similar as their most similar positive;
+* MAP@R (Musgrave et al., "A metric learning reality check", 2020): with R the number of positives
+  of the query, ``MAP@R = 1/R * sum_{i=1..R} P(i) * rel(i)`` where ``rel(i)`` says whether the item
+  at rank i is a positive and ``P(i)`` is the precision of the top i.
+
+Algorithm per query chunk: one ``(c, D) x (D, G)`` matrix product; the similarities of the positives
+are read from that same product (so ties are decided on identical float32 values), then positives and
+the query itself are masked to ``-inf``; the number of negatives ``>=`` the best positive is counted
+(for Recall@K) and the top ``R_max`` negative similarities are kept (for MAP@R: the k-th positive in
+ranked order has rank ``k + #{negatives >= its similarity}``, and only ranks <= R matter).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["retrieval_metrics", "count_true_per_row"]
+
+
+def count_true_per_row(mask: Tensor) -> Tensor:
+    """Number of True entries per row of a boolean matrix, fast on CPU.
+
+    Summing a bool tensor goes through a slow int64 reduction on CPU; here the bytes are read eight
+    at a time as int64 words, summed in groups of at most 255 words (so each byte lane stays below
+    256) and the byte lanes are then added up.
+
+    Args:
+        mask: (c, L) contiguous bool tensor.
+
+    Returns:
+        (c,) int64 counts.
+    """
+    c, length = mask.shape
+    if mask.device.type != "cpu" or length % 8 != 0 or not mask.is_contiguous():
+        return mask.sum(dim=1)
+    words = mask.view(torch.int64)  # (c, L/8), each byte lane 0 or 1
+    total = torch.zeros(c, dtype=torch.int64)
+    for s in range(0, words.shape[1], 255):
+        part = words[:, s : s + 255].sum(dim=1)  # (c,) every byte lane <= 255: no carry between lanes
+        for lane in range(8):
+            total += (part >> (8 * lane)) & 255
+    return total
+
+
+def _group_positions(q_labels: Tensor, g_labels: Tensor):
+    """CSR of the gallery positions of each query's label.
+
+    Returns:
+        ``order`` (G,) gallery positions sorted by label, and per query ``start`` (Q,), ``count`` (Q,)
+        such that ``order[start[q] : start[q] + count[q]]`` are the gallery items with query q's label.
+    """
+    sorted_g, order = torch.sort(g_labels, stable=True)  # (G,), (G,)
+    start = torch.searchsorted(sorted_g, q_labels, side="left")  # (Q,)
+    end = torch.searchsorted(sorted_g, q_labels, side="right")  # (Q,)
+    return order, start, end - start
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    query: Tensor,
+    query_labels: Tensor,
+    gallery: Optional[Tensor] = None,
+    gallery_labels: Optional[Tensor] = None,
+    ks: Sequence[int] = (1, 10, 100, 1000),
+    query_is_gallery: bool = False,
+    chunk_size: int = 2048,
+    map_at_r: bool = True,
+) -> Dict[str, float]:
+    """Recall@K and MAP@R of a retrieval problem, in chunks of queries (see the module docstring).
+
+    Args:
+        query: (Q, D) query features (float; computed in float32).
+        query_labels: (Q,) integer labels.
+        gallery: (G, D) gallery features; ``None`` means the queries are the gallery.
+        gallery_labels: (G,) integer labels (``None`` with ``gallery=None``).
+        ks: the K of Recall@K.
+        query_is_gallery: leave-one-out: query i is gallery item i and is excluded from its own
+            ranking (implied when ``gallery`` is None; requires Q == G).
+        chunk_size: queries per chunk; memory is about ``chunk_size * G * 5`` bytes.
+        map_at_r: also compute MAP@R.
+
+    Returns:
+        ``{"recall@K": float for each K, "map@r": float, "num_queries": int,
+        "queries_without_positive": int}`` (recall and MAP@R as fractions in [0, 1]; NaN when no
+        query has a positive).
+
+    Raises:
+        ValueError: on shape mismatches, non-finite features, or leave-one-out with Q != G.
+    """
+    if gallery is None:
+        gallery, gallery_labels, query_is_gallery = query, query_labels, True
+    if gallery_labels is None:
+        raise ValueError("gallery_labels must be given with gallery")
+    if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query (Q, D) and gallery (G, D) must share D, got {tuple(query.shape)} and {tuple(gallery.shape)}")
+    if query_labels.shape != (query.shape[0],) or gallery_labels.shape != (gallery.shape[0],):
+        raise ValueError(
+            f"labels must be (Q,)=({query.shape[0]},) and (G,)=({gallery.shape[0]},), "
+            f"got {tuple(query_labels.shape)} and {tuple(gallery_labels.shape)}"
+        )
+    if query_is_gallery and query.shape[0] != gallery.shape[0]:
+        raise ValueError(f"query_is_gallery needs Q == G, got Q={query.shape[0]}, G={gallery.shape[0]}")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    device = gallery.device
+    xq = query.to(device=device, dtype=torch.float32)  # (Q, D)
+    xg = gallery.to(device=device, dtype=torch.float32).contiguous()  # (G, D)
+    if not (torch.isfinite(xq).all() and torch.isfinite(xg).all()):
+        raise ValueError("retrieval_metrics: features contain NaN or Inf")
+    lq = query_labels.to(device=device, dtype=torch.int64)  # (Q,)
+    lg = gallery_labels.to(device=device, dtype=torch.int64)  # (G,)
+    n_q, n_g = xq.shape[0], xg.shape[0]
+
+    order, start, count = _group_positions(lq, lg)  # (G,), (Q,), (Q,)
+    n_pos = count - int(query_is_gallery)  # (Q,) positives R per query (self removed)
+    has_pos = n_pos > 0  # (Q,)
+    r_max = int(n_pos.max().item()) if n_q > 0 else 0
+    g_pad = (n_g + 7) // 8 * 8  # bool rows padded to whole int64 words for count_true_per_row
+
+    hits = {k: torch.zeros((), dtype=torch.float64) for k in ks}
+    map_sum = torch.zeros((), dtype=torch.float64)
+    c_max = min(chunk_size, max(n_q, 1))
+    sim_buf = torch.empty(c_max * n_g, dtype=torch.float32, device=device)
+    ge_buf = torch.zeros(c_max * g_pad, dtype=torch.bool, device=device)
+    neg_inf = torch.tensor(float("-inf"), device=device)
+
+    for s in range(0, n_q, chunk_size):
+        e = min(s + chunk_size, n_q)
+        c = e - s
+        sim = sim_buf[: c * n_g].view(c, n_g)
+        torch.mm(xq[s:e], xg.t(), out=sim)  # (c, G) similarities
+
+        # Positive gallery positions of each query in the chunk, padded: (c, P) with P = max count.
+        cnt = count[s:e]  # (c,)
+        p_width = int(cnt.max().item()) if c > 0 else 0
+        ar = torch.arange(p_width, device=device)  # (P,)
+        valid = ar[None, :] < cnt[:, None]  # (c, P)
+        pos_idx = order[(start[s:e, None] + ar[None, :]).clamp_(max=max(n_g - 1, 0))]  # (c, P)
+        rows = torch.arange(c, device=device)[:, None].expand(c, p_width)  # (c, P)
+        if query_is_gallery:
+            valid &= pos_idx != (torch.arange(s, e, device=device)[:, None])  # drop self
+        pos_sim = torch.where(valid, sim[rows, pos_idx], neg_inf)  # (c, P) from the same product
+        # Mask positives (and self) so that only negatives remain in sim.
+        sim[rows[valid], pos_idx[valid]] = float("-inf")
+        if query_is_gallery:
+            sim[torch.arange(c, device=device), torch.arange(s, e, device=device)] = float("-inf")
+
+        best = pos_sim.max(dim=1).values if p_width > 0 else torch.full((c,), float("-inf"), device=device)  # (c,)
+        ge = ge_buf[: c * g_pad].view(c, g_pad)
+        torch.ge(sim, best[:, None], out=ge[:, :n_g])  # (c, G) negatives at least as similar as best positive
+        n_before = count_true_per_row(ge)  # (c,) negatives ranked before the first positive
+        ok = has_pos[s:e]  # (c,)
+        for k in ks:
+            hits[k] += ((n_before < k) & ok).sum().double().cpu()
+
+        if map_at_r and r_max > 0:
+            r = n_pos[s:e]  # (c,)
+            k_neg = min(r_max, n_g)
+            top_neg = torch.topk(sim, k_neg, dim=1, largest=True, sorted=True).values  # (c, k_neg) descending
+            top_neg_asc = top_neg.flip(1).contiguous()  # (c, k_neg) ascending, for searchsorted
+            v = torch.sort(pos_sim, dim=1, descending=True).values[:, :r_max]  # (c, <=R_max) positive sims
+            # negatives >= v_k among the top k_neg: exact whenever the true count is <= R
+            n_ge = k_neg - torch.searchsorted(top_neg_asc, v.contiguous(), side="left")  # (c, <=R_max)
+            kk = torch.arange(1, v.shape[1] + 1, device=device, dtype=torch.float64)  # (<=R_max,) k
+            rank = kk[None, :] + n_ge.double()  # (c, <=R_max) rank of the k-th positive
+            use = (kk[None, :] <= r[:, None]) & (rank <= r[:, None]) & torch.isfinite(v)  # (c, <=R_max)
+            ap = torch.where(use, kk[None, :] / rank, torch.zeros((), dtype=torch.float64, device=device)).sum(1)
+            map_sum += (torch.where(ok, ap / r.clamp(min=1).double(), torch.zeros_like(ap))).sum().cpu()
+
+    n_valid = int(has_pos.sum().item())
+    out: Dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = float(hits[k] / n_valid) if n_valid else float("nan")
+    if map_at_r:
+        out["map@r"] = float(map_sum / n_valid) if n_valid else float("nan")
+    out["num_queries"] = n_valid
+    out["queries_without_positive"] = n_q - n_valid
+    return out

@@ -1,0 +1,154 @@
+"""Embedding model: a timm backbone (or a tiny built-in CNN) + a linear head + L2 (+ optional BN/LN).
+
+``MetricModel(x)`` returns (B, embedding_dim) float32 embeddings: ``head(backbone(x))`` L2-normalised,
+then optionally BatchNorm1d / LayerNorm (the paper's Appendix A, Table 3), as in the paper's
+Section 5.1 (ImageNet-pretrained ResNet-50, 512-d, cosine similarity).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TinyCNN", "MetricModel", "build_model", "PretrainedWeightsError"]
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights could not be obtained; the message says what to do instead."""
+
+
+class TinyCNN(nn.Module):
+    """A small CNN for tiny images (the ``digits`` demo and the tests): 3 conv blocks, global pooling.
+
+    Args:
+        width: channels of the first block (doubled per block).
+
+    Attributes:
+        num_features: output feature size (4 * width).
+    """
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        w = int(width)
+        layers: List[nn.Module] = []
+        c_in = 3
+        for c_out, stride in ((w, 1), (2 * w, 2), (4 * w, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.num_features = 4 * w
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, num_features)."""
+        return self.features(x).mean(dim=(2, 3))
+
+
+def _create_backbone(name: str, pretrained: bool, pretrained_path: Optional[str]) -> nn.Module:
+    if name in ("tinycnn", "tiny_cnn"):
+        backbone: nn.Module = TinyCNN()
+        if pretrained and not pretrained_path:
+            raise PretrainedWeightsError("backbone 'tinycnn' has no pretrained weights: use --no-pretrained or --pretrained-path FILE")
+    else:
+        import timm
+
+        use_hub = bool(pretrained and not pretrained_path)
+        try:
+            backbone = timm.create_model(name, pretrained=use_hub, num_classes=0)
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise ValueError(f"unknown backbone {name!r} (a timm model name or 'tinycnn')") from None
+            if not use_hub:
+                raise
+            raise PretrainedWeightsError(
+                f"could not fetch ImageNet weights for backbone {name!r} ({err}). Without internet access, "
+                f"download the weights elsewhere and pass --pretrained-path FILE (a state dict of the timm "
+                f"model {name!r}), or train from scratch with --no-pretrained."
+            ) from None
+        except Exception as err:  # network / hub errors come in many types
+            if not use_hub:
+                raise
+            raise PretrainedWeightsError(
+                f"could not fetch ImageNet weights for backbone {name!r} ({type(err).__name__}: {err}). Without "
+                f"internet access, download the weights elsewhere and pass --pretrained-path FILE (a state "
+                f"dict of the timm model {name!r}), or train from scratch with --no-pretrained."
+            ) from None
+    if pretrained_path:
+        load_backbone_weights(backbone, pretrained_path)
+    return backbone
+
+
+def load_backbone_weights(backbone: nn.Module, path: str) -> None:
+    """Load a local state dict into the backbone; classifier weights in the file are ignored.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: backbone weights are missing from the file or have other shapes.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"--pretrained-path {str(p)!r} not found")
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    own = backbone.state_dict()
+    mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"--pretrained-path {p}: shapes differ for {', '.join(mismatched[:5])}")
+    missing, _unexpected = backbone.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if missing:
+        raise ValueError(f"--pretrained-path {p}: {len(missing)} backbone weights missing, e.g. {', '.join(missing[:5])}")
+
+
+class MetricModel(nn.Module):
+    """Backbone -> linear head -> L2 normalisation (-> BatchNorm1d / LayerNorm).
+
+    Args:
+        backbone: maps (B, 3, H, W) to (B, F) features (timm model with ``num_classes=0``).
+        num_features: F.
+        embedding_dim: D.
+        embedding_norm: ``"l2"``, ``"bn"`` (L2 then BatchNorm1d) or ``"ln"`` (L2 then LayerNorm).
+    """
+
+    def __init__(self, backbone: nn.Module, num_features: int, embedding_dim: int = 512, embedding_norm: str = "l2") -> None:
+        super().__init__()
+        if embedding_norm not in ("l2", "bn", "ln"):
+            raise ValueError(f"embedding_norm must be l2, bn or ln, got {embedding_norm!r}")
+        self.backbone = backbone
+        self.head = nn.Linear(num_features, embedding_dim)
+        self.embedding_norm = embedding_norm
+        self.post_norm: nn.Module
+        if embedding_norm == "bn":
+            self.post_norm = nn.BatchNorm1d(embedding_dim)
+        elif embedding_norm == "ln":
+            self.post_norm = nn.LayerNorm(embedding_dim)
+        else:
+            self.post_norm = nn.Identity()
+
+    def head_parameters(self) -> Iterable[nn.Parameter]:
+        """Parameters trained in the pre-warmup (head and post-normalisation)."""
+        return list(self.head.parameters()) + list(self.post_norm.parameters())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) images -> (B, D) float32 embeddings."""
+        f = self.backbone(x)  # (B, F)
+        z = self.head(f).float()  # (B, D), float32 even under autocast
+        z = F.normalize(z, dim=1)  # (B, D) unit rows
+        return self.post_norm(z)
+
+
+def build_model(backbone: str, embedding_dim: int, embedding_norm: str = "l2", pretrained: bool = False,
+                pretrained_path: Optional[str] = None) -> MetricModel:
+    """Create the embedding model.
+
+    Raises:
+        PretrainedWeightsError: ``pretrained`` without a reachable weight hub and no ``pretrained_path``.
+        ValueError: unknown backbone or bad ``pretrained_path`` contents.
+    """
+    bb = _create_backbone(backbone, pretrained, pretrained_path)
+    num_features = int(getattr(bb, "num_features"))
+    return MetricModel(bb, num_features, embedding_dim, embedding_norm)
