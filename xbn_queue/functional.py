@@ -204,6 +204,9 @@ def shifted_sums(x: Tensor, center: Tensor) -> Tuple[Tensor, Tensor]:
     Returns:
         ``(s1, s2)``, each ``(D,)`` float64.
     """
+    if x.shape[0] <= _CHUNK_ROWS:
+        dev = x.to(torch.float64) - center  # (N, D)
+        return dev.sum(dim=0), dev.mul_(dev).sum(dim=0)
     s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)  # (D,)
     s2 = torch.zeros_like(s1)  # (D,)
     for start in range(0, x.shape[0], _CHUNK_ROWS):

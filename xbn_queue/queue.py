@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -197,7 +198,9 @@ class AdaptiveQueue(nn.Module):
             raise ValueError(f"{what}: expected shape (B, {self.dim}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{what}: expected a floating-point tensor, got {x.dtype}")
-        if not bool(torch.isfinite(x).all()):
+        # A finite sum proves every entry finite (3 us instead of 60 for a 64 x 512 batch on CPU);
+        # only a non-finite sum (NaN/Inf, or an overflow of large finite values) needs the full check.
+        if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).any(dim=1).sum())
             raise ValueError(f"{what}: expected finite values, got NaN or Inf in {bad} of {x.shape[0]} rows")
         return x.detach().to(device=self.memory.device, dtype=torch.float32)
@@ -269,13 +272,27 @@ class AdaptiveQueue(nn.Module):
         target = self.adaptation.target(batch_mean, batch_std, batch.shape[0])
         if target is None:
             return
-        mem_mean, mem_std = self._memory_moments(n)  # (D,), (D,) float64, O(D)
         f64 = torch.float64
-        scale, shift = F.moment_matching_affine(mem_mean, mem_std, target[0].to(f64), target[1].to(f64), self.eps)
+        raw_mean, raw_var = self._memory_moments(n)  # (D,), (D,) float64, storage frame, O(D)
         if self._fixed_frame:
+            mem_mean = torch.addcmul(self.frame_shift, raw_mean, self.frame_scale)  # rows as read
+            mem_std = raw_var.sqrt() * self.frame_scale.abs()
+        else:
+            mem_mean, mem_std = raw_mean, raw_var.sqrt()
+        scale, shift = F.moment_matching_affine(mem_mean, mem_std, target[0].to(f64), target[1].to(f64), self.eps)
+        # Re-center the sums on the mean (s1 = 0): deviations stay small, the sums keep their precision.
+        self.stat_sum.zero_()
+        if self._fixed_frame:
+            self.stat_center.copy_(raw_mean)
+            self.stat_sumsq.copy_(raw_var).mul_(n - 1)
             self._compose_frame(scale, shift, n)
         else:
-            self._affine_in_place(scale, shift, n)
+            mem = self.memory[:n]  # (n, D), live
+            a, b = scale.to(mem.dtype), shift.to(mem.dtype)  # what is really applied
+            torch.addcmul(b, mem, a, out=mem)  # one fused pass over the memory
+            center, _, s2 = F.affine_sums(raw_mean, self.stat_sum, raw_var * (n - 1), a.to(f64), b.to(f64))
+            self.stat_center.copy_(center)
+            self.stat_sumsq.copy_(s2)
         self.stat_age.add_(1)
 
     # ------------------------------------------------------------------ running statistics
@@ -295,47 +312,29 @@ class AdaptiveQueue(nn.Module):
         self.stat_synced.fill_(True)
 
     def _memory_moments(self, n: int) -> Tuple[Tensor, Tensor]:
-        """Mean and std (float64, ``(D,)``) of the ``n >= 2`` valid rows as read, from the running sums.
+        """Mean and variance (float64, ``(D,)``, storage frame) of the ``n >= 2`` valid rows, from the running sums.
 
         The sums are re-synchronised exactly when they are stale, every ``min(stats_resync_every, n)``
         adaptations (so the float32 rounding of the rewritten rows, which the sums do not see,
         never adds up to more than about one rounding of the rows' magnitude), or when a dimension
-        is at the rounding floor (e.g. a column that became constant). Then the center is moved to
-        the mean (``s1 = 0``), so that deviations stay small and the sums keep their precision.
+        is at the rounding floor (e.g. a column that became constant, whose variance from the sums
+        would be rounding noise instead of exactly 0).
         """
-        center, s1, s2 = self.stat_center, self.stat_sum, self.stat_sumsq
-        mean, var = F.moments_from_sums(center, s1, s2, n)  # (D,), (D,)
-        floor = (var * (n - 1) <= _SUSPICIOUS_VARIANCE * s2) & ((s2 > 0) | (s1 != 0))  # (D,)
+        mean, var = F.moments_from_sums(self.stat_center, self.stat_sum, self.stat_sumsq, n)  # (D,), (D,)
+        # var (n-1) / s2 is 1 for sums centered on the mean; at the floor it is rounding noise. An
+        # exactly constant column (s1 = s2 = 0) gives 0/0 = nan, which is not flagged.
+        floor = var * (n - 1) / self.stat_sumsq <= _SUSPICIOUS_VARIANCE  # (D,)
         due = self.stat_age >= min(self.stats_resync_every, n)
         if bool(~self.stat_synced | due | floor.any()):  # one host sync
             self._sync_stats(n)
             mean, var = F.moments_from_sums(self.stat_center, self.stat_sum, self.stat_sumsq, n)
-        var.clamp_min_(0)
-        self.stat_center.copy_(mean)  # re-center: s1 = 0, s2 = (n - 1) var
-        self.stat_sum.zero_()
-        self.stat_sumsq.copy_(var * (n - 1))
-        std = var.sqrt()
-        if self._fixed_frame:
-            return torch.addcmul(self.frame_shift, mean, self.frame_scale), std * self.frame_scale.abs()
-        return mean, std
-
-    def _affine_in_place(self, scale: Tensor, shift: Tensor, n: int) -> None:
-        """``memory[:n] <- memory[:n] * scale + shift`` (one fused pass), sums moved along exactly."""
-        mem = self.memory[:n]  # (n, D), live
-        a, b = scale.to(mem.dtype), shift.to(mem.dtype)  # what is really applied
-        torch.addcmul(b, mem, a, out=mem)
-        center, s1, s2 = F.affine_sums(
-            self.stat_center, self.stat_sum, self.stat_sumsq, a.to(torch.float64), b.to(torch.float64)
-        )
-        self.stat_center.copy_(center)
-        self.stat_sum.copy_(s1)
-        self.stat_sumsq.copy_(s2)
+        return mean, var.clamp_min_(0)
 
     def _compose_frame(self, scale: Tensor, shift: Tensor, n: int) -> None:
         """Fixed frame: compose ``z -> z * scale + shift`` into the frame map; the raw rows stay as they are.
 
-        Called right after :meth:`_memory_moments`, so ``stat_center`` / ``stat_sumsq`` are the raw
-        rows' mean and ``(n - 1)`` times their variance.
+        Called with the sums re-centered, so ``stat_center`` / ``stat_sumsq`` are the raw rows' mean
+        and ``(n - 1)`` times their variance.
         """
         frame_a, frame_b = self.frame_scale, self.frame_shift
         raw_mean, raw_var = self.stat_center, self.stat_sumsq / (n - 1)  # (D,), (D,)
@@ -425,8 +424,14 @@ class AdaptiveQueue(nn.Module):
             k = min(b, max(0, n_old + b - self.size))
             self._add_to_sums(rows, 1.0)
             if k > 0:
-                self._add_to_sums(self.memory[pos[b - k :]], -1.0)
-        self.memory[pos] = rows
+                first = (int(self.ptr) + b - k) % self.size
+                old = self.memory[first : first + k] if first + k <= self.size else self.memory[pos[b - k :]]
+                self._add_to_sums(old, -1.0)
+        start = int(self.ptr)
+        if start + b <= self.size:  # no wrap: a plain slice copy
+            self.memory[start : start + b] = rows
+        else:
+            self.memory[pos] = rows
         if labels is not None:
             self.label_memory[pos] = labels
             self.has_labels.fill_(True)
