@@ -49,7 +49,7 @@ from .sampler import MPerClassBatches, steps_per_epoch
 
 __all__ = ["train", "NonFiniteError", "build_transforms", "build_losses", "embed_split"]
 
-#: Test hook: after writing the checkpoint of this global step, the process sleeps until killed.
+#: Test hook: after writing the checkpoint of this global step, the process waits for SIGKILL / SIGTERM.
 HANG_ENV = "XBN_METRIC_TEST_HANG_AFTER_STEP"
 #: Test hook: at the end, every rank saves its memory (and ids) to ``DIR/queue_rank{r}.pt``.
 DUMP_ENV = "XBN_METRIC_TEST_DUMP_QUEUE_DIR"
@@ -321,6 +321,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
         return z
 
     def evaluate() -> Dict[str, Any]:
+        _sync_buffers(model, ctx)  # BatchNorm running stats of rank 0 everywhere: same features on every shard
         qf, ql, bad_q = embed_split(model, query_ds, cfg, ctx, device, desc="query")
         if data.query_is_gallery:
             gf, gl, bad_g = qf, ql, 0
@@ -412,10 +413,11 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
                 want_stop, = _all_flags(ctx, stop.requested)
                 if not last_of_epoch and (want_stop or hit_max or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
                     save(out / "last.pt")
-                    if hang_step and step == hang_step and ctx.is_main:
-                        print(f"[xbn-metric] test hook: checkpoint of step {step} written; waiting to be killed", file=sys.stderr, flush=True)
-                        while True:
-                            time.sleep(1)
+                    if hang_step and step == hang_step:  # test hook (see HANG_ENV): wait for a signal
+                        print(f"[xbn-metric] test hook: checkpoint of step {step} written; waiting for a signal", file=sys.stderr, flush=True)
+                        while not stop.requested:
+                            time.sleep(0.05)
+                        want_stop = True
                 if want_stop and not last_of_epoch:
                     stopped = "signal"
                     break
@@ -471,6 +473,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
             want_stop, = _all_flags(ctx, stop.requested)
             if want_stop and stopped is None and st["epoch"] < total_epochs:
                 stopped = "signal"
+    _sync_buffers(model, ctx)
     if os.environ.get(DUMP_ENV) and mem_loss is not None:
         Path(os.environ[DUMP_ENV]).mkdir(parents=True, exist_ok=True)
         torch.save({"memory": mem_loss.queue.embeddings.cpu(), "labels": mem_loss.queue.labels.cpu(),
@@ -482,6 +485,16 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
         print(f"[xbn-metric] stopped by signal after step {st['global_step']}; resume with --resume", file=sys.stderr)
     return {"output_dir": str(out), "best": st["best"], "last": st["last"], "steps": st["global_step"],
             "stopped": stopped, "seconds": time.time() - t_start}
+
+
+def _sync_buffers(model: nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank; no-op on one process."""
+    if not ctx.is_distributed:
+        return
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b.data, src=0)
 
 
 def _broadcast_state(st: Dict[str, Any], ctx: DistContext) -> Dict[str, Any]:
