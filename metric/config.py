@@ -17,7 +17,7 @@ METHODS = ("none", "xbm", "xbm-batch", "xbn", "axbn")
 
 #: Options a checkpoint must agree on to be resumed.
 COMPAT_KEYS = ["dataset", "method", "backbone", "embedding_dim", "embedding_norm", "memory_size", "batch_size",
-               "m_per_class", "image_size"]
+               "m_per_class", "image_size", "split", "train_fraction", "split_seed"]
 
 _PAPER = dict(backbone="resnet50", pretrained=True, image_size=224, epochs=50, warmup_epochs=2, batch_size=64,
               m_per_class=4, lr=1e-4, embedding_dim=512, memory_size="0.5", auto_augment="rand-m9-mstd0.5",
@@ -29,10 +29,10 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "inshop": dict(_PAPER, recall_ks=[1, 10, 20, 30, 40, 50]),
     "deepfashion2": dict(_PAPER, recall_ks=[1, 5, 10, 20], memory_size="1.0", kalman_gain_every=10),
     "folder": dict(_PAPER, recall_ks=[1, 2, 4, 8]),
-    # digits: 8x8 images, 5 training classes -> a tiny CNN at 16 px, 4 classes x 8 images per batch,
-    # no crops/flips that would destroy a digit, a few epochs, lr 1e-3 (trained from scratch).
+    # digits: 8x8 images -> a tiny CNN at 16 px trained from scratch (lr 1e-3), 8 classes x 4 images per
+    # batch, no crops/flips that would destroy a digit, a few epochs.
     "digits": dict(backbone="tinycnn", pretrained=False, image_size=16, epochs=12, warmup_epochs=1, batch_size=32,
-                   m_per_class=8, lr=1e-3, embedding_dim=64, memory_size="0.5", auto_augment="none", re_prob=0.0,
+                   m_per_class=4, lr=1e-3, embedding_dim=64, memory_size="0.5", auto_augment="none", re_prob=0.0,
                    crop_scale_min=0.7, hflip=0.0, workers=0, kalman_gain_every=10, recall_ks=[1, 2, 4, 8], threads=1),
 }
 
@@ -48,7 +48,7 @@ class MetricConfig:
     # data
     dataset: str = field(default="digits", metadata=_h("dataset", choices=["sop", "inshop", "deepfashion2", "folder", "digits"], group="data"))
     data_root: Optional[str] = field(default=None, metadata=_h("dataset root folder (not needed for digits)", group="data"))
-    split: str = field(default="auto", metadata=_h("folder/digits split: auto, class (disjoint classes) or instance", choices=["auto", "class", "instance"], group="data"))
+    split: str = field(default="auto", metadata=_h("folder/digits split: auto (folder: train/test folders or class split; digits: instance), class (disjoint classes) or instance", choices=["auto", "class", "instance"], group="data"))
     train_fraction: float = field(default=0.5, metadata=_h("fraction of classes (class split) or images (instance split) used for training", group="data"))
     split_seed: int = field(default=0, metadata=_h("seed of the folder/digits split rule", group="data"))
     image_size: Optional[int] = field(default=None, metadata=_h("input size (default: 224; digits 16)", group="data"))
@@ -75,7 +75,7 @@ class MetricConfig:
     epochs: Optional[int] = field(default=None, metadata=_h("training epochs after the warm-up (default 50; digits 12)", group="optimisation"))
     warmup_epochs: Optional[int] = field(default=None, metadata=_h("head-only pre-warm-up epochs with SGD and the batch loss (default 2; digits 1)", group="optimisation"))
     batch_size: Optional[int] = field(default=None, metadata=_h("batch size per process (default 64; digits 32)", group="optimisation"))
-    m_per_class: Optional[int] = field(default=None, metadata=_h("images per class in a batch (default 4; digits 8)", group="optimisation"))
+    m_per_class: Optional[int] = field(default=None, metadata=_h("images per class in a batch (default 4)", group="optimisation"))
     lr: Optional[float] = field(default=None, metadata=_h("AdamW learning rate (default 1e-4; digits 1e-3)", group="optimisation"))
     scale_lr: bool = field(default=False, metadata=_h("multiply lr and warmup lr by the number of processes (linear scaling)", group="optimisation"))
     weight_decay: float = field(default=1e-4, metadata=_h("AdamW weight decay", group="optimisation"))

@@ -19,8 +19,8 @@ Protocols (``../shared/FORMATS.md``):
   rule below and training images come from ``train/``, test images from ``test/``. Without them:
   ``--split class``/``auto`` splits the classes, ``--split instance`` splits each class's images.
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download).
-  ``--split class``/``auto`` trains on digits 0-4 and tests on 5-9 (zero-shot retrieval);
-  ``--split instance`` splits each digit's images by the rule below.
+  ``--split instance``/``auto`` splits each digit's images by the rule below (train and test on all
+  ten digits, test leave-one-out); ``--split class`` trains on digits 0-4 and tests on 5-9 (zero-shot).
 
 Seeded split rule (``split_seed``, ``train_fraction``): class split = the classes sorted by name,
 permuted by ``numpy.random.default_rng(split_seed)``, the first ``round(train_fraction * C)`` (at
@@ -399,19 +399,20 @@ def load_folder(root: Union[str, Path], split: str = "auto", train_fraction: flo
 def load_digits(split: str = "auto", train_fraction: float = 0.5, split_seed: int = 0) -> RetrievalData:
     """scikit-learn's bundled 8x8 digits as uint8 grayscale images (values 0..16 scaled to 0..255).
 
-    ``split="auto"``/``"class"``: train on digits 0-4, test on 5-9 (leave-one-out).
-    ``split="instance"``: every digit in both, each digit's images split by the seeded rule.
+    ``split="auto"``/``"instance"``: every digit in both, each digit's images split by the seeded rule.
+    ``split="class"``: train on digits 0-4, test on 5-9 (zero-shot).
+    Test sets are queried leave-one-out.
     """
     from sklearn.datasets import load_digits as _sk_digits
 
     d = _sk_digits()
     images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # (1797, 8, 8)
     target = d.target.astype(np.int64)
-    if split in ("auto", "class"):
+    if split == "class":
         tr = np.flatnonzero(target < 5)
         te = np.flatnonzero(target >= 5)
         info = {"protocol": "class-disjoint: train digits 0-4, test digits 5-9 leave-one-out"}
-    elif split == "instance":
+    elif split in ("auto", "instance"):
         tr_l, te_l = [], []
         for digit in range(10):
             idx = np.flatnonzero(target == digit)

@@ -131,7 +131,7 @@ def retrieval_metrics(
     device = gallery.device
     xq = query.to(device=device, dtype=torch.float32)  # (Q, D)
     xg = gallery.to(device=device, dtype=torch.float32).contiguous()  # (G, D)
-    if not (torch.isfinite(xq).all() and torch.isfinite(xg).all()):
+    if not (torch.isfinite(xg).all() and (query is gallery or torch.isfinite(xq).all())):
         raise ValueError("retrieval_metrics: features contain NaN or Inf")
     lq = query_labels.to(device=device, dtype=torch.int64)  # (Q,)
     lg = gallery_labels.to(device=device, dtype=torch.int64)  # (G,)

@@ -148,7 +148,7 @@ def test_folder_errors(tmp_path):
 
 
 def test_digits():
-    d = load_digits()
+    d = load_digits(split="class")
     assert sorted(np.unique(d.train.labels)) == [0, 1, 2, 3, 4]
     assert sorted(np.unique(d.query.labels)) == [5, 6, 7, 8, 9]
     assert len(d.train) + len(d.query) == 1797 and d.query_is_gallery
@@ -156,6 +156,7 @@ def test_digits():
     inst = load_digits(split="instance")
     assert inst.train.num_classes == 10 and inst.query.num_classes == 10
     assert abs(len(inst.train) - len(inst.query)) <= 10
+    assert load_digits().train.labels.tolist() == inst.train.labels.tolist()  # auto = instance
 
 
 def test_bad_image_raises_or_is_skipped(folder_root):
