@@ -34,8 +34,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def time_once(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall time of one call of ``fn`` in milliseconds (CUDA events on a GPU)."""
+def time_once(fn: Callable[[], object], device: torch.device, clock: str = "wall") -> float:
+    """Time of one call of ``fn`` in milliseconds.
+
+    ``clock="wall"``: wall time (CUDA events on a GPU). ``clock="cpu"``: CPU time of this process
+    (user + system, all threads; ``time.process_time``), which time spent waiting for a core that
+    other processes hold does not inflate: with ``--threads 1`` it is the wall time the step would
+    take on an idle core, a robust measure on a shared machine. CPU only.
+    """
+    if clock == "cpu":
+        t0 = time.process_time()
+        fn()
+        return (time.process_time() - t0) * 1e3
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -50,7 +60,7 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def interleaved(
-    fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int
+    fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int, clock: str = "wall"
 ) -> Dict[str, List[float]]:
     """Time every function ``repeats`` times after ``warmup`` calls each, rotating the order each round.
 
@@ -67,7 +77,7 @@ def interleaved(
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            times[name].append(time_once(fns[name], device))
+            times[name].append(time_once(fns[name], device, clock))
     return times
 
 
@@ -117,6 +127,8 @@ def print_table(rows: List[Dict[str, object]], columns: Sequence[str]) -> None:
 
     def fmt(v: object) -> str:
         if isinstance(v, float):
+            if v != 0 and abs(v) < 1e-2:
+                return f"{v:.2e}"
             return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
         return str(v)
 
@@ -141,3 +153,23 @@ def parse_sizes(text: str) -> List[int]:
 def setup_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def add_timing_args(p, default_repeats_cpu: int, default_repeats_cuda: int, default_warmup_cpu: int, default_warmup_cuda: int) -> None:
+    """``--repeats``, ``--warmup``, ``--threads``, ``--clock`` (shared by the benchmarks)."""
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed rounds (default {default_repeats_cpu} on cpu, {default_repeats_cuda} on cuda)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed rounds first (default {default_warmup_cpu} on cpu, {default_warmup_cuda} on cuda)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall time, or this process's CPU time (robust on a shared machine; use with --threads 1)")
+
+
+def resolve_timing_args(args, device: torch.device, repeats: tuple, warmup: tuple) -> None:
+    setup_threads(args.threads)
+    cuda = device.type == "cuda"
+    args.repeats = args.repeats or (repeats[1] if cuda else repeats[0])
+    args.warmup = args.warmup if args.warmup is not None else (warmup[1] if cuda else warmup[0])
+    if args.clock == "cpu" and cuda:
+        raise SystemExit("--clock cpu measures CPU time; use --clock wall on cuda")

@@ -38,7 +38,8 @@ from common import (  # noqa: E402
     parse_sizes,
     print_table,
     resolve_device,
-    setup_threads,
+    add_timing_args,
+    resolve_timing_args,
     write_json,
 )
 
@@ -163,7 +164,7 @@ def bench_size(args, device: torch.device, size: int, impl: str) -> List[Dict[st
         fill(m, mem_rows, labels)
     del mem_rows
     fns = {name: step_fn(m, batches) for name, m in modules.items()}
-    times = interleaved(fns, device, args.repeats, args.warmup)
+    times = interleaved(fns, device, args.repeats, args.warmup, args.clock)
     out = []
     for name in modules:
         if name == "pml":
@@ -185,7 +186,12 @@ def bench_size(args, device: torch.device, size: int, impl: str) -> List[Dict[st
 
 
 def bf16_effect(args, device: torch.device, impl: str) -> List[Dict[str, object]]:
-    """Same drifting stream through float32 and bfloat16 memories: relative loss difference per step."""
+    """Same drifting stream through float32 and bfloat16 memories: relative loss difference per step.
+
+    The loss here is ``SupConLoss`` against the whole memory without a miner, so every stored row
+    contributes (a miner would hide most of them). For scale, ``xbn_vs_xbm_rel_diff_mean`` is how much
+    the adaptation itself changes the loss (float32 xbn / axbn against float32 plain XBM).
+    """
     g = torch.Generator().manual_seed(1)
     dim, classes = args.dim, args.classes
     protos = torch.randn(classes, 64, generator=g)
@@ -196,31 +202,48 @@ def bf16_effect(args, device: torch.device, impl: str) -> List[Dict[str, object]
         y = torch.randint(0, classes, (args.batch // 4,), generator=g).repeat_interleave(4)[: args.batch]
         x = protos[y] + 0.5 * torch.randn(len(y), 64, generator=g)
         stream.append((torch.nn.functional.normalize(x @ w, dim=1).to(device), y.to(device)))
+
+    def make(adaptation: str, dtype: torch.dtype) -> torch.nn.Module:
+        if impl == "dropin":
+            from xbn_queue.pml import AdaptiveCrossBatchMemory
+
+            m = AdaptiveCrossBatchMemory(losses.SupConLoss(), dim, memory_size=args.bf16_memory,
+                                         adaptation=adaptation, dtype=dtype)
+        else:
+            m = QueueStep(dim, args.bf16_memory, adaptation, dtype=dtype)
+            m.helper.miner = None
+        return m.to(device)
+
+    def run(m: torch.nn.Module) -> torch.Tensor:
+        out = []
+        for x, y in stream:
+            emb = x.clone().requires_grad_(True)
+            loss = m(emb, y)
+            loss.backward()
+            out.append(float(loss.detach()))
+        return torch.tensor(out, dtype=torch.float64)
+
+    warm = args.bf16_memory // args.batch  # compare once the memory is full
+    xbm = run(make("none", torch.float32))[warm:]
     out = []
     for a in ("xbn", "axbn"):
-        mods = {dt: build_ours(impl, dim, args.bf16_memory, a, dtype=dt).to(device) for dt in (torch.float32, torch.bfloat16)}
-        losses_by = {dt: [] for dt in mods}
-        for x, y in stream:
-            for dt, m in mods.items():
-                emb = x.clone().requires_grad_(True)
-                loss = m(emb, y)
-                loss.backward()
-                losses_by[dt].append(float(loss))
-        f32 = torch.tensor(losses_by[torch.float32], dtype=torch.float64)
-        b16 = torch.tensor(losses_by[torch.bfloat16], dtype=torch.float64)
-        warm = args.bf16_memory // args.batch  # compare once the memory is full
-        rel = ((b16 - f32).abs() / f32.abs().clamp_min(1e-12))[warm:]
-        mem_bytes = {str(dt).replace("torch.", ""): m.queue.memory.numel() * m.queue.memory.element_size() for dt, m in mods.items()}
+        mods = {dt: make(a, dt) for dt in (torch.float32, torch.bfloat16)}
+        f32, b16 = run(mods[torch.float32])[warm:], run(mods[torch.bfloat16])[warm:]
+        rel = (b16 - f32).abs() / f32.abs().clamp_min(1e-12)
+        ok = rel.numel() > 0
+        mem_bytes = {str(dt).replace("torch.", ""): m.queue.memory.numel() * m.queue.memory.element_size()
+                     for dt, m in mods.items()}
         out.append(
             {
                 "adaptation": a,
                 "memory_size": args.bf16_memory,
                 "steps": len(stream),
                 "steps_compared": int(rel.numel()),
-                "loss_f32_mean": float(f32[warm:].mean()) if rel.numel() else float("nan"),
-                "rel_diff_mean": float(rel.mean()) if rel.numel() else float("nan"),
-                "rel_diff_max": float(rel.max()) if rel.numel() else float("nan"),
-                "rel_diff_last": float(rel[-1]) if rel.numel() else float("nan"),
+                "loss_f32_mean": float(f32.mean()) if ok else float("nan"),
+                "rel_diff_mean": float(rel.mean()) if ok else float("nan"),
+                "rel_diff_max": float(rel.max()) if ok else float("nan"),
+                "rel_diff_last": float(rel[-1]) if ok else float("nan"),
+                "xbn_vs_xbm_rel_diff_mean": float(((f32 - xbm).abs() / xbm.abs()).mean()) if ok else float("nan"),
                 "memory_bytes": mem_bytes,
             }
         )
@@ -236,24 +259,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--adaptations", default="xbn,axbn", help="comma-separated, from none,xbn,axbn")
     p.add_argument("--naive", action="store_true", help="also time the straightforward var_mean + affine adaptation")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5 on cpu, 50 on cuda)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1 on cpu, 10 on cuda)")
-    p.add_argument("--impl", default="auto", choices=["auto", "dropin", "queue"])
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_timing_args(p, 5, 50, 1, 10)
+    p.add_argument("--impl", default="auto", choices=["auto", "dropin", "queue"],
+                   help="dropin: xbn_queue.pml.AdaptiveCrossBatchMemory; queue: AdaptiveQueue.update + PML's bookkeeping")
     p.add_argument("--bf16-steps", type=int, default=200, help="steps of the bf16 loss comparison (0: skip)")
     p.add_argument("--bf16-memory", type=int, default=4096)
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)
-    setup_threads(args.threads)
     device = resolve_device(args.device)
     args.adaptations = [a for a in args.adaptations.split(",") if a]
-    args.repeats = args.repeats or (50 if device.type == "cuda" else 5)
-    args.warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 1)
+    resolve_timing_args(args, device, (5, 50), (1, 10))
     impl = resolve_impl(args.impl)
     torch.manual_seed(0)
 
     info = machine_info(device)
-    print(f"# queue_overhead: {info}  impl={impl} repeats={args.repeats} warmup={args.warmup}")
+    print(f"# queue_overhead: {info}  impl={impl} repeats={args.repeats} warmup={args.warmup} clock={args.clock}")
     rows: List[Dict[str, object]] = []
     for size in parse_sizes(args.sizes):
         new = bench_size(args, device, size, impl)
@@ -266,8 +286,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     print_table(rows, COLUMNS)
     if bf16:
         print()
-        print("## bfloat16 memory vs float32: relative loss difference over the run (memory full)")
-        print_table(bf16, ["adaptation", "memory_size", "steps_compared", "loss_f32_mean", "rel_diff_mean", "rel_diff_max"])
+        print("## bfloat16 memory vs float32: relative loss difference per step over the run (memory full);")
+        print("## xbn_vs_xbm: how much the adaptation itself changes the loss, for scale")
+        print_table(bf16, ["adaptation", "memory_size", "steps_compared", "loss_f32_mean", "rel_diff_mean",
+                           "rel_diff_max", "xbn_vs_xbm_rel_diff_mean"])
     payload = {"benchmark": "queue_overhead", "machine": info, "args": vars(args), "rows": rows, "bf16": bf16}
     if args.json:
         write_json(args.json, payload)
