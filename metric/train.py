@@ -286,7 +286,8 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     opt = _make_optimizer(cfg, model, warm, world)
     sched = None if warm else torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step_epochs, cfg.lr_gamma)
     if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("optimizer_phase") == ("warmup" if warm else "train"):
+            opt.load_state_dict(ckpt["optimizer"])  # else saved at the warm-up's end: a fresh AdamW, as uninterrupted
         if sched is not None and ckpt.get("scheduler") is not None:
             sched.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler") is not None:
@@ -304,7 +305,8 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
             return
         atomic_save({
             "format": 1, "config": cfg_dict, "meta": meta, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+            "optimizer": opt.state_dict(), "optimizer_phase": "warmup" if isinstance(opt, torch.optim.SGD) else "train",
+            "scheduler": sched.state_dict() if sched is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "memory": mem_loss.state_dict() if mem_loss is not None else None, "ids_ring": ids_ring.cpu(),
             "state": st, "rng": get_rng_state(),

@@ -90,6 +90,15 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path, reference):
     assert_same_run(reference, tmp_path)
 
 
+def test_resume_from_the_end_of_the_warmup_in_process(tmp_path, reference):
+    res = train(tiny_cfg(tmp_path, max_steps=11, **RUN))  # stops at the last step of the warm-up epoch
+    assert res["stopped"] == "max_steps"
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert (ck["state"]["epoch"], ck["state"]["step_in_epoch"], ck["optimizer_phase"]) == (1, 0, "warmup")
+    train(tiny_cfg(tmp_path, resume="auto", **RUN))
+    assert_same_run(reference, tmp_path)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

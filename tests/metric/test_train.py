@@ -140,3 +140,25 @@ def test_dataset_defaults_only_fill_unset_options():
     assert resolve_config(MetricConfig(dataset="digits")).backbone == "tinycnn"
     with pytest.raises(ValueError, match="multiple of m_per_class"):
         resolve_config(MetricConfig(batch_size=30, m_per_class=4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_amp_channels_last_run_and_gpu_evaluation(tmp_path):
+    res = train(tiny_cfg(tmp_path, method="axbn", device="cuda", amp=True, channels_last=True, threads=0))
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(recs) == 2 and math.isfinite(recs[-1]["loss"]) and 0.0 < recs[-1]["recall@1"] <= 1.0
+    q, _ = memory_of(tmp_path, tiny_cfg(tmp_path, method="axbn"))
+    assert torch.isfinite(q.embeddings).all() and q.embeddings.dtype == torch.float32
+    assert res["best"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_evaluation_matches_cpu():
+    from metric.evaluate import retrieval_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-1, 2, (500, 8), generator=gen).float()
+    y = torch.randint(0, 40, (500,), generator=gen)
+    cpu = retrieval_metrics(x, y, ks=(1, 5, 20), chunk_size=64)
+    gpu = retrieval_metrics(x.cuda(), y.cuda(), ks=(1, 5, 20), chunk_size=64)
+    assert cpu == gpu
