@@ -267,7 +267,7 @@ class TensorMoCoAugment:
             for op_idx, op in enumerate(_JITTER_OPS):
                 use = p["jitter"] & (p["order"][:, pos] == op_idx)  # (B,)
                 if self.select_by_mask if self.select_by_mask is not None else dev.type != "cpu":
-                    x = torch.where(use.view(-1, 1, 1, 1), op(x.clone(), p["factors"][:, op_idx]), x)
+                    x = torch.where(use.view(-1, 1, 1, 1), op(x, p["factors"][:, op_idx]), x)
                 else:
                     sel = torch.nonzero(use).squeeze(1)
                     if sel.numel():

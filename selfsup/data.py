@@ -166,9 +166,14 @@ def _read_images(paths: Sequence[str], labels: Sequence[int], size: int, skip_ba
     return images, np.asarray([labels[i] for i in keep], dtype=np.int64), bad
 
 
-def _load_folder(root: str, size: int, skip_bad: bool) -> ImageData:
+def _load_folder(root: str, size: int, skip_bad: bool, train_subset: int = 0, test_subset: int = 0) -> ImageData:
     train_paths, train_labels, classes = list_folder_split(root, "train")
     test_paths, test_labels, _ = list_folder_split(root, "test", classes)
+    # choose subsets before decoding (same choice as subsetting the decoded arrays)
+    keep = stratified_subset(np.asarray(train_labels), train_subset)
+    train_paths, train_labels = [train_paths[i] for i in keep], [train_labels[i] for i in keep]
+    keep = stratified_subset(np.asarray(test_labels), test_subset)
+    test_paths, test_labels = [test_paths[i] for i in keep], [test_labels[i] for i in keep]
     tr_img, tr_lab, bad_tr = _read_images(train_paths, train_labels, size, skip_bad)
     te_img, te_lab, bad_te = _read_images(test_paths, test_labels, size, skip_bad)
     return ImageData(tr_img, tr_lab, te_img, te_lab, classes, bad_tr + bad_te)
@@ -248,7 +253,8 @@ def load_dataset(
         data.train_images = _resize_array(data.train_images, image_size)
         data.test_images = _resize_array(data.test_images, image_size)
     elif name == "folder":
-        data = _load_folder(root, image_size, skip_bad_images)
+        data = _load_folder(root, image_size, skip_bad_images, train_subset, test_subset)
+        return data
     elif name == "digits":
         data = _load_digits(image_size)
     else:

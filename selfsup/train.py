@@ -122,6 +122,8 @@ class Trainer:
             test_subset=cfg.test_subset,
         )
         self.on_gpu = self.device.type == "cuda"
+        if self.on_gpu:
+            torch.backends.cudnn.benchmark = True
         self.amp = cfg.amp and self.on_gpu
         self.amp_dtype = torch.bfloat16 if (self.on_gpu and torch.cuda.is_bf16_supported()) else torch.float16
         self.memory_format = torch.channels_last if (cfg.channels_last and self.on_gpu) else torch.contiguous_format

@@ -162,3 +162,21 @@ def test_wandb_offline_run_logs_the_metrics(tmp_path, monkeypatch):
             if key != "step" and not (r["step"] == 2 and key == "loss" and "knn_acc" not in r):
                 assert by_step[r["step"]][key] == pytest.approx(value), (r["step"], key)
     assert 0.0 <= by_step[2]["knn_acc"] <= 1.0
+
+
+def test_bad_image_stops_naming_the_file_or_is_skipped_and_counted(tmp_path, capsys):
+    from selfsup.cli import main
+    from tests.selfsup.test_data import make_folder
+
+    root = make_folder(tmp_path / "data", per_class=12, size=16)
+    bad = root / "train" / "ship" / "0003.jpg"
+    bad.write_bytes(b"\x00" * 10)
+    argv = ["--dataset", "folder", "--data-root", str(root), "--image-size", "16", "--width", "8", "--batch-size", "16",
+            "--split-bn", "2", "--queue-size", "64", "--epochs", "1", "--knn-k", "5", "--device", "cpu", "--no-progress",
+            "--threads", "1", "--output-dir", str(tmp_path / "run")]
+    assert main(argv) == 1
+    assert f"cannot read image {bad}" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        assert main(argv + ["--skip-bad-images"]) == 0
+    last = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert last["bad_images"] == 1 and "knn_acc" in last

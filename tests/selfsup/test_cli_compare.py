@@ -1,0 +1,87 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from selfsup.cli import main
+from selfsup.compare import compare, format_table, summarize
+from selfsup.data import load_dataset
+from tests.selfsup.conftest import CIFAR_TAR, REPO, tiny_config
+
+TINY = ["--dataset", "digits", "--image-size", "16", "--train-subset", "128", "--test-subset", "60", "--width", "8",
+        "--batch-size", "32", "--split-bn", "2", "--queue-size", "96", "--knn-k", "10", "--device", "cpu",
+        "--no-progress", "--threads", "1"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_cli_trains_with_and_without_subcommand_and_reuses_saved_config(tmp_path):
+    assert main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path / "a")]) == 0
+    assert main(["train"] + TINY + ["--epochs", "1", "--output-dir", str(tmp_path / "b")]) == 0
+    ra, rb = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb] and "knn_acc" in ra[-1]
+    # the resolved config.yaml re-runs the same thing
+    assert main(["--config", str(tmp_path / "a" / "config.yaml"), "--output-dir", str(tmp_path / "c")]) == 0
+    assert [r["loss"] for r in read_jsonl(tmp_path / "c" / "metrics.jsonl")] == [r["loss"] for r in ra]
+
+
+def test_cli_reports_missing_data_and_bad_options(tmp_path, capsys):
+    assert main(["--dataset", "cifar10", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 1
+    assert "cifar10 not found" in capsys.readouterr().err
+    assert main(TINY + ["--batch-size", "30", "--split-bn", "4", "--output-dir", str(tmp_path / "o")]) == 1
+    assert "must be divisible by --split-bn 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--adaptation", "bogus"])
+
+
+def test_compare_writes_mean_and_std_per_epoch(tmp_path):
+    cfg = tiny_config(tmp_path, train_subset=128, epochs=2)
+    data = load_dataset("digits", "", image_size=16, train_subset=128, test_subset=100)
+    result = compare(cfg, ["none", "xbn"], seeds=2, data=data)
+    assert (tmp_path / "compare.md").is_file() and (tmp_path / "compare.json").is_file()
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["adaptations"] == ["none", "xbn"]
+    for a in ("none", "xbn"):
+        per_seed = []
+        for s in (0, 1):
+            rec = [r for r in read_jsonl(tmp_path / f"{a}-seed{s}" / "metrics.jsonl") if "knn_acc" in r]
+            assert [r["epoch"] for r in rec] == [1.0, 2.0]
+            per_seed.append(rec[-1]["knn_acc"])
+        mean = sum(per_seed) / 2
+        std = (sum((v - mean) ** 2 for v in per_seed)) ** 0.5  # n - 1 = 1
+        assert saved["summary"][a]["2"]["mean"] == pytest.approx(mean)
+        assert saved["summary"][a]["2"]["std"] == pytest.approx(std)
+        assert saved["summary"][a]["2"]["n"] == 2
+    md = (tmp_path / "compare.md").read_text()
+    assert "| epoch | none k-NN acc (%) | xbn k-NN acc (%) |" in md and "(n=2)" in md
+    assert result["markdown"] == md
+    # running it again resumes every finished run instead of retraining
+    again = compare(cfg, ["none", "xbn"], seeds=2, data=data)
+    assert again["summary"] == result["summary"]
+
+
+def test_summarize_and_format_table():
+    s = summarize({"none": {0: {1.0: 0.5}, 1: {1.0: 0.7}}, "xbn": {0: {1.0: 0.6}}})
+    assert s["none"][1.0]["mean"] == pytest.approx(0.6) and s["none"][1.0]["std"] == pytest.approx(0.1414213562)
+    assert s["xbn"][1.0] == {"mean": 0.6, "std": 0.0, "n": 1}
+    assert "| 1 | 60.00 +- 14.14 (n=2) | 60.00 +- 0.00 (n=1) |" in format_table(s)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR_TAR.is_file(), reason=f"real CIFAR-10 JPEGs not present ({CIFAR_TAR})")
+def test_short_run_on_real_cifar10_jpegs(tmp_path):
+    import subprocess
+
+    root = REPO / ".data" / "cifar10"
+    if not (root / "train" / "airplane").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["tar", "xzf", str(CIFAR_TAR), "-C", str(root)], check=True)
+    argv = ["--dataset", "folder", "--data-root", str(root), "--train-subset", "512", "--test-subset", "200",
+            "--knn-bank-subset", "512", "--width", "8", "--batch-size", "64", "--queue-size", "256", "--epochs", "1",
+            "--knn-k", "20", "--device", "cpu", "--no-progress", "--threads", "1", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    rec = read_jsonl(tmp_path / "metrics.jsonl")
+    assert 0.1 <= rec[-1]["knn_acc"] <= 1.0  # 10 classes
+    assert rec[-1]["step"] == 8
