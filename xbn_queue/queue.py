@@ -485,6 +485,28 @@ class AdaptiveQueue(nn.Module):
 
     _STAT_BUFFERS = ("stat_center", "stat_sum", "stat_sumsq", "stat_age", "stat_synced")
     _FRAME_BUFFERS = ("frame_scale", "frame_shift")
+    _FLOAT64_BUFFERS = ("stat_center", "stat_sum", "stat_sumsq", "frame_scale", "frame_shift")
+
+    def _apply(self, fn, recurse=True):
+        """``.to()`` / ``.half()`` / ``.float()`` ...: the statistics and the frame stay float64, and a
+        change of the storage dtype keeps the rows as read (a fixed-frame memory leaving bf16/fp16
+        has its frame folded into the rows); the sums are then recomputed on the next adaptation."""
+        was_fixed, old_dtype = self._fixed_frame, self.memory.dtype
+        saved = {name: self._buffers[name] for name in self._FLOAT64_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float64:  # precision is not optional here
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float64)
+        if self.memory.dtype != old_dtype:
+            with torch.no_grad():
+                if was_fixed and not self._fixed_frame:
+                    mem = self.memory[: len(self)]  # (n, D) raw rows, now in a wide dtype
+                    mem.copy_(mem.to(torch.float64) * self.frame_scale + self.frame_shift)
+                    self.frame_scale.fill_(1.0)
+                    self.frame_shift.zero_()
+                self.stat_synced.fill_(False)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Accept state dicts saved without the running statistics (they are then recomputed on the next adaptation)."""

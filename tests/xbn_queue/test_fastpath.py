@@ -391,6 +391,26 @@ def test_none_adaptation_keeps_no_statistics():
     assert not bool(q.stat_synced)
 
 
+def test_dtype_conversions_keep_rows_and_float64_statistics():
+    stream = _stream(60, 5, 4, seed=16)
+    q = AdaptiveQueue(size=17, dim=4, adaptation="xbn", dtype=torch.bfloat16)
+    ref = PlainQueue(17, 4, "xbn")
+    for x in stream[:30]:
+        q.update(x)
+        ref.update(x)
+    before = q.embeddings
+    q.float()  # raw bf16 rows + frame -> float32 rows as read
+    assert q.memory.dtype == torch.float32 and q.stat_sum.dtype == F64 and q.frame_scale.dtype == F64
+    assert_close(q.embeddings, before)
+    q.half()  # float32 rows -> fp16 rows in an identity frame
+    assert q.memory.dtype == torch.float16 and q.stat_sumsq.dtype == F64
+    assert_close(q.embeddings, before, rtol=2e-3, atol=2e-3 * float(before.abs().max()))
+    for x in stream[30:]:
+        q.update(x)
+        ref.update(x)
+    assert _max_col_error(q, ref) < 8 * 2.0**-8
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_fast_path_matches_reference(dtype):
