@@ -126,6 +126,7 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         labels: Tensor,
         indices_tuple: Optional[Tuple[Tensor, ...]] = None,
         enqueue_mask: Optional[Tensor] = None,
+        ids: Optional[Tensor] = None,
     ) -> Tensor:
         """Adapt the memory, enqueue, and compute the loss against the memory.
 
@@ -136,13 +137,16 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
                 in PML. Mutually exclusive with ``enqueue_mask``.
             enqueue_mask: optional (B,) bool mask: rows with True are (adapted to, then) enqueued and
                 only the other rows are the loss's anchors (no self-comparison removal), as in PML.
+            ids: optional (B,) integer sample ids, stored beside the enqueued rows (an extension of PML's
+                signature) so that :func:`xbn_queue.drift.queue_staleness` can compare the memory with fresh
+                embeddings; once given, pass them on every call (until ``reset_queue()``).
 
         Returns:
             Scalar loss (plus the plain batch loss when ``add_batch_loss``).
 
         Raises:
             ValueError: on ``indices_tuple`` together with ``enqueue_mask``, embeddings that are not
-                (B, embedding_size), labels or mask of another length, or more rows to enqueue than
+                (B, embedding_size), labels, mask or ids of another length, or more rows to enqueue than
                 ``memory_size``.
         """
         if indices_tuple is not None and enqueue_mask is not None:
@@ -156,6 +160,8 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             raise ValueError(
                 f"labels must be (B={embeddings.shape[0]},), got {tuple(getattr(labels, 'shape', ()))}"
             )
+        if ids is not None and (not isinstance(ids, Tensor) or ids.shape != (embeddings.shape[0],)):
+            raise ValueError(f"ids must be (B={embeddings.shape[0]},), got {tuple(getattr(ids, 'shape', ()))}")
         self.reset_stats()
         device = embeddings.device
         labels = c_f.to_device(labels, device=device)
@@ -168,19 +174,21 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             enqueue_mask = enqueue_mask.to(device=device, dtype=torch.bool)
             emb_for_queue = embeddings[enqueue_mask]  # (Bq, D)
             labels_for_queue = labels[enqueue_mask]  # (Bq,)
+            ids_for_queue = ids[enqueue_mask.to(ids.device)] if ids is not None else None
             embeddings = embeddings[~enqueue_mask]  # (Ba, D) anchors
             labels = labels[~enqueue_mask]
             do_remove_self_comparisons = False
         else:
             emb_for_queue = embeddings
             labels_for_queue = labels
+            ids_for_queue = ids
             do_remove_self_comparisons = True
         if emb_for_queue.shape[0] > self.memory_size:
             raise ValueError(
                 f"cannot enqueue {emb_for_queue.shape[0]} rows into a memory of memory_size={self.memory_size}"
             )
 
-        self.curr_batch_idx = self._adapt_and_enqueue(emb_for_queue, labels_for_queue)  # (Bq,)
+        self.curr_batch_idx = self._adapt_and_enqueue(emb_for_queue, labels_for_queue, ids_for_queue)  # (Bq,)
 
         # Like PML, the loss reads the memory in place (a live view, cast to the loss dtype; a copy only
         # when the dtypes differ): PML's supported losses never modify their reference embeddings.
@@ -220,19 +228,22 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         return c_f.concatenate_indices_tuples(indices_tuple, input_indices_tuple)
 
     @torch.no_grad()
-    def _adapt_and_enqueue(self, emb_for_queue: Tensor, labels_for_queue: Tensor) -> Tensor:
+    def _adapt_and_enqueue(
+        self, emb_for_queue: Tensor, labels_for_queue: Tensor, ids_for_queue: Optional[Tensor] = None
+    ) -> Tensor:
         """Adapt the memory to ``emb_for_queue``'s statistics, enqueue it, return this rank's rows.
 
         Args:
             emb_for_queue: (Bq, D) rows to enqueue (this rank's).
             labels_for_queue: (Bq,) their labels.
+            ids_for_queue: optional (Bq,) sample ids.
 
         Returns:
             (Bq,) long memory positions written by this rank's rows. With ``gather_distributed`` the
             queue writes the gathered batch of all ranks in rank order, so this rank's rows follow
             those of the lower ranks.
         """
-        positions = self.queue.update(emb_for_queue, labels_for_queue)  # (B_total,)
+        positions = self.queue.update(emb_for_queue, labels_for_queue, ids=ids_for_queue)  # (B_total,)
         if not (self.queue.gather_distributed and xdist.is_distributed()):
             return positions
         sizes = xdist.all_gather_sizes(emb_for_queue.shape[0], emb_for_queue.device)  # one per rank

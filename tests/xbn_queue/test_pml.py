@@ -283,6 +283,25 @@ def test_pml_compatibility_reset_state_dict_and_dtypes():
     assert len(m.queue) == 0 and m.queue_idx == 0 and not m.has_been_filled
 
 
+def test_ids_are_stored_for_staleness():
+    from xbn_queue.drift import queue_staleness
+
+    m = AdaptiveCrossBatchMemory(losses.SupConLoss(), D, memory_size=MEMORY, adaptation="xbn")
+    g = torch.Generator().manual_seed(3)
+    for step, (emb, labels) in enumerate(_batches(steps=4)):
+        ids = torch.arange(step * BATCH, (step + 1) * BATCH)
+        mask = torch.rand(BATCH, generator=g) < 0.7 if step % 2 else None
+        m(emb, labels, enqueue_mask=mask, ids=ids)
+        stored_ids = ids[mask] if mask is not None else ids
+        assert torch.equal(m.queue.ids[m.curr_batch_idx], stored_ids)
+    fresh_ids = m.queue.ids.flip(0)
+    fresh = m.queue.embeddings.flip(0)
+    out = queue_staleness(m.queue, fresh_ids, fresh)
+    assert out["count"] == len(m.queue) and out["max_l2"] == 0.0
+    with pytest.raises(ValueError, match=r"ids must be \(B=7,\)"):
+        m(emb, labels, ids=torch.arange(3))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
