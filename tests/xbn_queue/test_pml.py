@@ -302,6 +302,14 @@ def test_ids_are_stored_for_staleness():
         m(emb, labels, ids=torch.arange(3))
 
 
+def test_gather_distributed_without_process_group_is_plain():
+    a = AdaptiveCrossBatchMemory(losses.SupConLoss(), D, memory_size=MEMORY, gather_distributed=True)
+    b = AdaptiveCrossBatchMemory(losses.SupConLoss(), D, memory_size=MEMORY)
+    for emb, labels in _batches(steps=4):
+        assert torch.equal(a(emb, labels), b(emb, labels))
+        assert torch.equal(a.curr_batch_idx, b.curr_batch_idx)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
