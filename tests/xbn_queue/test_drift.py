@@ -225,3 +225,18 @@ def test_drift_monitor_callable_and_errors():
         DriftMonitor(torch.empty(0, 3))
     mon.reset()
     assert mon.history == [] and not mon.has_previous
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_drift_and_monitor():
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    out = feature_drift(a.cuda(), b.cuda())
+    ref = feature_drift(a, b)
+    assert out["mean"] == pytest.approx(ref["mean"], rel=1e-5)
+    lin = nn.Linear(5, 3).cuda()
+    mon = DriftMonitor(torch.randn(4, 5)).cuda()
+    mon.step(lin, 0)
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    rec = mon.step(lin, 1)
+    assert rec is not None and mon.prev.device.type == "cuda"

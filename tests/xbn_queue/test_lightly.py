@@ -186,3 +186,18 @@ def test_gather_distributed_gathers_once_for_statistics_and_enqueue(monkeypatch)
         _, got = bank(o1, update=True)
         torch.testing.assert_close(got.t().double(), expected, rtol=1e-5, atol=1e-5)
     assert calls == [B] * 5  # one gather per step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bank_matches_cpu_inside_ntxent():
+    dev = torch.device("cuda")
+    crit = {}
+    for where in ("cpu", "cuda"):
+        c = NTXentLoss(temperature=0.2, memory_bank_size=(N, D))
+        c.memory_bank = AdaptiveMemoryBank(size=(N, D), adaptation="xbn")
+        crit[where] = c.to(where)
+    for o0, o1 in _views(6):
+        lc = crit["cpu"](o0.requires_grad_(True), o1)
+        lg = crit["cuda"](o0.detach().to(dev).requires_grad_(True), o1.to(dev))
+        torch.testing.assert_close(lg.cpu(), lc.detach(), rtol=1e-4, atol=1e-5)
+    assert crit["cuda"].memory_bank.queue.memory.device.type == "cuda"

@@ -364,3 +364,22 @@ def test_gather_distributed_two_process_gloo():
             torch.testing.assert_close(stored, mem)
             expected = _ref_loss_on_memory(loss_fn, miner, g_emb[lo:hi], g_lab[lo:hi], mem, mem_lab, pos[lo:hi], MEMORY)
             torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("adaptation", ["none", "xbn", "axbn"])
+def test_cuda_matches_cpu_and_pml(adaptation):
+    dev = torch.device("cuda")
+    mk = lambda: AdaptiveCrossBatchMemory(  # noqa: E731
+        losses.SupConLoss(), D, memory_size=MEMORY, miner=miners.PairMarginMiner(), adaptation=adaptation
+    )
+    cpu, gpu = mk(), mk().to(dev)
+    ref = CrossBatchMemory(losses.SupConLoss(), D, memory_size=MEMORY, miner=miners.PairMarginMiner()).to(dev)
+    for emb, labels in _batches():
+        loss_c = cpu(emb, labels)
+        loss_g = gpu(emb.to(dev), labels.to(dev))
+        torch.testing.assert_close(loss_g.cpu(), loss_c, rtol=1e-4, atol=1e-5)
+        assert gpu.queue.memory.device.type == "cuda" and gpu.curr_batch_idx.device.type == "cuda"
+        if adaptation == "none":
+            torch.testing.assert_close(loss_g, ref(emb.to(dev), labels.to(dev)))
+    torch.testing.assert_close(gpu.queue.embeddings.cpu(), cpu.queue.embeddings, rtol=1e-4, atol=1e-5)
