@@ -2,7 +2,8 @@
 
 Synthetic SOP-shaped problem: 60,502 L2-normalised 512-d features in 11,316 classes of 2-12 images
 (leave-one-out, query set = gallery set), clustered so that the metrics are neither 0 nor 1.
-Measures wall time and the peak extra memory of ``metric.evaluate.retrieval_metrics``:
+Measures wall time, process CPU time (user + system; on a busy shared machine the wall time grows
+with the load average, printed too) and the peak extra memory of ``metric.evaluate.retrieval_metrics``:
 on CPU the process's peak resident set (``ru_maxrss``) above the level just before the call, on CUDA
 ``torch.cuda.max_memory_allocated`` above the allocation before the call.
 
@@ -84,23 +85,28 @@ def main(argv=None) -> dict:
         before = torch.cuda.memory_allocated()
     else:
         before = current_rss()
+    load_before = os.getloadavg()[0]
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     out = retrieval_metrics(x, y, ks=ks, chunk_size=args.chunk_size, query_is_gallery=True)
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_seconds = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if args.device == "cuda":
         extra = torch.cuda.max_memory_allocated() - before
     else:
         extra = rss_bytes() - before  # peak RSS over the process life minus the level before the call
     row = {
         "n": args.n, "classes": args.classes, "dim": args.dim, "device": args.device,
-        "threads": torch.get_num_threads(), "chunk_size": args.chunk_size, "seconds": round(seconds, 2),
+        "threads": torch.get_num_threads(), "chunk_size": args.chunk_size, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 1),
+        "load_avg_1min": round(max(load_before, os.getloadavg()[0]), 2),
         "peak_extra_mb": round(extra / 2**20, 1), **{k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()},
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-    cols = ["n", "dim", "device", "threads", "chunk_size", "seconds", "peak_extra_mb"] + [k for k in out if k.startswith(("recall", "map"))]
+    cols = ["n", "dim", "device", "threads", "chunk_size", "seconds", "cpu_seconds", "load_avg_1min", "peak_extra_mb"] + [k for k in out if k.startswith(("recall", "map"))]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     print("| " + " | ".join(str(row[c]) for c in cols) + " |")
