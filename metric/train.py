@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xbn_queue.drift import feature_drift, memory_staleness
+from xbn_queue.drift import feature_drift, queue_staleness
 from xbn_queue.training.checkpoint import atomic_save, check_compatible, load_checkpoint, resolve_resume
 from xbn_queue.training.config import config_to_dict, save_config
 from xbn_queue.training.distributed import DistContext, init_distributed
@@ -96,7 +96,7 @@ def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     if cfg.method == "none":
         return batch_loss, None
     adaptation = {"xbm": "none", "xbm-batch": "none", "xbn": "xbn", "axbn": "axbn"}[cfg.method]
-    kw: Dict[str, Any] = {"gather_distributed": distributed}
+    kw: Dict[str, Any] = {"gather_distributed": distributed}  # sample ids are stored with the rows (staleness)
     if adaptation == "axbn":
         kw.update(kalman_p0=cfg.kalman_p0, kalman_q=cfg.kalman_q, kalman_gain_every=cfg.kalman_gain_every,
                   kalman_r="auto" if cfg.kalman_r == "auto" else float(cfg.kalman_r))
@@ -250,7 +250,6 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     batch_loss, mem_loss = build_losses(cfg, rows, ctx.is_distributed)
     if mem_loss is not None:
         mem_loss.to(device)
-    ids_ring = torch.full((rows,), -1, dtype=torch.long, device=device)  # sample id of each memory row
     use_amp = cfg.amp and device.type == "cuda"
     fp16 = use_amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=fp16) if device.type == "cuda" else None
@@ -279,7 +278,6 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
         model.load_state_dict(ckpt["model"])
         if mem_loss is not None:
             mem_loss.load_state_dict(ckpt["memory"])
-            ids_ring.copy_(ckpt["ids_ring"])
         st = ckpt["state"]
     warm = st["epoch"] < W
     _set_phase(model, warm)
@@ -308,7 +306,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
             "optimizer": opt.state_dict(), "optimizer_phase": "warmup" if isinstance(opt, torch.optim.SGD) else "train",
             "scheduler": sched.state_dict() if sched is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "memory": mem_loss.state_dict() if mem_loss is not None else None, "ids_ring": ids_ring.cpu(),
+            "memory": mem_loss.state_dict() if mem_loss is not None else None,
             "state": st, "rng": get_rng_state(),
         }, path)
 
@@ -335,7 +333,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
                                     chunk_size=cfg.eval_chunk)
             rec["eval_bad_images"] = bad_q + bad_g
             if mem_loss is not None and len(mem_loss.queue) > 0:
-                rec.update(_staleness(model, mem_loss, ids_ring, train_eval_ds, cfg, device))
+                rec.update(_staleness(model, mem_loss.queue, train_eval_ds, cfg, device))
         _set_phase(model, warm)
         return rec
 
@@ -381,11 +379,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
                 if warm or mem_loss is None:
                     loss = batch_loss(emb, y)
                 else:
-                    ptr = mem_loss.queue.ptr
-                    loss = mem_loss(emb, y)
-                    all_idx = ctx.gather_features(idx) if ctx.is_distributed else idx  # (B_total,)
-                    pos = (ptr + torch.arange(all_idx.shape[0], device=device)) % rows
-                    ids_ring[pos] = all_idx
+                    loss = mem_loss(emb, y, ids=idx)  # adapt the memory, enqueue (with sample ids), loss
                 bad_loss, = _all_flags(ctx, not bool(torch.isfinite(loss)))
                 if bad_loss:
                     raise NonFiniteError(
@@ -479,7 +473,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     if os.environ.get(DUMP_ENV) and mem_loss is not None:
         Path(os.environ[DUMP_ENV]).mkdir(parents=True, exist_ok=True)
         torch.save({"memory": mem_loss.queue.embeddings.cpu(), "labels": mem_loss.queue.labels.cpu(),
-                    "ids": ids_ring.cpu(), "model": {k: v.cpu() for k, v in model.state_dict().items()}},
+                    "ids": mem_loss.queue.ids.cpu(), "model": {k: v.cpu() for k, v in model.state_dict().items()}},
                    Path(os.environ[DUMP_ENV]) / f"queue_rank{ctx.rank}.pt")
     ctx.barrier()
     logger.finish()
@@ -510,23 +504,26 @@ def _broadcast_state(st: Dict[str, Any], ctx: DistContext) -> Dict[str, Any]:
 
 
 @torch.no_grad()
-def _staleness(model: MetricModel, mem_loss, ids_ring: Tensor, ds: ImageDataset, cfg: MetricConfig,
-               device: torch.device) -> Dict[str, float]:
-    """Stored memory rows vs fresh embeddings (current model, evaluation transform) of the same images."""
-    n = len(mem_loss.queue)
-    ids = ids_ring[:n]
-    rows = torch.nonzero(ids >= 0).flatten()
-    if rows.numel() == 0:
+def _staleness(model: MetricModel, queue, ds: ImageDataset, cfg: MetricConfig, device: torch.device) -> Dict[str, float]:
+    """Stored memory rows vs fresh embeddings (current model, evaluation transform) of the same images.
+
+    Up to ``cfg.staleness_samples`` distinct stored sample ids, evenly spaced over the memory, are
+    re-embedded; :func:`xbn_queue.drift.queue_staleness` compares every stored row of those ids.
+    """
+    stored_ids = queue.ids  # (n,)
+    if stored_ids is None or stored_ids.numel() == 0:
         return {}
-    if rows.numel() > cfg.staleness_samples:
-        rows = rows[torch.linspace(0, rows.numel() - 1, cfg.staleness_samples).round().long().to(rows.device)]
-    stored = mem_loss.queue.embeddings[rows.to(mem_loss.queue.embeddings.device)].to(device)  # (S, D)
+    ids = torch.unique(stored_ids)  # (u,) sorted
+    if ids.numel() > cfg.staleness_samples:
+        ids = ids[torch.linspace(0, ids.numel() - 1, cfg.staleness_samples).round().long().to(ids.device)]
     fresh = []
+    was = model.training
     model.eval()
-    for s in range(0, rows.numel(), cfg.eval_batch_size):
-        chunk = ids[rows[s : s + cfg.eval_batch_size]].tolist()
-        x = torch.stack([ds[int(i)][0] for i in chunk]).to(device)
+    for s in range(0, ids.numel(), cfg.eval_batch_size):
+        x = torch.stack([ds[int(i)][0] for i in ids[s : s + cfg.eval_batch_size].tolist()]).to(device)
         with _autocast(cfg, device):
             fresh.append(model(x).float())
-    r = memory_staleness(stored, torch.cat(fresh))
-    return {"staleness_mean_l2": r["mean_l2"], "staleness_max_l2": r["max_l2"], "staleness_cosine": r["mean_cosine"]}
+    model.train(was)
+    r = queue_staleness(queue, ids, torch.cat(fresh))
+    return {"staleness_mean_l2": r["mean_l2"], "staleness_max_l2": r["max_l2"], "staleness_cosine": r["mean_cosine"],
+            "staleness_rows": r["count"]}

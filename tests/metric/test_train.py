@@ -57,7 +57,7 @@ def test_xbm_and_xbn_really_use_different_memories(tmp_path):
         train(cfg)
         q, ck = memory_of(tmp_path / method, cfg)
         assert len(q) == 64 and torch.isfinite(q.embeddings).all()
-        assert (ck["ids_ring"] >= 0).all()
+        assert q.ids is not None and (q.ids >= 0).all() and len(q.ids) == 64
         qs[method] = q
     assert not torch.allclose(qs["xbm"].embeddings, qs["xbn"].embeddings)
     # XBN moment-matches the stored rows to each batch (Eq. 6): the older rows end up with (nearly) the
