@@ -1,0 +1,31 @@
+"""CUDA variants (skipped without a GPU): the tensor augmentation on the GPU, a bf16 channels-last run."""
+
+import json
+
+import pytest
+import torch
+
+from selfsup.augment import TensorMoCoAugment
+from selfsup.train import train
+from tests.selfsup.conftest import tiny_config
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_gpu_augmentation_equals_cpu_augmentation():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    cpu = TensorMoCoAugment()(images, torch.Generator().manual_seed(0))
+    gpu = TensorMoCoAugment()(images.cuda(), torch.Generator().manual_seed(0))
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-4, rtol=0)
+
+
+@cuda
+def test_tiny_run_on_gpu_with_amp_and_gpu_augment(tmp_path):
+    summary = train(tiny_config(tmp_path, device="cuda", amp=True, channels_last=True, gpu_augment=True, max_steps=4))
+    assert summary["global_step"] == 4 and 0.0 <= summary["knn_acc"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in records)  # finite, not NaN
+    sd = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert torch.isfinite(sd["criterion"]["memory_bank.queue.memory"]).all()
