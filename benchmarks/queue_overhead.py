@@ -11,6 +11,9 @@ full memory of ``memory_size`` rows of dimension 512, batch 64:
 * ``ratio``: median over rounds of ``ms / pml_ms``, both measured back to back in every round (the order
   rotates), which keeps the ratio meaningful on a loaded machine. ``ratio_of_medians`` is also written.
 
+``adapt_ms`` is ``queue.adapt`` alone on the same full memory (4x more rounds): a low-noise estimate of
+the overhead, ``ratio ~ 1 + adapt_share``.
+
 ``--naive`` adds ``xbn-naive``: the straightforward adaptation (``torch.var_mean`` over the memory every
 step, then the affine), for comparison. ``--bf16-steps N`` then runs N steps of a drifting embedding
 stream through float32 and bfloat16 queues and reports the effect of bf16 storage on the loss.
@@ -49,6 +52,7 @@ from xbn_queue import AdaptiveQueue  # noqa: E402
 from xbn_queue import functional as XF  # noqa: E402
 
 COLUMNS = ["memory_size", "adaptation", "ms", "pml_ms", "ratio"]
+EXTRA = ["adapt_ms", "adapt_share"]
 
 
 class NaiveQueue(AdaptiveQueue):
@@ -165,6 +169,13 @@ def bench_size(args, device: torch.device, size: int, impl: str) -> List[Dict[st
     del mem_rows
     fns = {name: step_fn(m, batches) for name, m in modules.items()}
     times = interleaved(fns, device, args.repeats, args.warmup, args.clock)
+    # The adaptation alone (queue.adapt on the same full memory), many more rounds: a low-noise
+    # estimate of the overhead, ratio ~ 1 + adapt_ms / pml_ms.
+    adapt_fns = {}
+    for name, m in modules.items():
+        if name != "pml":
+            adapt_fns[name] = (lambda q=m.queue: q.adapt(batches[0][0]))
+    adapt_times = interleaved(adapt_fns, device, 4 * args.repeats, args.warmup, args.clock) if adapt_fns else {}
     out = []
     for name in modules:
         if name == "pml":
@@ -177,6 +188,8 @@ def bench_size(args, device: torch.device, size: int, impl: str) -> List[Dict[st
                 "pml_ms": median(times["pml"]),
                 "ratio": paired_ratio(times[name], times["pml"]),
                 "ratio_of_medians": median(times[name]) / median(times["pml"]),
+                "adapt_ms": median(adapt_times[name]),
+                "adapt_share": median(adapt_times[name]) / median(times["pml"]),
                 "times_ms": [round(t, 3) for t in times[name]],
                 "pml_times_ms": [round(t, 3) for t in times["pml"]],
                 "impl": impl,
@@ -278,12 +291,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     for size in parse_sizes(args.sizes):
         new = bench_size(args, device, size, impl)
         rows += new
-        print_table(new, COLUMNS)
+        print_table(new, COLUMNS + EXTRA)
         sys.stdout.flush()
     bf16 = bf16_effect(args, device, impl) if args.bf16_steps > 0 else []
     print()
-    print("## step time: ours (ms) vs PML CrossBatchMemory (pml_ms), ratio = median of paired ratios")
-    print_table(rows, COLUMNS)
+    print("## step time: ours (ms) vs PML CrossBatchMemory (pml_ms), ratio = median of paired ratios;")
+    print("## adapt_ms: queue.adapt alone on the same memory (adapt_share = adapt_ms / pml_ms)")
+    print_table(rows, COLUMNS + EXTRA)
     if bf16:
         print()
         print("## bfloat16 memory vs float32: relative loss difference per step over the run (memory full);")
