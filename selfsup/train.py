@@ -19,11 +19,8 @@ continues bit-for-bit on CPU.
 """
 
 import logging
-import math
-import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -408,6 +405,7 @@ class Trainer:
                                 {
                                     "epoch": epoch + self.step_in_epoch / self.steps_per_epoch,
                                     "loss": mean_loss,
+                                    "step_loss": mean_loss,  # only on step records (for the plot)
                                     "lr": self.optimizer.param_groups[0]["lr"],
                                 },
                                 step=self.global_step,
@@ -444,6 +442,7 @@ class Trainer:
                         "images_per_s": steps_run * cfg.batch_size * self.ctx.world_size / max(epoch_time, 1e-9),
                         "queue_fill": len(self.criterion.memory_bank.queue),
                     }
+                    record["epoch_loss"] = record["loss"]  # mean over the epoch (only on epoch records)
                     if cfg.skip_bad_images:
                         record["bad_images"] = bad_images
                     if knn_now:
@@ -469,7 +468,7 @@ class Trainer:
             plot_history(
                 self.out / "metrics.jsonl",
                 self.out / PLOT_NAME,
-                panels=[("knn_acc",), ("loss",)],
+                panels=[("knn_acc",), ("step_loss", "epoch_loss")],
                 x="epoch",
                 title=f"MoCo {cfg.dataset}, adaptation={cfg.adaptation}",
             )

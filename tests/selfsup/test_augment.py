@@ -1,6 +1,5 @@
 """The batched tensor augmentation against torchvision: operations, crop geometry, output statistics."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
