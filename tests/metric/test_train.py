@@ -95,6 +95,32 @@ def test_nonfinite_embedding_stops_and_keeps_last_good_checkpoint(tmp_path, monk
     assert torch.isfinite(q.embeddings).all() and len(q) == 3 * 16
 
 
+def test_nonfinite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch):
+    import metric.train as mt
+
+    real = mt.build_losses
+
+    def poisoned_losses(cfg, rows, distributed):
+        batch_loss, mem = real(cfg, rows, distributed)
+        forward = mem.forward
+        calls = {"n": 0}
+
+        def nan_at_third(*a, **kw):
+            calls["n"] += 1
+            loss = forward(*a, **kw)
+            return loss * float("nan") if calls["n"] == 3 else loss
+
+        mem.forward = nan_at_third
+        return batch_loss, mem
+
+    monkeypatch.setattr(mt, "build_losses", poisoned_losses)
+    cfg = tiny_cfg(tmp_path, method="xbm", checkpoint_every=1)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 14 \(epoch 2\)"):
+        train(cfg)  # 11 warm-up steps, then the third memory step
+    q, ck = memory_of(tmp_path, cfg)
+    assert ck["state"]["global_step"] == 13 and torch.isfinite(q.embeddings).all()
+
+
 def test_incompatible_checkpoint_is_refused(tmp_path):
     train(tiny_cfg(tmp_path, method="xbm", max_steps=3))
     with pytest.raises(ValueError, match=r"method: saved 'xbm', now 'xbn'; embedding_dim: saved 32, now 48; memory_size: saved '64', now '32'"):
