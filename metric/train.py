@@ -261,7 +261,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     # Fixed probe batch for the drift diagnostic: training images under the evaluation transform.
     probe_idx = np.random.default_rng([cfg.seed, 0x70726F62]).permutation(len(data.train))[: cfg.probe_size]
     in_memory = all(isinstance(it, np.ndarray) for it in data.train.items[:1] + data.query.items[:1])
-    train_eval_ds = ImageDataset(data.train, eval_tf, skip_bad_images=True, cache=in_memory)  # probe, staleness
+    train_eval_ds = ImageDataset(data.train, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)  # probe, staleness
     query_ds = ImageDataset(data.query, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)
     gallery_ds = query_ds if data.query_is_gallery else ImageDataset(data.gallery, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)
     probe = torch.stack([train_eval_ds[int(i)][0] for i in probe_idx]).to(device)  # (P, 3, H, W)
@@ -519,10 +519,11 @@ def _staleness(model: MetricModel, queue, ds: ImageDataset, cfg: MetricConfig, d
     fresh = []
     was = model.training
     model.eval()
-    for s in range(0, ids.numel(), cfg.eval_batch_size):
-        x = torch.stack([ds[int(i)][0] for i in ids[s : s + cfg.eval_batch_size].tolist()]).to(device)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, ids.tolist()), batch_size=cfg.eval_batch_size,
+                                         shuffle=False, num_workers=cfg.workers, generator=torch.Generator().manual_seed(0))
+    for x, _, _, _ in loader:
         with _autocast(cfg, device):
-            fresh.append(model(x).float())
+            fresh.append(model(x.to(device)).float())  # (b, D)
     model.train(was)
     r = queue_staleness(queue, ids, torch.cat(fresh))
     return {"staleness_mean_l2": r["mean_l2"], "staleness_max_l2": r["max_l2"], "staleness_cosine": r["mean_cosine"],
