@@ -155,7 +155,7 @@ class AdaptiveQueue(nn.Module):
     def _materialize(self, n: int) -> Tensor:
         """``(n, dim)`` float32 rows of a fixed-frame memory: ``raw * frame_scale + frame_shift``."""
         raw = self.memory[:n]  # (n, D) bf16 / fp16
-        return torch.addcmul(self.frame_shift.float(), raw.float(), self.frame_scale.float())  # (n, D)
+        return torch.addcmul(self.frame_shift.float(), raw, self.frame_scale.float())  # (n, D) float32, one pass
 
     @property
     def embeddings(self) -> Tensor:
