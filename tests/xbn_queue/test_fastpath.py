@@ -411,6 +411,32 @@ def test_dtype_conversions_keep_rows_and_float64_statistics():
     assert _max_col_error(q, ref) < 8 * 2.0**-8
 
 
+def test_benchmark_scripts_run_on_a_tiny_problem(tmp_path, monkeypatch):
+    """Smoke test of the benchmarks (tiny sizes, one round): they run and write the contracted columns."""
+    pytest.importorskip("pytorch_metric_learning")
+    pytest.importorskip("lightly")
+    import importlib
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    for name in ("common", "queue_overhead", "lightly_bank"):
+        sys.modules.pop(name, None)
+    qo = importlib.import_module("queue_overhead")
+    lb = importlib.import_module("lightly_bank")
+    out = tmp_path / "qo.json"
+    qo.main(["--sizes", "96", "--dim", "16", "--batch", "8", "--classes", "5", "--repeats", "1", "--warmup", "0",
+             "--naive", "--bf16-steps", "14", "--bf16-memory", "32", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["adaptation"] for r in rows} == {"xbn", "axbn", "xbn-naive"}
+    assert all({"memory_size", "adaptation", "ms", "pml_ms", "ratio"} <= set(r) for r in rows)
+    out = tmp_path / "lb.json"
+    lb.main(["--sizes", "64", "--dim", "8", "--batch", "8", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"][0]["lightly_ms"] > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_fast_path_matches_reference(dtype):
