@@ -53,10 +53,10 @@ class AdaptiveQueue(nn.Module):
     by a pass over the memory at every step. Float64 sums of the stored rows' deviations from a
     center (``stat_center``, ``stat_sum``, ``stat_sumsq``) are kept up to date on every enqueue
     (overwritten rows subtracted, new rows added) and moved exactly through every affine map, so
-    the statistics cost O(B * dim); they are re-synchronised exactly (one pass) every
-    ``min(stats_resync_every, len(self))`` adaptations and whenever a dimension reaches the
-    rounding floor (e.g. a column that became constant). A float32 (or float64) memory is then rewritten by one fused
-    in-place affine per step. A bfloat16 / float16 memory is kept in a fixed frame: ``memory``
+    the statistics cost O(B * dim); they are re-centered on the mean at every adaptation and
+    re-synchronised exactly (one pass) every ``min(stats_resync_every, len(self))`` adaptations
+    and whenever a dimension reaches the rounding floor (e.g. a column that became constant). A
+    float32 (or float64) memory is then rewritten by one fused in-place affine per step. A bfloat16 / float16 memory is kept in a fixed frame: ``memory``
     holds raw rows rounded once when written, the per-dimension map ``frame_scale`` /
     ``frame_shift`` (float64) is composed at every step and applied when the rows are read, so
     rounding errors never accumulate. Results equal the straightforward computation (moments by a
