@@ -131,15 +131,17 @@ class AdaptiveMemoryBank(MemoryBankModule):
     def _snapshot(self) -> Tensor:
         """(n, D) float32 copy of the stored rows, L2-normalized if ``normalize``."""
         rows = self.queue.valid_memory()  # (n, D): a live view, or new rows for a fixed-frame queue
+        live = rows.untyped_storage().data_ptr() == self.queue.memory.untyped_storage().data_ptr()
+        if self.normalize and not live:  # rows materialised just now: normalise them in place
+            return rows.div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(1e-12))
         if self.normalize:
             return torch.nn.functional.normalize(rows.float(), dim=1)  # new tensor, never the buffer
-        live = rows.untyped_storage().data_ptr() == self.queue.memory.untyped_storage().data_ptr()
         return rows.to(torch.float32, copy=live)
 
     @property
     def bank(self) -> Tensor:  # type: ignore[override]
         """(n, D) copy of the stored rows as stored (lightly's attribute name; not normalized)."""
-        return self.queue.embeddings.clone()
+        return self.queue.embeddings  # already a float32 copy
 
     @property
     def bank_ptr(self) -> Tensor:  # type: ignore[override]
