@@ -10,6 +10,7 @@ Examples::
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional
 
@@ -46,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         cfg = parse_config(MetricConfig, argv, prog=PROG)
         result = train(cfg)
-        if result.get("best"):
+        if result.get("best") and int(os.environ.get("RANK", "0") or 0) == 0:
             best = result["best"]
             shown = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k.startswith(("recall@", "map@r")))
             print(f"[{PROG}] best (epoch {best.get('epoch')}): {shown}; files in {result['output_dir']}")

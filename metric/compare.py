@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -58,8 +59,6 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int) -> Dict[str, Any]:
     Raises:
         ValueError: unknown method or seeds < 1.
     """
-    from xbn_queue.training.distributed import get_rank
-
     from .train import train
 
     todo = [m.strip() for m in methods.split(",") if m.strip()]
@@ -70,7 +69,7 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int) -> Dict[str, Any]:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     cfg = resolve_config(cfg)
     out = Path(cfg.output_dir)
-    main = get_rank() == 0
+    main = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun rank (each run sets up its own process group)
     t0 = time.time()
     runs: List[Dict[str, Any]] = []
     for method in todo:
