@@ -34,7 +34,6 @@ Malformed inputs raise :class:`DataFormatError` naming the file (and line).
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass, field

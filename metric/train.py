@@ -19,7 +19,6 @@ are gathered, and only rank 0 writes files.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -42,7 +41,7 @@ from xbn_queue.training.signals import GracefulExit
 from xbn_queue.training.tracking import RunLogger, plot_history
 
 from .config import COMPAT_KEYS, MetricConfig, memory_rows, resolve_config
-from .data import ImageDataset, RetrievalData, Split, load_dataset
+from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import retrieval_metrics
 from .model import MetricModel, build_model
 from .sampler import MPerClassBatches, steps_per_epoch

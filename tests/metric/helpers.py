@@ -1,6 +1,5 @@
 """Tiny, fast training configurations for the metric trainer tests."""
 
-import dataclasses
 import os
 import subprocess
 import sys

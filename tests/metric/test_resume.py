@@ -1,6 +1,5 @@
 """Exact resume after SIGKILL / SIGTERM (real subprocesses) and a 2-process gloo DDP run."""
 
-import json
 import signal
 import socket
 import subprocess

@@ -1,6 +1,5 @@
 """End-to-end training on CPU: every method, memories, faults, incompatible checkpoints, W&B offline."""
 
-import json
 import math
 
 import pytest
