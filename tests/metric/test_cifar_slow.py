@@ -26,7 +26,10 @@ def _cifar_root(tmp_path_factory) -> Path:
         pytest.skip(f"CIFAR-10 JPEGs not found ({ARCHIVE} or {EXTRACTED})")
     dest = tmp_path_factory.mktemp("cifar10")
     with tarfile.open(ARCHIVE) as tar:
-        tar.extractall(dest, filter="data")
+        try:
+            tar.extractall(dest, filter="data")
+        except TypeError:  # Python without extraction filters
+            tar.extractall(dest)
     for cand in [dest, *dest.iterdir()]:
         if (cand / "train").is_dir():
             return cand
