@@ -187,3 +187,17 @@ def test_gpu_evaluation_matches_cpu():
     cpu = retrieval_metrics(x, y, ks=(1, 5, 20), chunk_size=64)
     gpu = retrieval_metrics(x.cuda(), y.cuda(), ks=(1, 5, 20), chunk_size=64)
     assert cpu == gpu
+
+
+@pytest.mark.parametrize("dataset, maker", [("sop", "make_sop"), ("inshop", "make_inshop"), ("deepfashion2", "make_deepfashion2")])
+def test_real_formats_train_end_to_end(tmp_path, dataset, maker):
+    from . import conftest
+
+    root = getattr(conftest, maker)(tmp_path / "data")
+    cfg = tiny_cfg(tmp_path / "run", dataset=dataset, data_root=str(root), method="xbn", batch_size=8, m_per_class=2,
+                   memory_size="8", image_size=16, backbone="tinycnn", pretrained=False, workers=0,
+                   auto_augment="rand-m9-mstd0.5", re_prob=0.2, recall_ks=[1, 2])
+    train(cfg)
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    expected_queries = {"sop": 15, "inshop": 4, "deepfashion2": 3}[dataset]
+    assert recs[-1]["num_queries"] == expected_queries and 0.0 <= recs[-1]["recall@1"] <= recs[-1]["recall@2"] <= 1.0
