@@ -149,13 +149,14 @@ class AXBN(Adaptation):
         for name, buf in self.named_buffers():
             buf.zero_()
 
-    def _noise(self, batch_std: Tensor, batch_size: int, stat: str) -> Tuple[Tensor, Tensor, Tensor]:
-        """Return (p0, q, r) for one filter, each broadcastable to ``(D,)``."""
+    def _noise(
+        self, batch_std: Tensor, batch_size: int, stat: str
+    ) -> Tuple[Union[Tensor, float], Union[Tensor, float], Union[Tensor, float]]:
+        """Return (p0, q, r) for one filter: ``(D,)`` tensors in "auto" mode, else Python floats."""
         if self.r == "auto":
             r = F.measurement_noise(batch_std, batch_size, stat)  # (D,)
             return self.p0 * r, self.q * r, r
-        one = torch.ones_like(batch_std)
-        return self.p0 * one, self.q * one, (self.r / batch_size) * one
+        return self.p0, self.q, self.r / batch_size
 
     @torch.no_grad()
     def target(self, batch_mean: Tensor, batch_std: Tensor, batch_size: int) -> Tuple[Tensor, Tensor]:
@@ -167,7 +168,7 @@ class AXBN(Adaptation):
             p0, q, r = self._noise(batch_std, batch_size, stat)
             if t == 0:
                 u.copy_(v)
-                p.copy_(p0)
+                p.copy_(p0) if isinstance(p0, Tensor) else p.fill_(p0)
                 k.zero_()
             else:
                 u_new, p_new, k_new = F.kalman_step(u, p, k, v, q, r, update_gain=(t - 1) % self.gain_every == 0)

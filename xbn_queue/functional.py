@@ -157,8 +157,12 @@ def kalman_step(
     p = p + q
     if update_gain:
         denom = p + r
-        # No uncertainty at all (P + R == 0) means the measurement is exact: gain 1, never 0 / 0.
-        k = torch.where(denom > 0, p / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.ones_like(denom))
+        if isinstance(r, (int, float)) and r > 0:  # P >= 0, so P + r > 0: the plain formula
+            k = p / denom
+        else:
+            # No uncertainty at all (P + R == 0) means the measurement is exact: gain 1, never 0 / 0.
+            ok = denom > 0
+            k = torch.where(ok, p / torch.where(ok, denom, torch.ones_like(denom)), torch.ones_like(denom))
     u = u + k * (v - u)
     p = (1 - k) * p
     return u, p, k
