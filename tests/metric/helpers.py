@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from metric.config import MetricConfig
+from xbn_queue.training.config import config_to_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,14 +20,7 @@ def tiny_cfg(out, **kw) -> MetricConfig:
 
 
 def tiny_argv(out, **kw):
-    argv = []
-    for k, v in dict(TINY, output_dir=str(out), **kw).items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            argv.append(flag if v else "--no-" + k.replace("_", "-"))
-        else:
-            argv += [flag, str(v)]
-    return argv
+    return config_to_argv(tiny_cfg(out, **kw), only_changed=True)
 
 
 def env(**extra):

@@ -6,13 +6,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
 from selfsup.train import Trainer, train
+from xbn_queue.training.config import config_to_argv
 from tests.selfsup.conftest import REPO, subprocess_env, tiny_config
 
 TIMING_KEYS = {"epoch_time_s", "images_per_s"}
@@ -20,19 +20,7 @@ TIMING_KEYS = {"epoch_time_s", "images_per_s"}
 
 def cli_args(cfg):
     """The command line equivalent of a config (every field that differs from the defaults)."""
-    from selfsup.config import SelfSupConfig
-
-    default = asdict(SelfSupConfig())
-    args = []
-    for key, value in asdict(cfg).items():
-        if value == default[key]:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    return args
+    return config_to_argv(cfg, only_changed=True)
 
 
 def free_port():

@@ -62,6 +62,7 @@ __all__ = [
     "config_from_namespace",
     "config_from_dict",
     "config_to_dict",
+    "config_to_argv",
     "save_config",
     "load_config",
 ]
@@ -505,6 +506,41 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"expected a dataclass instance, got {cfg!r}")
     return {f.name: _plain(getattr(cfg, f.name), f.name) for f in dataclasses.fields(cfg) if f.init}
+
+
+def config_to_argv(cfg: Any, only_changed: bool = False) -> list[str]:
+    """The command line that :func:`parse_config` turns back into ``cfg``.
+
+    The inverse of :func:`parse_config` for launching a run in another process (``torchrun``, a
+    subprocess, a cluster job): booleans become ``--x`` / ``--no-x``, lists one option followed by
+    their items, ``None`` the word ``none``.
+
+    Args:
+        cfg: A dataclass instance.
+        only_changed: Leave out fields equal to their dataclass default.
+
+    Returns:
+        ``["--field-name", "value", ...]`` in declaration order.
+
+    Raises:
+        TypeError: If ``cfg`` is not a dataclass instance or a value has no plain equivalent.
+    """
+    specs = _specs(type(cfg))
+    argv: list[str] = []
+    for name, value in config_to_dict(cfg).items():
+        spec = specs[name]
+        if only_changed and spec.default is not _REQUIRED and value == _plain(spec.default, name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif value is None:
+            argv += [flag, "none"]
+        elif isinstance(value, list):
+            argv += [flag, *(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def save_config(cfg: Any, path: PathLike) -> Path:

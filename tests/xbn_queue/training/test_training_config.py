@@ -15,6 +15,7 @@ from xbn_queue.training.config import (
     build_parser,
     config_from_dict,
     config_from_namespace,
+    config_to_argv,
     config_to_dict,
     load_config,
     parse_config,
@@ -207,3 +208,19 @@ def test_missing_yaml_gives_install_hint(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert parse_config(Cfg, ["--lr", "2"]).lr == 2.0  # no YAML needed without --config
     with pytest.raises(ImportError, match=r'pip install "xbn-queue\[train\]"'):
         parse_config(Cfg, ["--config", str(path)])
+
+
+def test_config_to_argv_round_trips_through_parse_config() -> None:
+    cfg = Cfg(dataset="sop", memory_size="4096", batch_size=8, lr=3e-3, amp=False, pretrained=True,
+              wandb_project=None, seed=None, output_dir=Path("out/b"), ks=(1, 5, 20), norm="ln", kalman_r="auto")
+    argv = config_to_argv(cfg)
+    assert "--no-amp" in argv and "--pretrained" in argv
+    assert argv[argv.index("--ks") + 1 : argv.index("--ks") + 4] == ["1", "5", "20"]
+    assert parse_config(Cfg, argv) == cfg
+
+
+def test_config_to_argv_only_changed() -> None:
+    assert config_to_argv(Cfg(), only_changed=True) == []
+    argv = config_to_argv(Cfg(batch_size=8, amp=False), only_changed=True)
+    assert argv == ["--batch-size", "8", "--no-amp"]
+    assert parse_config(Cfg, argv) == Cfg(batch_size=8, amp=False)
