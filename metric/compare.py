@@ -3,7 +3,8 @@
 Each run goes to ``OUTPUT_DIR/<method>-seed<seed>/`` (a full run folder); its score is its best
 evaluation by Recall@1 (the paper selects the best epoch by Recall@1 on the validation set). The table
 shows, per method, the mean and the sample standard deviation (ddof=1) over seeds of Recall@K and
-MAP@R in percent, and is written to ``OUTPUT_DIR/compare.md`` and ``OUTPUT_DIR/compare.json``.
+MAP@R in percent, and is written to ``OUTPUT_DIR/compare.md`` and ``OUTPUT_DIR/compare.json``;
+``OUTPUT_DIR/compare.png`` shows Recall@1 and feature drift per epoch (mean ± std band over seeds).
 Seeds are ``seed, seed + 1, ...``.
 """
 
@@ -25,6 +26,10 @@ from .config import METHODS, MetricConfig, resolve_config
 __all__ = ["add_compare_args", "run_compare", "format_table"]
 
 
+#: The paper's names of the methods.
+PAPER_NAMES = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN", "axbn": "AXBN"}
+
+
 def add_compare_args(p: argparse.ArgumentParser) -> None:
     """The options of ``compare`` that are not training options."""
     p.add_argument("--methods", default="none,xbm,xbn,axbn",
@@ -38,7 +43,6 @@ def _mean_std(values: List[float]) -> Dict[str, float]:
 
 def format_table(summary: Dict[str, Dict[str, Dict[str, float]]], keys: List[str]) -> str:
     """Markdown table: one row per method, ``mean ± std`` in percent per metric."""
-    names = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN", "axbn": "AXBN"}
     head = "| Method | " + " | ".join(k.replace("recall@", "R@").replace("map@r", "MAP@R") for k in keys) + " |"
     lines = [head, "|---|" + "---|" * len(keys)]
     for method, stats in summary.items():
@@ -46,8 +50,33 @@ def format_table(summary: Dict[str, Dict[str, Dict[str, float]]], keys: List[str
         for k in keys:
             s = stats.get(k)
             cells.append("n/a" if s is None else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}")
-        lines.append(f"| {names.get(method, method)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {PAPER_NAMES.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: Per-epoch curves drawn in ``compare.png``: (metrics.jsonl key, axis label, scale).
+_CURVES = [("recall@1", "Recall@1 (%)", 100.0), ("drift_mean", "feature drift, mean L2 (Eq. 5)", 1.0)]
+
+
+def _curves(metrics_jsonl: Path) -> Dict[str, Dict[float, float]]:
+    """``{key: {epoch: value}}`` for the keys of ``_CURVES`` from one run's ``metrics.jsonl``."""
+    from xbn_queue.training.tracking import read_metrics
+
+    records = read_metrics(metrics_jsonl)
+    return {key: {r["epoch"]: scale * r[key] for r in records if "epoch" in r and isinstance(r.get(key), (int, float))}
+            for key, _, scale in _CURVES}
+
+
+def _plot(curves: Dict[str, List[Dict[str, Dict[float, float]]]], png: Path, title: str) -> None:
+    """``compare.png``: Recall@1 and drift per epoch, mean ± std band over seeds, one line per method."""
+    from xbn_queue.training.tracking import plot_compare
+
+    panels = [(label, {PAPER_NAMES.get(m, m): [run[key] for run in runs] for m, runs in curves.items()})
+              for key, label, _ in _CURVES]
+    try:
+        plot_compare(panels, png, title=title)
+    except ValueError:  # no evaluation recorded (e.g. runs cut short by --max-steps)
+        print(f"[compare] no per-epoch metrics recorded: {png.name} not written", file=sys.stderr)
 
 
 def run_compare(cfg: MetricConfig, methods: str, seeds: int) -> Dict[str, Any]:
@@ -72,6 +101,7 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int) -> Dict[str, Any]:
     main = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun rank (each run sets up its own process group)
     t0 = time.time()
     runs: List[Dict[str, Any]] = []
+    curves: Dict[str, List[Dict[str, Dict[float, float]]]] = {}
     for method in todo:
         for i in range(seeds):
             seed = cfg.seed + i
@@ -79,6 +109,8 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int) -> Dict[str, Any]:
                                           wandb_name=f"{cfg.wandb_name or cfg.dataset}-{method}-seed{seed}")
             t = time.time()
             res = train(run_cfg)
+            if main:
+                curves.setdefault(method, []).append(_curves(Path(run_cfg.output_dir) / "metrics.jsonl"))
             best = res["best"]
             runs.append({"method": method, "seed": seed, "seconds": round(time.time() - t, 1), "best_epoch": best.get("epoch"),
                          **{k: v for k, v in best.items() if k.startswith(("recall@", "map@r"))}})
@@ -101,4 +133,5 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int) -> Dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.md").write_text(f"{header}\n\n{table}\n")
         (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+        _plot(curves, out / "compare.png", f"{cfg.dataset}: mean ± std over {seeds} seed(s)")
     return result

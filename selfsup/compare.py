@@ -1,5 +1,7 @@
 """``xbn-selfsup compare``: k-NN accuracy per epoch, mean +- std over seeds, per adaptation.
 
+Writes ``compare.md``, ``compare.json`` and ``compare.png`` (the curves with a +- std band).
+
 The shape of the paper's Figure 2 (MoCo with and without XBN). Each run goes to
 ``OUTPUT_DIR/<adaptation>-seed<S>/`` and resumes from its own ``last.pt`` when present, so an
 interrupted comparison continues where it stopped.
@@ -64,6 +66,17 @@ def read_knn_history(metrics_path: Path) -> Dict[float, float]:
         if "knn_acc" in r and "epoch" in r:
             out[round(float(r["epoch"]), 4)] = float(r["knn_acc"])
     return out
+
+
+def _plot(runs: Dict[str, Dict[int, Dict[float, float]]], png: Path, title: str) -> None:
+    """``compare.png``: k-NN accuracy per epoch, mean +- std band over seeds, one line per adaptation."""
+    from xbn_queue.training.tracking import plot_compare
+
+    curves = {a: [{e: 100 * v for e, v in accs.items()} for accs in by.values()] for a, by in runs.items()}
+    try:
+        plot_compare([("k-NN accuracy (%)", curves)], png, title=title)
+    except ValueError:  # the k-NN monitor never ran (e.g. --knn-every 0 and runs cut short)
+        print(f"[compare] no k-NN accuracy recorded: {png.name} not written", file=sys.stderr)
 
 
 def compare(
@@ -132,6 +145,7 @@ def compare(
             out.mkdir(parents=True, exist_ok=True)
             (out / "compare.md").write_text(markdown)
             (out / "compare.json").write_text(json.dumps(result, indent=2))
+            _plot(runs, out / "compare.png", f"MoCo on {cfg.dataset}: mean ± std over {len(seed_list)} seed(s)")
             print(markdown)
         return result
     finally:

@@ -31,6 +31,8 @@ def test_compare_prints_and_writes_mean_std_table(tmp_path, capsys):
     table = (tmp_path / "compare.md").read_text()
     cell = f"{100 * result['summary']['xbn']['recall@1']['mean']:.2f} ± {100 * result['summary']['xbn']['recall@1']['std']:.2f}"
     assert cell in table
+    png = (tmp_path / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
 def test_train_subcommand_and_errors(tmp_path, capsys):

@@ -57,6 +57,8 @@ def test_compare_writes_mean_and_std_per_epoch(tmp_path):
     md = (tmp_path / "compare.md").read_text()
     assert "| epoch | none k-NN acc (%) | xbn k-NN acc (%) |" in md and "(n=2)" in md
     assert result["markdown"] == md
+    png = (tmp_path / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     # running it again resumes every finished run instead of retraining
     again = compare(cfg, ["none", "xbn"], seeds=2, data=data)
     assert again["summary"] == result["summary"]

@@ -13,7 +13,7 @@ that names the extra to install (``pip install "xbn-queue[train]"`` or ``"xbn-qu
 - :mod:`~xbn_queue.training.rng`: ``get_rng_state`` / ``set_rng_state`` for exact resume.
 - :mod:`~xbn_queue.training.seeding`: ``seed_everything``, ``resolve_device``.
 - :mod:`~xbn_queue.training.signals`: ``GracefulExit`` (SIGTERM / SIGINT -> checkpoint and stop).
-- :mod:`~xbn_queue.training.tracking`: ``RunLogger`` (``metrics.jsonl`` + W&B), ``plot_history``.
+- :mod:`~xbn_queue.training.tracking`: ``RunLogger`` (``metrics.jsonl`` + W&B), ``plot_history``, ``plot_compare``.
 - :mod:`~xbn_queue.training.progress`: ``progress`` (tqdm on the main rank only).
 
 Import from the submodules (``from xbn_queue.training.config import parse_config``); the functions and
@@ -28,7 +28,8 @@ from typing import Any
 
 _EXPORTS = {
     "parse_config": "config", "build_parser": "config", "config_from_namespace": "config",
-    "config_from_dict": "config", "config_to_dict": "config", "save_config": "config", "load_config": "config",
+    "config_from_dict": "config", "config_to_dict": "config", "config_to_argv": "config", "save_config": "config",
+    "load_config": "config",
     "atomic_save": "checkpoint", "load_checkpoint": "checkpoint", "resolve_resume": "checkpoint",
     "check_compatible": "checkpoint",
     "DistContext": "distributed", "init_distributed": "distributed", "gather_features": "distributed",
@@ -36,7 +37,7 @@ _EXPORTS = {
     "get_rng_state": "rng", "set_rng_state": "rng",
     "seed_everything": "seeding", "resolve_device": "seeding",
     "GracefulExit": "signals",
-    "RunLogger": "tracking", "plot_history": "tracking", "read_metrics": "tracking",
+    "RunLogger": "tracking", "plot_history": "tracking", "plot_compare": "tracking", "read_metrics": "tracking",
     "read_wandb_history": "tracking",
 }
 

@@ -39,7 +39,7 @@ from typing import Any, Optional, Union
 
 from xbn_queue.training._optional import require
 
-__all__ = ["RunLogger", "plot_history", "read_metrics", "read_wandb_history", "to_plain"]
+__all__ = ["RunLogger", "plot_history", "plot_compare", "curve_stats", "read_metrics", "read_wandb_history", "to_plain"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 WANDB_MODES = ("online", "offline", "disabled")
@@ -323,6 +323,90 @@ def plot_history(
         for key, xs, ys in lines:
             ax.plot(xs, ys, marker="o", markersize=3, label=key)
         ax.set_xlabel(x)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(png_path, format="png", dpi=100)
+    return png_path
+
+
+def curve_stats(runs: Sequence[Mapping[float, float]]) -> list[tuple[float, float, float, int]]:
+    """Mean and sample standard deviation over runs at every ``x`` any run has (non-finite values ignored).
+
+    Args:
+        runs: One curve ``{x: y}`` per seed.
+
+    Returns:
+        ``[(x, mean, std, n), ...]`` sorted by ``x``; ``std`` is 0 where ``n == 1``.
+    """
+    xs = sorted({x for run in runs for x, y in run.items() if _is_number(x) and _is_number(y)})
+    out = []
+    for x in xs:
+        ys = [run[x] for run in runs if x in run and _is_number(run[x])]
+        mean = sum(ys) / len(ys)
+        std = math.sqrt(sum((y - mean) ** 2 for y in ys) / (len(ys) - 1)) if len(ys) > 1 else 0.0
+        out.append((x, mean, std, len(ys)))
+    return out
+
+
+def plot_compare(
+    panels: Sequence[tuple[str, Mapping[str, Sequence[Mapping[float, float]]]]],
+    png_path: PathLike,
+    xlabel: str = "epoch",
+    title: Optional[str] = None,
+) -> Path:
+    """Plot several methods' curves as mean ± std over seeds, one panel per metric.
+
+    Each panel is ``(ylabel, {label: [curve of seed 0, curve of seed 1, ...]})`` with a curve
+    ``{x: y}``. At every ``x`` the line is the mean over the seeds that have it and the band the
+    sample standard deviation (no band where only one seed has a value); non-finite values are
+    ignored. This is the picture of the paper's Figure 2 (k-NN accuracy per epoch with and
+    without XBN) and of Recall@1 / drift per method.
+
+    Args:
+        panels: ``[(ylabel, {label: [ {x: y}, ... ]}), ...]``.
+        png_path: Output PNG (parent directories are created).
+        xlabel: Label of the horizontal axis.
+        title: Optional figure title.
+
+    Returns:
+        ``png_path`` as a ``Path``.
+
+    Raises:
+        ValueError: If no panel has a single finite point.
+        ImportError: If matplotlib is not installed.
+    """
+    require("matplotlib", "plot_compare")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    drawn = []
+    for ylabel, curves in panels:
+        lines = []
+        for label, runs in curves.items():
+            stats = curve_stats(runs)
+            if stats:
+                lines.append((label, stats))
+        if lines:
+            drawn.append((ylabel, lines))
+    if not drawn:
+        raise ValueError(f"plot_compare: nothing to plot for {[p[0] for p in panels]}")
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6.5, 3.0 * len(drawn)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (ylabel, lines) in enumerate(drawn):
+        ax = fig.add_subplot(len(drawn), 1, i + 1)
+        for label, stats in lines:
+            xs = [t[0] for t in stats]
+            means = [t[1] for t in stats]
+            (line,) = ax.plot(xs, means, marker="o", markersize=3, label=f"{label} (n={max(t[3] for t in stats)})")
+            if any(t[3] > 1 for t in stats):
+                ax.fill_between(xs, [m - t[2] for m, t in zip(means, stats)], [m + t[2] for m, t in zip(means, stats)],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best")
     if title:

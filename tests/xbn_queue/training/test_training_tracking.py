@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from xbn_queue.training.tracking import RunLogger, plot_history, read_metrics, read_wandb_history, to_plain
+from xbn_queue.training.tracking import (
+    RunLogger,
+    curve_stats,
+    plot_compare,
+    plot_history,
+    read_metrics,
+    read_wandb_history,
+    to_plain,
+)
 
 
 def test_to_plain_converts_tensors_and_numpy() -> None:
@@ -148,3 +156,27 @@ def test_plot_history_errors_and_empty(tmp_path: Path) -> None:
     assert _png_chunks(png.read_bytes())[-1] == b"IEND"
     png = plot_history(metrics, tmp_path / "q.png", panels=["loss"], x="step")
     assert struct.unpack(">II", png.read_bytes()[16:24]) == (600, 280)
+
+
+def test_curve_stats_against_numpy() -> None:
+    runs = [{1: 0.2, 2: 0.4, 3: 0.5}, {1: 0.3, 2: 0.6}, {1: 0.1, 2: float("nan"), 3: 0.7}]
+    stats = curve_stats(runs)
+    assert [s[0] for s in stats] == [1, 2, 3]
+    for x, mean, std, n in stats:
+        ys = np.array([r[x] for r in runs if x in r and np.isfinite(r[x])])
+        assert n == len(ys)
+        assert mean == pytest.approx(ys.mean())
+        assert std == pytest.approx(ys.std(ddof=1))
+
+
+def test_plot_compare_writes_png_and_refuses_empty(tmp_path: Path) -> None:
+    panels = [
+        ("k-NN accuracy", {"none": [{1: 0.2, 2: 0.3}, {1: 0.25, 2: 0.32}], "xbn": [{1: 0.28, 2: 0.33}]}),
+        ("drift", {"xbn": [{1: float("nan")}]}),  # nothing finite: the panel is left out
+    ]
+    png = plot_compare(panels, tmp_path / "c" / "compare.png", title="t")
+    data = png.read_bytes()
+    assert _png_chunks(data)[0] == b"IHDR" and _png_chunks(data)[-1] == b"IEND"
+    assert struct.unpack(">II", data[16:24]) == (650, 300)  # one panel drawn
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_compare([("drift", {"xbn": [{}]})], tmp_path / "e.png")
