@@ -322,9 +322,19 @@ def plot_history(
         ax = fig.add_subplot(n, 1, i + 1)
         for key, xs, ys in lines:
             ax.plot(xs, ys, marker="o", markersize=3, label=key)
-        ax.set_xlabel(x)
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="best")
+        _style(ax, x)
+    return _save(fig, png_path, title)
+
+
+def _style(ax: Any, xlabel: str, ylabel: Optional[str] = None) -> None:
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best")
+
+
+def _save(fig: Any, png_path: Path, title: Optional[str]) -> Path:
     if title:
         fig.suptitle(title)
     fig.savefig(png_path, format="png", dpi=100)
@@ -405,14 +415,8 @@ def plot_compare(
             if any(t[3] > 1 for t in stats):
                 ax.fill_between(xs, [m - t[2] for m, t in zip(means, stats)], [m + t[2] for m, t in zip(means, stats)],
                                 color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="best")
-    if title:
-        fig.suptitle(title)
-    fig.savefig(png_path, format="png", dpi=100)
-    return png_path
+        _style(ax, xlabel, ylabel)
+    return _save(fig, png_path, title)
 
 
 def _wandb_records(path: Path) -> list[Any]:
