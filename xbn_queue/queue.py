@@ -483,8 +483,6 @@ class AdaptiveQueue(nn.Module):
         self.frame_shift.zero_()
         self.adaptation.reset()
 
-    _STAT_BUFFERS = ("stat_center", "stat_sum", "stat_sumsq", "stat_age", "stat_synced")
-    _FRAME_BUFFERS = ("frame_scale", "frame_shift")
     _FLOAT64_BUFFERS = ("stat_center", "stat_sum", "stat_sumsq", "frame_scale", "frame_shift")
 
     def _apply(self, fn, recurse=True):
@@ -507,23 +505,6 @@ class AdaptiveQueue(nn.Module):
                     self.frame_shift.zero_()
                 self.stat_synced.fill_(False)
         return self
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        """Accept state dicts saved without the running statistics (they are then recomputed on the next adaptation)."""
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        absent = [name for name in self._STAT_BUFFERS + self._FRAME_BUFFERS if prefix + name not in state_dict]
-        for name in absent:
-            if prefix + name in missing_keys:
-                missing_keys.remove(prefix + name)
-        with torch.no_grad():
-            if any(name in absent for name in self._STAT_BUFFERS):
-                self.stat_synced.fill_(False)
-            if any(name in absent for name in self._FRAME_BUFFERS):
-                self.frame_scale.fill_(1.0)  # rows saved without a frame are the rows as read
-                self.frame_shift.zero_()
-                self.stat_synced.fill_(False)
 
     def extra_repr(self) -> str:
         return (
