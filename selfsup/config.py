@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional, Union
 
 ADAPTATIONS = ["none", "xbn", "axbn"]
 DATASETS = ["cifar10", "cifar100", "folder", "digits"]
+ADAPT_KEYS = ["raw", "normalized"]
+KNN_FEATURES = ["backbone", "head"]
 
 # Fields that must match between a checkpoint and the run resuming from it.
 COMPAT_KEYS: List[str] = [
@@ -22,6 +24,7 @@ COMPAT_KEYS: List[str] = [
     "head",
     "embedding_dim",
     "adaptation",
+    "adapt_keys",
     "queue_size",
     "batch_size",
     "split_bn",
@@ -63,6 +66,13 @@ class SelfSupConfig:
 
     # queue / loss
     adaptation: str = _opt("xbn", "how the stored keys are adapted: none (plain MoCo queue), xbn (Eq. 6), axbn (Kalman, Eq. 18-23)", ADAPTATIONS)
+    adapt_keys: str = _opt(
+        "normalized",
+        "what the queue stores and adapts: raw (the key encoder's outputs, normalised only inside the loss, the current "
+        "batch's keys among the negatives: PML's MoCo example, the paper's setup) or normalized (L2-normalised keys in "
+        "lightly's NTXentLoss)",
+        ADAPT_KEYS,
+    )
     queue_size: int = _opt(4096, "number of keys in the queue")
     temperature: float = _opt(0.1, "temperature of lightly's NTXentLoss")
     kalman_p0: float = _opt(1.0, "AXBN: initial error covariance")
@@ -87,6 +97,12 @@ class SelfSupConfig:
     # k-NN monitor
     knn_k: int = _opt(200, "neighbours of the weighted k-NN monitor")
     knn_t: float = _opt(0.1, "temperature of the k-NN weights exp(s / t)")
+    knn_features: str = _opt(
+        "backbone",
+        "features the k-NN monitor uses as knn_acc: backbone (before the head) or head (the embedding_dim encoder "
+        "output, as PML's MoCo example); both are logged as knn_acc_backbone / knn_acc_head",
+        KNN_FEATURES,
+    )
     knn_every: int = _opt(1, "run the k-NN monitor every this many epochs (0 = only at the end)")
     knn_batch_size: int = _opt(512, "batch size of feature extraction and k-NN chunks")
 

@@ -1,6 +1,7 @@
 """Weighted k-NN monitor of InstDisc / the MoCo CIFAR demo / lightly's benchmarks.
 
-The bank holds L2-normalized backbone features of the (un-augmented) training set; each test
+The bank holds L2-normalized features of the (un-augmented) training set (the backbone's, or the
+head's with ``--knn-features head``); each test
 feature takes its ``k`` most cosine-similar bank entries, weights each by ``exp(s / t)`` and
 predicts the class with the largest summed weight. Queries are processed in chunks so that the
 similarity block stays below ``max_elements`` entries whatever the bank size.
@@ -84,6 +85,7 @@ def extract_features(
     device: torch.device,
     prepare: Callable[[Tensor], Tensor],
     indices: Optional[Tensor] = None,
+    normalize: bool = True,
 ) -> Tensor:
     """L2-normalized features of uint8 images.
 
@@ -94,15 +96,17 @@ def extract_features(
         device: where to run.
         prepare: uint8 batch on ``device`` -> network input (normalization, memory format).
         indices: optional subset of rows to encode (e.g. this rank's share).
+        normalize: L2-normalize each row (``False``: ``encode`` returns features to keep as they are).
 
     Returns:
-        ``(n, F)`` float32 L2-normalized features on ``device``.
+        ``(n, F)`` float32 features on ``device``, L2-normalized if ``normalize``.
     """
     idx = torch.arange(images.shape[0]) if indices is None else indices
     out = []
     for start in range(0, idx.numel(), batch_size):
         batch = images[idx[start : start + batch_size].to(images.device)].to(device, non_blocking=True)
-        out.append(F.normalize(encode(prepare(batch)).float(), dim=1))
+        f = encode(prepare(batch)).float()  # (b, F)
+        out.append(F.normalize(f, dim=1) if normalize else f)
     if not out:
         return torch.empty(0, 0, device=device)
     return torch.cat(out)

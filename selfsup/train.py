@@ -6,10 +6,12 @@ One step (MoCo v1/v2 with shuffle-BN emulated by split batch-norm)::
     q = encoder_q(x0)                                # (B, 128) queries, with gradient
     update_momentum(encoder_q, encoder_k, m)         # lightly
     k = encoder_k(x1[shuffle])[unshuffle]            # (B, 128) keys, no gradient
-    loss = criterion(q, k)                           # lightly NTXentLoss: its memory_bank is our
-                                                     # AdaptiveMemoryBank, which adapts the stored keys
-                                                     # to k's statistics (XBN / AXBN), returns them as
-                                                     # negatives, then enqueues k
+    loss = criterion(q, k)                           # --adapt-keys normalized: lightly NTXentLoss whose
+                                                     # memory_bank is our AdaptiveMemoryBank: it adapts the
+                                                     # stored unit keys to k's statistics (XBN / AXBN),
+                                                     # returns them as negatives, then enqueues k.
+                                                     # --adapt-keys raw (selfsup.loss): adapt the stored raw
+                                                     # keys, enqueue k, NT-Xent against the whole queue
     SGD step; cosine schedule step
 
 Everything random is a pure function of ``(seed, epoch, step, rank)`` (sampling, augmentation, the
@@ -26,6 +28,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.augment import TensorMoCoAugment, normalize_uint8, pil_train_transform
@@ -52,14 +55,14 @@ class NonFiniteError(RuntimeError):
 
 
 def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.Module:
-    """lightly's ``NTXentLoss`` with its memory bank replaced by :class:`xbn_queue.lightly.AdaptiveMemoryBank`.
+    """The MoCo loss with the adaptive queue inside, by ``cfg.adapt_keys``.
 
-    This is the one-line change a lightly user makes (the ``criterion.memory_bank = ...`` line).
+    ``"normalized"``: lightly's ``NTXentLoss`` with its memory bank replaced by
+    :class:`xbn_queue.lightly.AdaptiveMemoryBank` (the one-line change a lightly user makes, the
+    ``criterion.memory_bank = ...`` line): L2-normalised keys are stored and adapted.
+    ``"raw"``: :class:`selfsup.loss.RawKeyMoCoLoss`, the paper's setup (PML's MoCo example): raw keys
+    are stored and adapted, the loss normalises, the current batch's keys are negatives too.
     """
-    from lightly.loss import NTXentLoss
-
-    from xbn_queue.lightly import AdaptiveMemoryBank
-
     kw: Dict[str, Any] = {}
     if cfg.adaptation == "axbn":
         kw = dict(
@@ -68,11 +71,27 @@ def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.M
             kalman_r=cfg.kalman_r_value(),
             kalman_gain_every=cfg.kalman_gain_every,
         )
+    if cfg.adapt_keys == "raw":
+        from selfsup.loss import RawKeyMoCoLoss
+
+        return RawKeyMoCoLoss(
+            cfg.queue_size, cfg.embedding_dim, cfg.temperature, cfg.adaptation, gather_distributed=distributed, **kw
+        )
+    from lightly.loss import NTXentLoss
+
+    from xbn_queue.lightly import AdaptiveMemoryBank
+
     criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=(cfg.queue_size, cfg.embedding_dim))
     criterion.memory_bank = AdaptiveMemoryBank(
         size=(cfg.queue_size, cfg.embedding_dim), adaptation=cfg.adaptation, gather_distributed=distributed, **kw
     )
     return criterion
+
+
+def criterion_queue(criterion: torch.nn.Module) -> Any:
+    """The :class:`xbn_queue.AdaptiveQueue` inside a loss built by :func:`build_criterion`."""
+    bank = getattr(criterion, "memory_bank", None)
+    return bank.queue if bank is not None else criterion.queue
 
 
 def _step_generator(seed: int, epoch: int, step: int, rank: int, stream: int) -> torch.Generator:
@@ -248,38 +267,56 @@ class Trainer:
         return normalize_uint8(u8).contiguous(memory_format=self.memory_format)
 
     @torch.no_grad()
-    def knn_eval(self) -> float:
-        """Weighted k-NN accuracy of the query encoder's backbone features (fraction in [0, 1])."""
+    def knn_eval_all(self) -> Dict[str, float]:
+        """Weighted k-NN accuracy (fraction in [0, 1]) of the query encoder's backbone and head features.
+
+        The head features are the head applied to the same backbone features (one forward).
+
+        Returns:
+            ``{"backbone": acc, "head": acc}``.
+        """
         enc = self.encoder_q
         was_training = enc.training
         enc.eval()
         rank, world = self.ctx.rank, self.ctx.world_size
 
+        def both(x: Tensor) -> Tensor:
+            f = enc.features(x)  # (b, F) backbone features
+            h = enc.head(f)  # (b, embedding_dim) encoder output
+            return torch.cat([F.normalize(f.float(), dim=1), F.normalize(h.float(), dim=1)], dim=1)  # (b, F + E)
+
         def features(images: Tensor, idx: Tensor) -> Tensor:
             mine = idx[rank::world]
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                f = extract_features(enc.features, images, self.cfg.knn_batch_size, self.device, self._prepare, mine)
+                f = extract_features(both, images, self.cfg.knn_batch_size, self.device, self._prepare, mine, normalize=False)
             if world > 1:  # gather every rank's share and restore the original order
                 f = self.ctx.gather_features(f)
                 order = self.ctx.gather_features(mine.to(self.device))
                 f = f[torch.argsort(order)]
             return f
 
-        bank = features(self.eval_train_u8, self.knn_bank_idx)
+        dim_head = self.cfg.embedding_dim
+        bank = features(self.eval_train_u8, self.knn_bank_idx)  # (N, F + E)
         bank_labels = torch.from_numpy(self.data.train_labels)[self.knn_bank_idx].to(self.device)
-        test_idx = torch.arange(len(self.test_u8))
-        queries = features(self.test_u8, test_idx)
-        acc = knn_accuracy(
-            queries,
-            torch.from_numpy(self.data.test_labels).to(self.device),
-            bank,
-            bank_labels,
-            self.data.num_classes,
-            k=self.cfg.knn_k,
-            t=self.cfg.knn_t,
-        )
+        queries = features(self.test_u8, torch.arange(len(self.test_u8)))  # (M, F + E)
+        test_labels = torch.from_numpy(self.data.test_labels).to(self.device)
+        out = {}
+        for name, cols in (("backbone", slice(0, bank.shape[1] - dim_head)), ("head", slice(bank.shape[1] - dim_head, None))):
+            out[name] = knn_accuracy(
+                queries[:, cols].contiguous(),
+                test_labels,
+                bank[:, cols].contiguous(),
+                bank_labels,
+                self.data.num_classes,
+                k=self.cfg.knn_k,
+                t=self.cfg.knn_t,
+            )
         enc.train(was_training)
-        return acc
+        return out
+
+    def knn_eval(self) -> float:
+        """Weighted k-NN accuracy (fraction in [0, 1]) of the features chosen by ``--knn-features``."""
+        return self.knn_eval_all()[self.cfg.knn_features]
 
     # ------------------------------------------------------------------------------------------
     # training
@@ -318,7 +355,7 @@ class Trainer:
         q, k = q.float(), k.float()
         if not (_finite(q) and _finite(k)):
             raise self._non_finite("embedding")
-        loss = self.criterion(q, k)  # lightly NTXentLoss -> AdaptiveMemoryBank: adapt, negatives, enqueue k
+        loss = self.criterion(q, k)  # adapt the queue to k, negatives, enqueue k (order by --adapt-keys)
         if not _finite(loss):
             raise self._non_finite("loss")
         self.optimizer.zero_grad(set_to_none=True)
@@ -440,14 +477,16 @@ class Trainer:
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "epoch_time_s": epoch_time,
                         "images_per_s": steps_run * cfg.batch_size * self.ctx.world_size / max(epoch_time, 1e-9),
-                        "queue_fill": len(self.criterion.memory_bank.queue),
+                        "queue_fill": len(criterion_queue(self.criterion)),
                     }
                     record["epoch_loss"] = record["loss"]  # mean over the epoch (only on epoch records)
                     if cfg.skip_bad_images:
                         record["bad_images"] = bad_images
                     if knn_now:
-                        self.last_knn = self.knn_eval()
+                        accs = self.knn_eval_all()
+                        self.last_knn = accs[cfg.knn_features]
                         record["knn_acc"] = self.last_knn
+                        record["knn_acc_backbone"], record["knn_acc_head"] = accs["backbone"], accs["head"]
                     last_epoch_loss = record["loss"]
                     if end_of_epoch:
                         self.epoch += 1

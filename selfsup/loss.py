@@ -1,0 +1,122 @@
+"""MoCo loss on raw (un-normalised) keys, as in the paper's Appendix B setup (``--adapt-keys raw``).
+
+The paper follows pytorch-metric-learning's MoCo CIFAR-10 example, which trains with::
+
+    loss_fn = CrossBatchMemory(NTXentLoss(temperature=0.1), embedding_size=128, memory_size=4096)
+    all_enc = cat([query, key]); labels = cat([ids, ids])     # query i and key i share a fresh label
+    loss = loss_fn(all_enc, labels, enqueue_mask=[False] * B + [True] * B)
+
+so, per step:
+
+1. the keys are stored **as the key encoder outputs them** (no L2 normalisation), and XBN adapts
+   those raw rows to the raw keys' statistics (the paper's wrapper adapts the memory before
+   ``CrossBatchMemory`` enqueues);
+2. the keys are enqueued *before* the loss, so the memory the queries are compared with holds the
+   current batch's keys too: for query i the positive is key i, and every other stored row (the
+   other B - 1 keys of this batch and the older, adapted keys) is a negative;
+3. the loss normalises: PML's ``NTXentLoss`` uses cosine similarity, i.e.
+   ``-log(exp(s_ii / t) / sum_j exp(s_ij / t))`` over all rows j of the memory, averaged over the
+   queries. With one positive per query this is a cross-entropy over the memory's rows.
+
+lightly's ``NTXentLoss`` (``--adapt-keys normalized``) differs on all three points: it normalises the
+keys before the bank (so XBN adapts unit vectors), returns the bank *before* enqueuing (the current
+batch's other keys are not negatives), and puts the positive in a separate first column.
+
+:func:`raw_key_ntxent` is the math; :class:`RawKeyMoCoLoss` owns the queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xbn_queue import distributed as xdist
+from xbn_queue.queue import AdaptiveQueue
+
+__all__ = ["RawKeyMoCoLoss", "raw_key_ntxent"]
+
+
+def raw_key_ntxent(queries: Tensor, memory: Tensor, positives: Tensor, temperature: float) -> Tensor:
+    """NT-Xent of queries against every stored row, cosine similarity (PML's ``NTXentLoss`` with unique labels).
+
+    Args:
+        queries: ``(B, D)`` query embeddings (any scale; normalised here).
+        memory: ``(n, D)`` stored keys (any scale; normalised here), including the positives.
+        positives: ``(B,)`` int64 row of ``memory`` holding each query's positive key.
+        temperature: softmax temperature ``t``.
+
+    Returns:
+        Scalar: ``mean_i [ -s_{i,p(i)} / t + logsumexp_j (s_ij / t) ]`` with ``s`` the cosine similarity;
+        every row other than ``p(i)`` is a negative of query i.
+    """
+    q = F.normalize(queries, dim=1)  # (B, D)
+    m = F.normalize(memory.to(q.dtype), dim=1)  # (n, D), a new tensor (never the queue's buffer)
+    logits = q @ m.t() / temperature  # (B, n)
+    return F.cross_entropy(logits, positives)
+
+
+class RawKeyMoCoLoss(nn.Module):
+    """MoCo loss whose queue stores and adapts raw key-encoder outputs (PML ``CrossBatchMemory`` order).
+
+    ``loss = criterion(query, key)``: the stored keys are adapted to ``key``'s statistics (XBN /
+    AXBN; nothing for ``"none"``), ``key`` is enqueued, and :func:`raw_key_ntxent` compares the
+    queries with every stored row (this batch's keys included, the own key being the positive).
+
+    Args:
+        queue_size: N, stored keys (the current batch included, as in PML's ``memory_size``).
+        dim: D, the embedding dimension.
+        temperature: of the NT-Xent loss.
+        adaptation: ``"none"``, ``"xbn"`` or ``"axbn"``.
+        gather_distributed: all-gather the keys of every rank before adapting and enqueuing (every
+            rank then holds the same queue); each rank's queries take their own keys as positives.
+        **queue_kwargs: further :class:`~xbn_queue.AdaptiveQueue` arguments (``kalman_*``, ``eps``).
+
+    Attributes:
+        queue: the :class:`~xbn_queue.AdaptiveQueue` (its buffers are in ``state_dict()``).
+    """
+
+    def __init__(
+        self,
+        queue_size: int,
+        dim: int,
+        temperature: float = 0.1,
+        adaptation: str = "xbn",
+        gather_distributed: bool = False,
+        **queue_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+        self.gather_distributed = bool(gather_distributed)
+        self.queue = AdaptiveQueue(
+            size=queue_size, dim=dim, adaptation=adaptation, gather_distributed=gather_distributed, **queue_kwargs
+        )
+
+    def forward(self, query: Tensor, key: Tensor) -> Tensor:
+        """Adapt the queue to ``key``, enqueue ``key``, return the loss of ``query`` against the queue.
+
+        Args:
+            query: ``(B, D)`` query-encoder outputs (with gradient).
+            key: ``(B, D)`` key-encoder outputs, raw (no gradient reaches the queue).
+
+        Returns:
+            Scalar loss (mean over the B queries).
+
+        Raises:
+            ValueError: on mismatched shapes, non-finite keys or more keys than rows (nothing changes then).
+        """
+        if query.dim() != 2 or query.shape != key.shape:
+            raise ValueError(f"query and key must both be (B, D), got {tuple(query.shape)} and {tuple(key.shape)}")
+        with torch.no_grad():
+            pos = self.queue.update(key.detach())  # (B * world,) rows written, gathered batch in rank order
+            if self.gather_distributed and xdist.is_distributed():
+                pos = pos[xdist.get_rank() * key.shape[0] :][: key.shape[0]]  # this rank's keys (equal B per rank)
+        memory = self.queue.valid_memory()  # (n, D) live view, read once right here
+        return raw_key_ntxent(query, memory, pos.to(query.device), self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"

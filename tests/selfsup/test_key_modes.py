@@ -1,0 +1,105 @@
+"""``--adapt-keys raw|normalized`` and ``--knn-features backbone|head`` in the trainer (tiny digits runs)."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import selfsup.train as train_mod
+from selfsup.augment import normalize_uint8
+from selfsup.train import Trainer, criterion_queue, train
+from tests.selfsup.conftest import tiny_config
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("adapt_keys", ["raw", "normalized"])
+def test_what_the_queue_stores_in_each_key_mode(tmp_path, adapt_keys):
+    """raw: the key encoder's outputs as they are; normalized: unit rows (with adaptation none both are exact)."""
+    import copy
+
+    from selfsup.loss import RawKeyMoCoLoss
+    from selfsup.model import momentum_update, shuffle_batch
+
+    cfg = tiny_config(tmp_path, adapt_keys=adapt_keys, adaptation="none")
+    trainer = Trainer(cfg)
+    assert isinstance(trainer.criterion, RawKeyMoCoLoss) == (adapt_keys == "raw")
+    x0, x1, g = trainer._views(0, 0, trainer.sampler.batches(0)[0], None)
+    # the step's keys, recomputed independently from a copy of the key encoder
+    enc_k = copy.deepcopy(trainer.encoder_k)
+    momentum_update(trainer.encoder_q, enc_k, cfg.momentum)
+    x1s, unshuffle = shuffle_batch(x1, torch.Generator().set_state(g.get_state()))
+    with torch.no_grad():
+        keys = enc_k.train()(x1s)[unshuffle]  # (32, 128)
+    trainer.train_step(x0, x1, g)
+    stored = criterion_queue(trainer.criterion).valid_memory()  # (32, 128)
+    norms = stored.norm(dim=1)
+    if adapt_keys == "raw":
+        torch.testing.assert_close(stored, keys, rtol=1e-5, atol=1e-6)
+        assert (norms - 1).abs().max() > 0.1  # really not normalised
+    else:
+        torch.testing.assert_close(stored, F.normalize(keys, dim=1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_raw_mode_trains_checkpoints_resumes_and_refuses_the_other_mode(tmp_path):
+    cfg = tiny_config(tmp_path, adapt_keys="raw", adaptation="xbn", train_subset=128, epochs=1, max_steps=3)
+    assert train(cfg)["global_step"] == 3
+    sd = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)["criterion"]
+    assert int(sd["queue.num_filled"]) == 96 and torch.isfinite(sd["queue.memory"]).all()
+    assert train(replace(cfg, max_steps=0, resume="auto"))["global_step"] == 4
+    with pytest.raises(ValueError, match="adapt_keys: saved 'raw', now 'normalized'"):
+        Trainer(replace(cfg, adapt_keys="normalized", max_steps=0, resume="auto")).fit()
+
+
+@pytest.mark.parametrize("knn_features", ["backbone", "head"])
+def test_knn_sees_the_chosen_features_and_logs_both(tmp_path, monkeypatch, knn_features):
+    cfg = tiny_config(tmp_path, knn_features=knn_features, epochs=1, max_steps=2, knn_bank_subset=64)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    rec = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "knn_acc" in r]
+    assert rec and rec[-1]["knn_acc"] == rec[-1][f"knn_acc_{knn_features}"]
+    assert {"knn_acc_backbone", "knn_acc_head"} <= set(rec[-1])
+
+    seen = []
+    real = train_mod.knn_accuracy
+
+    def spy(queries, query_labels, bank, bank_labels, *args, **kw):
+        seen.append((queries, bank))
+        return real(queries, query_labels, bank, bank_labels, *args, **kw)
+
+    monkeypatch.setattr(train_mod, "knn_accuracy", spy)
+    acc = trainer.knn_eval()
+    enc = trainer.encoder_q.eval()
+    with torch.no_grad():
+        test_x = normalize_uint8(trainer.test_u8)
+        bank_x = normalize_uint8(trainer.train_u8[trainer.knn_bank_idx])
+        expected = {
+            "backbone": (F.normalize(enc.features(test_x), dim=1), F.normalize(enc.features(bank_x), dim=1)),
+            "head": (F.normalize(enc(test_x), dim=1), F.normalize(enc(bank_x), dim=1)),
+        }
+    assert expected["head"][0].shape[1] == cfg.embedding_dim != expected["backbone"][0].shape[1]
+    by_dim = {q.shape[1]: (q, b) for q, b in seen}
+    for name, (q_exp, b_exp) in expected.items():
+        q_seen, b_seen = by_dim[q_exp.shape[1]]
+        torch.testing.assert_close(q_seen, q_exp, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b_seen, b_exp, rtol=1e-4, atol=1e-5)
+    chosen_q, chosen_b = expected[knn_features]
+    labels = torch.from_numpy(trainer.data.test_labels)
+    bank_labels = torch.from_numpy(trainer.data.train_labels)[trainer.knn_bank_idx]
+    assert acc == real(chosen_q, labels, chosen_b, bank_labels, trainer.data.num_classes, k=cfg.knn_k, t=cfg.knn_t)
+
+
+@pytest.mark.parametrize("option", ["--adapt-keys", "--knn-features"])
+def test_unknown_values_are_refused_by_the_command_line(option, capsys):
+    from selfsup.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([option, "bogus"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
