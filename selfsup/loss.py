@@ -113,8 +113,9 @@ class RawKeyMoCoLoss(nn.Module):
             raise ValueError(f"query and key must both be (B, D), got {tuple(query.shape)} and {tuple(key.shape)}")
         with torch.no_grad():
             pos = self.queue.update(key.detach())  # (B * world,) rows written, gathered batch in rank order
-            if self.gather_distributed and xdist.is_distributed():
-                pos = pos[xdist.get_rank() * key.shape[0] :][: key.shape[0]]  # this rank's keys (equal B per rank)
+            if self.gather_distributed and xdist.is_distributed():  # this rank's keys follow the lower ranks'
+                offset = sum(xdist.all_gather_sizes(key.shape[0], key.device)[: xdist.get_rank()])
+                pos = pos[offset : offset + key.shape[0]]  # (B,)
         memory = self.queue.valid_memory()  # (n, D) live view, read once right here
         return raw_key_ntxent(query, memory, pos.to(query.device), self.temperature)
 

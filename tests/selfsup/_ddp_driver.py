@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from selfsup.config import SelfSupConfig
-from selfsup.train import Trainer
+from selfsup.train import Trainer, criterion_queue
 from xbn_queue.training.config import parse_config
 
 if __name__ == "__main__":
@@ -17,7 +17,7 @@ if __name__ == "__main__":
     trainer = Trainer(cfg)
     try:
         summary = trainer.fit()
-        queue = trainer.criterion.memory_bank.queue.state_dict()
+        queue = criterion_queue(trainer.criterion).state_dict()
         torch.save({"queue": queue, "summary": summary, "world_size": trainer.ctx.world_size},
                    Path(cfg.output_dir) / f"queue_rank{trainer.ctx.rank}.pt")
     finally:

@@ -123,3 +123,53 @@ def test_raw_mode_state_dict_round_trip_and_bad_input():
     assert torch.equal(a.queue.memory, before)  # nothing changed
     with pytest.raises(ValueError, match="temperature"):
         RawKeyMoCoLoss(16, 4, 0.0)
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        crit = RawKeyMoCoLoss(queue_size=13, dim=4, temperature=0.1, adaptation="xbn", gather_distributed=True)
+        losses = []
+        for step in range(4):
+            q, k = _ddp_batch(rank, step)
+            losses.append(crit(q, k).item())
+        torch.save({"queue": crit.queue.state_dict(), "losses": losses}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_batch(rank, step):
+    g = torch.Generator().manual_seed(10 * step + rank)
+    b = 3 + rank  # uneven batch sizes across ranks
+    return torch.randn(b, 4, generator=g), torch.randn(b, 4, generator=g) * (2 + step) + rank
+
+
+def test_raw_mode_under_ddp_shares_the_queue_and_each_rank_takes_its_own_positives(tmp_path):
+    """Two gloo processes: identical queues; each rank's loss is its queries against the gathered keys."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in r0["queue"]:
+        assert torch.equal(r0["queue"][key], r1["queue"][key]), key
+    # one process seeing the keys of both ranks (rank order) in one batch builds the same queue
+    single = RawKeyMoCoLoss(queue_size=13, dim=4, temperature=0.1, adaptation="xbn")
+    for step in range(4):
+        (q0, k0), (q1, k1) = _ddp_batch(0, step), _ddp_batch(1, step)
+        pos = torch.arange(single.queue.ptr.item(), single.queue.ptr.item() + 7) % 13
+        single.queue.update(torch.cat([k0, k1]))
+        memory = single.queue.valid_memory()
+        for rank, q, rows in ((0, q0, pos[:3]), (1, q1, pos[3:])):
+            expected = ref_ntxent(_rows(q), _rows(memory), rows.tolist(), 0.1)
+            assert (r0, r1)[rank]["losses"][step] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(single.queue.memory, r0["queue"]["memory"])

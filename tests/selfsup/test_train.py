@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup.train import NonFiniteError, Trainer, train
+from selfsup.train import NonFiniteError, Trainer, criterion_queue, train
 from tests.selfsup.conftest import tiny_config
 
 TIMING_KEYS = {"epoch_time_s", "images_per_s"}
@@ -20,8 +20,9 @@ def read_jsonl(path):
 
 
 def queue_of(checkpoint_path):
+    """The queue's buffers in a checkpoint, as ``queue.*`` in both key modes (lightly's loss nests it in ``memory_bank``)."""
     sd = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["criterion"]
-    return {k: v for k, v in sd.items() if k.startswith("memory_bank.")}
+    return {k.removeprefix("memory_bank."): v for k, v in sd.items() if k.startswith(("memory_bank.queue.", "queue."))}
 
 
 @pytest.mark.parametrize("adaptation", ["none", "xbn", "axbn"])
@@ -43,11 +44,11 @@ def test_each_adaptation_trains_writes_outputs_and_resumes(tmp_path, adaptation)
     assert all(0.0 <= a <= 1.0 for a in knn.values())
     assert [r["step"] for r in rec if "knn_acc" not in r] == list(range(1, 9))
     bank = queue_of(tmp_path / "last.pt")
-    assert int(bank["memory_bank.queue.num_filled"]) == 96  # 8 steps x 32 keys through a 96-row ring
-    assert torch.isfinite(bank["memory_bank.queue.memory"]).all()
+    assert int(bank["queue.num_filled"]) == 96  # 8 steps x 32 keys through a 96-row ring
+    assert torch.isfinite(bank["queue.memory"]).all()
     if adaptation == "axbn":
         # Kalman state is checkpointed: 7 filter updates (the first step finds the queue empty)
-        assert int(bank["memory_bank.queue.adaptation.step"]) == 7
+        assert int(bank["queue.adaptation.step"]) == 7
 
 
 def test_resume_in_process_is_bit_identical(tmp_path):
@@ -71,7 +72,7 @@ def test_bank_inside_the_lightly_loss_is_ours_and_holds_the_adapted_keys(tmp_pat
 
     from xbn_queue.lightly import AdaptiveMemoryBank
 
-    cfg = tiny_config(tmp_path, adaptation="xbn", max_steps=2)
+    cfg = tiny_config(tmp_path, adaptation="xbn", adapt_keys="normalized", max_steps=2)
     trainer = Trainer(cfg)
     assert type(trainer.criterion) is NTXentLoss
     bank = trainer.criterion.memory_bank
@@ -123,7 +124,7 @@ def test_non_finite_embedding_stops_naming_the_step_and_keeps_a_clean_checkpoint
         try:
             trainer.fit()
         finally:
-            before = trainer.criterion.memory_bank.queue.embeddings.clone()
+            before = criterion_queue(trainer.criterion).embeddings.clone()
     ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     assert torch.isfinite(before).all() and before.shape == (64, 128)
