@@ -67,7 +67,7 @@ class SelfSupConfig:
     # queue / loss
     adaptation: str = _opt("xbn", "how the stored keys are adapted: none (plain MoCo queue), xbn (Eq. 6), axbn (Kalman, Eq. 18-23)", ADAPTATIONS)
     adapt_keys: str = _opt(
-        "normalized",
+        "raw",
         "what the queue stores and adapts: raw (the key encoder's outputs, normalised only inside the loss, the current "
         "batch's keys among the negatives: PML's MoCo example, the paper's setup) or normalized (L2-normalised keys in "
         "lightly's NTXentLoss)",

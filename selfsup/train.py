@@ -237,7 +237,9 @@ class Trainer:
         from xbn_queue.training.rng import set_rng_state
 
         ckpt = load_checkpoint(path, map_location="cpu")
-        check_compatible(ckpt["config"], config_to_dict(self.cfg), COMPAT_KEYS, source=path)
+        saved_cfg = dict(ckpt["config"])
+        saved_cfg.setdefault("adapt_keys", "normalized")  # checkpoints from before --adapt-keys: lightly's loss
+        check_compatible(saved_cfg, config_to_dict(self.cfg), COMPAT_KEYS, source=path)
         if ckpt.get("world_size", 1) != self.ctx.world_size:
             log.warning(
                 "checkpoint was written with %s processes, resuming with %s: the sampling order changes from here on",

@@ -103,3 +103,14 @@ def test_unknown_values_are_refused_by_the_command_line(option, capsys):
         main([option, "bogus"])
     assert exc.value.code == 2
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_the_option_resumes_as_normalized(tmp_path):
+    cfg = tiny_config(tmp_path, adapt_keys="normalized", train_subset=64, epochs=1, max_steps=1, knn_every=0)
+    train(cfg)
+    ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    del ckpt["config"]["adapt_keys"]  # written by the previous release
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="adapt_keys: saved 'normalized', now 'raw'"):
+        Trainer(replace(cfg, adapt_keys="raw", max_steps=0, resume="auto")).fit()
+    assert train(replace(cfg, max_steps=0, resume="auto"))["global_step"] == 2
