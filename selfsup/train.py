@@ -281,6 +281,12 @@ class Trainer:
         was_training = enc.training
         enc.eval()
         rank, world = self.ctx.rank, self.ctx.world_size
+        if world > 1:
+            # DDP broadcasts rank 0's batch-norm statistics at the start of each forward, so after the
+            # last training forward every rank has updated them with its own batch: evaluate rank 0's
+            # model (the one checkpointed) on every rank.
+            for buf in enc.buffers():
+                torch.distributed.broadcast(buf, src=0)
 
         def both(x: Tensor) -> Tensor:
             f = enc.features(x)  # (b, F) backbone features
