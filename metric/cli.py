@@ -1,9 +1,11 @@
-"""Command line: ``xbn-metric [train] [options]`` trains one run, ``xbn-metric compare [options]`` compares methods.
+"""Command line: ``xbn-metric [train] [options]`` trains one run, ``xbn-metric compare [options]`` compares
+methods, ``xbn-metric sweep [options]`` sweeps batch and memory sizes (the paper's Figure 1).
 
 Examples::
 
     xbn-metric --dataset digits --method xbn                          # the built-in demo
     xbn-metric compare --dataset digits --methods none,xbm,xbn,axbn --seeds 3
+    xbn-metric sweep --dataset digits --split class --methods xbm,xbn,axbn --batch-sizes 16,32,64 --classes-per-batch 4
     xbn-metric --dataset sop --data-root /data/Stanford_Online_Products --method axbn --memory-size 0.5
     torchrun --nproc_per_node 4 -m metric --dataset inshop --data-root /data/inshop --scale-lr
 """
@@ -40,6 +42,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             cfg, extras = parse_config(MetricConfig, argv[1:], prog=f"{PROG} compare", extra_args=add_compare_args)
             run_compare(cfg, extras.methods, extras.seeds)
+            return 0
+        if argv[:1] == ["sweep"]:
+            from .sweep import add_sweep_args, run_sweep
+
+            cfg, extras = parse_config(MetricConfig, argv[1:], prog=f"{PROG} sweep", extra_args=add_sweep_args)
+            run_sweep(cfg, extras.methods, extras.batch_sizes, extras.memory_sizes, extras.seeds, extras.classes_per_batch)
             return 0
         if argv[:1] == ["train"]:
             argv = argv[1:]

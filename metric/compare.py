@@ -3,7 +3,8 @@
 Each run goes to ``OUTPUT_DIR/<method>-seed<seed>/`` (a full run folder); its score is its best
 evaluation by Recall@1 (the paper selects the best epoch by Recall@1 on the validation set). The table
 shows, per method, the mean and the sample standard deviation (ddof=1) over seeds of Recall@K and
-MAP@R in percent, and is written to ``OUTPUT_DIR/compare.md`` and ``OUTPUT_DIR/compare.json``;
+MAP@R in percent, after two baselines on the same evaluation split (raw pixels and the untrained
+network, :mod:`metric.baselines`), and is written to ``OUTPUT_DIR/compare.md`` and ``OUTPUT_DIR/compare.json``;
 ``OUTPUT_DIR/compare.png`` shows Recall@1 and feature drift per epoch (mean ± std band over seeds).
 Seeds are ``seed, seed + 1, ...``.
 """
@@ -19,15 +20,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from .config import METHODS, MetricConfig, resolve_config
 
-__all__ = ["add_compare_args", "run_compare", "format_table"]
+__all__ = ["add_compare_args", "run_compare", "run_configs", "format_table", "metric_keys", "baselines_for"]
 
 
 #: The paper's names of the methods.
-PAPER_NAMES = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN", "axbn": "AXBN"}
+PAPER_NAMES = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN", "axbn": "AXBN",
+               "raw-pixels": "Raw pixels", "untrained": "Untrained net"}
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -79,8 +81,63 @@ def _plot(curves: Dict[str, List[Dict[str, Dict[float, float]]]], png: Path, tit
         print(f"[compare] no per-epoch metrics recorded: {png.name} not written", file=sys.stderr)
 
 
+def run_configs(jobs: List[Tuple[Dict[str, Any], MetricConfig]], tag: str = "compare") -> Tuple[List[Dict[str, Any]], List[Dict[str, Dict[float, float]]]]:
+    """Train each job's configuration in order (each in its own run folder) and collect its best evaluation.
+
+    A job whose run folder holds a finished run is not trained again when its configuration has
+    ``resume`` set (:func:`metric.train.train` then only reads the checkpoint back).
+
+    Args:
+        jobs: ``(labels, cfg)`` pairs; ``labels`` (e.g. ``{"method": "xbn", "seed": 0}``) are copied
+            into the run's row.
+        tag: prefix of the progress lines.
+
+    Returns:
+        ``(rows, curves)``: per job, ``labels`` + ``seconds``, ``best_epoch`` and the best evaluation's
+        Recall@K / MAP@R (fractions); and its per-epoch curves (:data:`_CURVES`; empty off rank 0).
+    """
+    from .train import train
+
+    main = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun rank (each run sets up its own process group)
+    rows: List[Dict[str, Any]] = []
+    curves: List[Dict[str, Dict[float, float]]] = []
+    for labels, run_cfg in jobs:
+        t = time.time()
+        res = train(run_cfg)
+        curves.append(_curves(Path(run_cfg.output_dir) / "metrics.jsonl") if main else {})
+        best = res["best"]
+        rows.append({**labels, "seconds": round(time.time() - t, 1), "best_epoch": best.get("epoch"),
+                     **{k: v for k, v in best.items() if k.startswith(("recall@", "map@r"))}})
+        if main:
+            name = " ".join(f"{v}" if k == "method" else f"{k} {v}" for k, v in labels.items())
+            shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in rows[-1].items() if k.startswith(("recall@", "map@r")))
+            print(f"[{tag}] {name}: {shown} ({rows[-1]['seconds']} s)", file=sys.stderr, flush=True)
+    return rows, curves
+
+
+def metric_keys(cfg: MetricConfig) -> List[str]:
+    """The table's columns: ``recall@K`` for each K, then ``map@r`` (``cfg`` resolved)."""
+    return [f"recall@{k}" for k in cfg.recall_ks] + ["map@r"]
+
+
+def baselines_for(cfg: MetricConfig, seeds: List[int], out: Path, tag: str = "compare") -> Dict[str, Any]:
+    """Raw-pixel and untrained-network baselines (:mod:`metric.baselines`), printed; ``{}`` off rank 0."""
+    from .baselines import BASELINES, load_or_compute_baselines, summarize_baselines
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return {}
+    results = load_or_compute_baselines(cfg, seeds, out)
+    summary = summarize_baselines(results, metric_keys(cfg))
+    for name, stats in summary.items():
+        shown = ", ".join(f"{k} {100 * v['mean']:.2f}" for k, v in stats.items())
+        print(f"[{tag}] baseline {BASELINES[name].lower()}: {shown}", file=sys.stderr, flush=True)
+    return {"summary": summary, "runs": results}
+
+
 def run_compare(cfg: MetricConfig, methods: str, seeds: int) -> Dict[str, Any]:
     """Train ``methods`` x ``seeds`` runs with ``cfg`` and print / write the table.
+
+    The table starts with the two baselines (raw pixels, untrained network; :mod:`metric.baselines`).
 
     Returns:
         The content of ``compare.json``.
@@ -88,8 +145,6 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int) -> Dict[str, Any]:
     Raises:
         ValueError: unknown method or seeds < 1.
     """
-    from .train import train
-
     todo = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in todo if m not in METHODS]
     if unknown or not todo:
@@ -100,31 +155,26 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int) -> Dict[str, Any]:
     out = Path(cfg.output_dir)
     main = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun rank (each run sets up its own process group)
     t0 = time.time()
-    runs: List[Dict[str, Any]] = []
-    curves: Dict[str, List[Dict[str, Dict[float, float]]]] = {}
+    keys = metric_keys(cfg)
+    baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out)
+    jobs = []
     for method in todo:
         for i in range(seeds):
             seed = cfg.seed + i
             run_cfg = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out / f"{method}-seed{seed}"),
                                           wandb_name=f"{cfg.wandb_name or cfg.dataset}-{method}-seed{seed}")
-            t = time.time()
-            res = train(run_cfg)
-            if main:
-                curves.setdefault(method, []).append(_curves(Path(run_cfg.output_dir) / "metrics.jsonl"))
-            best = res["best"]
-            runs.append({"method": method, "seed": seed, "seconds": round(time.time() - t, 1), "best_epoch": best.get("epoch"),
-                         **{k: v for k, v in best.items() if k.startswith(("recall@", "map@r"))}})
-            if main:
-                shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in runs[-1].items() if k.startswith(("recall@", "map@r")))
-                print(f"[compare] {method} seed {seed}: {shown} ({runs[-1]['seconds']} s)", file=sys.stderr, flush=True)
-    keys = [f"recall@{k}" for k in cfg.recall_ks] + ["map@r"]
+            jobs.append(({"method": method, "seed": seed}, run_cfg))
+    runs, run_curves = run_configs(jobs)
+    curves: Dict[str, List[Dict[str, Dict[float, float]]]] = {}
+    for (labels, _), c in zip(jobs, run_curves):
+        curves.setdefault(labels["method"], []).append(c)
     summary = {m: {k: _mean_std([r[k] for r in runs if r["method"] == m and k in r]) for k in keys
                    if any(k in r for r in runs if r["method"] == m)} for m in todo}
     wall = time.time() - t0
-    table = format_table(summary, keys)
+    table = format_table({**baselines.get("summary", {}), **summary}, keys)
     result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds, "wall_seconds": round(wall, 1),
               "machine": f"{platform.machine()} {platform.processor()}".strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "summary": summary, "runs": runs}
+              "summary": summary, "baselines": baselines, "runs": runs}
     if main:
         header = (f"{cfg.dataset}: mean ± std over {seeds} seed(s) of the best epoch (by Recall@1), in %; "
                   f"{len(runs)} runs in {wall:.0f} s")

@@ -11,17 +11,20 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-__all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "memory_rows", "METHODS", "COMPAT_KEYS"]
+__all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "memory_rows", "METHODS", "COMPAT_KEYS",
+           "COMPAT_DEFAULTS"]
 
 METHODS = ("none", "xbm", "xbm-batch", "xbn", "axbn")
 
 #: Options a checkpoint must agree on to be resumed.
-COMPAT_KEYS = ["dataset", "method", "backbone", "embedding_dim", "embedding_norm", "memory_size", "batch_size",
-               "m_per_class", "image_size", "split", "train_fraction", "split_seed"]
+COMPAT_KEYS = ["dataset", "method", "backbone", "width", "embedding_dim", "embedding_norm", "memory_size", "batch_size",
+               "m_per_class", "image_size", "split", "train_fraction", "split_seed", "max_per_class"]
+#: Values of options added after checkpoints were first written (a checkpoint without them had these).
+COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None}
 
 _PAPER = dict(backbone="resnet50", pretrained=True, image_size=224, epochs=50, warmup_epochs=2, batch_size=64,
               m_per_class=4, lr=1e-4, embedding_dim=512, memory_size="0.5", auto_augment="rand-m9-mstd0.5",
-              re_prob=0.2, crop_scale_min=0.08, hflip=0.5, workers=4, kalman_gain_every=100, threads=0)
+              re_prob=0.2, crop_scale_min=0.08, hflip=0.5, workers=4, kalman_gain_every=100, threads=0, augment="timm")
 
 #: Per-dataset defaults for the fields left at ``None``.
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -33,7 +36,8 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     # batch, no crops/flips that would destroy a digit, a few epochs.
     "digits": dict(backbone="tinycnn", pretrained=False, image_size=16, epochs=12, warmup_epochs=1, batch_size=32,
                    m_per_class=4, lr=1e-3, embedding_dim=64, memory_size="0.5", auto_augment="none", re_prob=0.0,
-                   crop_scale_min=0.7, hflip=0.0, workers=0, kalman_gain_every=10, recall_ks=[1, 2, 4, 8], threads=1),
+                   crop_scale_min=0.7, hflip=0.0, workers=0, kalman_gain_every=10, recall_ks=[1, 2, 4, 8], threads=1,
+                   augment="timm"),
 }
 
 
@@ -56,10 +60,13 @@ class MetricConfig:
     re_prob: Optional[float] = field(default=None, metadata=_h("random erasing probability (default 0.2; digits 0)", group="data"))
     crop_scale_min: Optional[float] = field(default=None, metadata=_h("lower bound of the random-resized-crop area (default 0.08; digits 0.7)", group="data"))
     hflip: Optional[float] = field(default=None, metadata=_h("horizontal flip probability (default 0.5; digits 0)", group="data"))
+    augment: Optional[str] = field(default=None, metadata=_h("training augmentation: timm (timm's pipeline: random-resized crop, flip, colour jitter, --auto-augment, erasing) or mild (random-resized crop, small random affine, flip, erasing; no RandAugment) (default timm; not pretrained: mild)", choices=["timm", "mild"], group="data"))
+    max_per_class: Optional[int] = field(default=None, metadata=_h("folder: use at most N images per class (the first N by file name) in training and in test (default: all)", group="data"))
     workers: Optional[int] = field(default=None, metadata=_h("data loader workers (default 4; digits 0)", group="data"))
     skip_bad_images: bool = field(default=False, metadata=_h("warn about and skip unreadable images instead of stopping", group="data"))
     # model
-    backbone: Optional[str] = field(default=None, metadata=_h("timm model name or 'tinycnn' (default resnet50; digits tinycnn)", group="model"))
+    backbone: Optional[str] = field(default=None, metadata=_h("timm model name, or for small images conv4, cifar_resnet18 or tinycnn (default resnet50; digits tinycnn)", group="model"))
+    width: Optional[int] = field(default=None, metadata=_h("channels of conv4 (default 64), of the first stage of cifar_resnet18 (default 64) or of tinycnn (default 16); not for timm models", group="model"))
     pretrained: Optional[bool] = field(default=None, metadata=_h("ImageNet-pretrained backbone from timm's hub (default on; digits off)", group="model"))
     pretrained_path: Optional[str] = field(default=None, metadata=_h("local state dict for the backbone (offline alternative to --pretrained)", group="model"))
     embedding_dim: Optional[int] = field(default=None, metadata=_h("embedding size (default 512; digits 64)", group="model"))
@@ -73,7 +80,7 @@ class MetricConfig:
     kalman_gain_every: Optional[int] = field(default=None, metadata=_h("AXBN: recompute the Kalman gain every N steps (default 100; deepfashion2, digits 10)", group="memory"))
     # optimisation
     epochs: Optional[int] = field(default=None, metadata=_h("training epochs after the warm-up (default 50; digits 12)", group="optimisation"))
-    warmup_epochs: Optional[int] = field(default=None, metadata=_h("head-only pre-warm-up epochs with SGD and the batch loss (default 2; digits 1)", group="optimisation"))
+    warmup_epochs: Optional[int] = field(default=None, metadata=_h("head-only pre-warm-up epochs with SGD and the batch loss (default 2; not pretrained: 0; digits 1)", group="optimisation"))
     batch_size: Optional[int] = field(default=None, metadata=_h("batch size per process (default 64; digits 32)", group="optimisation"))
     m_per_class: Optional[int] = field(default=None, metadata=_h("images per class in a batch (default 4)", group="optimisation"))
     lr: Optional[float] = field(default=None, metadata=_h("AdamW learning rate (default 1e-4; digits 1e-3)", group="optimisation"))
@@ -112,6 +119,11 @@ class MetricConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.checkpoint_every < 0 or self.eval_every < 1 or self.drift_every < 0:
             raise ValueError("checkpoint_every and drift_every must be >= 0 and eval_every >= 1")
+        if self.width is not None and self.width < 1:
+            raise ValueError(f"--width must be >= 1, got {self.width}")
+        if self.max_per_class is not None and (self.max_per_class < 1 or self.dataset != "folder"):
+            raise ValueError(f"--max-per-class must be >= 1 and applies to --dataset folder only, got {self.max_per_class} "
+                             f"with --dataset {self.dataset}")
         if self.kalman_r != "auto":
             try:
                 float(self.kalman_r)
@@ -120,8 +132,15 @@ class MetricConfig:
 
 
 def resolve_config(cfg: MetricConfig) -> MetricConfig:
-    """Fill the ``None`` fields with the dataset's defaults (a new object; ``cfg`` is unchanged)."""
-    defaults = DATASET_DEFAULTS[cfg.dataset]
+    """Fill the ``None`` fields with the dataset's defaults (a new object; ``cfg`` is unchanged).
+
+    The defaults are the dataset's, updated by the training recipe (:func:`metric.recipe.recipe_defaults`):
+    a backbone that is not pretrained gets the from-scratch recipe (no head-only warm-up, mild
+    augmentation) instead of the paper's.
+    """
+    from .recipe import recipe_defaults
+
+    defaults = recipe_defaults(cfg, DATASET_DEFAULTS[cfg.dataset])
     updates = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
     out = dataclasses.replace(cfg, **updates)
     if out.batch_size % out.m_per_class != 0:

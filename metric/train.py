@@ -40,10 +40,11 @@ from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.signals import GracefulExit
 from xbn_queue.training.tracking import RunLogger, plot_history
 
-from .config import COMPAT_KEYS, MetricConfig, memory_rows, resolve_config
+from .config import COMPAT_DEFAULTS, COMPAT_KEYS, MetricConfig, memory_rows, resolve_config
 from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import retrieval_metrics
 from .model import MetricModel, build_model
+from .recipe import recipe_summary
 from .sampler import MPerClassBatches, steps_per_epoch
 
 __all__ = ["train", "NonFiniteError", "build_transforms", "build_losses", "embed_split"]
@@ -60,15 +61,31 @@ class NonFiniteError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------- pieces
 def build_transforms(cfg: MetricConfig):
-    """timm's training transform (RandAugment, random erasing, ...) and its evaluation transform."""
+    """The training transform and the evaluation transform (resize + centre crop, ImageNet normalisation).
+
+    ``--augment timm``: timm's training pipeline (random-resized crop, flip, colour jitter,
+    ``--auto-augment``, random erasing). ``--augment mild`` (the from-scratch recipe): random-resized
+    crop of ``crop_scale_min``-100 % of the area, a random affine of +-10 degrees and +-5 % shift,
+    horizontal flip, random erasing with ``re_prob``; no RandAugment, no colour jitter.
+    """
     from timm.data import create_transform
 
+    eval_tf = create_transform(input_size=cfg.image_size, is_training=False, interpolation="bicubic")
+    if cfg.augment == "mild":
+        from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        from torchvision import transforms as T
+
+        steps = [T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                 T.RandomAffine(degrees=10, translate=(0.05, 0.05)),
+                 T.RandomHorizontalFlip(cfg.hflip), T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        if cfg.re_prob > 0:
+            steps.append(T.RandomErasing(cfg.re_prob))
+        return T.Compose(steps), eval_tf
     aa = None if (cfg.auto_augment or "none").lower() == "none" else cfg.auto_augment
     train_tf = create_transform(
         input_size=cfg.image_size, is_training=True, auto_augment=aa, re_prob=cfg.re_prob,
         scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, interpolation="bicubic",
     )
-    eval_tf = create_transform(input_size=cfg.image_size, is_training=False, interpolation="bicubic")
     return train_tf, eval_tf
 
 
@@ -230,7 +247,10 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed)
+    if ctx.is_main:
+        print(f"[xbn-metric] {recipe_summary(cfg)}", file=sys.stderr, flush=True)
+    data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed,
+                                       max_per_class=cfg.max_per_class)
     rows = memory_rows(cfg.memory_size, len(data.train))
     world = ctx.world_size
     if cfg.method != "none" and rows < cfg.batch_size * world:
@@ -243,7 +263,8 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
         save_config(cfg, out / "config.yaml")
 
     train_tf, eval_tf = build_transforms(cfg)
-    model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path).to(device)
+    model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path,
+                        cfg.width, cfg.image_size).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     batch_loss, mem_loss = build_losses(cfg, rows, ctx.is_distributed)
@@ -272,7 +293,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     ckpt = None
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        saved = dict(ckpt["config"], **ckpt["meta"])
+        saved = dict(COMPAT_DEFAULTS, **ckpt["config"], **ckpt["meta"])
         check_compatible(saved, dict(cfg_dict, **meta), COMPAT_KEYS + ["memory_rows", "world_size"], source=ckpt_path)
         model.load_state_dict(ckpt["model"])
         if mem_loss is not None:
