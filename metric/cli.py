@@ -42,11 +42,12 @@ def _train_command(argv: List[str], full_argv: List[str]) -> int:
     from xbn_queue.training.config import parse_config
 
     from .config import MetricConfig, resolve_config
-    from .train import default_output_dir
 
     cfg = parse_config(MetricConfig, argv, prog=PROG, epilog=EPILOG)
-    cfg = default_output_dir(resolve_config(cfg))  # bad options end here, before data or torch work
-    from .train import train
+    cfg = resolve_config(cfg)  # bad options end here, before the heavy imports and any data work
+    from .train import default_output_dir, train
+
+    cfg = default_output_dir(cfg)
 
     result = train(cfg)
     if not _is_main_rank():
@@ -71,10 +72,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     """
     from xbn_queue.training.cli import run_main
 
-    from .data import BadImageError, DataFormatError
-    from .model import PretrainedWeightsError
-    from .train import NonFiniteError
-
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def body() -> int:
@@ -84,8 +81,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return compare_main(argv)
         return _train_command(argv[1:] if argv[:1] == ["train"] else argv, argv)
 
-    return run_main(PROG, body, bad_input=(DataFormatError, BadImageError, PretrainedWeightsError),
-                    failures=(NonFiniteError,))
+    return run_main(PROG, body, bad_input=("metric.data:DataFormatError", "metric.data:BadImageError",
+                                            "metric.model:PretrainedWeightsError"),
+                    failures=("metric.train:NonFiniteError",))
 
 
 if __name__ == "__main__":

@@ -242,8 +242,11 @@ def train(cfg: MetricConfig) -> Dict[str, Any]:
         ctx.cleanup()
 
 
-def _check_data(cfg: MetricConfig, data: RetrievalData, rows: int, world: int) -> None:
+def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
     """Refuse data on which training or evaluation cannot give a meaningful number (before any write).
+
+    Returns:
+        The number of memory rows (``--memory-size`` resolved against the training set).
 
     Raises:
         UsageError: fewer than two training classes, no class with ``m_per_class`` images, fewer classes
@@ -255,6 +258,7 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, rows: int, world: int) -
     if len(classes) < 2:
         raise UsageError(f"{where}: the training split has {len(classes)} class(es); metric learning needs at least 2 "
                          "(one class trains to loss 0 and scores Recall 100%)")
+    rows = memory_rows(cfg.memory_size, len(data.train))
     if cfg.m_per_class > counts.max():
         raise UsageError(f"--m-per-class {cfg.m_per_class}: no training class has that many images (largest: "
                          f"{counts.max()}); expected at most {counts.max()}")
@@ -274,6 +278,7 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, rows: int, world: int) -
     if with_pos == 0:
         raise UsageError(f"{where}: no query image has a positive (same class) in the gallery, so Recall@K and "
                          "MAP@R are undefined; each evaluation class needs at least 2 images")
+    return rows
 
 
 def default_output_dir(cfg: MetricConfig) -> MetricConfig:
@@ -298,9 +303,8 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed)
-    rows = memory_rows(cfg.memory_size, len(data.train))
     world = ctx.world_size
-    _check_data(cfg, data, rows, world)
+    rows = _check_data(cfg, data, world)
     if cfg.method != "none":
         check_memory_fits("--memory-size", cfg.memory_size, rows, cfg.embedding_dim, device)
     cfg_dict = config_to_dict(cfg)

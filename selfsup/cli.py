@@ -30,10 +30,10 @@ def _train_command(args: List[str], full_argv: List[str]) -> int:
     from xbn_queue.training.cli import resume_command
     from xbn_queue.training.config import parse_config
 
+    cfg = parse_config(SelfSupConfig, args, prog=f"{PROG} train", epilog=USAGE.split("\n\n", 1)[1])
+    cfg.validate()  # bad options end here, before the heavy imports and any data or model work
     from selfsup.train import default_output_dir, train
 
-    cfg = parse_config(SelfSupConfig, args, prog=f"{PROG} train", epilog=USAGE.split("\n\n", 1)[1])
-    cfg.validate()  # bad options end here, before any data or model work
     cfg = default_output_dir(cfg)
     summary = train(cfg)
     if summary.get("stopped"):
@@ -51,9 +51,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     from xbn_queue.training.cli import run_main
 
-    from selfsup.data import BadImageError
-    from selfsup.train import NonFiniteError
-
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
     if args[:1] in (["-h"], ["--help"], ["help"]):
         print(USAGE)
@@ -66,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return compare_main(args)
         return _train_command(args[1:] if args[:1] == ["train"] else args, args)
 
-    return run_main(PROG, body, bad_input=(BadImageError,), failures=(NonFiniteError,))
+    return run_main(PROG, body, bad_input=("selfsup.data:BadImageError",), failures=("selfsup.train:NonFiniteError",))
 
 
 if __name__ == "__main__":  # pragma: no cover

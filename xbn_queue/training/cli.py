@@ -363,16 +363,32 @@ def warn(prog: str, message: str) -> None:
     print(f"[{prog}] warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
-def run_main(prog: str, body: Callable[[], int], bad_input: Sequence[type] = (), failures: Sequence[type] = ()) -> int:
+def _loaded_types(specs: Sequence[Union[type, str]]) -> tuple[type, ...]:
+    """Exception types from ``specs``; a ``"module:Name"`` string is resolved only when its module is
+    already imported (an exception of a module never imported cannot have been raised)."""
+    out: list[type] = []
+    for spec in specs:
+        if isinstance(spec, str):
+            module, _, name = spec.partition(":")
+            if module in sys.modules and hasattr(sys.modules[module], name):
+                out.append(getattr(sys.modules[module], name))
+        else:
+            out.append(spec)
+    return tuple(out)
+
+
+def run_main(prog: str, body: Callable[[], int], bad_input: Sequence[Union[type, str]] = (),
+             failures: Sequence[Union[type, str]] = ()) -> int:
     """Run a command's ``body`` and turn its errors into the exit status contract.
 
     Args:
         prog: Program name for messages (``xbn-metric``).
         body: Does the work; returns the exit status (0, or 128 + N after a signal).
         bad_input: Further exception types that mean bad input (exit 2), besides :class:`UsageError`,
-            ``ValueError`` and ``FileNotFoundError``.
-        failures: Exception types that mean the run failed (exit 1), besides :class:`RunError` and
-            ``OSError``.
+            ``ValueError`` and ``FileNotFoundError``; ``"module:Name"`` strings name types without
+            importing their (possibly heavy) module, so that a refused option returns fast.
+        failures: Exception types (or ``"module:Name"``) that mean the run failed (exit 1), besides
+            :class:`RunError`, ``OSError`` and ``ImportError``.
 
     Returns:
         The exit status.
@@ -382,9 +398,13 @@ def run_main(prog: str, body: Callable[[], int], bad_input: Sequence[type] = (),
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the checkpoint
         print(f"{prog}: interrupted (second Ctrl-C): stopped without a final checkpoint", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, *bad_input) as err:
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
-    except (RunError, OSError, ImportError, *failures) as err:
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_FAILED
+    except Exception as err:
+        usage = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, *_loaded_types(bad_input))
+        failed = (RunError, OSError, ImportError, *_loaded_types(failures))
+        if isinstance(err, usage):
+            print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(err, failed):
+            print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+            return EXIT_FAILED
+        raise

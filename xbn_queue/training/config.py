@@ -23,7 +23,7 @@ Supported field types: ``int``, ``float``, ``str``, ``bool`` (``--x/--no-x``), `
 spellings still accepted on the command line and in YAML, not shown in ``--help``), ``range`` (a
 :class:`xbn_queue.training.cli.Range`, shown in ``--help`` and enforced by
 :func:`xbn_queue.training.cli.check_ranges`) and ``group`` (help section). A default is shown in the
-help once: not appended when the help text already mentions one.
+help once: not appended when the help text already mentions one, nor when it is ``None``.
 
 Command-line errors (an unknown option, a value of the wrong type) print one line
 ``PROG: error: ...`` and exit with status 2, without the long usage text.
@@ -277,7 +277,7 @@ def build_parser(
         help_text = str(meta.get("help", ""))
         if spec.default is _REQUIRED:
             help_text = f"{help_text} (required)".strip()
-        elif "default" not in help_text.lower():
+        elif spec.default is not None and "default" not in help_text.lower():
             shown = spec.default if not isinstance(spec.default, str) or spec.default else '""'
             help_text = f"{help_text} (default: {shown})".strip()
         if meta.get("range") is not None:
