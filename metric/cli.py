@@ -53,9 +53,7 @@ def _train_command(argv: List[str], full_argv: List[str]) -> int:
     if not _is_main_rank():
         return 0 if result.get("stopped") != "signal" else 128 + (result.get("signal") or 15)
     if result.get("stopped") == "signal":
-        print(f"[{PROG}] stopped by a signal after step {result['steps']}; checkpoint in {result['output_dir']}; "
-              f"resume with: {resume_command(PROG, 'metric', full_argv, result['output_dir'])}",
-              file=sys.stderr)
+        print(f"[{PROG}] to resume: {resume_command(PROG, 'metric', full_argv, result['output_dir'])}", file=sys.stderr)
         return 128 + (result.get("signal") or 15)
     best = result.get("best") or {}
     if best:

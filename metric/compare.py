@@ -208,7 +208,8 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
             header = f"{banner}\n\n{cfg.dataset}: finished runs only, best epoch (by Recall@1), in %"
             print(banner, file=sys.stderr)
         else:
-            header = (f"{cfg.dataset}: mean ± std over {seeds} seed(s) of the best epoch (by Recall@1), in %; "
+            spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seed(s)"
+            header = (f"{cfg.dataset}: {spread} of the best epoch (by Recall@1), in %; "
                       f"{len(runs)} runs in {wall:.0f} s")
             print(header)
             print(table)
