@@ -22,7 +22,7 @@ from typing import Any, Dict
 __all__ = ["SCRATCH", "recipe_defaults", "recipe_name", "recipe_summary"]
 
 #: What the from-scratch recipe changes in the paper's defaults.
-SCRATCH: Dict[str, Any] = dict(warmup_epochs=0, augment="mild", auto_augment="none", re_prob=0.0, crop_scale_min=0.6, lr=1e-3)
+SCRATCH: Dict[str, Any] = dict(warmup_epochs=0, augment="mild", auto_augment="none", re_prob=0.0, crop_min_scale=0.6, lr=1e-3)
 
 
 def _is_pretrained(pretrained: Any, pretrained_path: Any) -> bool:
@@ -59,8 +59,8 @@ def recipe_summary(cfg: Any) -> str:
     label = {"digits": "digits defaults", "paper": "paper (Section 5.1)", "from scratch": "from scratch"}[name]
     aa = cfg.auto_augment if (cfg.auto_augment or "none").lower() != "none" else "no RandAugment"
     if cfg.augment == "mild":
-        aug = f"mild (crop {cfg.crop_scale_min:g}-1 of the area, +-10 deg affine, hflip {cfg.hflip:g}, erasing {cfg.re_prob:g})"
+        aug = f"mild (crop {cfg.crop_min_scale:g}-1 of the area, +-10 deg affine, hflip {cfg.hflip:g}, erasing {cfg.re_prob:g})"
     else:
-        aug = f"timm ({aa}, crop {cfg.crop_scale_min:g}-1 of the area, hflip {cfg.hflip:g}, erasing {cfg.re_prob:g})"
+        aug = f"timm ({aa}, crop {cfg.crop_min_scale:g}-1 of the area, hflip {cfg.hflip:g}, erasing {cfg.re_prob:g})"
     return (f"recipe: {label} (backbone {cfg.backbone}, {state}): {cfg.warmup_epochs} head-only warm-up epoch(s), "
             f"augmentation {aug}; options you set win (--warmup-epochs, --augment, ...)")

@@ -80,6 +80,8 @@ def test_compare_prints_and_writes_both_baselines(tmp_path, capsys):
     table = (tmp_path / "compare.md").read_text()
     lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
     assert [ln.split(" | ")[0] for ln in lines] == ["| Method", "| Raw pixels", "| Untrained net", "| XBN"]
-    cell = f"{100 * base['raw-pixels']['recall@1']['mean']:.2f} ± 0.00"
-    assert cell in lines[1] and cell in cap.out
+    cell = f"| Raw pixels | {100 * base['raw-pixels']['recall@1']['mean']:.2f} |"  # one value: no "± 0.00"
+    assert lines[1].startswith(cell) and cell in cap.out
+    u = base["untrained"]["recall@1"]
+    assert lines[2].startswith(f"| Untrained net | {100 * u['mean']:.2f} ± {100 * u['std']:.2f} |")
     assert "baseline raw pixels: recall@1" in cap.err and "baseline untrained net: recall@1" in cap.err

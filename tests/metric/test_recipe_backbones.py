@@ -12,6 +12,7 @@ from metric.data import load_folder
 from metric.model import PretrainedWeightsError, build_model
 from metric.recipe import SCRATCH, recipe_summary
 from metric.train import build_transforms
+from xbn_queue.training.cli import UsageError
 
 from .conftest import make_folder
 from .helpers import tiny_argv
@@ -36,8 +37,8 @@ def test_backbone_errors():
         build_model("conv4", 8, image_size=8)
     with pytest.raises(PretrainedWeightsError, match="'conv4' has no pretrained weights"):
         build_model("conv4", 8, pretrained=True)
-    with pytest.raises(ValueError, match="--width must be >= 1"):
-        MetricConfig(width=0)
+    with pytest.raises(UsageError, match="--width 0: expected an integer >= 1"):
+        resolve_config(MetricConfig(width=0))
 
 
 def test_recipe_not_pretrained_skips_warmup_and_uses_mild_augmentation():
@@ -70,7 +71,7 @@ def test_mild_augmentation_has_no_randaugment():
     train_tf, eval_tf = build_transforms(cfg)
     kinds = [type(t) for t in train_tf.transforms]
     assert kinds == [T.RandomResizedCrop, T.RandomAffine, T.RandomHorizontalFlip, T.ToTensor, T.Normalize, T.RandomErasing]
-    assert train_tf.transforms[0].scale == (cfg.crop_scale_min, 1.0) and train_tf.transforms[1].degrees == [-10.0, 10.0]
+    assert train_tf.transforms[0].scale == (cfg.crop_min_scale, 1.0) and train_tf.transforms[1].degrees == [-10.0, 10.0]
     assert "RandAugment" not in repr(train_tf)
     from PIL import Image
 
@@ -87,10 +88,10 @@ def test_max_per_class_keeps_the_first_files(tmp_path):
     assert len(few.train) == 2 * full.train.num_classes and len(few.query) == 2 * full.query.num_classes
     assert set(few.train.items) <= set(full.train.items)
     assert all(p.endswith(("000.png", "001.png")) for p in few.train.items + few.query.items)
-    with pytest.raises(ValueError, match="--max-per-class must be >= 1 and applies to --dataset folder only"):
-        MetricConfig(dataset="digits", max_per_class=10)
-    with pytest.raises(ValueError, match="--max-per-class"):
-        MetricConfig(dataset="folder", max_per_class=0)
+    with pytest.raises(UsageError, match="--max-per-class 10: applies to --dataset folder only, not digits"):
+        resolve_config(MetricConfig(dataset="digits", max_per_class=10))
+    with pytest.raises(UsageError, match="--max-per-class 0: expected an integer >= 1"):
+        resolve_config(MetricConfig(dataset="folder", max_per_class=0))
 
 
 def test_cli_conv4_run_prints_the_recipe_and_resume_checks_width(tmp_path, capsys):
@@ -100,9 +101,9 @@ def test_cli_conv4_run_prints_the_recipe_and_resume_checks_width(tmp_path, capsy
     assert "recipe: digits defaults (backbone conv4, not pretrained): 0 head-only warm-up epoch(s)" in err
     saved = (tmp_path / "config.yaml").read_text()
     assert "backbone: conv4" in saved and "width: 8" in saved
-    with pytest.raises(SystemExit) as e:  # a checkpoint of width 8 does not resume at width 16
-        main(tiny_argv(tmp_path, backbone="conv4", width=16, warmup_epochs=0, max_steps=3, resume="auto"))
-    assert e.value.code == 2 and "width: saved 8, now 16" in capsys.readouterr().err
+    # a checkpoint of width 8 does not resume at width 16
+    assert main(tiny_argv(tmp_path, backbone="conv4", width=16, warmup_epochs=0, max_steps=3, resume="auto")) == 2
+    assert "width: saved 8, now 16" in capsys.readouterr().err
 
 
 def test_checkpoint_written_before_width_and_max_per_class_still_resumes(tmp_path, capsys):
