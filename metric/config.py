@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Union
 from xbn_queue.training.cli import UsageError, above, at_least, between, check_ranges
 
 __all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS", "COMPAT_KEYS",
-           "COMPAT_DEFAULTS"]
+           "COMPAT_DEFAULTS", "saved_config"]
 
 METHODS = ("none", "xbm", "xbm-batch", "xbn", "axbn")
 
@@ -23,6 +23,25 @@ COMPAT_KEYS = ["dataset", "method", "backbone", "width", "embedding_dim", "embed
                "m_per_class", "image_size", "split", "train_fraction", "split_seed", "max_per_class"]
 #: Values of options added after checkpoints were first written (a checkpoint without them had these).
 COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None}
+
+
+def saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's configuration as the current version writes it, for :data:`COMPAT_KEYS` checks.
+
+    Checkpoints written before ``width`` / ``max_per_class`` existed had their defaults, and before
+    options kept their types ``memory_size`` was stored as a string (``'0.5'``, ``'64'``).
+    """
+    out = dict(COMPAT_DEFAULTS, **saved)
+    mem = out.get("memory_size")
+    if isinstance(mem, str):
+        try:
+            out["memory_size"] = int(mem)
+        except ValueError:
+            try:
+                out["memory_size"] = float(mem)
+            except ValueError:
+                pass
+    return out
 
 _PAPER = dict(backbone="resnet50", pretrained=True, image_size=224, epochs=50, warmup_epochs=2, batch_size=64,
               m_per_class=4, lr=1e-4, embedding_dim=512, memory_size=0.5, auto_augment="rand-m9-mstd0.5",

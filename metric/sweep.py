@@ -270,7 +270,8 @@ def plot_sweep(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str, Any], p
             ax.set_xscale("log", base=2)
         ax.set_xticks(xs_all)
         ax.set_xticklabels([_value_label(sweep, v) for v in values])
-        ax.set_xlabel(xlabels[sweep] + (" (% of the training set)" if fractions else ""))
+        ax.set_xlabel(xlabels[sweep] if sweep == "batch_size" else
+                      f"memory size, {'% of the training set' if fractions else 'rows'} (batch {fixed['batch_size']})")
         ax.set_ylabel(key.replace("recall@", "Recall@") + " (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")

@@ -44,7 +44,7 @@ from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.signals import GracefulExit
 from xbn_queue.training.tracking import RunLogger, plot_history
 
-from .config import COMPAT_DEFAULTS, COMPAT_KEYS, MetricConfig, memory_rows, resolve_config
+from .config import COMPAT_KEYS, MetricConfig, memory_rows, resolve_config, saved_config
 from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import retrieval_metrics
 from .model import MetricModel, build_model
@@ -319,8 +319,6 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    if ctx.is_main:
-        print(f"[xbn-metric] {recipe_summary(cfg)}", file=sys.stderr, flush=True)
     data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed,
                                        max_per_class=cfg.max_per_class)
     world = ctx.world_size
@@ -373,7 +371,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     ckpt = None
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location="cpu", kind=PROG, required_keys=("config", "meta", "model", "state", "rng"))
-        saved = dict(COMPAT_DEFAULTS, **ckpt["config"], **ckpt["meta"])
+        saved = dict(saved_config(ckpt["config"]), **ckpt["meta"])
         check_compatible(saved, dict(cfg_dict, **meta), COMPAT_KEYS + ["memory_rows", "world_size"], source=ckpt_path)
         try:
             model.load_state_dict(ckpt["model"])
@@ -398,6 +396,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
         prepare_output_dir(out, overwrite=cfg.overwrite and ckpt is None)
         save_config(cfg, out / "config.yaml")
         print(f"[{PROG}] run folder: {out}", file=sys.stderr, flush=True)
+        print(f"[{PROG}] {recipe_summary(cfg)}", file=sys.stderr, flush=True)
     ctx.barrier()
     warm = st["epoch"] < W
     _set_phase(model, warm)

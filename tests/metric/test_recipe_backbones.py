@@ -106,11 +106,12 @@ def test_cli_conv4_run_prints_the_recipe_and_resume_checks_width(tmp_path, capsy
     assert "width: saved 8, now 16" in capsys.readouterr().err
 
 
-def test_checkpoint_written_before_width_and_max_per_class_still_resumes(tmp_path, capsys):
+def test_checkpoint_written_by_an_older_version_still_resumes(tmp_path, capsys):
     assert main(tiny_argv(tmp_path, max_steps=2)) == 0
     ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
     for key in ("width", "max_per_class", "augment"):
         del ckpt["config"][key]  # as saved before these options existed
+    ckpt["config"]["memory_size"] = "64"  # as saved before options kept their types
     torch.save(ckpt, tmp_path / "last.pt")
     assert main(tiny_argv(tmp_path, max_steps=4, resume="auto")) == 0
     assert "resumed from" in capsys.readouterr().err
