@@ -105,3 +105,29 @@ def test_sweep_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, extra,
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_sigint_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):
+    """The series machinery of compare, through sweep: exit 130, no table counting a cut-short run, --resume completes."""
+    import signal
+
+    from .helpers import run_cli
+    from .test_resume import start_and_wait_for_hang
+
+    out = tmp_path / "sw"
+    argv = ["sweep", *tiny_argv(out, warmup_epochs=0, checkpoint_every=2, drift_every=0, memory_size=32), "--methods", "xbn",
+            "--batch-sizes", "8,16", "--memory-sizes", "32", "--seeds", "1"]
+    proc = start_and_wait_for_hang(out, step=2, argv=argv)  # first run (xbn-b8-m32-seed0) at step 2
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert "finish with: python -m metric sweep" in err and err.rstrip().endswith("--resume")
+    md = (out / "sweep.md").read_text()
+    assert md.startswith("INCOMPLETE: 2 run(s)") and "| XBN | n/a | n/a |" in md
+    assert json.loads((out / "sweep.json").read_text())["complete"] is False
+    assert not (out / "sweep.png").exists() and not (out / "xbn-b16-m32-seed0").exists()
+    res = run_cli(argv + ["--resume"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["complete"] is True and all(r["complete"] for r in result["runs"])
+    assert "resumed from" in res.stderr and (out / "sweep.png").exists()
