@@ -241,7 +241,11 @@ class AdaptiveMemoryBank(MemoryBankModule):
         self._ptr = 0
 
     def _write(self, batch: Tensor) -> None:
-        """lightly's write rule: rows ``ptr .. min(ptr + B, N) - 1`` get the first rows of ``batch`` (B, D)."""
+        """lightly's write rule: rows ``ptr .. min(ptr + B, N) - 1`` get the first rows of ``batch`` (B, D).
+
+        The pointer is kept on the host (``_ptr``) by the bank's own writes, reset and loads; write through
+        the bank (``forward`` / ``_dequeue_and_enqueue``), not through ``self.queue``, to keep it right.
+        """
         ptr = self._ptr if self._ptr is not None else int(self.queue.ptr)  # a sync only after a load
         k = min(batch.shape[0], self.size[0] - ptr)  # rows that fit before the end of the ring
         self.queue.enqueue(batch[:k])  # (k, D)
