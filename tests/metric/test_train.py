@@ -166,7 +166,7 @@ def test_dataset_defaults_only_fill_unset_options():
     assert cfg.recall_ks == [1, 10, 100, 1000] and cfg.image_size == 224 and cfg.memory_size == 0.5 and cfg.pretrained
     assert resolve_config(MetricConfig(dataset="deepfashion2")).memory_size == 1.0
     assert resolve_config(MetricConfig(dataset="digits")).backbone == "tinycnn"
-    with pytest.raises(ValueError, match="multiple of m_per_class"):
+    with pytest.raises(ValueError, match="--batch-size 30: expected a multiple of --m-per-class 4"):
         resolve_config(MetricConfig(batch_size=30, m_per_class=4))
 
 
