@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
@@ -488,8 +487,8 @@ class ImageDataset(Dataset):
     Args:
         split: the items and labels.
         transform: PIL image -> tensor.
-        skip_bad_images: on an unreadable image return a zero image with ``ok=False`` and warn once,
-            instead of raising :class:`BadImageError`.
+        skip_bad_images: on an unreadable image return a zero image with ``ok=False`` instead of raising
+            :class:`BadImageError` (the caller reports it, once per file).
         cache: keep transformed items in memory (for a deterministic transform on small in-memory
             data, e.g. the evaluation sets of ``digits``).
     """
@@ -513,8 +512,7 @@ class ImageDataset(Dataset):
         except BadImageError as err:
             if not self.skip_bad_images:
                 raise
-            warnings.warn(f"{err} (skipped: --skip-bad-images)", stacklevel=2)
-            out = None, False
+            out = None, False  # the trainer warns once per file, naming it (the program, not a raw warning)
         if self.cache is not None:
             self.cache[index] = out
         return out
