@@ -202,7 +202,7 @@ def step_moco_pipeline(args, st: Step, work: Path) -> None:
     import moco_pipeline
 
     if args.quick:
-        base = ["--batch-size", "8", "--steps", "2", "--width", "4", "--workers", "0", "--queue-size", "32"]
+        base = ["--batch-size", "8", "--steps", "2", "--width", "4", "--workers", "0", "--queue-size", "16"]
     else:
         base = ["--batch-size", "256", "--steps", "40", "--workers", str(min(15, os.cpu_count() or 1))]
     out = moco_pipeline.main(base + ["--device", args.device, "--data-root", str(args.data_root),

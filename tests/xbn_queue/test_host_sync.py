@@ -317,3 +317,80 @@ def test_cuda_graph_replay_equals_eager(adaptation, dtype):
     assert_close(graphed.embeddings, eager.embeddings, rtol=tol, atol=tol)
     graphed.resync_stats()  # after replays: the host counters catch up with the device
     assert len(graphed) == 1024
+
+
+# ---------------------------------------------------------------------------------------------- drop-ins
+#: Issue 10: a drop-in's forward may use at most the upstream class's ops plus these.
+DROPIN_EXTRA_OPS = {"none": 40, "xbn": 40, "axbn": 50}
+
+
+def _pml_losses():
+    from pytorch_metric_learning import losses, miners
+
+    return {
+        "supcon": (losses.SupConLoss, None),
+        "contrastive+miner": (losses.ContrastiveLoss, miners.PairMarginMiner),
+    }
+
+
+def _steady_counts(module, batches, call) -> OpCounter:
+    for b in batches[:-1]:
+        call(module, b)
+    return count(lambda: call(module, batches[-1]))
+
+
+@pytest.mark.parametrize("loss_name", ["supcon", "contrastive+miner"])
+@pytest.mark.parametrize("adaptation", ["none", "xbn", "axbn"])
+def test_pml_dropin_forward_syncs_and_ops_against_pml(adaptation, loss_name):
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning import losses
+
+    from xbn_queue.pml import AdaptiveCrossBatchMemory
+
+    loss_cls, miner_cls = _pml_losses()[loss_name]
+    miner = (lambda: miner_cls()) if miner_cls else (lambda: None)
+    batches = _batches(10, b=32, d=64, seed=9)  # 10 x 32 rows into 256: full, wrapped
+
+    def call(m, b):
+        m(b[0], b[1]).backward() if b[0].requires_grad else m(b[0], b[1])
+
+    torch.manual_seed(0)
+    upstream = losses.CrossBatchMemory(loss_cls(), 64, memory_size=256, miner=miner())
+    ours = AdaptiveCrossBatchMemory(loss_cls(), 64, memory_size=256, miner=miner(), adaptation=adaptation,
+                                    validate="device")  # the CUDA default
+    up = _steady_counts(upstream, batches, call)
+    us = _steady_counts(ours, batches, call)
+    assert us.syncs <= up.syncs, (us.syncs, up.syncs)
+    assert us.total <= up.total + DROPIN_EXTRA_OPS[adaptation], (us.total, up.total, dict(us.ops))
+
+
+@pytest.mark.parametrize("adaptation", ["none", "xbn", "axbn"])
+def test_lightly_dropin_forward_syncs_and_ops_against_lightly(adaptation):
+    pytest.importorskip("lightly")
+    from lightly.models.modules.memory_bank import MemoryBankModule
+
+    from xbn_queue.lightly import AdaptiveMemoryBank
+
+    batches = [x for x, _ in _batches(10, b=32, d=64, seed=10)]
+
+    def call(m, x):
+        m(x, update=True)
+
+    torch.manual_seed(0)
+    up = _steady_counts(MemoryBankModule(size=(256, 64)), batches, call)
+    torch.manual_seed(0)
+    us = _steady_counts(AdaptiveMemoryBank(size=(256, 64), adaptation=adaptation, validate="device"), batches, call)
+    assert up.syncs == 1  # lightly reads its pointer on the host at every call
+    assert us.syncs <= up.syncs and us.syncs == 0
+    assert us.total <= up.total + DROPIN_EXTRA_OPS[adaptation], (us.total, up.total, dict(us.ops))
+
+
+def test_dropins_default_cpu_validation_costs_one_host_read():
+    """With ``validate="auto"`` on a CPU memory the finite check reads one value on the host (a memory
+    read, no device to wait for); on CUDA the default is the device-side check counted above."""
+    pytest.importorskip("lightly")
+    from xbn_queue.lightly import AdaptiveMemoryBank
+
+    bank = AdaptiveMemoryBank(size=(256, 32), adaptation="xbn")
+    xs = [x for x, _ in _batches(10, b=16, d=32, seed=11)]
+    assert _steady_counts(bank, xs, lambda m, x: m(x, update=True)).syncs == 1
