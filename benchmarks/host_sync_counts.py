@@ -54,7 +54,7 @@ def count(fn: Callable[[], object]) -> Dict[str, int]:
     return {"syncs": c.ops["aten._local_scalar_dense.default"], "ops": sum(c.ops.values())}
 
 
-def _kw(cls, validate: str) -> Dict[str, str]:
+def _kw(validate: str) -> Dict[str, str]:
     """``validate=`` only where the queue has it (so that older versions can be counted too)."""
     return {"validate": validate} if "validate" in inspect.signature(AdaptiveQueue.__init__).parameters else {}
 
@@ -74,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
         return [(torch.randn(args.batch, args.dim, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
                 for _ in range(n)]
 
-    kw = _kw(AdaptiveQueue, args.validate)
+    kw = _kw(args.validate)
     rows: List[Dict[str, object]] = []
 
     def measure(what: str, module, call, **extra) -> None:
