@@ -27,9 +27,9 @@ PROG = "xbn-metric"
 EPILOG = f"""commands:
   {PROG} [train] [options]     train one run (this help)
   {PROG} compare [options]     train several methods x seeds and tabulate mean ± std
-                               (see {PROG} compare --help)
+                                   (see {PROG} compare --help)
   {PROG} sweep [options]       Recall@1 against batch size and memory size, per method
-                               (the paper's Figure 1; see {PROG} sweep --help)
+                                   (the paper's Figure 1; see {PROG} sweep --help)
 
 exit status: 0 finished; 2 bad input (nothing written); 130 / 143 stopped by SIGINT / SIGTERM after a
 checkpoint (the command that resumes is printed); 1 the run failed.

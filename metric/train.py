@@ -392,6 +392,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     elif cfg.resume and ctx.is_main:
         print(f"[{PROG}] --resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
     # ---------------------------------------------------------------------- every check passed: write
+    ctx.barrier()  # every rank has checked the folder before rank 0 creates anything in it
     if ctx.is_main:
         prepare_output_dir(out, overwrite=cfg.overwrite and ckpt is None)
         save_config(cfg, out / "config.yaml")

@@ -428,6 +428,7 @@ class Trainer:
         elif cfg.resume and self.ctx.is_main:
             print(f"[{PROG}] --resume: no checkpoint in {self.out}, starting a new run", file=sys.stderr)
         # every check passed: from here on the run folder is written
+        self.ctx.barrier()  # every rank has checked the folder before rank 0 creates anything in it
         if self.ctx.is_main:
             prepare_output_dir(self.out, overwrite=cfg.overwrite and resume_path is None)
             save_config(cfg, self.out / "config.yaml")

@@ -177,13 +177,15 @@ class AdaptiveMemoryBank(MemoryBankModule):
         follow_device(self.queue, self.queue.memory, output.device)
         with torch.no_grad():
             if update:
-                batch = output.detach()
+                # Checked once (shape, dtype, finiteness per the queue's ``validate``) for both the
+                # adaptation and the write: no second check, no host read on CUDA.
+                batch = self.queue._check_embeddings(output.detach(), "output")
                 if self.gather_distributed and xdist.is_distributed():
                     batch = xdist.all_gather_cat(batch)  # (B * world, D), rank order
-                self.queue.adapt(batch)  # to the statistics of the whole (gathered) batch
+                self.queue._adapt(batch)  # to the statistics of the whole (gathered) batch
             bank = self._snapshot()  # (n, D), a copy
             if update:
-                self._write(batch)
+                self._write(batch, checked=True)
         if self.feature_dim_first:
             bank = bank.t()  # (D, n)
         return output, bank
@@ -240,11 +242,20 @@ class AdaptiveMemoryBank(MemoryBankModule):
             self.queue.enqueue(rows.to(self.queue.memory.device))  # all N rows: the pointer is back at 0
         self._ptr = 0
 
-    def _write(self, batch: Tensor) -> None:
-        """lightly's write rule: rows ``ptr .. min(ptr + B, N) - 1`` get the first rows of ``batch`` (B, D)."""
+    def _write(self, batch: Tensor, checked: bool = False) -> None:
+        """lightly's write rule: rows ``ptr .. min(ptr + B, N) - 1`` get the first rows of ``batch`` (B, D).
+
+        The pointer is kept on the host (``_ptr``) by the bank's own writes, reset and loads; write through
+        the bank (``forward`` / ``_dequeue_and_enqueue``), not through ``self.queue``, to keep it right.
+        ``checked``: ``batch`` already passed the queue's input check (float32, on its device).
+        """
         ptr = self._ptr if self._ptr is not None else int(self.queue.ptr)  # a sync only after a load
         k = min(batch.shape[0], self.size[0] - ptr)  # rows that fit before the end of the ring
-        self.queue.enqueue(batch[:k])  # (k, D)
+        rows = batch if k == batch.shape[0] else batch[:k]  # (k, D)
+        if checked:
+            self.queue._enqueue(rows, None, None)
+        else:
+            self.queue.enqueue(rows)
         self._ptr = (ptr + k) % self.size[0]
 
     def _snapshot(self) -> Tensor:

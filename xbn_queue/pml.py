@@ -142,7 +142,9 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         writing to it does not change the memory (PML code only reads it).
         """
         n = len(self.queue)
-        out = torch.zeros(self.memory_size, self.embedding_size, dtype=self._memory_dtype, device=self.queue.memory.device)
+        out = torch.zeros(
+            self.memory_size, self.embedding_size, dtype=self._memory_dtype, device=self.queue.memory.device
+        )  # (M, D)
         out[:n] = self.queue.valid_memory()  # (n, D), cast on the copy
         return out
 
@@ -367,7 +369,8 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         if not isinstance(emb, Tensor) or tuple(emb.shape) != (m, d):
             raise ValueError(f"expected a PML memory of shape ({m}, {d}), got {tuple(getattr(emb, 'shape', ()))}")
         if not isinstance(lab, Tensor) or tuple(lab.shape) != (m,):
-            raise ValueError(f"expected PML's label_memory of shape ({m},) beside it, got {tuple(getattr(lab, 'shape', ()))}")
+            got = tuple(getattr(lab, "shape", ()))
+            raise ValueError(f"expected PML's label_memory of shape ({m},) beside it, got {got}")
         written = (emb != 0).any(dim=1)  # (M,) rows PML has written (it starts from zeros)
         if queue_idx is not None:
             ptr = int(queue_idx) % m
