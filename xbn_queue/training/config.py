@@ -17,7 +17,7 @@ A trainer declares its options once, as a dataclass; every field becomes a ``--k
 Supported field types: ``int``, ``float``, ``str``, ``bool`` (``--x/--no-x``), ``pathlib.Path``,
 ``Optional[...]`` of those (the strings ``none``/``null`` give ``None``), ``Literal[...]`` (becomes
 ``choices``), ``list[X]`` / ``tuple[X, ...]`` (``nargs="*"``), and unions such as ``Union[int, float]``
-(each member type is tried in the declared order). Field ``metadata`` keys: ``help``, ``choices``,
+(members are tried most specific first: bool, int, float, other types, str). Field ``metadata`` keys: ``help``, ``choices``,
 ``type`` (a converter overriding the annotation, e.g. ``str`` for a value the trainer interprets later),
 ``nargs``, ``const``, ``metavar``, ``aliases`` (extra flags, e.g. ``["-o"]``), ``hidden_aliases`` (old
 spellings still accepted on the command line and in YAML, not shown in ``--help``), ``range`` (a
@@ -108,6 +108,11 @@ def _parse_bool(text: str) -> bool:
 
 
 def _union_converter(members: Sequence[Any]) -> Callable[[str], Any]:
+    # Most specific first: bool, int, float, then the others, str last. Not the declared order:
+    # typing caches unions by equality, so ``Union[int, float]`` may come back as an earlier
+    # ``Union[float, int]`` and "64" must still parse as the integer 64.
+    rank = {bool: 0, int: 1, float: 2, str: 4}
+    members = sorted(members, key=lambda m: rank.get(m, 3))
     convs = [_scalar_converter(m) for m in members]
 
     def convert(text: str) -> Any:

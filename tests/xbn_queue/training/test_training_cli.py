@@ -216,3 +216,14 @@ def test_progress_is_a_bar_only_on_a_terminal(capsys, monkeypatch):
     bar = progress_module.progress(range(3), desc="tty", enabled=None)
     assert type(bar).__name__ == "tqdm"
     bar.close()
+
+
+def test_int_or_float_parses_an_integer_whatever_typing_cached():
+    poisoned = Optional[Union[float, int]]  # typing may hand this very object back for Optional[Union[int, float]]
+
+    @dataclass
+    class C:
+        m: Optional[Union[int, float]] = None
+
+    assert poisoned == Optional[Union[int, float]]
+    assert type(parse_config(C, ["--m", "64"]).m) is int and parse_config(C, ["--m", "0.5"]).m == 0.5
