@@ -26,10 +26,11 @@ COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None}
 
 
 def saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
-    """A checkpoint's configuration as the current version writes it, for :data:`COMPAT_KEYS` checks.
+    """A configuration dict in the current form, for :data:`COMPAT_KEYS` checks (applied to both sides).
 
     Checkpoints written before ``width`` / ``max_per_class`` existed had their defaults, and before
-    options kept their types ``memory_size`` was stored as a string (``'0.5'``, ``'64'``).
+    options kept their types ``memory_size`` was stored as a string (``'0.5'``, ``'64'``; a config
+    built in Python may still hold one): it becomes the int or float it stands for.
     """
     out = dict(COMPAT_DEFAULTS, **saved)
     mem = out.get("memory_size")

@@ -372,7 +372,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location="cpu", kind=PROG, required_keys=("config", "meta", "model", "state", "rng"))
         saved = dict(saved_config(ckpt["config"]), **ckpt["meta"])
-        check_compatible(saved, dict(cfg_dict, **meta), COMPAT_KEYS + ["memory_rows", "world_size"], source=ckpt_path)
+        check_compatible(saved, dict(saved_config(cfg_dict), **meta), COMPAT_KEYS + ["memory_rows", "world_size"], source=ckpt_path)
         try:
             model.load_state_dict(ckpt["model"])
             if mem_loss is not None:

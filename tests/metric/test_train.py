@@ -122,7 +122,7 @@ def test_nonfinite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch):
 
 def test_incompatible_checkpoint_is_refused(tmp_path):
     train(tiny_cfg(tmp_path, method="xbm", max_steps=3))
-    with pytest.raises(ValueError, match=r"method: saved 'xbm', now 'xbn'; embedding_dim: saved 32, now 48; memory_size: saved '64', now '32'"):
+    with pytest.raises(ValueError, match=r"method: saved 'xbm', now 'xbn'; embedding_dim: saved 32, now 48; memory_size: saved 64, now 32"):
         train(tiny_cfg(tmp_path, method="xbn", embedding_dim=48, memory_size="32", resume="auto"))
     with pytest.raises(ValueError, match=r"method: saved 'xbm', now 'xbn'"):
         train(tiny_cfg(tmp_path, method="xbn", resume="auto"))
