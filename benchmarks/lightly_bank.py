@@ -62,7 +62,8 @@ def bench_size(args, device: torch.device, size: int) -> List[Dict[str, object]]
     ]
     modules: Dict[str, torch.nn.Module] = {"lightly": MemoryBankModule(size=(size, args.dim)).to(device)}
     for a in args.adaptations:
-        m = AdaptiveMemoryBank(size=(size, args.dim), adaptation=a, normalize=args.normalize).to(device)
+        m = AdaptiveMemoryBank(size=(size, args.dim), adaptation=a, normalize=args.normalize,
+                               compile={"auto": None, "on": True, "off": False}[args.compile]).to(device)
         with torch.no_grad():
             m.queue.enqueue(modules["lightly"].bank.clone())  # full, the same rows as lightly's bank
         modules[a] = m
@@ -76,6 +77,7 @@ def bench_size(args, device: torch.device, size: int) -> List[Dict[str, object]]
                 "dim": args.dim,
                 "adaptation": a,
                 "normalize": args.normalize,
+                "compile": args.compile,
                 "ms": median(times[a]),
                 "lightly_ms": median(times["lightly"]),
                 "ratio": paired_ratio(times[a], times["lightly"]),
@@ -96,6 +98,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     p.add_argument("--adaptations", default="xbn", help="comma-separated, from none,xbn,axbn")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                    help="AdaptiveMemoryBank(normalize=...) (default: on, as for NTXentLoss)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile of the queue's O(D) bookkeeping (auto: on for cuda, off for cpu)")
     add_timing_args(p, 30, 200, 3, 20)
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)

@@ -52,6 +52,8 @@ from xbn_queue import AdaptiveQueue  # noqa: E402
 from xbn_queue import functional as XF  # noqa: E402
 
 COLUMNS = ["memory_size", "adaptation", "ms", "pml_ms", "ratio"]
+#: ``--compile`` -> ``AdaptiveQueue(compile=...)`` (auto: compiled bookkeeping on CUDA, eager on CPU).
+COMPILE = {"auto": None, "on": True, "off": False}
 EXTRA = ["adapt_ms", "adapt_share"]
 
 
@@ -160,10 +162,11 @@ def bench_size(args, device: torch.device, size: int, impl: str) -> List[Dict[st
     mem_rows = rows_fn(labels).to(device)
     labels = labels.to(device)
     modules: Dict[str, torch.nn.Module] = {"pml": pml_xbm(args.dim, size).to(device)}
+    qkw = {"compile": COMPILE[args.compile]}
     for a in args.adaptations:
-        modules[a] = build_ours(impl, args.dim, size, a).to(device)
+        modules[a] = build_ours(impl, args.dim, size, a, **qkw).to(device)
     if args.naive:
-        modules["xbn-naive"] = build_ours(impl, args.dim, size, "xbn", naive=True).to(device)
+        modules["xbn-naive"] = build_ours(impl, args.dim, size, "xbn", naive=True, **qkw).to(device)
     for m in modules.values():
         fill(m, mem_rows, labels)
     del mem_rows
@@ -193,6 +196,7 @@ def bench_size(args, device: torch.device, size: int, impl: str) -> List[Dict[st
                 "times_ms": [round(t, 3) for t in times[name]],
                 "pml_times_ms": [round(t, 3) for t in times["pml"]],
                 "impl": impl,
+                "compile": args.compile,
             }
         )
     return out
@@ -275,6 +279,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     add_timing_args(p, 5, 50, 1, 10)
     p.add_argument("--impl", default="auto", choices=["auto", "dropin", "queue"],
                    help="dropin: xbn_queue.pml.AdaptiveCrossBatchMemory; queue: AdaptiveQueue.update + PML's bookkeeping")
+    p.add_argument("--compile", default="auto", choices=sorted(COMPILE),
+                   help="torch.compile of the queue's O(D) bookkeeping (auto: on for cuda, off for cpu)")
     p.add_argument("--bf16-steps", type=int, default=200, help="steps of the bf16 loss comparison (0: skip)")
     p.add_argument("--bf16-memory", type=int, default=4096)
     p.add_argument("--json", default="", help="write the results here")

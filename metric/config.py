@@ -9,31 +9,58 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
-__all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "memory_rows", "METHODS", "COMPAT_KEYS"]
+from xbn_queue.training.cli import UsageError, above, at_least, between, check_ranges
+
+__all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS", "COMPAT_KEYS",
+           "COMPAT_DEFAULTS", "saved_config"]
 
 METHODS = ("none", "xbm", "xbm-batch", "xbn", "axbn")
 
 #: Options a checkpoint must agree on to be resumed.
-COMPAT_KEYS = ["dataset", "method", "backbone", "embedding_dim", "embedding_norm", "memory_size", "batch_size",
-               "m_per_class", "image_size", "split", "train_fraction", "split_seed"]
+COMPAT_KEYS = ["dataset", "method", "backbone", "width", "embedding_dim", "embedding_norm", "memory_size", "batch_size",
+               "m_per_class", "image_size", "split", "train_fraction", "split_seed", "max_per_class"]
+#: Values of options added after checkpoints were first written (a checkpoint without them had these).
+COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None}
+
+
+def saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A configuration dict in the current form, for :data:`COMPAT_KEYS` checks (applied to both sides).
+
+    Checkpoints written before ``width`` / ``max_per_class`` existed had their defaults, and before
+    options kept their types ``memory_size`` was stored as a string (``'0.5'``, ``'64'``; a config
+    built in Python may still hold one): it becomes the int or float it stands for.
+    """
+    out = dict(COMPAT_DEFAULTS, **saved)
+    mem = out.get("memory_size")
+    if isinstance(mem, str):
+        try:
+            out["memory_size"] = int(mem)
+        except ValueError:
+            try:
+                out["memory_size"] = float(mem)
+            except ValueError:
+                pass
+    return out
 
 _PAPER = dict(backbone="resnet50", pretrained=True, image_size=224, epochs=50, warmup_epochs=2, batch_size=64,
-              m_per_class=4, lr=1e-4, embedding_dim=512, memory_size="0.5", auto_augment="rand-m9-mstd0.5",
-              re_prob=0.2, crop_scale_min=0.08, hflip=0.5, workers=4, kalman_gain_every=100, threads=0)
+              m_per_class=4, lr=1e-4, embedding_dim=512, memory_size=0.5, auto_augment="rand-m9-mstd0.5",
+              re_prob=0.2, crop_min_scale=0.08, hflip=0.5, workers=4, kalman_gain_every=100, threads=0,
+              augment="timm")
 
 #: Per-dataset defaults for the fields left at ``None``.
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "sop": dict(_PAPER, recall_ks=[1, 10, 100, 1000]),
     "inshop": dict(_PAPER, recall_ks=[1, 10, 20, 30, 40, 50]),
-    "deepfashion2": dict(_PAPER, recall_ks=[1, 5, 10, 20], memory_size="1.0", kalman_gain_every=10),
+    "deepfashion2": dict(_PAPER, recall_ks=[1, 5, 10, 20], memory_size=1.0, kalman_gain_every=10),
     "folder": dict(_PAPER, recall_ks=[1, 2, 4, 8]),
     # digits: 8x8 images -> a tiny CNN at 16 px trained from scratch (lr 1e-3), 8 classes x 4 images per
     # batch, no crops/flips that would destroy a digit, a few epochs.
     "digits": dict(backbone="tinycnn", pretrained=False, image_size=16, epochs=12, warmup_epochs=1, batch_size=32,
-                   m_per_class=4, lr=1e-3, embedding_dim=64, memory_size="0.5", auto_augment="none", re_prob=0.0,
-                   crop_scale_min=0.7, hflip=0.0, workers=0, kalman_gain_every=10, recall_ks=[1, 2, 4, 8], threads=1),
+                   m_per_class=4, lr=1e-3, embedding_dim=64, memory_size=0.5, auto_augment="none", re_prob=0.0,
+                   crop_min_scale=0.7, hflip=0.0, workers=0, kalman_gain_every=10, recall_ks=[1, 2, 4, 8], threads=1,
+                   augment="timm"),
 }
 
 
@@ -49,59 +76,63 @@ class MetricConfig:
     dataset: str = field(default="digits", metadata=_h("dataset", choices=["sop", "inshop", "deepfashion2", "folder", "digits"], group="data"))
     data_root: Optional[str] = field(default=None, metadata=_h("dataset root folder (not needed for digits)", group="data"))
     split: str = field(default="auto", metadata=_h("folder/digits split: auto (folder: train/test folders or class split; digits: instance), class (disjoint classes) or instance", choices=["auto", "class", "instance"], group="data"))
-    train_fraction: float = field(default=0.5, metadata=_h("fraction of classes (class split) or images (instance split) used for training", group="data"))
+    train_fraction: float = field(default=0.5, metadata=_h("fraction of classes (class split) or images (instance split) used for training", group="data", range=between(0, 1, lo_open=True, hi_open=True)))
     split_seed: int = field(default=0, metadata=_h("seed of the folder/digits split rule", group="data"))
-    image_size: Optional[int] = field(default=None, metadata=_h("input size (default: 224; digits 16)", group="data"))
+    image_size: Optional[int] = field(default=None, metadata=_h("input size (default: 224; digits 16)", group="data", range=at_least(8)))
     auto_augment: Optional[str] = field(default=None, metadata=_h("timm auto-augment policy or 'none' (default rand-m9-mstd0.5; digits none)", group="data"))
-    re_prob: Optional[float] = field(default=None, metadata=_h("random erasing probability (default 0.2; digits 0)", group="data"))
-    crop_scale_min: Optional[float] = field(default=None, metadata=_h("lower bound of the random-resized-crop area (default 0.08; digits 0.7)", group="data"))
-    hflip: Optional[float] = field(default=None, metadata=_h("horizontal flip probability (default 0.5; digits 0)", group="data"))
-    workers: Optional[int] = field(default=None, metadata=_h("data loader workers (default 4; digits 0)", group="data"))
+    re_prob: Optional[float] = field(default=None, metadata=_h("random erasing probability (default 0.2; digits 0)", group="data", range=between(0, 1)))
+    crop_min_scale: Optional[float] = field(default=None, metadata=_h("lower bound of the random-resized-crop area (default 0.08; digits 0.7)", group="data", hidden_aliases=["crop-scale-min"], range=between(0, 1, lo_open=True)))
+    hflip: Optional[float] = field(default=None, metadata=_h("horizontal flip probability (default 0.5; digits 0)", group="data", range=between(0, 1)))
+    augment: Optional[str] = field(default=None, metadata=_h("training augmentation: timm (timm's pipeline: random-resized crop, flip, colour jitter, --auto-augment, erasing) or mild (random-resized crop, small random affine, flip, erasing; no RandAugment) (default timm; not pretrained: mild)", choices=["timm", "mild"], group="data"))
+    max_per_class: Optional[int] = field(default=None, metadata=_h("folder: use at most N images per class (the first N by file name) in training and in test (default: all)", group="data", range=at_least(1)))
+    workers: Optional[int] = field(default=None, metadata=_h("data loader workers (default 4; digits 0)", group="data", range=at_least(0)))
     skip_bad_images: bool = field(default=False, metadata=_h("warn about and skip unreadable images instead of stopping", group="data"))
     # model
-    backbone: Optional[str] = field(default=None, metadata=_h("timm model name or 'tinycnn' (default resnet50; digits tinycnn)", group="model"))
+    backbone: Optional[str] = field(default=None, metadata=_h("timm model name, or for small images conv4, cifar_resnet18 or tinycnn (default resnet50; digits tinycnn)", group="model"))
+    width: Optional[int] = field(default=None, metadata=_h("channels of conv4 (default 64), of the first stage of cifar_resnet18 (default 64) or of tinycnn (default 16); not for timm models", group="model", range=at_least(1)))
     pretrained: Optional[bool] = field(default=None, metadata=_h("ImageNet-pretrained backbone from timm's hub (default on; digits off)", group="model"))
     pretrained_path: Optional[str] = field(default=None, metadata=_h("local state dict for the backbone (offline alternative to --pretrained)", group="model"))
-    embedding_dim: Optional[int] = field(default=None, metadata=_h("embedding size (default 512; digits 64)", group="model"))
+    embedding_dim: Optional[int] = field(default=None, metadata=_h("embedding size (default 512; digits 64)", group="model", range=at_least(1)))
     embedding_norm: str = field(default="l2", metadata=_h("l2, or l2 followed by bn / ln (Appendix A)", choices=["l2", "bn", "ln"], group="model"))
     # method and memory
     method: str = field(default="xbn", metadata=_h("none (batch loss), xbm (memory loss), xbm-batch (XBM*: memory + batch), xbn, axbn", choices=list(METHODS), group="memory"))
-    memory_size: Optional[str] = field(default=None, metadata=_h("memory rows N, or a fraction of the training set like 0.5 (default 0.5; deepfashion2 1.0)", group="memory"))
-    kalman_r: str = field(default="0.01", metadata=_h("AXBN measurement noise r (per batch: r/B), or 'auto'", group="memory"))
-    kalman_q: float = field(default=1.0, metadata=_h("AXBN process noise q", group="memory"))
-    kalman_p0: float = field(default=1.0, metadata=_h("AXBN initial estimate variance p0", group="memory"))
-    kalman_gain_every: Optional[int] = field(default=None, metadata=_h("AXBN: recompute the Kalman gain every N steps (default 100; deepfashion2, digits 10)", group="memory"))
+    memory_size: Optional[Union[int, float]] = field(default=None, metadata=_h("memory rows N (an integer >= 1, at most the training set), or a fraction of the training set in (0, 1] like 0.5 (default 0.5; deepfashion2 1.0)", group="memory"))
+    kalman_r: Union[float, str] = field(default=0.01, metadata=_h("AXBN measurement noise r > 0 (per batch: r/B), or 'auto' (default 0.01)", group="memory"))
+    kalman_q: float = field(default=1.0, metadata=_h("AXBN process noise q", group="memory", range=at_least(0)))
+    kalman_p0: float = field(default=1.0, metadata=_h("AXBN initial estimate variance p0", group="memory", range=above(0)))
+    kalman_gain_every: Optional[int] = field(default=None, metadata=_h("AXBN: recompute the Kalman gain every N steps (default 100; deepfashion2, digits 10)", group="memory", range=at_least(1)))
     # optimisation
-    epochs: Optional[int] = field(default=None, metadata=_h("training epochs after the warm-up (default 50; digits 12)", group="optimisation"))
-    warmup_epochs: Optional[int] = field(default=None, metadata=_h("head-only pre-warm-up epochs with SGD and the batch loss (default 2; digits 1)", group="optimisation"))
-    batch_size: Optional[int] = field(default=None, metadata=_h("batch size per process (default 64; digits 32)", group="optimisation"))
-    m_per_class: Optional[int] = field(default=None, metadata=_h("images per class in a batch (default 4)", group="optimisation"))
-    lr: Optional[float] = field(default=None, metadata=_h("AdamW learning rate (default 1e-4; digits 1e-3)", group="optimisation"))
+    epochs: Optional[int] = field(default=None, metadata=_h("training epochs after the warm-up (default 50; digits 12)", group="optimisation", range=at_least(1)))
+    warmup_epochs: Optional[int] = field(default=None, metadata=_h("head-only pre-warm-up epochs with SGD and the batch loss (default 2; not pretrained: 0; digits 1)", group="optimisation", range=at_least(0)))
+    batch_size: Optional[int] = field(default=None, metadata=_h("batch size per process (default 64; digits 32)", group="optimisation", range=at_least(2)))
+    m_per_class: Optional[int] = field(default=None, metadata=_h("images per class in a batch (default 4)", group="optimisation", range=at_least(2)))
+    lr: Optional[float] = field(default=None, metadata=_h("AdamW learning rate (default 1e-4; digits 1e-3)", group="optimisation", range=above(0)))
     scale_lr: bool = field(default=False, metadata=_h("multiply lr and warmup lr by the number of processes (linear scaling)", group="optimisation"))
-    weight_decay: float = field(default=1e-4, metadata=_h("AdamW weight decay", group="optimisation"))
-    lr_step_epochs: int = field(default=15, metadata=_h("multiply lr by --lr-gamma every N epochs", group="optimisation"))
-    lr_gamma: float = field(default=0.33, metadata=_h("step factor of the lr schedule", group="optimisation"))
-    warmup_lr: float = field(default=1e-3, metadata=_h("SGD learning rate of the head-only warm-up", group="optimisation"))
-    warmup_momentum: float = field(default=0.9, metadata=_h("SGD momentum of the warm-up", group="optimisation"))
-    max_steps: Optional[int] = field(default=None, metadata=_h("stop after this many optimiser steps in total (warm-up included)", group="optimisation"))
+    weight_decay: float = field(default=1e-4, metadata=_h("AdamW weight decay", group="optimisation", range=at_least(0)))
+    lr_step_epochs: int = field(default=15, metadata=_h("multiply lr by --lr-gamma every N epochs", group="optimisation", range=at_least(1)))
+    lr_gamma: float = field(default=0.33, metadata=_h("step factor of the lr schedule", group="optimisation", range=between(0, 1, lo_open=True)))
+    warmup_lr: float = field(default=1e-3, metadata=_h("SGD learning rate of the head-only warm-up", group="optimisation", range=above(0)))
+    warmup_momentum: float = field(default=0.9, metadata=_h("SGD momentum of the warm-up", group="optimisation", range=between(0, 1, hi_open=True)))
+    max_steps: Optional[int] = field(default=None, metadata=_h("stop after this many optimiser steps in total (warm-up included)", group="optimisation", range=at_least(1)))
     # runtime
     device: str = field(default="auto", metadata=_h("auto, cpu or cuda", choices=["auto", "cpu", "cuda"], group="runtime"))
     amp: bool = field(default=True, metadata=_h("mixed precision on GPU (bf16 autocast, or fp16 + GradScaler)", group="runtime"))
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format on GPU", group="runtime"))
-    threads: Optional[int] = field(default=None, metadata=_h("torch CPU threads, 0 = torch's default (default 0; digits 1: a tiny model runs fastest on one thread)", group="runtime"))
+    threads: Optional[int] = field(default=None, metadata=_h("torch CPU threads, 0 = torch's default (default 0; digits 1: a tiny model runs fastest on one thread)", group="runtime", range=at_least(0)))
     seed: int = field(default=0, metadata=_h("random seed", group="runtime"))
-    output_dir: str = field(default="runs/metric", metadata=_h("run folder", group="runtime"))
+    output_dir: Optional[str] = field(default=None, metadata=_h("run folder (default: a new folder runs/metric/<dataset>-<method>-<timestamp>)", group="runtime"))
+    overwrite: bool = field(default=False, metadata=_h("replace the run that --output-dir holds (without it such a folder is refused unless --resume)", group="runtime"))
     resume: str = field(default="", metadata=_h("continue from a checkpoint: bare --resume / auto = OUTPUT_DIR/last.pt if present, or a path", nargs="?", const="auto", group="runtime"))
-    checkpoint_every: int = field(default=0, metadata=_h("also write last.pt every N steps (0: only at epoch ends)", group="runtime"))
-    progress: bool = field(default=True, metadata=_h("tqdm progress bars", group="runtime"))
+    checkpoint_every: int = field(default=0, metadata=_h("also write last.pt every N steps (0: only at epoch ends)", group="runtime", range=at_least(0)))
+    progress: Optional[bool] = field(default=None, metadata=_h("progress bars (default: only when stderr is a terminal; otherwise plain lines)", group="runtime"))
     # evaluation and diagnostics
-    recall_ks: Optional[List[int]] = field(default=None, metadata=_h("K of Recall@K (default: the dataset's customary ones)", group="evaluation"))
-    eval_every: int = field(default=1, metadata=_h("evaluate every N epochs (and after the last)", group="evaluation"))
-    eval_batch_size: int = field(default=256, metadata=_h("batch size for embedding the evaluation sets", group="evaluation"))
-    eval_chunk: int = field(default=2048, metadata=_h("queries per similarity chunk in the evaluation", group="evaluation"))
-    drift_every: int = field(default=10, metadata=_h("measure the probe batch's feature drift over one step every N steps (0: off)", group="evaluation"))
-    probe_size: int = field(default=64, metadata=_h("size of the fixed probe batch (training images, evaluation transform)", group="evaluation"))
-    staleness_samples: int = field(default=512, metadata=_h("memory rows compared with fresh embeddings of the same images at each evaluation", group="evaluation"))
+    recall_ks: Optional[List[int]] = field(default=None, metadata=_h("K of Recall@K (default: the dataset's customary ones)", group="evaluation", range=at_least(1)))
+    eval_every: int = field(default=1, metadata=_h("evaluate every N epochs (and after the last)", group="evaluation", range=at_least(1)))
+    eval_batch_size: int = field(default=256, metadata=_h("batch size for embedding the evaluation sets", group="evaluation", range=at_least(1)))
+    eval_chunk: int = field(default=2048, metadata=_h("queries per similarity chunk in the evaluation", group="evaluation", range=at_least(1)))
+    drift_every: int = field(default=10, metadata=_h("measure the probe batch's feature drift over one step every N steps (0: off)", group="evaluation", range=at_least(0)))
+    probe_size: int = field(default=64, metadata=_h("size of the fixed probe batch (training images, evaluation transform)", group="evaluation", range=at_least(1)))
+    staleness_samples: int = field(default=512, metadata=_h("memory rows compared with fresh embeddings of the same images at each evaluation", group="evaluation", range=at_least(1)))
     # tracking
     wandb_project: Optional[str] = field(default=None, metadata=_h("W&B project (default xbn-metric when W&B is on)", group="tracking"))
     wandb_mode: str = field(default="disabled", metadata=_h("W&B mode", choices=["online", "offline", "disabled"], group="tracking"))
@@ -109,44 +140,87 @@ class MetricConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.checkpoint_every < 0 or self.eval_every < 1 or self.drift_every < 0:
-            raise ValueError("checkpoint_every and drift_every must be >= 0 and eval_every >= 1")
-        if self.kalman_r != "auto":
-            try:
-                float(self.kalman_r)
-            except ValueError:
-                raise ValueError(f"kalman_r must be a number or 'auto', got {self.kalman_r!r}") from None
+            raise UsageError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
+
+
+def validate_config(cfg: MetricConfig) -> None:
+    """Every check of the options alone (no data needed): ranges and the relations between options.
+
+    Raises:
+        UsageError: naming the option, the value and what is expected.
+    """
+    check_ranges(cfg)
+    if isinstance(cfg.kalman_r, str) and cfg.kalman_r.strip().lower() != "auto":
+        try:
+            float(cfg.kalman_r)
+        except ValueError:
+            raise UsageError(f"--kalman-r {cfg.kalman_r}: expected a number > 0 or 'auto'") from None
+    if cfg.kalman_r != "auto" and not float(cfg.kalman_r) > 0:
+        raise UsageError(f"--kalman-r {cfg.kalman_r}: expected a number > 0 or 'auto'")
+    if cfg.memory_size is not None:
+        memory_rows(cfg.memory_size, None)
+    if cfg.max_per_class is not None and cfg.dataset != "folder":
+        raise UsageError(f"--max-per-class {cfg.max_per_class}: applies to --dataset folder only, not {cfg.dataset}")
+    if cfg.batch_size is not None and cfg.m_per_class is not None and cfg.batch_size % cfg.m_per_class != 0:
+        raise UsageError(f"--batch-size {cfg.batch_size}: expected a multiple of --m-per-class {cfg.m_per_class}")
 
 
 def resolve_config(cfg: MetricConfig) -> MetricConfig:
-    """Fill the ``None`` fields with the dataset's defaults (a new object; ``cfg`` is unchanged)."""
-    defaults = DATASET_DEFAULTS[cfg.dataset]
+    """Fill the ``None`` fields with the defaults (a new object; ``cfg`` is unchanged) and check it.
+
+    The defaults are the dataset's, updated by the training recipe (:func:`metric.recipe.recipe_defaults`):
+    a backbone that is not pretrained gets the from-scratch recipe (no head-only warm-up, mild
+    augmentation) instead of the paper's.
+
+    Raises:
+        UsageError: an option out of its range (see :func:`validate_config`).
+    """
+    from .recipe import recipe_defaults
+
+    defaults = recipe_defaults(cfg, DATASET_DEFAULTS[cfg.dataset])
     updates = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
     out = dataclasses.replace(cfg, **updates)
-    if out.batch_size % out.m_per_class != 0:
-        raise ValueError(f"batch_size {out.batch_size} must be a multiple of m_per_class {out.m_per_class}")
+    validate_config(out)
     return out
 
 
-def memory_rows(memory_size: str, num_train: int) -> int:
-    """Number of memory rows: an integer literal is a row count, a decimal (``0.5``, ``1.0``, ``5e-1``)
-    a fraction of the ``num_train`` training images (rounded, at least 1).
+def memory_rows(memory_size: Union[int, float, str], num_train: Optional[int]) -> int:
+    """Number of memory rows: an integer is a row count, a float (``0.5``, ``1.0``, ``5e-1``; also as a
+    string) a fraction of the ``num_train`` training images (rounded, at least 1).
+
+    A count larger than the training set is refused (a memory that big would hold the same images
+    several times, which XBM never intends): use at most ``num_train`` rows or the fraction ``1.0``.
+
+    Args:
+        memory_size: The ``--memory-size`` value.
+        num_train: Training images, or ``None`` to check the value alone (returns 0 for a fraction).
 
     Raises:
-        ValueError: unparsable value, a fraction outside (0, 1], or a count < 1.
+        UsageError: unparsable value, a fraction outside (0, 1], a count < 1 or larger than the
+            training set.
     """
-    text = str(memory_size).strip()
-    try:
-        n = int(text)
-    except ValueError:
+    value: Union[int, float]
+    if isinstance(memory_size, bool):
+        raise UsageError(f"--memory-size {memory_size}: expected a row count or a fraction in (0, 1]")
+    if isinstance(memory_size, (int, float)):
+        value = memory_size
+    else:
+        text = str(memory_size).strip()
         try:
-            frac = float(text)
+            value = int(text)
         except ValueError:
-            raise ValueError(f"memory_size must be a row count or a fraction, got {memory_size!r}") from None
-        if not 0.0 < frac <= 1.0:
-            raise ValueError(f"memory_size fraction must be in (0, 1], got {memory_size!r}")
-        return max(1, int(round(frac * num_train)))
-    if n < 1:
-        raise ValueError(f"memory_size must be >= 1, got {memory_size!r}")
-    return n
+            try:
+                value = float(text)
+            except ValueError:
+                raise UsageError(f"--memory-size {memory_size}: expected a row count or a fraction in (0, 1]") from None
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            hint = f" (for {int(value)} rows, write the integer)" if value > 1 and value.is_integer() else ""
+            raise UsageError(f"--memory-size {memory_size}: a fraction must be in (0, 1]{hint}")
+        return 0 if num_train is None else max(1, int(round(value * num_train)))
+    if value < 1:
+        raise UsageError(f"--memory-size {memory_size}: expected a row count >= 1 or a fraction in (0, 1]")
+    if num_train is not None and value > num_train:
+        raise UsageError(f"--memory-size {memory_size}: more rows than the {num_train} training images; "
+                         f"use at most {num_train} (or the fraction 1.0)")
+    return value

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
@@ -312,12 +311,12 @@ def load_deepfashion2(root: Union[str, Path], check_files: bool = True) -> Retri
 
 
 # ------------------------------------------------------------------------------------------ folder
-def _class_folders(root: Path) -> Dict[str, List[str]]:
+def _class_folders(root: Path, max_per_class: Optional[int] = None) -> Dict[str, List[str]]:
     out: Dict[str, List[str]] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted(str(f) for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         if files:
-            out[d.name] = files
+            out[d.name] = files[:max_per_class]
     return out
 
 
@@ -338,8 +337,12 @@ def _instance_split(n: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.
     return np.sort(perm[:n_train]), np.sort(perm[n_train:])
 
 
-def load_folder(root: Union[str, Path], split: str = "auto", train_fraction: float = 0.5, split_seed: int = 0) -> RetrievalData:
+def load_folder(root: Union[str, Path], split: str = "auto", train_fraction: float = 0.5, split_seed: int = 0,
+                max_per_class: Optional[int] = None) -> RetrievalData:
     """A user's image folders, one per class (see the module docstring for the split rules).
+
+    ``max_per_class``: keep only the first N images (by file name) of each class folder, in
+    ``train/`` and ``test/`` each when they exist (a quick subset of a large set).
 
     Raises:
         DataFormatError: missing root, no class folders with images, or too few classes to split.
@@ -348,8 +351,8 @@ def load_folder(root: Union[str, Path], split: str = "auto", train_fraction: flo
     if split not in ("auto", "class", "instance"):
         raise ValueError(f"split must be auto, class or instance, got {split!r}")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        tr = _class_folders(root / "train")
-        te = _class_folders(root / "test")
+        tr = _class_folders(root / "train", max_per_class)
+        te = _class_folders(root / "test", max_per_class)
         if not tr or not te:
             raise DataFormatError(f"folder: {root / 'train'} and {root / 'test'} must each hold class folders with images")
         if split == "class":
@@ -367,7 +370,7 @@ def load_folder(root: Union[str, Path], split: str = "auto", train_fraction: flo
         te_items = [p for c in sorted(te) for p in te[c]]
         te_raw = [c for c in sorted(te) for _ in te[c]]
     else:
-        classes = _class_folders(root)
+        classes = _class_folders(root, max_per_class)
         if not classes:
             raise DataFormatError(f"folder: no class folders with images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
         if split in ("auto", "class"):
@@ -431,8 +434,9 @@ DATASETS = ("sop", "inshop", "deepfashion2", "folder", "digits")
 
 
 def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str = "auto",
-                 train_fraction: float = 0.5, split_seed: int = 0, check_files: bool = True) -> RetrievalData:
-    """Load one of :data:`DATASETS`.
+                 train_fraction: float = 0.5, split_seed: int = 0, check_files: bool = True,
+                 max_per_class: Optional[int] = None) -> RetrievalData:
+    """Load one of :data:`DATASETS` (``max_per_class``: folder only, see :func:`load_folder`).
 
     Raises:
         ValueError: unknown dataset name.
@@ -445,7 +449,7 @@ def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str 
     if name == "deepfashion2":
         return load_deepfashion2(root, check_files)
     if name == "folder":
-        return load_folder(root, split, train_fraction, split_seed)
+        return load_folder(root, split, train_fraction, split_seed, max_per_class)
     if name == "digits":
         return load_digits(split, train_fraction, split_seed)
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -488,8 +492,8 @@ class ImageDataset(Dataset):
     Args:
         split: the items and labels.
         transform: PIL image -> tensor.
-        skip_bad_images: on an unreadable image return a zero image with ``ok=False`` and warn once,
-            instead of raising :class:`BadImageError`.
+        skip_bad_images: on an unreadable image return a zero image with ``ok=False`` instead of raising
+            :class:`BadImageError` (the caller reports it, once per file).
         cache: keep transformed items in memory (for a deterministic transform on small in-memory
             data, e.g. the evaluation sets of ``digits``).
     """
@@ -513,8 +517,7 @@ class ImageDataset(Dataset):
         except BadImageError as err:
             if not self.skip_bad_images:
                 raise
-            warnings.warn(f"{err} (skipped: --skip-bad-images)", stacklevel=2)
-            out = None, False
+            out = None, False  # the trainer warns once per file, naming it (the program, not a raw warning)
         if self.cache is not None:
             self.cache[index] = out
         return out

@@ -1,4 +1,8 @@
-"""Embedding model: a timm backbone (or a tiny built-in CNN) + a linear head + L2 (+ optional BN/LN).
+"""Embedding model: a timm backbone (or a small-image backbone) + a linear head + L2 (+ optional BN/LN).
+
+Backbones: any timm model name, or for small images ``conv4`` (the Conv-4 of the few-shot and
+metric-learning literature, flattened) and ``cifar_resnet18`` (3x3 stem, no max-pool), both from
+:mod:`xbn_queue.training.backbones` (shared with the selfsup trainer), or ``tinycnn`` (the digits demo).
 
 ``MetricModel(x)`` returns (B, embedding_dim) float32 embeddings: ``head(backbone(x))`` L2-normalised,
 then optionally BatchNorm1d / LayerNorm (the paper's Appendix A, Table 3), as in the paper's
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TinyCNN", "MetricModel", "build_model", "PretrainedWeightsError"]
+__all__ = ["TinyCNN", "MetricModel", "build_model", "PretrainedWeightsError", "SMALL_BACKBONES"]
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -47,11 +51,29 @@ class TinyCNN(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
-def _create_backbone(name: str, pretrained: bool, pretrained_path: Optional[str]) -> nn.Module:
-    if name in ("tinycnn", "tiny_cnn"):
-        backbone: nn.Module = TinyCNN()
+#: Backbones built here rather than by timm (no hub weights): name -> default width.
+SMALL_BACKBONES = {"tinycnn": 16, "conv4": 64, "cifar_resnet18": 64}
+
+
+def _create_backbone(name: str, pretrained: bool, pretrained_path: Optional[str], width: Optional[int] = None,
+                     image_size: int = 32) -> nn.Module:
+    if name == "tiny_cnn":
+        name = "tinycnn"
+    if width is not None and name not in SMALL_BACKBONES:
+        raise ValueError(f"--width applies to the backbones {', '.join(SMALL_BACKBONES)}, not to the timm model {name!r}")
+    if name in SMALL_BACKBONES:
+        from xbn_queue.training.backbones import CifarResNet, Conv4
+
+        w = SMALL_BACKBONES[name] if width is None else int(width)
         if pretrained and not pretrained_path:
-            raise PretrainedWeightsError("backbone 'tinycnn' has no pretrained weights: use --no-pretrained or --pretrained-path FILE")
+            raise PretrainedWeightsError(f"backbone {name!r} has no pretrained weights: use --no-pretrained or --pretrained-path FILE")
+        backbone: nn.Module
+        if name == "tinycnn":
+            backbone = TinyCNN(w)
+        elif name == "conv4":
+            backbone = Conv4(w, image_size)
+        else:
+            backbone = CifarResNet("resnet18", width=w)
     else:
         import timm
 
@@ -60,7 +82,7 @@ def _create_backbone(name: str, pretrained: bool, pretrained_path: Optional[str]
             backbone = timm.create_model(name, pretrained=use_hub, num_classes=0)
         except RuntimeError as err:
             if "Unknown model" in str(err):
-                raise ValueError(f"unknown backbone {name!r} (a timm model name or 'tinycnn')") from None
+                raise ValueError(f"unknown backbone {name!r} (a timm model name, {', '.join(SMALL_BACKBONES)})") from None
             if not use_hub:
                 raise
             raise PretrainedWeightsError(
@@ -142,13 +164,23 @@ class MetricModel(nn.Module):
 
 
 def build_model(backbone: str, embedding_dim: int, embedding_norm: str = "l2", pretrained: bool = False,
-                pretrained_path: Optional[str] = None) -> MetricModel:
+                pretrained_path: Optional[str] = None, width: Optional[int] = None, image_size: int = 32) -> MetricModel:
     """Create the embedding model.
+
+    Args:
+        backbone: a timm model name or one of :data:`SMALL_BACKBONES`.
+        embedding_dim: D.
+        embedding_norm: ``l2``, ``bn`` or ``ln``.
+        pretrained: ImageNet weights from timm's hub.
+        pretrained_path: a local state dict for the backbone.
+        width: channels of a small backbone (``None``: its default); refused for timm models.
+        image_size: input side in pixels (fixes the feature size of ``conv4``, which is not pooled).
 
     Raises:
         PretrainedWeightsError: ``pretrained`` without a reachable weight hub and no ``pretrained_path``.
-        ValueError: unknown backbone or bad ``pretrained_path`` contents.
+        ValueError: unknown backbone, ``width`` for a timm model, an image too small for ``conv4``, or
+            bad ``pretrained_path`` contents.
     """
-    bb = _create_backbone(backbone, pretrained, pretrained_path)
+    bb = _create_backbone(backbone, pretrained, pretrained_path, width, image_size)
     num_features = int(getattr(bb, "num_features"))
     return MetricModel(bb, num_features, embedding_dim, embedding_norm)

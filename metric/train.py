@@ -19,19 +19,23 @@ are gathered, and only rank 0 writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from xbn_queue.drift import feature_drift, queue_staleness
-from xbn_queue.training.checkpoint import atomic_save, check_compatible, load_checkpoint, resolve_resume
+from xbn_queue.training.checkpoint import CheckpointError, atomic_save, check_compatible, load_checkpoint, resolve_resume
+from xbn_queue.training.cli import (UsageError, check_memory_fits, check_output_dir, choose_output_dir, one_line,
+                                    prepare_output_dir, warn)
 from xbn_queue.training.config import config_to_dict, save_config
 from xbn_queue.training.distributed import DistContext, init_distributed
 from xbn_queue.training.progress import progress
@@ -40,13 +44,18 @@ from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.signals import GracefulExit
 from xbn_queue.training.tracking import RunLogger, plot_history
 
-from .config import COMPAT_KEYS, MetricConfig, memory_rows, resolve_config
+from .config import COMPAT_KEYS, MetricConfig, memory_rows, resolve_config, saved_config
 from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import retrieval_metrics
 from .model import MetricModel, build_model
+from .recipe import recipe_summary
 from .sampler import MPerClassBatches, steps_per_epoch
 
-__all__ = ["train", "NonFiniteError", "build_transforms", "build_losses", "embed_split"]
+__all__ = ["train", "NonFiniteError", "build_transforms", "build_losses", "embed_split", "default_output_dir"]
+
+PROG = "xbn-metric"
+#: Parent of the default run folders (``runs/metric/<dataset>-<method>-<timestamp>``).
+DEFAULT_RUNS = "runs/metric"
 
 #: Test hook: after writing the checkpoint of this global step, the process waits for SIGKILL / SIGTERM.
 HANG_ENV = "XBN_METRIC_TEST_HANG_AFTER_STEP"
@@ -60,15 +69,31 @@ class NonFiniteError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------- pieces
 def build_transforms(cfg: MetricConfig):
-    """timm's training transform (RandAugment, random erasing, ...) and its evaluation transform."""
+    """The training transform and the evaluation transform (resize + centre crop, ImageNet normalisation).
+
+    ``--augment timm``: timm's training pipeline (random-resized crop, flip, colour jitter,
+    ``--auto-augment``, random erasing). ``--augment mild`` (the from-scratch recipe): random-resized
+    crop of ``crop_min_scale``-100 % of the area, a random affine of +-10 degrees and +-5 % shift,
+    horizontal flip, random erasing with ``re_prob``; no RandAugment, no colour jitter.
+    """
     from timm.data import create_transform
 
+    eval_tf = create_transform(input_size=cfg.image_size, is_training=False, interpolation="bicubic")
+    if cfg.augment == "mild":
+        from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        from torchvision import transforms as T
+
+        steps = [T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                 T.RandomAffine(degrees=10, translate=(0.05, 0.05)),
+                 T.RandomHorizontalFlip(cfg.hflip), T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        if cfg.re_prob > 0:
+            steps.append(T.RandomErasing(cfg.re_prob))
+        return T.Compose(steps), eval_tf
     aa = None if (cfg.auto_augment or "none").lower() == "none" else cfg.auto_augment
     train_tf = create_transform(
         input_size=cfg.image_size, is_training=True, auto_augment=aa, re_prob=cfg.re_prob,
-        scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, interpolation="bicubic",
+        scale=(cfg.crop_min_scale, 1.0), hflip=cfg.hflip, interpolation="bicubic",
     )
-    eval_tf = create_transform(input_size=cfg.image_size, is_training=False, interpolation="bicubic")
     return train_tf, eval_tf
 
 
@@ -110,8 +135,11 @@ def _shard(n: int, rank: int, world: int) -> List[int]:
 
 @torch.no_grad()
 def embed_split(model: nn.Module, ds: ImageDataset, cfg: MetricConfig, ctx: DistContext,
-                device: torch.device, desc: str = "embed") -> Tuple[Tensor, Tensor, int]:
+                device: torch.device, desc: str = "embed",
+                on_bad: Optional[Callable[[List[int]], None]] = None) -> Tuple[Tensor, Tensor, int]:
     """Embed a dataset (built with the evaluation transform), sharded over ranks, gathered in order.
+
+    ``on_bad``, when given, receives the dataset indices of the unreadable images (``--skip-bad-images``).
 
     Returns:
         ``(features (N', D) float32 on ``device``, labels (N',) int64, bad)`` where unreadable images
@@ -147,6 +175,9 @@ def embed_split(model: nn.Module, ds: ImageDataset, cfg: MetricConfig, ctx: Dist
         order = torch.argsort(i)
         f, y, ok = f[order], y[order], ok[order]
     bad = int((~ok).sum())
+    if bad and on_bad is not None:
+        idx_all = torch.sort(i).values if ctx.is_distributed else i
+        on_bad(idx_all[~ok].tolist())
     return f[ok], y[ok], bad
 
 
@@ -209,14 +240,18 @@ def train(cfg: MetricConfig) -> Dict[str, Any]:
 
     Returns:
         ``{"output_dir", "best": metrics of the best evaluation, "last": the last evaluation,
-        "steps", "stopped": None | "signal" | "max_steps"}`` (on every rank; files only on rank 0).
+        "steps", "stopped": None | "signal" | "max_steps", "signal": the signal number or None,
+        "already_complete": True when ``--resume`` found a finished run}`` (on every rank; files only
+        on rank 0).
 
     Raises:
         NonFiniteError: a non-finite embedding or loss (the step is named; last.pt is left as it was).
-        ValueError: incompatible checkpoint, bad options.
+        UsageError: bad options or data, an unusable ``--output-dir`` (checked before anything is written).
+        CheckpointError: a file that is not a readable xbn-metric checkpoint.
+        ValueError: incompatible checkpoint.
         metric.data.DataFormatError, metric.data.BadImageError, metric.model.PretrainedWeightsError.
     """
-    cfg = resolve_config(cfg)
+    cfg = default_output_dir(resolve_config(cfg))
     ctx = init_distributed(cfg.device)
     try:
         return _train(cfg, ctx)
@@ -224,26 +259,78 @@ def train(cfg: MetricConfig) -> Dict[str, Any]:
         ctx.cleanup()
 
 
+def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
+    """Refuse data on which training or evaluation cannot give a meaningful number (before any write).
+
+    Returns:
+        The number of memory rows (``--memory-size`` resolved against the training set).
+
+    Raises:
+        UsageError: fewer than two training classes, no class with ``m_per_class`` images, fewer classes
+            than a batch needs, a memory smaller than one global batch, or no query with a positive.
+    """
+    labels = np.asarray(data.train.labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    where = f"--dataset {cfg.dataset}" + (f" --data-root {cfg.data_root}" if cfg.data_root else "")
+    if len(classes) < 2:
+        raise UsageError(f"{where}: the training split has {len(classes)} class(es); metric learning needs at least 2 "
+                         "(one class trains to loss 0 and scores Recall 100%)")
+    rows = memory_rows(cfg.memory_size, len(data.train))
+    if cfg.m_per_class > counts.max():
+        raise UsageError(f"--m-per-class {cfg.m_per_class}: no training class has that many images (largest: "
+                         f"{counts.max()}); expected at most {counts.max()}")
+    if cfg.batch_size // cfg.m_per_class > len(classes):
+        raise UsageError(f"--batch-size {cfg.batch_size}: {cfg.batch_size // cfg.m_per_class} classes per batch "
+                         f"(--m-per-class {cfg.m_per_class}) but the training split has {len(classes)}; expected at most "
+                         f"{len(classes) * cfg.m_per_class}")
+    if cfg.method != "none" and rows < cfg.batch_size * world:
+        raise UsageError(f"--memory-size {cfg.memory_size}: {rows} rows, fewer than one global batch "
+                         f"({cfg.batch_size} x {world} processes)")
+    q = np.asarray(data.query.labels)
+    if data.query_is_gallery:
+        qc, qn = np.unique(q, return_counts=True)
+        with_pos = int(qn[qn > 1].sum())
+    else:
+        with_pos = int(np.isin(q, np.asarray(data.gallery.labels)).sum())
+    if with_pos == 0:
+        raise UsageError(f"{where}: no query image has a positive (same class) in the gallery, so Recall@K and "
+                         "MAP@R are undefined; each evaluation class needs at least 2 images")
+    return rows
+
+
+def default_output_dir(cfg: MetricConfig) -> MetricConfig:
+    """Fill ``output_dir`` when not given: the folder of ``--resume PATH``, else a new timestamped folder.
+
+    Raises:
+        UsageError: a bare ``--resume`` without ``--output-dir`` (there is no run to continue in a new folder).
+    """
+    if cfg.output_dir:
+        return cfg
+    return dataclasses.replace(cfg, output_dir=choose_output_dir(None, cfg.resume, DEFAULT_RUNS, cfg.dataset, cfg.method))
+
+
 def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     device = ctx.device
     out = Path(cfg.output_dir)
+    # ---------------------------------------------------------- checks: nothing is written before they pass
+    check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+    if isinstance(cfg.memory_size, int) or str(cfg.memory_size).strip().isdigit():
+        check_memory_fits("--memory-size", cfg.memory_size, int(cfg.memory_size), cfg.embedding_dim, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed)
-    rows = memory_rows(cfg.memory_size, len(data.train))
+    data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed,
+                                       max_per_class=cfg.max_per_class)
     world = ctx.world_size
-    if cfg.method != "none" and rows < cfg.batch_size * world:
-        raise ValueError(f"memory_size {cfg.memory_size} gives {rows} rows, fewer than one global batch "
-                         f"({cfg.batch_size} x {world} processes)")
+    rows = _check_data(cfg, data, world)
+    if cfg.method != "none":
+        check_memory_fits("--memory-size", cfg.memory_size, rows, cfg.embedding_dim, device)
     cfg_dict = config_to_dict(cfg)
     meta = {"memory_rows": rows, "world_size": world}
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
 
     train_tf, eval_tf = build_transforms(cfg)
-    model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path).to(device)
+    model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path,
+                        cfg.width, cfg.image_size).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     batch_loss, mem_loss = build_losses(cfg, rows, ctx.is_distributed)
@@ -263,7 +350,19 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     train_eval_ds = ImageDataset(data.train, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)  # probe, staleness
     query_ds = ImageDataset(data.query, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)
     gallery_ds = query_ds if data.query_is_gallery else ImageDataset(data.gallery, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)
-    probe = torch.stack([train_eval_ds[int(i)][0] for i in probe_idx]).to(device)  # (P, 3, H, W)
+    bad_files: Dict[str, str] = {}  # distinct unreadable files seen so far -> reason (warned about once)
+
+    def note_bad(items: List[Any]) -> None:
+        for item in items:
+            name = str(item) if isinstance(item, (str, os.PathLike)) else f"in-memory image {id(item)}"
+            if name not in bad_files:
+                bad_files[name] = "unreadable"
+                if ctx.is_main:
+                    warn(PROG, f"skipping unreadable image {name} (--skip-bad-images)")
+
+    probe_items = [train_eval_ds[int(i)] for i in probe_idx]
+    note_bad([data.train.items[int(i)] for i, (_, _, _, ok) in zip(probe_idx, probe_items) if not ok])
+    probe = torch.stack([p[0] for p in probe_items]).to(device)  # (P, 3, H, W)
 
     # ---------------------------------------------------------------------------- state / resume
     st: Dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_recall": -1.0, "best_epoch": 0,
@@ -271,13 +370,35 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     ckpt_path = resolve_resume(cfg.resume, out)
     ckpt = None
     if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        saved = dict(ckpt["config"], **ckpt["meta"])
-        check_compatible(saved, dict(cfg_dict, **meta), COMPAT_KEYS + ["memory_rows", "world_size"], source=ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        if mem_loss is not None:
-            mem_loss.load_state_dict(ckpt["memory"])
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu", kind=PROG, required_keys=("config", "meta", "model", "state", "rng"))
+        saved = dict(saved_config(ckpt["config"]), **ckpt["meta"])
+        check_compatible(saved, dict(saved_config(cfg_dict), **meta), COMPAT_KEYS + ["memory_rows", "world_size"], source=ckpt_path)
+        try:
+            model.load_state_dict(ckpt["model"])
+            if mem_loss is not None:
+                mem_loss.load_state_dict(ckpt["memory"])
+        except (RuntimeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{ckpt_path} is not a readable {PROG} checkpoint (model or memory do not load: "
+                                  f"{one_line(err)[:160]})") from None
         st = ckpt["state"]
+        bad_files.update({name: "unreadable" for name in st.get("bad_files", [])})
+        finished = st["epoch"] >= total_epochs or (cfg.max_steps is not None and st["global_step"] >= cfg.max_steps)
+        if finished:
+            if ctx.is_main:
+                print(f"[{PROG}] {out} is already complete ({st['epoch']} of {total_epochs} epochs, step "
+                      f"{st['global_step']}): nothing to train", file=sys.stderr)
+            return {"output_dir": str(out), "best": st["best"], "last": st["last"], "steps": st["global_step"],
+                    "stopped": None, "signal": None, "seconds": 0.0, "already_complete": True}
+    elif cfg.resume and ctx.is_main:
+        print(f"[{PROG}] --resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
+    # ---------------------------------------------------------------------- every check passed: write
+    ctx.barrier()  # every rank has checked the folder before rank 0 creates anything in it
+    if ctx.is_main:
+        prepare_output_dir(out, overwrite=cfg.overwrite and ckpt is None)
+        save_config(cfg, out / "config.yaml")
+        print(f"[{PROG}] run folder: {out}", file=sys.stderr, flush=True)
+        print(f"[{PROG}] {recipe_summary(cfg)}", file=sys.stderr, flush=True)
+    ctx.barrier()
     warm = st["epoch"] < W
     _set_phase(model, warm)
     opt = _make_optimizer(cfg, model, warm, world)
@@ -291,7 +412,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         if ctx.is_main:
-            print(f"[xbn-metric] resumed from {ckpt_path} at epoch {st['epoch'] + 1}, step {st['global_step']}", file=sys.stderr)
+            print(f"[{PROG}] resumed from {ckpt_path} at epoch {st['epoch'] + 1}, step {st['global_step']}", file=sys.stderr)
     net = _wrap_ddp(model, ctx, device)
     logger = RunLogger(out, cfg_dict, project=cfg.wandb_project or "xbn-metric", mode=cfg.wandb_mode,
                        enabled=ctx.is_main, name=cfg.wandb_name,
@@ -321,16 +442,18 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
 
     def evaluate() -> Dict[str, Any]:
         _sync_buffers(model, ctx)  # BatchNorm running stats of rank 0 everywhere: same features on every shard
-        qf, ql, bad_q = embed_split(model, query_ds, cfg, ctx, device, desc="query")
+        qf, ql, bad_q = embed_split(model, query_ds, cfg, ctx, device, desc="query",
+                                    on_bad=lambda ids: note_bad([data.query.items[j] for j in ids]))
         if data.query_is_gallery:
             gf, gl, bad_g = qf, ql, 0
         else:
-            gf, gl, bad_g = embed_split(model, gallery_ds, cfg, ctx, device, desc="gallery")
+            gf, gl, bad_g = embed_split(model, gallery_ds, cfg, ctx, device, desc="gallery",
+                                        on_bad=lambda ids: note_bad([data.gallery.items[j] for j in ids]))
         rec: Dict[str, Any] = {}
         if ctx.is_main:
             rec = retrieval_metrics(qf, ql, gf, gl, ks=cfg.recall_ks, query_is_gallery=data.query_is_gallery,
                                     chunk_size=cfg.eval_chunk)
-            rec["eval_bad_images"] = bad_q + bad_g
+            rec["eval_bad_images"] = bad_q + bad_g  # per evaluation; files are counted once via note_bad
             if mem_loss is not None and len(mem_loss.queue) > 0:
                 rec.update(_staleness(model, mem_loss.queue, train_eval_ds, cfg, device))
         _set_phase(model, warm)
@@ -360,7 +483,9 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
             for x, y, idx, ok in bar:
                 step = st["global_step"] + 1
                 if not bool(ok.all()):
-                    st["bad_images"] += int((~ok).sum())
+                    note_bad([data.train.items[int(i)] for i in idx[~ok]])
+                    st["bad_images"] = len(bad_files)
+                    st["bad_files"] = sorted(bad_files)
                     x, y, idx = x[ok], y[ok], idx[ok]
                 x, y, idx = x.to(device, non_blocking=True), y.to(device), idx.to(device)
                 if cfg.channels_last and device.type == "cuda":
@@ -445,8 +570,9 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
                         record["drift_max"] = acc["drift_max_sum"] / acc["drift_n"]
                     record.update({k: v for k, v in rec.items() if not k.startswith(("recall@", "map@r"))})
                     record["memory_rows"] = len(mem_loss.queue) if mem_loss is not None else 0
-                    record["bad_images"] = st["bad_images"] + rec.get("eval_bad_images", 0)
+                    record["bad_images"] = len(bad_files)  # distinct files, training and evaluation
                     logger.log(record, step=st["global_step"])
+                    _print_epoch(record, total_epochs, cfg)
                     st["last"] = record
                     r1 = record.get("recall@1", float("nan"))
                     if isinstance(r1, float) and not math.isnan(r1) and r1 > st["best_recall"]:
@@ -455,7 +581,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
                     try:
                         plot_history(out / "metrics.jsonl", out / "recall_drift.png",
                                      panels=[("recall@1",), ("drift_mean", "drift_max")], x="epoch",
-                                     title=f"{cfg.dataset} / {cfg.method}")
+                                     title=f"{cfg.dataset} / {cfg.method}", percent=("recall@1",))
                     except Exception as err:  # plotting must never kill a run
                         print(f"[xbn-metric] warning: could not plot: {err}", file=sys.stderr)
                 # every rank keeps the same bookkeeping
@@ -476,10 +602,20 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
                    Path(os.environ[DUMP_ENV]) / f"queue_rank{ctx.rank}.pt")
     ctx.barrier()
     logger.finish()
-    if ctx.is_main and stopped == "signal":
-        print(f"[xbn-metric] stopped by signal after step {st['global_step']}; resume with --resume", file=sys.stderr)
+    if ctx.is_main:
+        state = {"signal": "stopped by a signal", "max_steps": f"stopped at --max-steps {cfg.max_steps}"}.get(stopped or "", "finished")
+        print(f"[{PROG}] {state} at step {st['global_step']}; run folder: {out}", file=sys.stderr, flush=True)
     return {"output_dir": str(out), "best": st["best"], "last": st["last"], "steps": st["global_step"],
-            "stopped": stopped, "seconds": time.time() - t_start}
+            "stopped": stopped, "signal": (stop.signum or signal.SIGTERM) if stopped == "signal" else None,
+            "seconds": time.time() - t_start}
+
+
+def _print_epoch(record: Dict[str, Any], total_epochs: int, cfg: MetricConfig) -> None:
+    """One plain line per evaluation on stderr (Recall in %), e.g. for a log file."""
+    shown = ", ".join(f"{k.replace('recall@', 'R@').replace('map@r', 'MAP@R')} {100 * v:.2f}%" for k, v in record.items()
+                      if k.startswith(("recall@", "map@r")) and isinstance(v, float))
+    print(f"[{PROG}] epoch {record['epoch']}/{total_epochs} ({record['phase']}), step {record['step']}: "
+          f"loss {record['loss']:.4f}" + (f", {shown}" if shown else ""), file=sys.stderr, flush=True)
 
 
 def _sync_buffers(model: nn.Module, ctx: DistContext) -> None:

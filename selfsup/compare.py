@@ -3,8 +3,12 @@
 Writes ``compare.md``, ``compare.json`` and ``compare.png`` (the curves with a +- std band).
 
 The shape of the paper's Figure 2 (MoCo with and without XBN). Each run goes to
-``OUTPUT_DIR/<adaptation>-seed<S>/`` and resumes from its own ``last.pt`` when present, so an
-interrupted comparison continues where it stopped.
+``OUTPUT_DIR/<adaptation>-seed<S>/``. The runs are driven by
+:func:`xbn_queue.training.series.run_series`: SIGINT / SIGTERM stop the whole comparison after the
+current run's checkpoint (exit 130 / 143, the resume command printed); a table never counts an
+unfinished run (``compare.md`` then starts with an ``INCOMPLETE:`` line and every run in
+``compare.json`` has a ``complete`` flag); ``compare --resume`` continues every run from its
+``last.pt`` (finished runs are not trained again) and writes the full table.
 """
 
 import json
@@ -14,8 +18,35 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from xbn_queue.training.series import (PlannedRun, RunOutcome, check_series_dir, format_mean_std, incomplete_banner,
+                                       run_series)
+
 from selfsup.config import ADAPTATIONS, SelfSupConfig
 from selfsup.data import ImageData, load_dataset
+
+PROG = "xbn-selfsup"
+
+
+DESCRIPTION = """Train every adaptation of --adaptations with --seeds seeds each (seeds --seed, --seed + 1, ...)
+and tabulate the k-NN accuracy per epoch as mean ± std over seeds, in % (the paper's Figure 2).
+
+Every training option below is passed through to each run unchanged, except --adaptation, --seed and
+--output-dir, which compare sets per run: run <adaptation>-seed<seed> goes to
+OUTPUT_DIR/<adaptation>-seed<seed>/. OUTPUT_DIR gets compare.md, compare.json and compare.png (default
+OUTPUT_DIR: a new folder runs/selfsup/compare-<dataset>-<timestamp>).
+
+Ctrl-C / SIGTERM stop the whole comparison after the current run's checkpoint (exit 130 / 143) and
+print the command that finishes it (compare --resume --output-dir OUTPUT_DIR). A table never counts
+an unfinished run."""
+
+
+def add_compare_args(parser) -> None:
+    """The options of ``compare`` that are not training options."""
+    g = parser.add_argument_group("compare")
+    g.add_argument("--adaptations", default="none,xbn",
+                   help=f"comma-separated adaptations to compare, among {', '.join(ADAPTATIONS)} (default: none,xbn)")
+    g.add_argument("--seeds", type=int, default=3,
+                   help="runs per adaptation, with seeds --seed, --seed + 1, ... (default: 3) [valid: >= 1]")
 
 
 def _mean_std(values: Sequence[float]) -> tuple:
@@ -51,7 +82,7 @@ def format_table(summary: Dict[str, Dict[float, Dict[str, float]]], title: str =
         cells = []
         for a in adaptations:
             s = summary[a].get(e)
-            cells.append("" if s is None else f"{100 * s['mean']:.2f} +- {100 * s['std']:.2f} (n={s['n']})")
+            cells.append("" if s is None else f"{format_mean_std(s, pm='+-')} (n={s['n']})")
         label = f"{e:g}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -79,36 +110,68 @@ def _plot(runs: Dict[str, Dict[int, Dict[float, float]]], png: Path, title: str)
         print(f"[compare] no k-NN accuracy recorded: {png.name} not written", file=sys.stderr)
 
 
+def default_compare_dir(cfg: SelfSupConfig) -> SelfSupConfig:
+    """``output_dir`` of a comparison: as given, else a new ``runs/selfsup/compare-<dataset>-<timestamp>``.
+
+    Raises:
+        UsageError: ``--resume`` without ``--output-dir``.
+    """
+    from xbn_queue.training.cli import UsageError, default_run_dir
+
+    if cfg.output_dir:
+        return cfg
+    if cfg.resume:
+        raise UsageError("compare --resume: give the comparison folder to finish with --output-dir DIR")
+    return replace(cfg, output_dir=str(default_run_dir("runs/selfsup", "compare", cfg.dataset)))
+
+
 def compare(
     cfg: SelfSupConfig,
     adaptations: Sequence[str],
     seeds: int,
     data: Optional[ImageData] = None,
+    resume_cmd: str = "",
 ) -> Dict[str, Any]:
-    """Trains every (adaptation, seed) pair and writes ``compare.md`` / ``compare.json``.
+    """Trains every (adaptation, seed) pair and writes ``compare.md`` / ``compare.json`` / ``compare.png``.
 
     Args:
         cfg: training options shared by all runs (``adaptation`` and ``seed`` are overridden:
-            seeds are ``cfg.seed, cfg.seed + 1, ...``).
+            seeds are ``cfg.seed, cfg.seed + 1, ...``). ``cfg.resume`` (any non-empty value) continues
+            every run from its ``last.pt``; ``cfg.overwrite`` replaces runs the folder holds; without
+            either, a folder that holds a comparison is refused before anything is written.
         adaptations: e.g. ``["none", "xbn"]``.
         seeds: number of seeds per adaptation.
         data: a loaded dataset to share (loaded once from ``cfg`` otherwise).
+        resume_cmd: the command that finishes an interrupted comparison (printed and written).
 
     Returns:
-        The JSON-able result: ``runs``, ``summary``, ``adaptations``, ``seeds``, ``markdown``.
+        The JSON-able result: ``runs``, ``summary``, ``adaptations``, ``seeds``, ``complete``,
+        ``incomplete_runs``, ``run_complete`` (per run), ``markdown``, and ``exit_code`` (0, or 128 + the
+        signal that stopped the comparison).
 
     Raises:
-        ValueError: unknown adaptation or ``seeds < 1``.
+        UsageError: unknown adaptation, ``seeds < 1``, bad options, an unusable output folder or data.
     """
+    from xbn_queue.training.cli import UsageError
     from xbn_queue.training.distributed import init_distributed
 
-    from selfsup.train import train
+    from selfsup.train import check_data, train
 
     bad = [a for a in adaptations if a not in ADAPTATIONS]
     if bad or not adaptations:
-        raise ValueError(f"--adaptations: unknown {bad or adaptations}; choose from {ADAPTATIONS}")
+        raise UsageError(f"--adaptations {','.join(adaptations)}: unknown {', '.join(bad) or '(empty)'}; expected a "
+                         f"comma-separated list of {', '.join(ADAPTATIONS)}")
+    if len(set(adaptations)) != len(adaptations):
+        raise UsageError(f"--adaptations {','.join(adaptations)}: an adaptation is listed twice")
     if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+        raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
+    cfg.validate()
+    resume = bool(cfg.resume)
+    cfg = default_compare_dir(cfg)
+    out = Path(cfg.output_dir)
+    seed_list = [cfg.seed + i for i in range(seeds)]
+    plan = [PlannedRun(f"{a}-seed{s}", {"adaptation": a, "seed": s}) for a in adaptations for s in seed_list]
+    check_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite)
     ctx = init_distributed(cfg.device)  # one process group for all runs
     try:
         if data is None:
@@ -116,27 +179,37 @@ def compare(
                 cfg.dataset, cfg.data_root, download=cfg.download, image_size=cfg.image_size,
                 skip_bad_images=cfg.skip_bad_images, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
             )
-        out = Path(cfg.output_dir)
-        seed_list = [cfg.seed + i for i in range(seeds)]
+        check_data(cfg, data, ctx.world_size)
+        if ctx.is_main:
+            print(f"[compare] comparison folder: {out}", file=sys.stderr, flush=True)
+
+        def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
+            name = run.name
+            run_cfg = replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
+                              wandb_name=cfg.wandb_name and f"{cfg.wandb_name}-{name}")
+            res = train(run_cfg, data)
+            return RunOutcome(complete=not res.get("stopped"), signal=res.get("signal"), result=res)
+
+        report = run_series(plan, out, train_one, verbose=ctx.is_main)
         runs: Dict[str, Dict[int, Dict[float, float]]] = {a: {} for a in adaptations}
-        for a in adaptations:
-            for s in seed_list:
-                run_dir = out / f"{a}-seed{s}"
-                run_cfg = replace(cfg, adaptation=a, seed=s, output_dir=str(run_dir), resume="auto",
-                                  run_name=cfg.run_name and f"{cfg.run_name}-{a}-seed{s}")
-                if ctx.is_main:
-                    print(f"[compare] adaptation={a} seed={s} -> {run_dir}", file=sys.stderr, flush=True)
-                train(run_cfg, data)
-                runs[a][s] = read_knn_history(run_dir / "metrics.jsonl") if ctx.is_main else {}
+        for rec in report.completed():
+            a, s = rec.run.settings["adaptation"], rec.run.settings["seed"]
+            runs[a][s] = read_knn_history(rec.output_dir / "metrics.jsonl") if ctx.is_main else {}
+        incomplete = report.incomplete()
         summary = summarize(runs)
         title = (
             f"MoCo k-NN accuracy ({cfg.dataset}, {len(data.train_images)} train / {len(data.test_images)} test images, "
             f"{cfg.epochs} epochs, batch {cfg.batch_size}, queue {cfg.queue_size}, seeds {seed_list})"
         )
+        if incomplete:
+            title = f"{incomplete_banner(incomplete, resume_cmd or None)}\n\n{title}; finished runs only"
         markdown = format_table(summary, title)
         result = {
             "adaptations": list(adaptations),
             "seeds": seed_list,
+            "complete": not incomplete,
+            "incomplete_runs": incomplete,
+            "run_complete": {r.run.name: r.complete for r in report.records},
             "runs": {a: {str(s): {f"{e:g}": v for e, v in accs.items()} for s, accs in by.items()} for a, by in runs.items()},
             "summary": {a: {f"{e:g}": v for e, v in by.items()} for a, by in summary.items()},
             "markdown": markdown,
@@ -145,8 +218,27 @@ def compare(
             out.mkdir(parents=True, exist_ok=True)
             (out / "compare.md").write_text(markdown)
             (out / "compare.json").write_text(json.dumps(result, indent=2))
-            _plot(runs, out / "compare.png", f"MoCo on {cfg.dataset}: mean ± std over {len(seed_list)} seed(s)")
-            print(markdown)
+            if incomplete:
+                (out / "compare.png").unlink(missing_ok=True)
+                print(incomplete_banner(incomplete, resume_cmd or None), file=sys.stderr)
+            else:
+                _plot(runs, out / "compare.png", f"MoCo on {cfg.dataset}: mean ± std over {len(seed_list)} seed(s)")
+                print(markdown)
+        result["exit_code"] = report.exit_code
         return result
     finally:
         ctx.cleanup()
+
+
+def compare_main(argv: Sequence[str]) -> int:
+    """``xbn-selfsup compare ...`` (``argv`` starts with ``compare``); returns the exit status."""
+    from xbn_queue.training.cli import resume_command
+    from xbn_queue.training.config import parse_config
+
+    cfg, extras = parse_config(SelfSupConfig, list(argv[1:]), prog=f"{PROG} compare", extra_args=add_compare_args,
+                               description=DESCRIPTION)
+    cfg.validate()
+    cfg = default_compare_dir(cfg)
+    adaptations = [a.strip() for a in extras.adaptations.split(",") if a.strip()]
+    result = compare(cfg, adaptations, extras.seeds, resume_cmd=resume_command(PROG, "selfsup", list(argv), cfg.output_dir))
+    return int(result["exit_code"])

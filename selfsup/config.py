@@ -10,6 +10,8 @@ cosine schedule, key-encoder momentum 0.99, queue 4096, temperature 0.1, k-NN k=
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
+from xbn_queue.training.cli import Range, UsageError, above, at_least, between, check_ranges
+
 ADAPTATIONS = ["none", "xbn", "axbn"]
 DATASETS = ["cifar10", "cifar100", "folder", "digits"]
 ADAPT_KEYS = ["raw", "normalized"]
@@ -32,10 +34,12 @@ COMPAT_KEYS: List[str] = [
 ]
 
 
-def _opt(default: Any, help: str, choices: Optional[List[Any]] = None) -> Any:
-    metadata: Dict[str, Any] = {"help": help}
+def _opt(default: Any, help: str, choices: Optional[List[Any]] = None, range: Optional[Range] = None, **meta: Any) -> Any:
+    metadata: Dict[str, Any] = {"help": help, **meta}
     if choices is not None:
         metadata["choices"] = choices
+    if range is not None:
+        metadata["range"] = range  # enforced by validate() (check_ranges) and shown in --help
     return field(default=default, metadata=metadata)
 
 
@@ -47,22 +51,22 @@ class SelfSupConfig:
     dataset: str = _opt("cifar10", "dataset to train on", DATASETS)
     data_root: str = _opt(".data", "root folder of the dataset (cifar: torchvision layout; folder: train/<class>/*, test/<class>/*)")
     download: bool = _opt(False, "let torchvision download CIFAR-10/100 when absent (needs internet)")
-    image_size: int = _opt(32, "side of the (square) images fed to the network; images of another size are resized once at load time")
-    train_subset: int = _opt(0, "use only this many training images (class-stratified, fixed choice); 0 = all")
-    test_subset: int = _opt(0, "use only this many test images for the k-NN monitor (class-stratified); 0 = all")
-    knn_bank_subset: int = _opt(0, "use only this many training images as the k-NN bank; 0 = the whole training set")
+    image_size: int = _opt(32, "side of the (square) images fed to the network; images of another size are resized once at load time", range=at_least(8))
+    train_subset: int = _opt(0, "use only this many training images (class-stratified, fixed choice); 0 = all", range=at_least(0))
+    test_subset: int = _opt(0, "use only this many test images for the k-NN monitor (class-stratified); 0 = all", range=at_least(0))
+    knn_bank_subset: int = _opt(0, "use only this many training images as the k-NN bank; 0 = the whole training set", range=at_least(0))
     skip_bad_images: bool = _opt(False, "skip unreadable images with a warning (their count goes to metrics.jsonl) instead of stopping")
-    crop_min_scale: float = _opt(0.08, "minimum area fraction of RandomResizedCrop (0.08: torchvision default, PML/MoCo CIFAR demos; 0.2: lightly MoCoV2Transform)")
+    crop_min_scale: float = _opt(0.08, "minimum area fraction of RandomResizedCrop (0.08: torchvision default, PML/MoCo CIFAR demos; 0.2: lightly MoCoV2Transform)", range=between(0, 1, lo_open=True))
     gpu_augment: bool = _opt(True, "augment uint8 batches on the training device with the batched tensor pipeline (same distribution as the PIL one) instead of PIL in DataLoader workers")
-    workers: int = _opt(2, "DataLoader worker processes for the PIL pipeline")
+    workers: int = _opt(2, "DataLoader worker processes for the PIL pipeline", range=at_least(0))
 
     # model
     backbone: str = _opt("resnet18", "CIFAR ResNet (3x3 stem, no max-pool) from torchvision", ["resnet18", "resnet34", "resnet50"])
     head: str = _opt("linear", "projection head: one linear layer (MoCo v1 / PML example) or lightly's MoCoProjectionHead", ["linear", "mlp"])
-    embedding_dim: int = _opt(128, "output dimension of the projection head (the queue's dim)")
-    width: int = _opt(64, "channels of the first ResNet stage (64 = standard; smaller for quick CPU runs)")
-    split_bn: int = _opt(8, "split batch-norm into this many groups to emulate multi-GPU shuffle-BN (1 = plain BN)")
-    momentum: float = _opt(0.99, "momentum of the key encoder (lightly's update_momentum)")
+    embedding_dim: int = _opt(128, "output dimension of the projection head (the queue's dim)", range=at_least(1))
+    width: int = _opt(64, "channels of the first ResNet stage (64 = standard; smaller for quick CPU runs)", range=at_least(1))
+    split_bn: int = _opt(8, "split batch-norm into this many groups to emulate multi-GPU shuffle-BN (1 = plain BN)", range=at_least(1))
+    momentum: float = _opt(0.99, "momentum of the key encoder (lightly's update_momentum)", range=between(0, 1))
 
     # queue / loss
     adaptation: str = _opt("xbn", "how the stored keys are adapted: none (plain MoCo queue), xbn (Eq. 6), axbn (Kalman, Eq. 18-23)", ADAPTATIONS)
@@ -73,41 +77,42 @@ class SelfSupConfig:
         "lightly's NTXentLoss)",
         ADAPT_KEYS,
     )
-    queue_size: int = _opt(4096, "number of keys in the queue")
-    temperature: float = _opt(0.1, "temperature of lightly's NTXentLoss")
-    kalman_p0: float = _opt(1.0, "AXBN: initial error covariance")
-    kalman_q: float = _opt(1.0, "AXBN: process noise")
-    kalman_r: str = _opt("0.01", "AXBN: measurement noise (a float, or 'auto' to estimate it from each batch)")
-    kalman_gain_every: int = _opt(1, "AXBN: recompute the Kalman gain every this many steps")
+    queue_size: int = _opt(4096, "number of keys in the queue", range=at_least(1))
+    temperature: float = _opt(0.1, "temperature of the NT-Xent loss", range=above(0))
+    kalman_p0: float = _opt(1.0, "AXBN: initial error covariance", range=above(0))
+    kalman_q: float = _opt(1.0, "AXBN: process noise", range=at_least(0))
+    kalman_r: Union[float, str] = _opt(0.01, "AXBN: measurement noise (a float > 0, or 'auto' to estimate it from each batch) (default 0.01)")
+    kalman_gain_every: int = _opt(1, "AXBN: recompute the Kalman gain every this many steps", range=at_least(1))
 
     # optimisation
-    batch_size: int = _opt(128, "images per step per process")
-    epochs: int = _opt(200, "training epochs (the cosine schedule spans them)")
-    lr: float = _opt(0.03, "SGD learning rate (per process batch; see --scale-lr)")
+    batch_size: int = _opt(128, "images per step per process", range=at_least(2))
+    epochs: int = _opt(200, "training epochs (the cosine schedule spans them)", range=at_least(1))
+    lr: float = _opt(0.03, "SGD learning rate (per process batch; see --scale-lr)", range=above(0))
     scale_lr: bool = _opt(False, "multiply --lr by the number of processes (linear scaling for the effective batch batch_size * world_size)")
-    sgd_momentum: float = _opt(0.9, "SGD momentum")
-    weight_decay: float = _opt(5e-4, "SGD weight decay")
-    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = no limit; for tests and quick runs)")
+    sgd_momentum: float = _opt(0.9, "SGD momentum", range=between(0, 1, hi_open=True))
+    weight_decay: float = _opt(5e-4, "SGD weight decay", range=at_least(0))
+    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = no limit; for tests and quick runs)", range=at_least(0))
     amp: bool = _opt(True, "mixed precision (bf16 autocast) on GPU; ignored on CPU")
     channels_last: bool = _opt(True, "channels-last memory format on GPU")
     device: str = _opt("auto", "training device", ["auto", "cpu", "cuda"])
     seed: int = _opt(0, "random seed (model init, sampling and augmentation)")
-    threads: int = _opt(0, "CPU threads for torch (torch.set_num_threads); 0 = torch's default")
+    threads: int = _opt(0, "CPU threads for torch (torch.set_num_threads); 0 = torch's default", range=at_least(0))
 
     # k-NN monitor
-    knn_k: int = _opt(200, "neighbours of the weighted k-NN monitor")
-    knn_t: float = _opt(0.1, "temperature of the k-NN weights exp(s / t)")
+    knn_k: int = _opt(200, "neighbours of the weighted k-NN monitor", range=at_least(1))
+    knn_t: float = _opt(0.1, "temperature of the k-NN weights exp(s / t)", range=above(0))
     knn_features: str = _opt(
         "backbone",
         "features the k-NN monitor uses as knn_acc: backbone (before the head) or head (the embedding_dim encoder "
         "output, as PML's MoCo example); both are logged as knn_acc_backbone / knn_acc_head",
         KNN_FEATURES,
     )
-    knn_every: int = _opt(1, "run the k-NN monitor every this many epochs (0 = only at the end)")
-    knn_batch_size: int = _opt(512, "batch size of feature extraction and k-NN chunks")
+    knn_every: int = _opt(1, "run the k-NN monitor every this many epochs (0 = only at the end)", range=at_least(0))
+    knn_batch_size: int = _opt(512, "batch size of feature extraction and k-NN chunks", range=at_least(1))
 
     # outputs / resume
-    output_dir: str = _opt("runs/selfsup", "run folder (config.yaml, metrics.jsonl, last.pt, history.png)")
+    output_dir: Optional[str] = _opt(None, "run folder: config.yaml, metrics.jsonl, last.pt, history.png (default: a new folder runs/selfsup/<dataset>-<adaptation>-<timestamp>)")
+    overwrite: bool = _opt(False, "replace the run that --output-dir holds (without it such a folder is refused unless --resume)")
     resume: str = field(
         default="",
         metadata={
@@ -116,39 +121,34 @@ class SelfSupConfig:
             "const": "auto",
         },
     )
-    checkpoint_every: int = _opt(0, "also checkpoint every this many steps (0 = only at the end of each epoch)")
-    log_every: int = _opt(10, "write a metrics line every this many steps")
-    progress: bool = _opt(True, "show tqdm progress bars")
+    checkpoint_every: int = _opt(0, "also checkpoint every this many steps (0 = only at the end of each epoch)", range=at_least(0))
+    log_every: int = _opt(10, "write a metrics line every this many steps", range=at_least(0))
+    progress: Optional[bool] = _opt(None, "progress bars (default: only when stderr is a terminal; otherwise plain lines)")
     wandb_project: str = _opt("", "Weights & Biases project (empty = xbn-selfsup when --wandb-mode is not disabled)")
     wandb_mode: str = _opt("disabled", "Weights & Biases mode", ["online", "offline", "disabled"])
-    run_name: str = _opt("", "name of the run in W&B (default: the output folder's name)")
+    wandb_name: str = _opt("", "name of the run in W&B (default: the output folder's name)", hidden_aliases=["run-name"])
 
     def kalman_r_value(self) -> Union[float, str]:
         """Returns ``kalman_r`` as a float, or the string ``"auto"``."""
         if str(self.kalman_r).strip().lower() == "auto":
             return "auto"
-        return float(self.kalman_r)
+        try:
+            value = float(self.kalman_r)
+        except ValueError:
+            value = float("nan")
+        if not value > 0:
+            raise UsageError(f"--kalman-r {self.kalman_r}: expected a number > 0 or 'auto'")
+        return value
 
     def validate(self) -> None:
         """Checks values that argparse cannot.
 
         Raises:
-            ValueError: naming the option and the value that is wrong.
+            UsageError: naming the option, the value and what is expected.
         """
-        if self.batch_size < 2:
-            raise ValueError(f"--batch-size must be at least 2, got {self.batch_size}")
-        if self.split_bn < 1 or self.batch_size % self.split_bn != 0:
-            raise ValueError(
-                f"--batch-size {self.batch_size} must be divisible by --split-bn {self.split_bn}"
-            )
-        if self.queue_size < 1:
-            raise ValueError(f"--queue-size must be positive, got {self.queue_size}")
-        if self.temperature <= 0 or self.knn_t <= 0:
-            raise ValueError("--temperature and --knn-t must be positive")
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"--momentum must be in [0, 1], got {self.momentum}")
-        if not 0.0 < self.crop_min_scale <= 1.0:
-            raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
-        if self.epochs < 1:
-            raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
-        self.kalman_r_value()  # raises ValueError for a value that is neither a float nor "auto"
+        check_ranges(self)  # every field's declared range
+        if self.batch_size % self.split_bn != 0:
+            raise UsageError(f"--batch-size {self.batch_size}: expected a multiple of --split-bn {self.split_bn}")
+        if self.queue_size < self.batch_size:
+            raise UsageError(f"--queue-size {self.queue_size}: expected at least one batch (--batch-size {self.batch_size})")
+        self.kalman_r_value()  # a float > 0 or "auto"

@@ -11,11 +11,11 @@ resumed run continue bit-for-bit, with any number of DataLoader workers.
 
 import logging
 import os
-import warnings
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -147,19 +147,24 @@ def list_folder_split(root: str, split: str, classes: Optional[Sequence[str]] = 
 
 
 def _read_images(paths: Sequence[str], labels: Sequence[int], size: int, skip_bad: bool) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+    reasons: Dict[str, str] = {}
+
     def read(path: str) -> Optional[np.ndarray]:
         try:
             return _read_image(path, size)
         except BadImageError as exc:
             if not skip_bad:
                 raise
-            warnings.warn(f"skipping unreadable image ({exc})", stacklevel=2)
+            reasons[path] = str(exc)
             return None
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         arrays = list(pool.map(read, paths))
     keep = [i for i, a in enumerate(arrays) if a is not None]
     bad = [paths[i] for i, a in enumerate(arrays) if a is None]
+    for path in bad:  # once per file, from the main thread, naming the file
+        print(f"[xbn-selfsup] warning: skipping unreadable image {path} (--skip-bad-images): {reasons[path]}",
+              file=sys.stderr, flush=True)
     if not keep:
         raise BadImageError(f"none of the {len(paths)} images could be read (first: {paths[0]})")
     images = np.stack([arrays[i] for i in keep])

@@ -1,26 +1,19 @@
 """The MoCo model: a CIFAR ResNet with a projection head, its momentum key encoder, split batch-norm.
 
-The CIFAR ResNet is torchvision's ResNet recipe with the two usual CIFAR changes (the official MoCo
-CIFAR demo, PML's MoCo notebook): a 3x3 stride-1 stem and no max-pool. It is assembled from
-torchvision's own ``BasicBlock`` / ``Bottleneck`` so that ``width`` (channels of the first stage,
-64 as in torchvision) can be lowered for quick CPU runs; at ``width=64`` its parameters and
-state-dict keys are those of ``torchvision.models.resnet18`` with ``conv1`` replaced, ``maxpool``
-dropped and ``fc`` removed (a test checks that).
+The CIFAR ResNet (3x3 stride-1 stem, no max-pool) lives in :mod:`xbn_queue.training.backbones`,
+shared with ``xbn-metric --backbone cifar_resnet18``; it is re-exported here. Its module and
+parameter names are unchanged, so earlier checkpoints load as before.
 """
 
 import copy
 from functools import partial
-from typing import Callable, List, Type, Union
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
-_ARCHS = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
-}
+from xbn_queue.training.backbones import CifarResNet
+
+__all__ = ["CifarResNet", "SplitBatchNorm", "MoCoEncoder", "make_key_encoder", "momentum_update", "shuffle_batch"]
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -62,58 +55,6 @@ class SplitBatchNorm(nn.BatchNorm2d):
                 self.num_batches_tracked.add_(1)
             return out
         return super().forward(input)
-
-
-class CifarResNet(nn.Module):
-    """ResNet for 32x32 images: 3x3 stem, no max-pool, global average pool; outputs features.
-
-    Args:
-        arch: ``resnet18`` | ``resnet34`` | ``resnet50``.
-        width: channels of the first stage (torchvision: 64); later stages have 2x, 4x, 8x.
-        norm_layer: batch-norm class (e.g. ``partial(SplitBatchNorm, num_splits=8)``).
-    """
-
-    def __init__(self, arch: str = "resnet18", width: int = 64, norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d) -> None:
-        super().__init__()
-        if arch not in _ARCHS:
-            raise ValueError(f"unknown backbone {arch!r}; expected one of {sorted(_ARCHS)}")
-        block, layers = _ARCHS[arch]
-        self._norm_layer = norm_layer
-        self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = norm_layer(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.num_features = width * 8 * block.expansion
-        for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-
-    def _make_layer(self, block: Type[Union[BasicBlock, Bottleneck]], planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
-                self._norm_layer(planes * block.expansion),
-            )
-        layers: List[nn.Module] = [block(self.inplanes, planes, stride, downsample, norm_layer=self._norm_layer)]
-        self.inplanes = planes * block.expansion
-        for _ in range(1, blocks):
-            layers.append(block(self.inplanes, planes, norm_layer=self._norm_layer))
-        return nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` -> ``(B, num_features)``."""
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
 
 
 class MoCoEncoder(nn.Module):

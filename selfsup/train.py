@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
 PLOT_NAME = "history.png"
+PROG = "xbn-selfsup"
+#: Parent of the default run folders (``runs/selfsup/<dataset>-<adaptation>-<timestamp>``).
+DEFAULT_RUNS = "runs/selfsup"
+#: Keys every xbn-selfsup checkpoint has.
+CHECKPOINT_KEYS = ("config", "epoch", "step_in_epoch", "global_step", "encoder_q", "encoder_k", "criterion",
+                   "optimizer", "scheduler", "rng")
 
 
 class NonFiniteError(RuntimeError):
@@ -99,6 +105,41 @@ def _step_generator(seed: int, epoch: int, step: int, rank: int, stream: int) ->
     return torch.Generator().manual_seed(int(state[0]) & ((1 << 63) - 1))
 
 
+def default_output_dir(cfg: SelfSupConfig) -> SelfSupConfig:
+    """``cfg`` with ``output_dir`` filled: the folder of ``--resume PATH``, else a new timestamped folder.
+
+    Raises:
+        UsageError: a bare ``--resume`` without ``--output-dir``.
+    """
+    from dataclasses import replace
+
+    from xbn_queue.training.cli import choose_output_dir
+
+    if cfg.output_dir:
+        return cfg
+    return replace(cfg, output_dir=choose_output_dir(None, cfg.resume, DEFAULT_RUNS, cfg.dataset, cfg.adaptation))
+
+
+def check_data(cfg: SelfSupConfig, data: ImageData, world_size: int = 1) -> None:
+    """Refuse data on which training or the k-NN monitor cannot give a meaningful number.
+
+    Raises:
+        UsageError: fewer than two training classes, or a queue larger than the training set.
+    """
+    from xbn_queue.training.cli import UsageError
+
+    where = f"--dataset {cfg.dataset} --data-root {cfg.data_root}"
+    n_classes = len(np.unique(data.train_labels))
+    if n_classes < 2:
+        raise UsageError(f"{where}: the training split has {n_classes} class(es); the k-NN monitor needs at least 2")
+    if cfg.queue_size > len(data.train_images):
+        raise UsageError(f"--queue-size {cfg.queue_size}: larger than the {len(data.train_images)} training images "
+                         f"(the queue would hold the same images several times); expected at most {len(data.train_images)}")
+    if len(data.train_images) < cfg.batch_size * world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size}: larger than the {len(data.train_images)} training images "
+                         f"(x {world_size} processes)")
+
+
 def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all().item())
 
@@ -112,20 +153,25 @@ class Trainer:
     """
 
     def __init__(self, cfg: SelfSupConfig, data: Optional[ImageData] = None) -> None:
+        from xbn_queue.training.cli import UsageError, check_memory_fits, check_output_dir
         from xbn_queue.training.distributed import init_distributed
         from xbn_queue.training.seeding import seed_everything
 
         cfg.validate()
+        cfg = default_output_dir(cfg)
         self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        # checks: nothing is written before all of them (options, folder, data, checkpoint) have passed
+        check_output_dir(self.out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.ctx = init_distributed(cfg.device)
         self.device = self.ctx.device
-        self.out = Path(cfg.output_dir)
+        check_memory_fits("--queue-size", cfg.queue_size, cfg.queue_size, cfg.embedding_dim, self.device)
         seed_everything(cfg.seed)
         if cfg.queue_size < cfg.batch_size * self.ctx.world_size:
-            raise ValueError(
-                f"--queue-size {cfg.queue_size} must hold at least one global batch "
+            raise UsageError(
+                f"--queue-size {cfg.queue_size}: expected at least one global batch "
                 f"({cfg.batch_size} x {self.ctx.world_size} processes)"
             )
         self.data = data if data is not None else load_dataset(
@@ -137,6 +183,7 @@ class Trainer:
             train_subset=cfg.train_subset,
             test_subset=cfg.test_subset,
         )
+        check_data(cfg, self.data, self.ctx.world_size)
         self.on_gpu = self.device.type == "cuda"
         if self.on_gpu:
             torch.backends.cudnn.benchmark = True
@@ -236,7 +283,7 @@ class Trainer:
         from xbn_queue.training.config import config_to_dict
         from xbn_queue.training.rng import set_rng_state
 
-        ckpt = load_checkpoint(path, map_location="cpu")
+        ckpt = load_checkpoint(path, map_location="cpu", kind=PROG, required_keys=CHECKPOINT_KEYS)
         saved_cfg = dict(ckpt["config"])
         saved_cfg.setdefault("adapt_keys", "normalized")  # checkpoints from before --adapt-keys: lightly's loss
         check_compatible(saved_cfg, config_to_dict(self.cfg), COMPAT_KEYS, source=path)
@@ -246,12 +293,19 @@ class Trainer:
                 ckpt.get("world_size", 1),
                 self.ctx.world_size,
             )
-        self.encoder_q.load_state_dict(ckpt["encoder_q"])
-        self.encoder_k.load_state_dict(ckpt["encoder_k"])
-        self.criterion.load_state_dict(ckpt["criterion"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        try:
+            self.encoder_q.load_state_dict(ckpt["encoder_q"])
+            self.encoder_k.load_state_dict(ckpt["encoder_k"])
+            self.criterion.load_state_dict(ckpt["criterion"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as err:
+            from xbn_queue.training.checkpoint import CheckpointError
+            from xbn_queue.training.cli import one_line
+
+            raise CheckpointError(f"{path} is not a readable {PROG} checkpoint (the state does not load: "
+                                  f"{one_line(err)[:160]})") from None
         set_rng_state(ckpt["rng"])
         self.epoch = int(ckpt["epoch"])
         self.step_in_epoch = int(ckpt["step_in_epoch"])
@@ -395,7 +449,8 @@ class Trainer:
 
         Returns:
             A summary: ``knn_acc`` (last k-NN accuracy), ``loss`` (last epoch mean), ``global_step``,
-            ``stopped`` (True when a signal stopped the run), ``output_dir``.
+            ``stopped`` (True when a signal stopped the run), ``signal`` (its number), ``output_dir``,
+            and ``already_complete`` when ``--resume`` found a finished run (nothing is trained or written).
         """
         from xbn_queue.training.checkpoint import resolve_resume
         from xbn_queue.training.config import config_to_dict, save_config
@@ -403,24 +458,42 @@ class Trainer:
         from xbn_queue.training.signals import GracefulExit
         from xbn_queue.training.tracking import RunLogger, plot_history
 
+        from xbn_queue.training.cli import prepare_output_dir
+
         cfg = self.cfg
         resume_path = resolve_resume(cfg.resume, self.out) if cfg.resume else None
         if resume_path is not None:
             self.load_checkpoint(resume_path)
+            if self.global_step >= self.total_steps and not self.record_pending:
+                if self.ctx.is_main:
+                    print(f"[{PROG}] {self.out} is already complete (epoch {self.epoch} of {cfg.epochs}, step "
+                          f"{self.global_step}): nothing to train", file=sys.stderr, flush=True)
+                return {"knn_acc": self.last_knn, "loss": float("nan"), "global_step": self.global_step,
+                        "stopped": False, "signal": None, "output_dir": str(self.out), "already_complete": True}
+        elif cfg.resume and self.ctx.is_main:
+            print(f"[{PROG}] --resume: no checkpoint in {self.out}, starting a new run", file=sys.stderr)
+        # every check passed: from here on the run folder is written
+        self.ctx.barrier()  # every rank has checked the folder before rank 0 creates anything in it
         if self.ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            prepare_output_dir(self.out, overwrite=cfg.overwrite and resume_path is None)
             save_config(cfg, self.out / "config.yaml")
+            print(f"[{PROG}] run folder: {self.out}", file=sys.stderr, flush=True)
+            if resume_path is not None:
+                print(f"[{PROG}] resumed from {resume_path} at epoch {self.epoch + 1}, step {self.global_step}",
+                      file=sys.stderr, flush=True)
+        self.ctx.barrier()
         logger = RunLogger(
             self.out,
             config_to_dict(cfg),
             project=cfg.wandb_project or "xbn-selfsup",
             mode=cfg.wandb_mode,
             enabled=self.ctx.is_main,
-            name=cfg.run_name or self.out.name,
+            name=cfg.wandb_name or self.out.name,
             resume_step=self.global_step if resume_path is not None else None,
         )
         bad_images = len(self.data.bad_images)
         stopped = False
+        signum: Optional[int] = None
         last_epoch_loss = float("nan")
         try:
             with GracefulExit(enabled=True, verbose=self.ctx.is_main) as stop:
@@ -461,6 +534,7 @@ class Trainer:
                         done = self.global_step >= self.total_steps
                         if self._stop_requested(stop):
                             stopped = True
+                            signum = stop.signum or 15  # another rank's signal: SIGTERM (torchrun forwards it)
                             break
                         if done or end_of_epoch:
                             break
@@ -518,12 +592,17 @@ class Trainer:
                 panels=[("knn_acc",), ("step_loss", "epoch_loss")],
                 x="epoch",
                 title=f"MoCo {cfg.dataset}, adaptation={cfg.adaptation}",
+                percent=("knn_acc",),
             )
+        if self.ctx.is_main:
+            state = "stopped by a signal" if stopped else "finished"
+            print(f"[{PROG}] {state} at step {self.global_step}; run folder: {self.out}", file=sys.stderr, flush=True)
         return {
             "knn_acc": self.last_knn,
             "loss": last_epoch_loss,
             "global_step": self.global_step,
             "stopped": stopped,
+            "signal": signum,
             "output_dir": str(self.out),
         }
 

@@ -56,6 +56,9 @@ class Adaptation(nn.Module):
     def reset(self) -> None:
         """Forget any filter state."""
 
+    def _refresh_host_state(self) -> None:
+        """Re-read host mirrors of scalar buffers (after a load or a CUDA-graph replay); none here."""
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, eps={self.eps}"
 
@@ -144,10 +147,21 @@ class AXBN(Adaptation):
             self.register_buffer(f"{stat}_variance", torch.zeros(dim))  # P
             self.register_buffer(f"{stat}_gain", torch.zeros(dim))  # K
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # t
+        self._t = 0  # host mirror of ``step``: the host decides with it, never reading the device
 
     def reset(self) -> None:
         for name, buf in self.named_buffers():
             buf.zero_()
+        self._t = 0
+
+    def _refresh_host_state(self) -> None:
+        self._t = int(self.step)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._t = int(self.step)
 
     def _noise(
         self, batch_std: Tensor, batch_size: int, stat: str
@@ -160,7 +174,9 @@ class AXBN(Adaptation):
 
     @torch.no_grad()
     def target(self, batch_mean: Tensor, batch_std: Tensor, batch_size: int) -> Tuple[Tensor, Tensor]:
-        t = int(self.step)
+        """Kalman step of both filters; returns the live estimates (read them before the next call)."""
+        t = self._t
+        update_gain = (t - 1) % self.gain_every == 0
         for stat, v in (("mean", batch_mean), ("std", batch_std)):
             u = getattr(self, f"{stat}_estimate")
             p = getattr(self, f"{stat}_variance")
@@ -170,13 +186,18 @@ class AXBN(Adaptation):
                 u.copy_(v)
                 p.copy_(p0) if isinstance(p0, Tensor) else p.fill_(p0)
                 k.zero_()
-            else:
-                u_new, p_new, k_new = F.kalman_step(u, p, k, v, q, r, update_gain=(t - 1) % self.gain_every == 0)
+            elif isinstance(r, float) and r > 0 and isinstance(q, float):
+                F.kalman_step_(u, p, k, v, q, r, update_gain)  # 5 element-wise kernels, in place
+            else:  # "auto" noise or r == 0 (guarded gain)
+                u_new, p_new, k_new = F.kalman_step(u, p, k, v, q, r, update_gain=update_gain)
                 u.copy_(u_new)
                 p.copy_(p_new)
                 k.copy_(k_new)
+        self._t = t + 1
         self.step.add_(1)
-        return self.mean_estimate.clone(), self.std_estimate.clamp_min(0)
+        # A Kalman estimate of a standard deviation stays >= 0 (a convex combination of the
+        # previous estimate and a measurement >= 0, gain in [0, 1]).
+        return self.mean_estimate, self.std_estimate
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p0={self.p0}, q={self.q}, r={self.r!r}, gain_every={self.gain_every}"

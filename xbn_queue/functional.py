@@ -12,13 +12,19 @@ Everything a reader needs to check the implementation against the paper lives he
 * :func:`shifted_sums` / :func:`moments_from_sums` / :func:`affine_sums` - running per-dimension
   sums that let the queue know its memory's moments in O(B * D) per step instead of a pass over
   the memory (see ``docs/performance.md``).
+* :func:`batch_moments`, :func:`xbn_step_`, :func:`frame_step_`, :func:`kalman_step_`,
+  :func:`update_sums_` - the O(D) bookkeeping of one queue step written as few, fusable tensor
+  operations with no host synchronisation. Like ``torch.optim``'s functional API they update the
+  state tensors they are given in place (and ``torch.compile`` fuses them into one or two kernels);
+  they keep no state of their own.
 
 No function here keeps state or touches a module; :mod:`xbn_queue.adaptation` owns the state.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -33,6 +39,11 @@ __all__ = [
     "shifted_sums",
     "moments_from_sums",
     "affine_sums",
+    "batch_moments",
+    "xbn_step_",
+    "frame_step_",
+    "kalman_step_",
+    "update_sums_",
 ]
 
 #: Rows per chunk when a reduction over a large matrix is done in float64 (bounds the temporary).
@@ -164,8 +175,29 @@ def kalman_step(
             ok = denom > 0
             k = torch.where(ok, p / torch.where(ok, denom, torch.ones_like(denom)), torch.ones_like(denom))
     u = u + k * (v - u)
-    p = (1 - k) * p
+    p = p - k * p
     return u, p, k
+
+
+def kalman_step_(
+    u: Tensor, p: Tensor, k: Tensor, v: Tensor, q: float, r: float, update_gain: bool = True
+) -> None:
+    """:func:`kalman_step` in place on ``u``, ``p``, ``k`` (``(D,)`` each), for scalar noises ``q >= 0``, ``r > 0``.
+
+    Six element-wise kernels (the queue's steady-state step); ``v`` may have a wider dtype than ``u``.
+
+    Args:
+        u, p, k: ``(D,)`` estimate, estimation variance and gain, updated in place.
+        v: ``(D,)`` new measurement.
+        q: Process noise variance.
+        r: Measurement noise variance (already divided by the batch size), ``> 0``.
+        update_gain: Recompute the gain (Eq. 20) or keep ``k``.
+    """
+    p.add_(q)  # (19)
+    if update_gain:
+        torch.div(p, p + r, out=k)  # (20)
+    u.addcmul_(k, v - u)  # (21)
+    p.addcmul_(k, p, value=-1)  # (22) (1 - K) P
 
 
 def measurement_noise(batch_std: Tensor, batch_size: int, statistic: str) -> Tensor:
@@ -257,3 +289,145 @@ def affine_sums(
         ``(center', s1', s2')``, each ``(D,)``.
     """
     return torch.addcmul(shift, center, scale), s1 * scale, s2 * scale * scale
+
+
+# ---------------------------------------------------------------------------------------------- steady-state step
+def batch_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-dimension mean and Bessel-corrected standard deviation of a batch, in few kernels.
+
+    On CUDA one ``torch.var_mean`` (float32) and a square root. On CPU, where ``var_mean`` over
+    dim 0 is a slow strided Welford reduction, a two-pass float64 computation (mean, then the norm
+    of the deviations): exactly 0 for a constant column. Agrees with :func:`moments` up to float
+    rounding.
+
+    Args:
+        x: ``(B, D)`` float rows, ``B >= 2``.
+
+    Returns:
+        ``(mean, std)``, each ``(D,)``: float32 on CUDA, float64 on CPU.
+    """
+    if x.device.type != "cpu":
+        var, mean = torch.var_mean(x, dim=0, correction=1)  # (D,), (D,)
+        return mean, var.sqrt_()
+    x64 = x.to(torch.float64)  # (B, D)
+    mean = x64.mean(dim=0)  # (D,)
+    std = torch.linalg.vector_norm(x64 - mean, dim=0).mul_(1.0 / math.sqrt(x.shape[0] - 1))  # (D,)
+    return mean, std
+
+
+def xbn_step_(
+    center: Tensor,
+    s1: Tensor,
+    s2: Tensor,
+    n: int,
+    tgt_mean: Tensor,
+    tgt_std: Tensor,
+    eps: float,
+    floor: float,
+    a: Tensor,
+    b: Tensor,
+) -> None:
+    """Eq. 6 from the running sums of the memory, in place: the map into ``(a, b)``, the sums re-centred.
+
+    From the :func:`shifted_sums` ``(center, s1, s2)`` of the ``n >= 2`` stored rows: their mean
+    ``m = c + s1 / n`` and sum of squared deviations ``ss = s2 - s1^2 / n``; the affine map
+    ``z -> a z + b`` of :func:`moment_matching_affine` to ``(tgt_mean, tgt_std)``, written into
+    ``a`` and ``b`` in the memory's dtype (what is really applied); then the sums of the rows after
+    that map, centred on the new mean: ``center = a m + b``, ``s1 = 0``, ``s2 = a^2 ss`` (exact,
+    no cancellation).
+
+    A dimension whose ``ss`` is at the rounding floor of the sums (``ss <= floor * s2``: a column
+    that became constant, whose variance from the sums would be rounding noise) or exactly 0 is
+    treated as constant: scale 0, every row goes to the target mean (what Eq. 6 does for a
+    constant column), decided on the device without a host synchronisation.
+
+    Args:
+        center, s1, s2: ``(D,)`` float64 running sums, updated in place.
+        n: Number of stored rows.
+        tgt_mean, tgt_std: ``(D,)`` target moments.
+        eps: Added to the memory's standard deviation before dividing.
+        floor: Relative rounding floor of ``ss`` (e.g. ``1e-9``).
+        a, b: ``(D,)`` outputs in the memory's dtype: apply as ``addcmul(b, memory, a)`` (one pass).
+    """
+    mean = center.add_(s1, alpha=1.0 / n)  # (D,) the new center, in place
+    thr = s2 * floor  # (D,)
+    ss = s2.addcmul_(s1, s1, value=-1.0 / n)  # (D,) sum of squared deviations from the mean, in place
+    flat = ss <= thr  # (D,) constant, at the rounding floor, or rounding noise < 0
+    std = ss.mul(1.0 / (n - 1)).sqrt_()  # (D,) NaN where ss < 0, masked below
+    torch.div(tgt_std, std.add_(eps), out=a).masked_fill_(flat, 0.0)  # (D,) Eq. 6 scale
+    torch.addcmul(tgt_mean, mean, a, value=-1, out=b)  # (D,) shift
+    torch.addcmul(b, mean, a, out=center)  # the mean moves with the rows
+    ss.mul_(a).mul_(a)  # deviations scale by a: s2 = a^2 ss
+    s1.zero_()
+
+
+def frame_step_(
+    center: Tensor,
+    s1: Tensor,
+    s2: Tensor,
+    n: int,
+    tgt_mean: Tensor,
+    tgt_std: Tensor,
+    frame_scale: Tensor,
+    frame_shift: Tensor,
+    eps: float,
+    floor: float,
+    flat_std: float,
+    min_scale: float,
+) -> None:
+    """Eq. 6 for a fixed-frame (bfloat16 / float16) memory: compose the map into the frame, in place.
+
+    The stored raw rows ``r`` read as ``r * A + B`` (``A = frame_scale > 0``, ``B = frame_shift``,
+    float64); the running sums describe the raw rows. The memory's moments are ``A m_raw + B`` and
+    ``A std_raw``; the map ``z -> a z + b`` of Eq. 6 is composed into the frame (``A <- a A``,
+    ``B <- a B + b``) and the raw rows are never rewritten. The sums are re-centred on the raw mean.
+
+    A column that is constant (at the rounding floor of the sums, see :func:`xbn_step_`, or read
+    with a standard deviation ``<= flat_std``) keeps its frame scale (``a = 1``) and its shift
+    moves so that it reads the target mean. A column whose target standard deviation is 0 would
+    make ``A`` 0 (and later rows unstorable): its scale is held at ``min_scale`` instead, so it
+    reads the target mean within ``min_scale`` of its former spread and counts as constant from
+    then on.
+
+    Args:
+        center, s1, s2: ``(D,)`` float64 running sums of the raw rows, updated in place.
+        n: Number of stored rows.
+        tgt_mean, tgt_std: ``(D,)`` target moments.
+        frame_scale, frame_shift: ``(D,)`` float64 frame, updated in place.
+        eps: Added to the memory's standard deviation before dividing.
+        floor: Relative rounding floor, see :func:`xbn_step_`.
+        flat_std: A column read with at most this standard deviation is constant.
+        min_scale: Smallest scale composed into the frame (e.g. ``2 ** -60``).
+    """
+    raw_mean = center.add_(s1, alpha=1.0 / n)  # (D,) re-centred in place
+    thr = s2 * floor  # (D,)
+    ss = s2.addcmul_(s1, s1, value=-1.0 / n)  # (D,) (n - 1) raw variance, in place
+    mem_mean = torch.addcmul(frame_shift, raw_mean, frame_scale)  # (D,) rows as read
+    mem_std = ss.mul(1.0 / (n - 1)).sqrt_().mul_(frame_scale)  # (D,) NaN where ss < 0 (then flat)
+    flat = (ss <= thr).logical_or_(mem_std <= flat_std)  # (D,)
+    scale = torch.div(tgt_std, mem_std.add_(eps)).clamp_min_(min_scale).masked_fill_(flat, 1.0)  # (D,)
+    shift = torch.addcmul(tgt_mean, mem_mean, scale, value=-1)  # (D,) flat: tgt_mean - A m_raw - B
+    torch.addcmul(shift, frame_shift, scale, out=frame_shift)  # B <- a B + b
+    frame_scale.mul_(scale)  # A <- a A
+    ss.masked_fill_(flat, 0.0)  # a constant column has no spread
+    s1.zero_()
+
+
+def update_sums_(
+    s1: Tensor, s2: Tensor, center: Tensor, rows: Sequence[Tensor], weights: Tensor, work: Tensor, work_t: Tensor
+) -> None:
+    """Add ``weights``-signed rows to the running sums, in place: ``s1 += w @ (r - c)``, ``s2 += w @ (r - c)^2``.
+
+    Used with weights ``+1`` for rows written and ``-1`` for the rows they overwrite.
+
+    Args:
+        s1, s2: ``(D,)`` float64 sums, updated in place.
+        center: ``(D,)`` float64 center of the sums.
+        rows: sequence of ``(k_i, D)`` row blocks (any float dtype), concatenated in order.
+        weights: ``(R,)`` float64 signs, ``R = sum k_i``.
+        work: ``(D, R)`` contiguous float64 scratch (overwritten), and ``work_t = work.t()``.
+    """
+    torch.cat(list(rows), out=work_t)  # (R, D) float64 copy of the rows
+    work_t.sub_(center)  # (R, D) deviations
+    s1.addmv_(work, weights)
+    s2.addmv_(work.square(), weights)

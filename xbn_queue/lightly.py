@@ -8,25 +8,33 @@ Example:
     >>> loss = criterion(query, key)  # key's statistics adapt the bank, then key is enqueued
 
 lightly's ``NTXentLoss`` calls ``self.memory_bank.forward(out1, update=out0.requires_grad)`` and uses
-the returned bank (D, n) as negatives without normalizing them; XBN's moment matching moves rows off
-the unit sphere, so the bank is returned L2-normalized by default (``normalize=False`` returns the
-adapted rows as stored).
+the returned bank (D, n) as negatives without normalizing them.
 
-Differences from lightly's ``MemoryBankModule``, by design:
+With ``adaptation="none"`` and the other arguments at their defaults the bank is lightly's
+``MemoryBankModule``: same size checks and messages, ``size=0`` disables it, it starts with random
+unit rows drawn as lightly draws them, returns the rows as stored, and writes a batch the way
+lightly does (the rows that fit before the end of the ring; the rest of that batch is dropped and
+the pointer goes back to row 0). Where the defaults depend on the adaptation:
 
-* The memory starts empty and only valid rows are returned, so the bank has shape (D, n) with
-  n = min(rows enqueued, N). On the very first call it is an empty (D, 0) tensor (lightly's bank
-  instead starts with N random unit vectors); ``NTXentLoss`` then has only the positive logit and its
-  loss is exactly 0 for that one step, with zero gradient.
-* A batch that does not fit before the end of the ring wraps around to row 0 (lightly drops the rest
-  of the batch); with N a multiple of the batch size both banks hold the same rows.
-* All state (rows, pointer, adaptation state) is in registered, persistent buffers of ``queue``, so
-  ``state_dict()`` checkpoints the bank (lightly's bank buffer is non-persistent).
+* ``init``: ``"random"`` (lightly's N random unit rows) for ``"none"``; ``"empty"`` for ``"xbn"`` /
+  ``"axbn"``, because XBN moves the stored rows to the batch's moments using the moments of the
+  memory, and random rows mixed with real keys would make those moments wrong. An empty bank
+  returns only the rows enqueued so far, (D, 0) on the very first call.
+* ``normalize``: ``False`` for ``"none"`` (rows as stored, as lightly); ``True`` for ``"xbn"`` /
+  ``"axbn"``: the moment matching moves rows off the unit sphere and ``NTXentLoss`` does not
+  normalize the negatives it receives, so adapted rows are returned L2-normalized (the stored rows
+  stay as adapted).
+
+Unlike lightly's bank (non-persistent buffers) all state is in registered, persistent buffers of
+``queue``, so ``state_dict()`` checkpoints the bank. A lightly checkpoint, which has no bank keys,
+still loads with ``strict=True``: the bank then starts fresh, with a warning.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+import copy
+import warnings
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -38,95 +46,217 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("xbn_queue.lightly needs lightly: pip install 'xbn-queue[lightly]'") from e
 
 from . import distributed as xdist
+from ._compat import follow_device
+from .adaptation import build_adaptation
 from .queue import AdaptiveQueue
 
 __all__ = ["AdaptiveMemoryBank"]
+
+_INITS = ("random", "empty")
+
+
+def _check_size(size: Union[int, Sequence[int]]) -> Tuple[int, ...]:
+    """lightly's size rules: ``0`` (disabled) or ``(num_features, dim)`` of non-negative ints.
+
+    Raises:
+        ValueError: with the message lightly's own ``MemoryBankModule`` gives for that size (it is
+            asked, so the text follows the installed lightly), or ours where lightly would accept a
+            size we cannot use (a bare positive int on older lightly, a zero feature dimension).
+    """
+    try:
+        size_tuple = (size,) if isinstance(size, int) else tuple(size)
+    except TypeError:
+        raise ValueError(f"Illegal memory bank size {size!r}, expected a (num_features, dim) tuple or 0") from None
+    ints = all(isinstance(s, int) and not isinstance(s, bool) for s in size_tuple)
+    if ints and (size_tuple == (0,) or (len(size_tuple) == 2 and min(size_tuple) >= 0)):
+        if size_tuple == (0,) or size_tuple[0] == 0 or size_tuple[1] > 0:
+            return size_tuple
+    if ints:
+        try:  # lightly checks sizes before it allocates anything: reuse its exact message
+            MemoryBankModule(size=size)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+    raise ValueError(
+        f"Illegal memory bank size {size!r}, expected a (num_features, dim) tuple of ints with dim > 0, "
+        "or 'size=0' to disable the memory bank."
+    )
 
 
 class AdaptiveMemoryBank(MemoryBankModule):
     """A lightly ``MemoryBankModule`` backed by an :class:`~xbn_queue.AdaptiveQueue` (XBM / XBN / AXBN).
 
-    It subclasses lightly's ``MemoryBankModule`` (without allocating lightly's random bank) so that it
-    is accepted wherever lightly expects a memory bank; all state lives in ``self.queue``.
+    It subclasses lightly's ``MemoryBankModule`` (without allocating lightly's bank) so that it is
+    accepted wherever lightly expects a memory bank; all state lives in ``self.queue``.
 
     Args:
-        size: (N, D): number of stored rows and their dimension.
-        adaptation: ``"none"`` (plain memory bank), ``"xbn"`` (Eq. 6) or ``"axbn"`` (Eq. 18-23).
+        size: ``(N, D)``: number of stored rows and their dimension; ``0`` (or ``(0, D)``) disables
+            the bank, which then returns ``(output, None)`` as lightly's does.
+        adaptation: ``"xbn"`` (Eq. 6, the default), ``"axbn"`` (Eq. 18-23) or ``"none"`` (lightly's
+            plain memory bank).
         gather_distributed: all-gather the batch across ranks before the statistics and the enqueue
             (as lightly's bank does before its enqueue); a no-op without a process group.
         feature_dim_first: return the bank as (D, n) (lightly's default) instead of (n, D).
-        normalize: L2-normalize the returned rows (the stored rows are left as adapted).
+        normalize: L2-normalize the returned rows (the stored rows are left as they are). ``None``:
+            ``True`` when the adaptation changes rows (``"xbn"``, ``"axbn"``), ``False`` for ``"none"``.
+        init: ``"random"``: start with N random unit rows (lightly's start, drawn from torch's global
+            generator as lightly does); ``"empty"``: start empty and return only the rows enqueued.
+            ``None``: ``"random"`` for ``"none"``, ``"empty"`` for an adapting bank.
         **queue_kwargs: further :class:`~xbn_queue.AdaptiveQueue` arguments (``eps``, ``kalman_*``, ...).
 
     Raises:
-        ValueError: if ``size`` is not a pair of positive ints.
+        ValueError: on a size lightly refuses (with lightly's message), a zero feature dimension, an
+            unknown ``init`` or adaptation.
     """
 
     def __init__(
         self,
-        size: Sequence[int],
+        size: Union[int, Sequence[int]],
         adaptation: str = "xbn",
         gather_distributed: bool = False,
         feature_dim_first: bool = True,
-        normalize: bool = True,
+        normalize: Optional[bool] = None,
+        init: Optional[str] = None,
         **queue_kwargs: Any,
     ) -> None:
-        # Skip MemoryBankModule.__init__: it allocates a random (N, D) bank we would never use.
+        # Skip MemoryBankModule.__init__: it allocates lightly's own (N, D) bank.
         Module.__init__(self)
-        size_tuple = (size,) if isinstance(size, int) else tuple(size)
-        if len(size_tuple) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size_tuple):
-            raise ValueError(f"size must be a pair (N, D) of positive ints, got {size!r}")
-        self.size = size_tuple
+        self.size = _check_size(size)
+        if init is not None and init not in _INITS:
+            raise ValueError(f"init must be one of {', '.join(_INITS)} or None, got {init!r}")
         self.gather_distributed = bool(gather_distributed)
         self.feature_dim_first = bool(feature_dim_first)
-        self.normalize = bool(normalize)
         self.adaptation = adaptation
-        # The bank gathers across ranks itself (once per step, for both the statistics and the
-        # enqueue), so its queue does not gather again.
-        self.queue = AdaptiveQueue(size=size_tuple[0], dim=size_tuple[1], adaptation=adaptation, **queue_kwargs)
+        self.queue: Optional[AdaptiveQueue] = None
+        if self.size[0] == 0:  # disabled, as lightly's size 0
+            active = build_adaptation(adaptation, 1).active  # still refuse an unknown name
+        else:
+            # The bank gathers across ranks itself (once per step, for both the statistics and the
+            # enqueue), so its queue does not gather again.
+            self.queue = AdaptiveQueue(size=self.size[0], dim=self.size[1], adaptation=adaptation, **queue_kwargs)
+            active = self.queue.adaptation.active
+        self.normalize = active if normalize is None else bool(normalize)
+        self.init = init if init is not None else ("empty" if active else "random")
+        # Host-side copy of the write pointer (lightly's write rule needs it on the host; reading the
+        # queue's buffer would wait for the device). None: unknown, read once from the buffer.
+        self._ptr: Optional[int] = 0
+        self._fill_initial()
+        self.register_load_state_dict_post_hook(_forget_host_ptr)
 
+    # ------------------------------------------------------------------ lightly's interface
     def forward(
         self,
         output: Tensor,
         labels: Optional[Tensor] = None,
         update: bool = False,
-    ) -> Tuple[Tensor, Tensor]:
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         """Return the (adapted) bank, then enqueue ``output`` if ``update``.
 
         Args:
             output: (B, D) embeddings of this batch (e.g. the keys), returned unchanged.
             labels: ignored (lightly's signature).
             update: adapt the stored rows to ``output``'s statistics, return them, then enqueue
-                ``output``. Without it the bank is returned as it is and nothing changes.
+                ``output`` as lightly does: the rows that fit before the end of the ring (all of them
+                when ``ptr + B < N``), after which the pointer is back at row 0. Without ``update`` the
+                bank is returned as it is and nothing changes.
 
         Returns:
             ``(output, bank)`` with ``bank`` (D, n) if ``feature_dim_first`` else (n, D), float32,
-            detached, a copy (never the live memory), L2-normalized rows if ``normalize``; n = 0 on
-            an empty memory.
+            detached, a copy (never the live memory), L2-normalized rows if ``normalize``; n = N for a
+            randomly initialised bank, the number of rows enqueued so far (up to N) for an empty start.
+            ``(output, None)`` for a disabled bank (size 0).
 
         Raises:
-            ValueError: if ``output`` is not (B, D) with finite values and B <= N (before anything changes).
+            ValueError: if ``output`` is not (B, D) with finite values (before anything changes).
         """
+        if self.queue is None:
+            return output, None
         if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[1] != self.size[1]:
             raise ValueError(
                 f"output must be (B, D={self.size[1]}), got {tuple(getattr(output, 'shape', ()))}"
             )
+        follow_device(self.queue, self.queue.memory, output.device)
         with torch.no_grad():
             if update:
-                batch = output.detach()
+                # Checked once (shape, dtype, finiteness per the queue's ``validate``) for both the
+                # adaptation and the write: no second check, no host read on CUDA.
+                batch = self.queue._check_embeddings(output.detach(), "output")
                 if self.gather_distributed and xdist.is_distributed():
                     batch = xdist.all_gather_cat(batch)  # (B * world, D), rank order
-                if batch.shape[0] > self.size[0]:  # checked before the memory is adapted
-                    raise ValueError(
-                        f"output: a batch of {batch.shape[0]} rows is larger than the memory bank size {self.size[0]}"
-                    )
-                self.queue.adapt(batch)
+                self.queue._adapt(batch)  # to the statistics of the whole (gathered) batch
             bank = self._snapshot()  # (n, D), a copy
             if update:
-                self.queue.enqueue(batch)
+                self._write(batch, checked=True)
         if self.feature_dim_first:
             bank = bank.t()  # (D, n)
         return output, bank
+
+    @property
+    def bank(self) -> Tensor:  # type: ignore[override]
+        """(n, D) float32 copy of the stored rows as stored (lightly's attribute; not normalized)."""
+        if self.queue is None:
+            return torch.empty(self.size, dtype=torch.float32)
+        return self.queue.embeddings  # already a float32 copy
+
+    @property
+    def bank_ptr(self) -> Tensor:  # type: ignore[override]
+        """(1,) long tensor with the write pointer (lightly's attribute), on the bank's device."""
+        if self.queue is None:
+            return torch.zeros(1, dtype=torch.long)
+        return self.queue.ptr.reshape(1).clone()
+
+    @torch.no_grad()
+    def _init_memory_bank(self, size: Tuple[int, ...]) -> None:
+        """Back to the initial state (lightly's method name): random unit rows or empty, per ``init``."""
+        self.reset()
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, batch: Tensor) -> None:
+        """Enqueue ``batch`` (B, D) without adapting, with lightly's write rule (lightly's method name)."""
+        if self.queue is None:
+            return
+        batch = batch.detach()
+        follow_device(self.queue, self.queue.memory, batch.device)
+        if self.gather_distributed and xdist.is_distributed():
+            batch = xdist.all_gather_cat(batch)
+        self._write(batch)
+
+    # ------------------------------------------------------------------ ours
+    def reset(self) -> None:
+        """Back to the initial state: the adaptation state forgotten, the rows random or empty per ``init``."""
+        if self.queue is None:
+            return
+        self.queue.reset()
+        self._ptr = 0
+        self._fill_initial()
+
+    def _fill_initial(self) -> None:
+        """Fill the queue with lightly's initial bank when ``init == "random"``.
+
+        lightly draws ``torch.randn(N, D)`` from the global generator and L2-normalizes the rows; the
+        same draw here gives the same bank for the same seed.
+        """
+        if self.queue is None or self.init != "random":
+            return
+        with torch.no_grad():
+            rows = torch.nn.functional.normalize(torch.randn(self.size), dim=-1)  # (N, D), as lightly
+            self.queue.enqueue(rows.to(self.queue.memory.device))  # all N rows: the pointer is back at 0
+        self._ptr = 0
+
+    def _write(self, batch: Tensor, checked: bool = False) -> None:
+        """lightly's write rule: rows ``ptr .. min(ptr + B, N) - 1`` get the first rows of ``batch`` (B, D).
+
+        The pointer is kept on the host (``_ptr``) by the bank's own writes, reset and loads; write through
+        the bank (``forward`` / ``_dequeue_and_enqueue``), not through ``self.queue``, to keep it right.
+        ``checked``: ``batch`` already passed the queue's input check (float32, on its device).
+        """
+        ptr = self._ptr if self._ptr is not None else int(self.queue.ptr)  # a sync only after a load
+        k = min(batch.shape[0], self.size[0] - ptr)  # rows that fit before the end of the ring
+        rows = batch if k == batch.shape[0] else batch[:k]  # (k, D)
+        if checked:
+            self.queue._enqueue(rows, None, None)
+        else:
+            self.queue.enqueue(rows)
+        self._ptr = (ptr + k) % self.size[0]
 
     def _snapshot(self) -> Tensor:
         """(n, D) float32 copy of the stored rows, L2-normalized if ``normalize``."""
@@ -138,34 +268,46 @@ class AdaptiveMemoryBank(MemoryBankModule):
             return torch.nn.functional.normalize(rows.float(), dim=1)  # new tensor, never the buffer
         return rows.to(torch.float32, copy=live)
 
-    @property
-    def bank(self) -> Tensor:  # type: ignore[override]
-        """(n, D) copy of the stored rows as stored (lightly's attribute name; not normalized)."""
-        return self.queue.embeddings  # already a float32 copy
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        """A state dict without any bank key (lightly's bank is not saved) loads as a fresh bank.
 
-    @property
-    def bank_ptr(self) -> Tensor:  # type: ignore[override]
-        """(1,) long tensor with the write pointer (lightly's attribute name)."""
-        return torch.tensor([int(self.queue.ptr)], dtype=torch.long)
-
-    @torch.no_grad()
-    def _init_memory_bank(self, size: Tuple[int, ...]) -> None:
-        """Empty the memory (lightly's method name)."""
-        self.queue.reset()
-
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, batch: Tensor) -> None:
-        """Enqueue ``batch`` (B, D) without adapting (lightly's method name)."""
-        if self.gather_distributed and xdist.is_distributed():
-            batch = xdist.all_gather_cat(batch.detach())
-        self.queue.enqueue(batch)
-
-    def reset(self) -> None:
-        """Empty the memory and the adaptation state."""
-        self.queue.reset()
+        lightly marks its bank buffers non-persistent, so a checkpoint of lightly's ``NTXentLoss`` has
+        no key for them; once our bank replaces lightly's, ``load_state_dict(..., strict=True)`` of such
+        a checkpoint would fail on the missing ``queue.*`` keys. Here the bank is reset to its initial
+        state (as lightly's bank is when a run is resumed) and its keys are supplied, with a warning.
+        """
+        if self.queue is not None and not any(k.startswith(prefix + "queue.") for k in state_dict):
+            warnings.warn(
+                f"no memory bank state under '{prefix}queue.' in the checkpoint (lightly does not save its "
+                f"bank): the AdaptiveMemoryBank starts fresh ({self.init} rows)",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.reset()
+            fresh = copy.deepcopy(self.queue).state_dict()  # tensors detached from the live buffers
+            for key, value in fresh.items():
+                state_dict[prefix + "queue." + key] = value
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return (
-            f"size={self.size}, adaptation={self.adaptation!r}, gather_distributed={self.gather_distributed}, "
-            f"feature_dim_first={self.feature_dim_first}, normalize={self.normalize}"
+            f"size={self.size}, adaptation={self.adaptation!r}, init={self.init!r}, "
+            f"gather_distributed={self.gather_distributed}, feature_dim_first={self.feature_dim_first}, "
+            f"normalize={self.normalize}"
         )
+
+
+def _forget_host_ptr(module: AdaptiveMemoryBank, incompatible_keys: Any) -> None:
+    """After ``load_state_dict``: the host copy of the pointer is read again from the loaded buffer."""
+    module._ptr = None

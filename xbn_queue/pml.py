@@ -12,7 +12,14 @@ rows being enqueued (Eq. 6 for ``"xbn"``, Eq. 23 for ``"axbn"``, nothing for ``"
 are enqueued, and the loss is computed against the whole memory exactly as PML's ``CrossBatchMemory``
 does it (miner on the memory or all pairs, self-comparisons removed at the written row positions,
 ``enqueue_mask`` split, input ``indices_tuple`` combined). With ``adaptation="none"`` the losses are
-those of PML's ``CrossBatchMemory`` on any sequence of batches.
+those of PML's ``CrossBatchMemory`` on any sequence of batches but one: after an ``enqueue_mask`` that
+selects no rows while the memory is not yet full, PML marks its memory filled and compares against all
+``memory_size`` rows (the never-written ones are zero vectors with label 0) until it is really full;
+here only the rows written are compared against.
+
+PML's attributes ``embedding_memory`` / ``label_memory`` (read-only copies), ``queue_idx``,
+``has_been_filled`` and ``curr_batch_idx`` are provided, the memory follows the embeddings' device as
+PML's does, and a PML state dict loads into this class (see ``_load_from_state_dict``).
 
 The class subclasses PML's ``CrossBatchMemory`` (without allocating its buffers) so that PML code
 that checks ``isinstance(loss, CrossBatchMemory)`` (e.g. ``DistributedLossWrapper``) accepts it and
@@ -21,7 +28,9 @@ the index bookkeeping (``create_indices_tuple``, ``supported_losses``) is PML's 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import copy
+import warnings
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -35,6 +44,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from . import distributed as xdist
+from ._compat import follow_device
 from .queue import AdaptiveQueue
 
 __all__ = ["AdaptiveCrossBatchMemory"]
@@ -61,6 +71,8 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         queue: the :class:`~xbn_queue.AdaptiveQueue` holding the memory.
         loss, miner, embedding_size, memory_size: as given.
         curr_batch_idx: (B,) memory rows written by this rank's batch in the last call.
+        embedding_memory, label_memory: (memory_size, embedding_size) and (memory_size,) read-only
+            copies of the whole memory, in the dtypes of the last embeddings / labels given (as PML's).
 
     Raises:
         ValueError: if the loss is not supported by ``CrossBatchMemory``.
@@ -89,6 +101,10 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             size=self.memory_size, dim=self.embedding_size, adaptation=adaptation, **queue_kwargs
         )
         self.curr_batch_idx = torch.zeros(0, dtype=torch.long)
+        # dtypes of the last embeddings / labels given: PML casts its memory to them at every call, so
+        # ``embedding_memory`` / ``label_memory`` are read back in them (host-side state, no sync).
+        self._memory_dtype: torch.dtype = torch.float32
+        self._label_dtype: torch.dtype = torch.long
         self.add_to_recordable_attributes(
             list_of_names=["embedding_size", "memory_size", "queue_idx"], is_stat=False
         )
@@ -116,9 +132,40 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         """Whether the memory has been filled once (PML's name)."""
         return bool(self.queue.is_full)
 
+    @property
+    def embedding_memory(self) -> Tensor:
+        """(memory_size, embedding_size) copy of the whole memory, as PML's attribute of that name.
+
+        Rows in storage order (row ``i`` is memory position ``i``); rows never written are zeros, as in
+        PML. In the dtype of the last embeddings given (float32 before the first call), as PML casts its
+        memory to the embeddings' dtype at every call, on the memory's device. Read-only: a copy, so
+        writing to it does not change the memory (PML code only reads it).
+        """
+        n = len(self.queue)
+        out = torch.zeros(
+            self.memory_size, self.embedding_size, dtype=self._memory_dtype, device=self.queue.memory.device
+        )  # (M, D)
+        out[:n] = self.queue.valid_memory()  # (n, D), cast on the copy
+        return out
+
+    @property
+    def label_memory(self) -> Tensor:
+        """(memory_size,) copy of the labels of the whole memory (zeros where never written), as PML's
+        attribute of that name, in the dtype of the last labels given (int64 before the first call)."""
+        return self.queue.label_memory.to(dtype=self._label_dtype, copy=True)
+
     def reset_queue(self) -> None:
         """Empty the memory (rows, labels, pointer and adaptation state)."""
         self.queue.reset()
+
+    def _follow_device(self, device: torch.device) -> None:
+        """Move the memory (and ``curr_batch_idx``) to ``device`` if it is elsewhere, as PML does.
+
+        PML's ``CrossBatchMemory`` moves its memory to the embeddings' device at every call, so it works
+        when only the model was moved to a GPU; this does the same, once (a host-side device check).
+        """
+        if follow_device(self.queue, self.queue.memory, device):
+            self.curr_batch_idx = self.curr_batch_idx.to(device)
 
     def forward(
         self,
@@ -165,6 +212,7 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         self.reset_stats()
         device = embeddings.device
         labels = c_f.to_device(labels, device=device)
+        self._follow_device(device)
 
         if enqueue_mask is not None:
             if enqueue_mask.shape != (embeddings.shape[0],):
@@ -189,6 +237,7 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             )
 
         self.curr_batch_idx = self._adapt_and_enqueue(emb_for_queue, labels_for_queue, ids_for_queue)  # (Bq,)
+        self._memory_dtype, self._label_dtype = embeddings.dtype, labels.dtype
 
         # Like PML, the loss reads the memory in place (a live view, cast to the loss dtype; a copy only
         # when the dtypes differ): PML's supported losses never modify their reference embeddings.
@@ -258,5 +307,94 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             labels: (B,) labels.
             batch_size: ignored (PML passes ``len(embeddings)``).
         """
+        self._follow_device(embeddings.device)
         with torch.no_grad():
             self.curr_batch_idx = self.queue.enqueue(embeddings, labels)
+
+    # ------------------------------------------------------------------ PML checkpoints
+    def _load_from_state_dict(
+        self,
+        state_dict: Dict[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        """Also load a state dict of PML's ``CrossBatchMemory`` (keys ``embedding_memory``, ``label_memory``).
+
+        PML saves its rows and labels but not its write pointer ``queue_idx`` (a plain attribute). The
+        PML keys are turned into this module's ``queue.*`` keys (nothing else changes, so a prefix such as
+        Lightning's ``state_dict`` nesting works, and ``strict=True`` holds):
+
+        * ``queue_idx`` (and ``has_been_filled``) are used when present (an int or a 0-d tensor, e.g.
+          added by the user beside PML's keys); then the memory continues exactly as PML's would have.
+        * Without ``queue_idx``, a memory not yet filled is recovered exactly: PML writes rows in order
+          into a zero-initialised memory, so its rows are the leading non-zero ones and the pointer
+          follows them. A full memory keeps all its rows, but the position of the oldest row is lost:
+          writing resumes at row 0 (a warning says so). PML itself would restart at row 0 and ignore
+          the loaded rows.
+
+        The adaptation state starts fresh (PML has none) and the running statistics are recomputed
+        from the loaded rows. A state dict of this class loads as usual.
+        """
+        emb_key, lab_key = prefix + "embedding_memory", prefix + "label_memory"
+        if emb_key in state_dict and not any(k.startswith(prefix + "queue.") for k in state_dict):
+            try:
+                translated = self._queue_state_from_pml(
+                    state_dict.pop(emb_key),
+                    state_dict.pop(lab_key, None),
+                    state_dict.pop(prefix + "queue_idx", None),
+                    state_dict.pop(prefix + "has_been_filled", None),
+                )
+            except ValueError as e:
+                error_msgs.append(f"{prefix}embedding_memory: {e}")
+            else:
+                for key, value in translated.items():
+                    state_dict[prefix + "queue." + key] = value
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _queue_state_from_pml(
+        self, emb: Tensor, lab: Optional[Tensor], queue_idx: Any, has_been_filled: Any
+    ) -> Dict[str, Tensor]:
+        """The ``queue`` state dict equivalent to PML's memory ``emb`` (M, D), labels ``lab`` (M,).
+
+        Raises:
+            ValueError: on shapes that do not match this memory.
+        """
+        m, d = self.memory_size, self.embedding_size
+        if not isinstance(emb, Tensor) or tuple(emb.shape) != (m, d):
+            raise ValueError(f"expected a PML memory of shape ({m}, {d}), got {tuple(getattr(emb, 'shape', ()))}")
+        if not isinstance(lab, Tensor) or tuple(lab.shape) != (m,):
+            got = tuple(getattr(lab, "shape", ()))
+            raise ValueError(f"expected PML's label_memory of shape ({m},) beside it, got {got}")
+        written = (emb != 0).any(dim=1)  # (M,) rows PML has written (it starts from zeros)
+        if queue_idx is not None:
+            ptr = int(queue_idx) % m
+            if has_been_filled is not None:
+                filled = bool(has_been_filled)
+            else:
+                filled = bool(written[ptr:].any()) if ptr > 0 else bool(written.any())
+            n = m if filled else ptr
+        elif not bool(written.all()):
+            n = int(written.nonzero().max()) + 1 if bool(written.any()) else 0  # rows 0..n-1 were written
+            ptr = n % m
+        else:
+            n, ptr = m, 0
+            warnings.warn(
+                "PML's CrossBatchMemory does not save queue_idx: the loaded memory is full and the position of "
+                "its oldest row is unknown, so all rows are kept and writing resumes at row 0 (add "
+                "'queue_idx' to the state dict to continue exactly)",
+                UserWarning,
+                stacklevel=4,
+            )
+        fresh = copy.deepcopy(self.queue)
+        fresh.reset()
+        if n > 0:
+            fresh.enqueue(emb[:n].to(torch.float32), lab[:n].to(torch.long))  # rows 0..n-1, sums synced
+        state = fresh.state_dict()
+        state["ptr"] = torch.full_like(state["ptr"], ptr)
+        return state

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._compile import Fused, compile_enabled
 from .adaptation import Adaptation, build_adaptation
 from .distributed import all_gather_cat
 
@@ -26,6 +27,17 @@ _SUSPICIOUS_VARIANCE = 1e-9
 _FRAME_MAX_OFFSET = 2.0
 #: ... when a raw standard deviation leaves [1 / limit, limit], or when a frame scale becomes 0.
 _FRAME_SPREAD_LIMIT = 2.0**16
+#: Fixed frame: smallest per-step scale composed into the frame (a constant batch column would
+#: otherwise make a frame scale 0); such a column reads the target mean within this fraction of its spread.
+_FRAME_MIN_SCALE = 2.0**-60
+#: Fixed frame: a column read with a standard deviation below ``eps`` times this is constant (Eq. 6
+#: would scale its spread by at most ``2**-20`` of the target's).
+_FRAME_FLAT = 2.0**-20
+#: ``validate=`` values (see the class docstring).
+_VALIDATE = ("auto", "sync", "device", "off")
+
+_XBN_STEP = Fused(F.xbn_step_)
+_FRAME_STEP = Fused(F.frame_step_)
 
 
 class AdaptiveQueue(nn.Module):
@@ -54,13 +66,23 @@ class AdaptiveQueue(nn.Module):
     center (``stat_center``, ``stat_sum``, ``stat_sumsq``) are kept up to date on every enqueue
     (overwritten rows subtracted, new rows added) and moved exactly through every affine map, so
     the statistics cost O(B * dim); they are re-centered on the mean at every adaptation and
-    re-synchronised exactly (one pass) every ``min(stats_resync_every, len(self))`` adaptations
-    and whenever a dimension reaches the rounding floor (e.g. a column that became constant). A
-    float32 (or float64) memory is then rewritten by one fused in-place affine per step. A bfloat16 / float16 memory is kept in a fixed frame: ``memory``
+    re-synchronised exactly (one pass) every ``min(stats_resync_every, len(self))`` adaptations.
+    A dimension at the rounding floor of the sums (e.g. a column that became constant) is treated
+    as constant on the device. A float32 (or float64) memory is then rewritten by one fused
+    in-place affine per step. A bfloat16 / float16 memory is kept in a fixed frame: ``memory``
     holds raw rows rounded once when written, the per-dimension map ``frame_scale`` /
     ``frame_shift`` (float64) is composed at every step and applied when the rows are read, so
-    rounding errors never accumulate. Results equal the straightforward computation (moments by a
+    rounding errors never accumulate; the frame is re-based, where a column needs it, at the
+    periodic re-synchronisation. Results equal the straightforward computation (moments by a
     pass over the rows, then Eq. 6) up to float rounding.
+
+    No host synchronisation: the fill count, the flags and the step counters the host needs are
+    Python ints mirrored into their buffers (``buffer.fill_(int)`` / ``add_``, which never wait
+    for the device); the write pointer is advanced on the device. After the first steps,
+    ``adapt`` / ``enqueue`` / ``update`` never read a device value on the host (with the
+    ``validate`` mode the memory's device gets by default), so a step on CUDA never stalls the
+    stream, and a steady-state ``update`` (full memory, fixed batch size) can be captured in a
+    CUDA graph. The O(D) bookkeeping is compiled into a few fused kernels on CUDA (``compile``).
 
     Args:
         size: Number of rows the memory holds.
@@ -81,9 +103,26 @@ class AdaptiveQueue(nn.Module):
         stats_resync_every: Recompute the memory's running sums exactly (one pass over the
             memory) at least every this many adaptations (and every ``len(self)`` adaptations
             when the memory holds fewer rows); 1 recomputes them at every step.
+        validate: How non-finite input values (NaN / Inf) are caught. Shapes, dtypes and sizes
+            are always checked on the host (they need no device value).
+
+            * ``"sync"``: read the batch's sum on the host and raise ``ValueError`` before
+              anything changes. One host synchronisation per call (on CPU just a memory read).
+            * ``"device"``: ``torch._assert_async(isfinite(batch).all())``: no synchronisation.
+              On CPU it raises ``RuntimeError`` at once, before anything changes; on CUDA a
+              non-finite batch is a device-side assert that surfaces at the next synchronisation
+              as ``RuntimeError: CUDA error: device-side assert triggered`` and leaves the CUDA
+              context unusable (the process must restart), like any failed device assertion.
+            * ``"off"``: no finiteness check (non-finite rows would then spread into the memory).
+            * ``"auto"`` (default): ``"sync"`` for a memory on the CPU, ``"device"`` otherwise.
+        compile: Run the O(D) bookkeeping of a steady-state step through ``torch.compile``
+            (fused kernels). ``None`` (default): on for a CUDA memory, off on CPU; the
+            environment variable ``XBN_QUEUE_COMPILE=0`` turns it off, ``=1`` on by default. A
+            failed compilation warns and falls back to the eager kernels (same results).
 
     Raises:
-        ValueError: On a non-positive size, dim or ``stats_resync_every``, or a bad adaptation.
+        ValueError: On a non-positive size, dim or ``stats_resync_every``, a bad adaptation or
+            an unknown ``validate``.
     """
 
     def __init__(
@@ -99,6 +138,8 @@ class AdaptiveQueue(nn.Module):
         gather_distributed: bool = False,
         dtype: torch.dtype = torch.float32,
         stats_resync_every: int = 1000,
+        validate: str = "auto",
+        compile: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if int(size) < 1 or int(dim) < 1:
@@ -107,7 +148,11 @@ class AdaptiveQueue(nn.Module):
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
         if int(stats_resync_every) < 1:
             raise ValueError(f"stats_resync_every must be >= 1, got {stats_resync_every}")
+        if validate not in _VALIDATE:
+            raise ValueError(f"validate must be one of {', '.join(map(repr, _VALIDATE))}, got {validate!r}")
         self.stats_resync_every = int(stats_resync_every)
+        self.validate = validate
+        self.compile_bookkeeping = compile
         self.size = int(size)
         self.dim = int(dim)
         self.eps = float(eps)
@@ -138,10 +183,18 @@ class AdaptiveQueue(nn.Module):
         # Fixed frame (bfloat16 / float16 storage): row i reads memory[i] * frame_scale + frame_shift.
         self.register_buffer("frame_scale", torch.ones(self.dim, dtype=f64))  # (D,)
         self.register_buffer("frame_shift", torch.zeros(self.dim, dtype=f64))  # (D,)
+        # Host mirrors of the scalar buffers the host decides with (kept equal on every write and
+        # re-read on load): reading them never waits for the device. The pointer lives on the device.
+        self._n = 0  # num_filled
+        self._has_labels = False
+        self._has_ids = False
+        self._age = 0  # stat_age
+        self._synced = False  # stat_synced
+        self._cache: dict = {}  # small constant / scratch tensors per (shape, device), never state
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
-        return int(self.num_filled)
+        return self._n
 
     @property
     def is_full(self) -> bool:
@@ -167,12 +220,12 @@ class AdaptiveQueue(nn.Module):
     @property
     def labels(self) -> Optional[Tensor]:
         """``(n,)`` int64 labels of the valid rows, or ``None`` if labels were never given."""
-        return self.label_memory[: len(self)].clone() if bool(self.has_labels) else None
+        return self.label_memory[: len(self)].clone() if self._has_labels else None
 
     @property
     def ids(self) -> Optional[Tensor]:
         """``(n,)`` int64 sample ids of the valid rows, or ``None`` if ids were never given."""
-        return self.id_memory[: len(self)].clone() if bool(self.has_ids) else None
+        return self.id_memory[: len(self)].clone() if self._has_ids else None
 
     def valid_memory(self) -> Tensor:
         """``(n, dim)`` live view of the valid rows, in the storage dtype, without a copy.
@@ -191,6 +244,11 @@ class AdaptiveQueue(nn.Module):
         return self.label_memory[: len(self)]
 
     # ------------------------------------------------------------------ checks
+    def _validate_mode(self) -> str:
+        if self.validate != "auto":
+            return self.validate
+        return "sync" if self.memory.device.type == "cpu" else "device"
+
     def _check_embeddings(self, x: Tensor, what: str) -> Tensor:
         if not isinstance(x, Tensor):
             raise ValueError(f"{what}: expected a torch.Tensor of shape (B, {self.dim}), got {type(x).__name__}")
@@ -198,12 +256,19 @@ class AdaptiveQueue(nn.Module):
             raise ValueError(f"{what}: expected shape (B, {self.dim}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{what}: expected a floating-point tensor, got {x.dtype}")
-        # A finite sum proves every entry finite (3 us instead of 60 for a 64 x 512 batch on CPU);
-        # only a non-finite sum (NaN/Inf, or an overflow of large finite values) needs the full check.
-        if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).any(dim=1).sum())
-            raise ValueError(f"{what}: expected finite values, got NaN or Inf in {bad} of {x.shape[0]} rows")
-        return x.detach().to(device=self.memory.device, dtype=torch.float32)
+        mode = self._validate_mode()
+        if mode == "sync":
+            # A finite sum proves every entry finite (3 us instead of 60 for a 64 x 512 batch on CPU);
+            # only a non-finite sum (NaN/Inf, or an overflow of large finite values) needs the full check.
+            if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).any(dim=1).sum())
+                raise ValueError(f"{what}: expected finite values, got NaN or Inf in {bad} of {x.shape[0]} rows")
+        elif mode == "device":
+            # The float64 sum of float32 values cannot overflow: it is finite iff every entry is,
+            # and ``sum * 0 == 0`` exactly then (NaN otherwise). Four small kernels, no host read.
+            ok = x.sum(dtype=torch.float64).mul_(0).eq_(0)
+            torch._assert_async(ok, f"{what}: expected finite values, got NaN or Inf")
+        return x.to(device=self.memory.device, dtype=torch.float32)
 
     def _check_index(self, x: Optional[Tensor], n: int, what: str) -> Optional[Tensor]:
         if x is None:
@@ -214,10 +279,10 @@ class AdaptiveQueue(nn.Module):
             raise ValueError(f"{what}: expected shape ({n},) to match the {n} embeddings, got {tuple(x.shape)}")
         if x.is_floating_point() or x.is_complex():
             raise ValueError(f"{what}: expected an integer tensor, got {x.dtype}")
-        return x.detach().to(device=self.memory.device, dtype=torch.long)
+        return x.to(device=self.memory.device, dtype=torch.long)
 
-    def _check_consistent(self, given: bool, stored: Tensor, what: str) -> None:
-        if len(self) > 0 and given != bool(stored):
+    def _check_consistent(self, given: bool, stored: bool, what: str) -> None:
+        if self._n > 0 and given != stored:
             if given:
                 raise ValueError(f"{what} given, but the rows already stored have none; call reset() first")
             raise ValueError(f"{what} missing: the rows already stored have {what}; pass them to every enqueue")
@@ -232,8 +297,8 @@ class AdaptiveQueue(nn.Module):
         ids = self._check_index(ids, b, "ids")
         if b > self.size:
             raise ValueError(f"embeddings: batch of {b} rows is larger than the queue size {self.size}")
-        self._check_consistent(labels is not None, self.has_labels, "labels")
-        self._check_consistent(ids is not None, self.has_ids, "ids")
+        self._check_consistent(labels is not None, self._has_labels, "labels")
+        self._check_consistent(ids is not None, self._has_ids, "ids")
         if self.gather_distributed:
             emb = all_gather_cat(emb)
             labels = all_gather_cat(labels) if labels is not None else None
@@ -257,45 +322,62 @@ class AdaptiveQueue(nn.Module):
             batch: ``(B, dim)`` embeddings of the current iteration, any floating dtype.
 
         Raises:
-            ValueError: Wrong shape, non-floating dtype or non-finite values.
+            ValueError: Wrong shape, non-floating dtype or (``validate="sync"``) non-finite values.
         """
         b = self._check_embeddings(batch, "batch")
         if self.gather_distributed:
             b = all_gather_cat(b)
         self._adapt(b)
 
+    def _compiled(self) -> bool:
+        """Compile the bookkeeping now? Only in the steady state (full memory: static shapes)."""
+        return self._n == self.size and compile_enabled(self.memory.device, self.compile_bookkeeping)
+
     def _adapt(self, batch: Tensor) -> None:
-        n = len(self)
+        n = self._n
         if not self.adaptation.active or batch.shape[0] < 2 or n < 2:
             return
-        batch_mean, batch_std = F.moments(batch)  # (D,), (D,)
+        batch_mean, batch_std = F.batch_moments(batch)  # (D,), (D,)
         target = self.adaptation.target(batch_mean, batch_std, batch.shape[0])
         if target is None:
             return
-        f64 = torch.float64
-        raw_mean, raw_var = self._memory_moments(n)  # (D,), (D,) float64, storage frame, O(D)
+        if not self._synced or self._age >= self._resync_interval(n, batch.shape[0]):  # decided on the host
+            self._resync(n)
+        compiled = self._compiled()
         if self._fixed_frame:
-            mem_mean = torch.addcmul(self.frame_shift, raw_mean, self.frame_scale)  # rows as read
-            mem_std = raw_var.sqrt() * self.frame_scale.abs()
+            _FRAME_STEP(
+                compiled, self.stat_center, self.stat_sum, self.stat_sumsq, n, target[0], target[1],
+                self.frame_scale, self.frame_shift, self.eps, _SUSPICIOUS_VARIANCE,
+                max(self.eps, 1e-12) * _FRAME_FLAT, _FRAME_MIN_SCALE,
+            )
         else:
-            mem_mean, mem_std = raw_mean, raw_var.sqrt()
-        scale, shift = F.moment_matching_affine(mem_mean, mem_std, target[0].to(f64), target[1].to(f64), self.eps)
-        # Re-center the sums on the mean (s1 = 0): deviations stay small, the sums keep their precision.
-        self.stat_sum.zero_()
-        if self._fixed_frame:
-            self.stat_center.copy_(raw_mean)
-            self.stat_sumsq.copy_(raw_var).mul_(n - 1)
-            self._compose_frame(scale, shift, n)
-        else:
-            mem = self.memory[:n]  # (n, D), live
-            a, b = scale.to(mem.dtype), shift.to(mem.dtype)  # what is really applied
+            mem = self.memory if n == self.size else self.memory[:n]  # (n, D), live
+            dev, dt = mem.device, mem.dtype
+            a = self._cached(("a", dev, dt), lambda: torch.empty(self.dim, dtype=dt, device=dev))  # (D,)
+            b = self._cached(("b", dev, dt), lambda: torch.empty(self.dim, dtype=dt, device=dev))  # (D,)
+            _XBN_STEP(
+                compiled, self.stat_center, self.stat_sum, self.stat_sumsq, n, target[0], target[1],
+                self.eps, _SUSPICIOUS_VARIANCE, a, b,
+            )
             torch.addcmul(b, mem, a, out=mem)  # one fused pass over the memory
-            center, _, s2 = F.affine_sums(raw_mean, self.stat_sum, raw_var * (n - 1), a.to(f64), b.to(f64))
-            self.stat_center.copy_(center)
-            self.stat_sumsq.copy_(s2)
+        self._age += 1
         self.stat_age.add_(1)
 
     # ------------------------------------------------------------------ running statistics
+    def _resync_interval(self, n: int, b: int) -> int:
+        """Adaptations between exact re-synchronisations: ``min(stats_resync_every, n)``; a fixed
+        frame also once per turnover of the memory (``ceil(n / b)``), when it is re-based where needed."""
+        every = min(self.stats_resync_every, n)
+        if self._fixed_frame:
+            every = min(every, max(1, -(-n // b)))
+        return every
+
+    def _resync(self, n: int) -> None:
+        """Exact re-synchronisation of the running sums (one pass; a fixed frame is re-based first where needed)."""
+        if self._fixed_frame and self._synced:
+            self._rebase(n)
+        self._sync_stats(n)
+
     def _sync_stats(self, n: int) -> None:
         """Recompute the running sums exactly from the ``n`` stored rows (one pass)."""
         if n == 0:
@@ -308,74 +390,41 @@ class AdaptiveQueue(nn.Module):
         self.stat_center.copy_(center)
         self.stat_sum.copy_(s1)
         self.stat_sumsq.copy_(s2)
+        self._age = 0
         self.stat_age.zero_()
+        self._synced = True
         self.stat_synced.fill_(True)
 
-    def _memory_moments(self, n: int) -> Tuple[Tensor, Tensor]:
-        """Mean and variance (float64, ``(D,)``, storage frame) of the ``n >= 2`` valid rows, from the running sums.
-
-        The sums are re-synchronised exactly when they are stale, every ``min(stats_resync_every, n)``
-        adaptations (so the float32 rounding of the rewritten rows, which the sums do not see,
-        never adds up to more than about one rounding of the rows' magnitude), or when a dimension
-        is at the rounding floor (e.g. a column that became constant, whose variance from the sums
-        would be rounding noise instead of exactly 0).
-        """
-        mean, var = F.moments_from_sums(self.stat_center, self.stat_sum, self.stat_sumsq, n)  # (D,), (D,)
-        # var (n-1) / s2 is 1 for sums centered on the mean; at the floor it is rounding noise. An
-        # exactly constant column (s1 = s2 = 0) gives 0/0 = nan, which is not flagged.
-        floor = var * (n - 1) / self.stat_sumsq <= _SUSPICIOUS_VARIANCE  # (D,)
-        due = self.stat_age >= min(self.stats_resync_every, n)
-        if bool(~self.stat_synced | due | floor.any()):  # one host sync
-            self._sync_stats(n)
-            mean, var = F.moments_from_sums(self.stat_center, self.stat_sum, self.stat_sumsq, n)
-        return mean, var.clamp_min_(0)
-
-    def _compose_frame(self, scale: Tensor, shift: Tensor, n: int) -> None:
-        """Fixed frame: compose ``z -> z * scale + shift`` into the frame map; the raw rows stay as they are.
-
-        Called with the sums re-centered, so ``stat_center`` / ``stat_sumsq`` are the raw rows' mean
-        and ``(n - 1)`` times their variance.
-        """
-        frame_a, frame_b = self.frame_scale, self.frame_shift
-        raw_mean, raw_var = self.stat_center, self.stat_sumsq / (n - 1)  # (D,), (D,)
-        # Raw columns whose rows are all equal (then scale is 0): keep the frame scale and move the
-        # shift so that every row reads the target mean.
-        const = raw_var == 0  # (D,)
-        new_a = torch.where(const, frame_a, scale * frame_a)
-        new_b = torch.where(const, shift - frame_a * raw_mean, torch.addcmul(shift, frame_b, scale))
-        frame_a.copy_(new_a)
-        frame_b.copy_(new_b)
-        raw_std = raw_var.sqrt()
-        ill = (frame_a == 0) | (
-            ~const
-            & (
-                (raw_mean.abs() > _FRAME_MAX_OFFSET * raw_std)
-                | (raw_std > _FRAME_SPREAD_LIMIT)
-                | (raw_std < 1.0 / _FRAME_SPREAD_LIMIT)
-            )
-        )  # (D,)
-        if bool(ill.any()):
-            self._rebase(n)
-
     def _rebase(self, n: int) -> None:
-        """Re-base the fixed frame: rewrite the raw rows (once) so each column has mean 0 and unit spread.
+        """Re-base the fixed frame where a column needs it, without reading the device on the host.
 
-        The new frame is ``(std, mean)`` of the rows as read (scale 1 for a constant column), so
-        low-precision raw rows keep their full relative precision. Sums are then synced exactly.
+        A column is re-based (its raw rows rewritten so they have mean 0 and unit spread; the new
+        frame is ``(std, mean)`` of the rows as read, scale 1 for a constant column) when its raw
+        mean strays more than ``_FRAME_MAX_OFFSET`` raw standard deviations from 0 (low-precision
+        rows lose relative precision with their offset) or its raw spread leaves
+        ``[1 / _FRAME_SPREAD_LIMIT, _FRAME_SPREAD_LIMIT]``. Other columns are rewritten by the
+        identity (exactly unchanged). Called before an exact sync of the sums.
         """
-        raw_mean, raw_var = self.stat_center, self.stat_sumsq.clamp_min(0) / (n - 1)  # (D,) raw frame
-        eff_mean = torch.addcmul(self.frame_shift, raw_mean, self.frame_scale)  # (D,)
-        eff_std = raw_var.sqrt() * self.frame_scale.abs()  # (D,)
-        new_a = torch.where(eff_std > 0, eff_std, torch.ones_like(eff_std))
-        # raw' = (raw * A + B - B') / A'
-        r = (self.frame_scale / new_a).float()  # (D,)
-        t = ((self.frame_shift - eff_mean) / new_a).float()  # (D,)
+        raw_mean, raw_var = F.moments_from_sums(self.stat_center, self.stat_sum, self.stat_sumsq, n)  # (D,)
+        raw_std = raw_var.clamp_min(0).sqrt()  # (D,)
+        fa, fb = self.frame_scale, self.frame_shift
+        ill = (raw_std > 0) & (
+            (raw_mean.abs() > _FRAME_MAX_OFFSET * raw_std)
+            | (raw_std > _FRAME_SPREAD_LIMIT)
+            | (raw_std < 1.0 / _FRAME_SPREAD_LIMIT)
+        )  # (D,)
+        eff_mean = torch.addcmul(fb, raw_mean, fa)  # (D,)
+        eff_std = raw_std * fa  # (D,)
+        new_a = torch.where(ill, torch.where(eff_std > 0, eff_std, torch.ones_like(eff_std)), fa)  # (D,)
+        new_b = torch.where(ill, eff_mean, fb)  # (D,)
+        # raw' = (raw * A + B - B') / A': exactly raw * 1 + 0 for the columns left alone
+        r = (fa / new_a).float()  # (D,)
+        t = ((fb - new_b) / new_a).float()  # (D,)
         for start in range(0, n, F._CHUNK_ROWS):
             chunk = self.memory[start : min(start + F._CHUNK_ROWS, n)]  # (c, D), live
             chunk.copy_(torch.addcmul(t, chunk.float(), r))
-        self.frame_scale.copy_(new_a)
-        self.frame_shift.copy_(eff_mean)
-        self._sync_stats(n)
+        fa.copy_(new_a)
+        fb.copy_(new_b)
 
     def _start_frame(self, emb: Tensor) -> None:
         """Fixed frame for the first rows of an empty memory: their mean and std, so raw rows are centered."""
@@ -385,6 +434,12 @@ class AdaptiveQueue(nn.Module):
             self.frame_scale.copy_(torch.where(std > 0, std, torch.ones_like(std)))
         else:
             self.frame_scale.fill_(1.0)
+
+    def _cached(self, key: tuple, make) -> Tensor:
+        t = self._cache.get(key)
+        if t is None:
+            t = self._cache[key] = make()
+        return t
 
     @torch.no_grad()
     def enqueue(self, embeddings: Tensor, labels: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> Tensor:
@@ -398,57 +453,61 @@ class AdaptiveQueue(nn.Module):
             ids: ``(B,)`` integer sample indices, or ``None``; same rule as labels.
 
         Returns:
-            ``(B',)`` int64 row positions written (``B' = B`` times the world size when gathering).
+            ``(B',)`` int64 row positions written (``B' = B`` times the world size when gathering),
+            on the memory's device.
 
         Raises:
-            ValueError: Wrong shapes, non-finite values, a batch larger than the queue, or labels /
-                ids given inconsistently. Nothing is changed then.
+            ValueError: Wrong shapes, (``validate="sync"``) non-finite values, a batch larger than
+                the queue, or labels / ids given inconsistently. Nothing is changed then.
         """
         emb, labels, ids = self._prepare(embeddings, labels, ids)
         return self._enqueue(emb, labels, ids)
 
     def _enqueue(self, emb: Tensor, labels: Optional[Tensor], ids: Optional[Tensor]) -> Tensor:
         b = emb.shape[0]
-        n_old = len(self)
-        pos = (self.ptr + torch.arange(b, device=self.memory.device)) % self.size  # (B,)
+        n_old = self._n
+        dev = self.memory.device
+        ar = self._cached(("arange", b, dev), lambda: torch.arange(b, device=dev))  # (B,)
+        pos = (self.ptr + ar).remainder_(self.size)  # (B,) on the device: no host read of the pointer
         if self._fixed_frame:
             if n_old == 0:
                 self._start_frame(emb)
-            rows = ((emb.to(torch.float64) - self.frame_shift) / self.frame_scale).to(self.memory.dtype)  # (B, D) raw
+            rows = ((emb - self.frame_shift) / self.frame_scale).to(self.memory.dtype)  # (B, D) raw
         else:
             rows = emb.to(self.memory.dtype)  # (B, D)
-        track = self.adaptation.active and n_old > 0 and bool(self.stat_synced)
-        if track:
+        if self.adaptation.active and n_old > 0 and self._synced:
             # Rows are written in order until the memory is full, so the valid rows are 0..n-1 and
             # the rows this batch overwrites are its last k positions.
             k = min(b, max(0, n_old + b - self.size))
-            self._add_to_sums(rows, 1.0)
+            blocks = [rows]
             if k > 0:
-                first = (int(self.ptr) + b - k) % self.size
-                old = self.memory[first : first + k] if first + k <= self.size else self.memory[pos[b - k :]]
-                self._add_to_sums(old, -1.0)
-        start = int(self.ptr)
-        if start + b <= self.size:  # no wrap: a plain slice copy
-            self.memory[start : start + b] = rows
-        else:
-            self.memory[pos] = rows
+                blocks.append(self.memory.index_select(0, pos if k == b else pos[b - k :]))  # (k, D)
+            w = self._cached(
+                ("signs", b, k, dev),
+                lambda: torch.cat([torch.ones(b, dtype=torch.float64), -torch.ones(k, dtype=torch.float64)]).to(dev),
+            )  # (B + k,)
+            work = self._cached(("work", b + k, dev), lambda: torch.empty(self.dim, b + k, dtype=torch.float64, device=dev))
+            work_t = self._cached(("work_t", b + k, dev), lambda: work.t())  # (B + k, D) view
+            F.update_sums_(self.stat_sum, self.stat_sumsq, self.stat_center, blocks, w, work, work_t)
+        self.memory.index_copy_(0, pos, rows)
         if labels is not None:
-            self.label_memory[pos] = labels
-            self.has_labels.fill_(True)
+            self.label_memory.index_copy_(0, pos, labels)
+            if not self._has_labels:
+                self._has_labels = True
+                self.has_labels.fill_(True)
         if ids is not None:
-            self.id_memory[pos] = ids
-            self.has_ids.fill_(True)
-        self.ptr.copy_((self.ptr + b) % self.size)
-        self.num_filled.clamp_(max=self.size - b).add_(b)  # min(n + b, size)
+            self.id_memory.index_copy_(0, pos, ids)
+            if not self._has_ids:
+                self._has_ids = True
+                self.has_ids.fill_(True)
+        self.ptr.add_(b).remainder_(self.size)
+        n_new = min(n_old + b, self.size)
+        if n_new != n_old:
+            self._n = n_new
+            self.num_filled.fill_(n_new)
         if self.adaptation.active and n_old == 0:
             self._sync_stats(b)  # the first rows: exact sums, about a stored row
         return pos
-
-    def _add_to_sums(self, rows: Tensor, sign: float) -> None:
-        """Add (``sign=1``) or remove (``sign=-1``) stored ``rows`` ``(k, D)`` from the running sums."""
-        dev = rows.to(torch.float64) - self.stat_center  # (k, D)
-        self.stat_sum.add_(dev.sum(dim=0), alpha=sign)
-        self.stat_sumsq.add_(dev.mul_(dev).sum(dim=0), alpha=sign)
 
     @torch.no_grad()
     def update(self, embeddings: Tensor, labels: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> Tensor:
@@ -463,6 +522,34 @@ class AdaptiveQueue(nn.Module):
         emb, labels, ids = self._prepare(embeddings, labels, ids)
         self._adapt(emb)
         return self._enqueue(emb, labels, ids)
+
+    @torch.no_grad()
+    def resync_stats(self) -> None:
+        """Recompute the running sums exactly now (one pass over the memory).
+
+        The queue does this by itself every ``min(stats_resync_every, len(self))`` adaptations;
+        call it when steps ran where the host could not count them (replays of a captured CUDA
+        graph, see ``docs/performance.md``). It also re-reads the device counters into their host
+        mirrors.
+        """
+        self._read_mirrors()
+        self.adaptation._refresh_host_state()
+        if self.adaptation.active and self._n > 0:
+            self._resync(self._n)
+
+    def _read_mirrors(self) -> None:
+        """Re-read the scalar buffers into their host mirrors (a host read each: load time only)."""
+        self._n = int(self.num_filled)
+        self._has_labels = bool(self.has_labels)
+        self._has_ids = bool(self.has_ids)
+        self._age = int(self.stat_age)
+        self._synced = bool(self.stat_synced)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._read_mirrors()  # the adaptation (a child, loaded next) refreshes its own
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -481,6 +568,7 @@ class AdaptiveQueue(nn.Module):
         self.stat_synced.fill_(False)
         self.frame_scale.fill_(1.0)
         self.frame_shift.zero_()
+        self._n, self._has_labels, self._has_ids, self._age, self._synced = 0, False, False, 0, False
         self.adaptation.reset()
 
     _FLOAT64_BUFFERS = ("stat_center", "stat_sum", "stat_sumsq", "frame_scale", "frame_shift")
@@ -503,6 +591,7 @@ class AdaptiveQueue(nn.Module):
                     mem.copy_(mem.to(torch.float64) * self.frame_scale + self.frame_shift)
                     self.frame_scale.fill_(1.0)
                     self.frame_shift.zero_()
+                self._synced = False
                 self.stat_synced.fill_(False)
         return self
 

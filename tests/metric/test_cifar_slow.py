@@ -43,7 +43,7 @@ def test_cifar10_zero_shot_retrieval_beats_chance(tmp_path_factory):
     cfg = tiny_cfg(out, dataset="folder", data_root=str(root), split="class", train_fraction=0.5, method="xbn",
                    image_size=32, batch_size=64, m_per_class=16, memory_size="2048", max_steps=150, epochs=1,
                    warmup_epochs=0, lr=1e-3, backbone="tinycnn", pretrained=False, workers=2,
-                   auto_augment="none", re_prob=0.0, hflip=0.5, crop_scale_min=0.6, drift_every=25, eval_chunk=1024)
+                   auto_augment="none", re_prob=0.0, hflip=0.5, crop_min_scale=0.6, drift_every=25, eval_chunk=1024)
     res = train(cfg)
     recs = read_metrics(out / "metrics.jsonl")
     assert res["stopped"] == "max_steps" and recs[-1]["step"] == 150

@@ -15,7 +15,7 @@ from .helpers import tiny_argv
 
 
 def test_compare_prints_and_writes_mean_std_table(tmp_path, capsys):
-    main(["compare", *tiny_argv(tmp_path), "--methods", "none,xbn", "--seeds", "2"])
+    assert main(["compare", *tiny_argv(tmp_path), "--methods", "none,xbn", "--seeds", "2"]) == 0
     printed = capsys.readouterr().out
     assert "| No-XBM |" in printed and "| XBN |" in printed and "R@1" in printed and "MAP@R" in printed
     result = json.loads((tmp_path / "compare.json").read_text())
@@ -38,12 +38,9 @@ def test_compare_prints_and_writes_mean_std_table(tmp_path, capsys):
 def test_train_subcommand_and_errors(tmp_path, capsys):
     assert main(["train", *tiny_argv(tmp_path / "a", max_steps=3)]) == 0
     assert "best (epoch 1)" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        main(["--dataset", "sop", "--data-root", str(tmp_path / "missing")])
-    assert e.value.code == 2
-    assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["compare", "--methods", "xbm,bogus"])
+    assert main(["--dataset", "sop", "--data-root", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "b")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["compare", "--methods", "xbm,bogus"]) == 2
     assert "unknown bogus" in capsys.readouterr().err
 
 
@@ -51,16 +48,17 @@ def test_yaml_config_precedence(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("method: xbm\nmemory-size: '32'\nepochs: 3\nkalman_r: auto\n")
     cfg = parse_config(MetricConfig, ["--config", str(f), "--method", "axbn"])
-    assert (cfg.method, cfg.memory_size, cfg.epochs, cfg.kalman_r) == ("axbn", "32", 3, "auto")
+    assert (cfg.method, cfg.memory_size, cfg.epochs, cfg.kalman_r) == ("axbn", 32, 3, "auto")
     f.write_text("memory_sise: 3\n")
     with pytest.raises(ValueError, match="memory_sise"):
         parse_config(MetricConfig, ["--config", str(f)])
 
 
 def test_memory_rows():
-    assert memory_rows("0.5", 1001) == 500 and memory_rows("1.0", 7) == 7 and memory_rows("4096", 10) == 4096
-    assert memory_rows("5e-1", 10) == 5
-    for bad, match in (("1.5", r"in \(0, 1\]"), ("0", ">= 1"), ("half", "row count or a fraction")):
+    assert memory_rows("0.5", 1001) == 500 and memory_rows("1.0", 7) == 7 and memory_rows("4096", 5000) == 4096
+    assert memory_rows("5e-1", 10) == 5 and memory_rows(0.5, 1001) == 500 and memory_rows(64, 64) == 64
+    for bad, match in (("1.5", r"in \(0, 1\]"), ("0", ">= 1"), ("half", "row count or a fraction"),
+                       (4096.0, r"write the integer"), (11, "more rows than the 10 training images; use at most 10")):
         with pytest.raises(ValueError, match=match):
             memory_rows(bad, 10)
 

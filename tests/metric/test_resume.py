@@ -1,5 +1,7 @@
-"""Exact resume after SIGKILL / SIGTERM (real subprocesses) and a 2-process gloo DDP run."""
+"""Exact resume after SIGKILL / SIGTERM (real subprocesses), SIGINT during ``compare``, protected run
+folders, and a 2-process gloo DDP run."""
 
+import json
 import signal
 import socket
 import subprocess
@@ -13,6 +15,8 @@ from metric.train import DUMP_ENV, HANG_ENV, train
 from xbn_queue.training.checkpoint import load_checkpoint
 from xbn_queue.training.tracking import read_metrics
 
+from tests.xbn_queue.training.test_trainer_cli import _run_many, snapshot
+
 from .helpers import ROOT, env, run_cli, tiny_argv, tiny_cfg
 
 RUN = dict(method="axbn", epochs=2, checkpoint_every=3)  # 11 steps per epoch, 33 in all; AXBN: Kalman state too
@@ -25,8 +29,9 @@ def reference(tmp_path_factory):
     return out
 
 
-def start_and_wait_for_hang(out, step, extra=(), timeout=120):
-    proc = subprocess.Popen([sys.executable, "-m", "metric", *tiny_argv(out, **RUN), *extra], cwd=ROOT,
+def start_and_wait_for_hang(out, step, extra=(), timeout=120, argv=None):
+    argv = [*tiny_argv(out, **RUN), *extra] if argv is None else argv
+    proc = subprocess.Popen([sys.executable, "-m", "metric", *argv], cwd=ROOT,
                             env=env(**{HANG_ENV: step}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
     lines = []
@@ -78,8 +83,9 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path, reference):
     proc = start_and_wait_for_hang(tmp_path, step=21, extra=["--resume"])
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert "stopped by signal after step 21" in err
+    assert proc.returncode == 128 + signal.SIGTERM, err  # 143: stopped by a signal, after the checkpoint
+    assert "stopped by a signal at step 21" in err and f"--output-dir {tmp_path} " in err
+    assert err.rstrip().splitlines()[-1].startswith("[xbn-metric] to resume: python -m metric ") and err.rstrip().endswith(" --resume")
     assert load_checkpoint(tmp_path / "last.pt")["state"]["global_step"] == 21
     # 3) resumed from an explicit path to the end: identical to the uninterrupted run, bit for bit
     res = run_cli(tiny_argv(tmp_path, **RUN) + ["--resume", str(tmp_path / "last.pt")])
@@ -124,3 +130,53 @@ def test_two_process_gloo_run_shares_the_memory(tmp_path):
     assert (r0["ids"] >= 0).all() and len(set(r0["ids"][-32:].tolist())) > 16
     ck = load_checkpoint(out / "last.pt")
     assert ck["meta"]["world_size"] == 2
+
+
+def test_sigint_during_compare_publishes_no_wrong_table_and_resume_completes_it(tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", *tiny_argv(out, warmup_epochs=0, checkpoint_every=4), "--methods", "none,xbn", "--seeds", "1"]
+    # Ctrl-C while the first run (none-seed0) is at step 4 of 11: the whole comparison stops
+    proc = start_and_wait_for_hang(out, step=4, argv=argv)
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "| No-XBM |" not in stdout  # no table printed as if complete
+    assert "finish with: python -m metric compare" in err and f"--output-dir {out} " in err and err.rstrip().endswith("--resume")
+    md = (out / "compare.md").read_text()
+    assert md.splitlines()[0].startswith("INCOMPLETE: 2 run(s)") and "none-seed0, xbn-seed0" in md.splitlines()[0]
+    assert "| No-XBM | n/a |" in md  # the cut-short run is not counted
+    result = json.loads((out / "compare.json").read_text())
+    assert [(r["method"], r["complete"]) for r in result["runs"]] == [("none", False), ("xbn", False)]
+    assert result["complete"] is False and result["summary"] == {"none": {}, "xbn": {}}
+    assert not (out / "compare.png").exists() and not (out / "xbn-seed0").exists()
+    assert load_checkpoint(out / "none-seed0" / "last.pt")["state"]["global_step"] == 4
+
+    # the same command again without --resume is refused and changes nothing
+    before = snapshot(out)
+    res = run_cli(argv)
+    assert res.returncode == 2 and "--resume" in res.stderr and "--overwrite" in res.stderr
+    assert snapshot(out) == before
+
+    # --resume finishes the missing work and writes the full table
+    res = run_cli(argv + ["--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr and "| No-XBM |" in res.stdout and "±" not in res.stdout  # one seed: no "± 0.00"
+    result = json.loads((out / "compare.json").read_text())
+    assert all(r["complete"] for r in result["runs"]) and result["complete"] is True
+    assert (out / "compare.md").read_text().startswith("digits: one seed of the best epoch")
+    for r in result["runs"]:
+        recs = read_metrics(out / f"{r['method']}-seed{r['seed']}" / "metrics.jsonl")
+        assert r["recall@1"] == max(x["recall@1"] for x in recs) and recs[-1]["step"] == 11
+        assert result["summary"][r["method"]]["recall@1"] == {"mean": r["recall@1"], "std": 0.0, "n": 1}
+
+    # a finished run: a new run there is refused, an incompatible --resume is refused, and --resume
+    # says it is complete; none of the three changes a byte
+    run_dir = out / "xbn-seed0"
+    before = snapshot(run_dir)
+    (c1, _, e1), (c2, _, e2), (c3, _, e3) = _run_many(
+        [("metric", tiny_argv(run_dir, warmup_epochs=0)), ("metric", tiny_argv(run_dir, warmup_epochs=0, method="xbm") + ["--resume"]),
+         ("metric", tiny_argv(run_dir, warmup_epochs=0) + ["--resume"])], tmp_path)
+    assert c1 == 2 and "already holds a run" in e1 and "--overwrite" in e1
+    assert c2 == 2 and "incompatible" in e2 and "method: saved 'xbn', now 'xbm'" in e2 and len(e2.splitlines()) == 1
+    assert c3 == 0 and "already complete" in e3 and "resumed" not in e3
+    assert snapshot(run_dir) == before

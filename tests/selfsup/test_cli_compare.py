@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,14 @@ def test_cli_trains_with_and_without_subcommand_and_reuses_saved_config(tmp_path
 
 
 def test_cli_reports_missing_data_and_bad_options(tmp_path, capsys):
-    assert main(["--dataset", "cifar10", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 1
+    assert main(["--dataset", "cifar10", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 2
     assert "cifar10 not found" in capsys.readouterr().err
-    assert main(TINY + ["--batch-size", "30", "--split-bn", "4", "--output-dir", str(tmp_path / "o")]) == 1
-    assert "must be divisible by --split-bn 4" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    assert main(TINY + ["--batch-size", "30", "--split-bn", "4", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--batch-size 30: expected a multiple of --split-bn 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         main(["--adaptation", "bogus"])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_compare_writes_mean_and_std_per_epoch(tmp_path):
@@ -59,8 +62,13 @@ def test_compare_writes_mean_and_std_per_epoch(tmp_path):
     assert result["markdown"] == md
     png = (tmp_path / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
-    # running it again resumes every finished run instead of retraining
-    again = compare(cfg, ["none", "xbn"], seeds=2, data=data)
+    assert result["complete"] and all(result["run_complete"].values()) and result["exit_code"] == 0
+    # running it again is refused; with --resume every finished run is kept instead of retrained
+    from xbn_queue.training.cli import UsageError
+
+    with pytest.raises(UsageError, match="already holds a run"):
+        compare(cfg, ["none", "xbn"], seeds=2, data=data)
+    again = compare(replace(cfg, resume="auto"), ["none", "xbn"], seeds=2, data=data)
     assert again["summary"] == result["summary"]
 
 
@@ -68,7 +76,7 @@ def test_summarize_and_format_table():
     s = summarize({"none": {0: {1.0: 0.5}, 1: {1.0: 0.7}}, "xbn": {0: {1.0: 0.6}}})
     assert s["none"][1.0]["mean"] == pytest.approx(0.6) and s["none"][1.0]["std"] == pytest.approx(0.1414213562)
     assert s["xbn"][1.0] == {"mean": 0.6, "std": 0.0, "n": 1}
-    assert "| 1 | 60.00 +- 14.14 (n=2) | 60.00 +- 0.00 (n=1) |" in format_table(s)
+    assert "| 1 | 60.00 +- 14.14 (n=2) | 60.00 (n=1) |" in format_table(s)  # one seed: no "+- 0.00"
 
 
 @pytest.mark.slow

@@ -93,8 +93,8 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert step is not None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
-    assert "stopped by signal" in err
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # 143, after the checkpoint
+    assert "stopped by a signal" in err and "[xbn-selfsup] to resume: python -m selfsup train " in err
     stopped_at = torch.load(ckpt, weights_only=True)["global_step"]
     assert 2 <= stopped_at < 12
 
@@ -117,3 +117,34 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         for key in ref[part]:
             assert torch.equal(final[part][key], ref[part][key]), (part, key)
     assert strip_timing(read_jsonl(out / "metrics.jsonl")) == strip_timing(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
+
+
+def test_sigint_during_compare_stops_everything_and_resume_writes_the_full_table(tmp_path):
+    out = tmp_path / "cmp"
+    cfg = tiny_config(out, train_subset=192, epochs=1, checkpoint_every=1)
+    args = [sys.executable, "-m", "selfsup", "compare", *cli_args(cfg), "--adaptations", "none,xbn", "--seeds", "1"]
+    proc = subprocess.Popen(args, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    step = _wait_for_checkpoint(proc, out / "none-seed0" / "last.pt", 2)
+    assert step is not None, "the first run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "k-NN acc" not in stdout  # no table printed as if complete
+    assert "finish with: python -m selfsup compare" in err and err.rstrip().endswith("--resume")
+    md = (out / "compare.md").read_text()
+    assert md.startswith("INCOMPLETE: 2 run(s) did not finish and are not counted: none-seed0, xbn-seed0")
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["run_complete"] == {"none-seed0": False, "xbn-seed0": False} and saved["complete"] is False
+    assert saved["summary"] == {"none": {}, "xbn": {}} and not (out / "xbn-seed0").exists()
+    stopped_at = torch.load(out / "none-seed0" / "last.pt", weights_only=True)["global_step"]
+    assert 2 <= stopped_at < 6
+
+    res = subprocess.run(args + ["--resume"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed from {out / 'none-seed0' / 'last.pt'} at epoch 1, step {stopped_at}" in res.stderr
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["complete"] is True and all(saved["run_complete"].values())
+    assert set(saved["summary"]) == {"none", "xbn"} and all(saved["summary"][a]["1"]["n"] == 1 for a in ("none", "xbn"))
+    assert "+-" not in res.stdout and "(n=1)" in res.stdout  # one seed: the value alone
+    for a in ("none", "xbn"):
+        assert torch.load(out / f"{a}-seed0" / "last.pt", weights_only=True)["global_step"] == 6

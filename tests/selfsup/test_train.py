@@ -173,11 +173,11 @@ def test_bad_image_stops_naming_the_file_or_is_skipped_and_counted(tmp_path, cap
     bad = root / "train" / "ship" / "0003.jpg"
     bad.write_bytes(b"\x00" * 10)
     argv = ["--dataset", "folder", "--data-root", str(root), "--image-size", "16", "--width", "8", "--batch-size", "16",
-            "--split-bn", "2", "--queue-size", "64", "--epochs", "1", "--knn-k", "5", "--device", "cpu", "--no-progress",
+            "--split-bn", "2", "--queue-size", "32", "--epochs", "1", "--knn-k", "5", "--device", "cpu", "--no-progress",
             "--threads", "1", "--output-dir", str(tmp_path / "run")]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert f"cannot read image {bad}" in capsys.readouterr().err
-    with pytest.warns(UserWarning, match="skipping unreadable image"):
-        assert main(argv + ["--skip-bad-images"]) == 0
+    assert main(argv + ["--skip-bad-images"]) == 0
+    assert capsys.readouterr().err.count(f"skipping unreadable image {bad}") == 1
     last = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
     assert last["bad_images"] == 1 and "knn_acc" in last

@@ -383,3 +383,100 @@ def test_cuda_matches_cpu_and_pml(adaptation):
         if adaptation == "none":
             torch.testing.assert_close(loss_g, ref(emb.to(dev), labels.to(dev)))
     torch.testing.assert_close(gpu.queue.embeddings.cpu(), cpu.queue.embeddings, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- PML's attributes and the one exception
+
+
+@pytest.mark.parametrize(
+    "emb_dtype, label_dtype", [(torch.float32, torch.long), (torch.float64, torch.int32), (torch.bfloat16, torch.long)]
+)
+def test_embedding_and_label_memory_are_pmls(emb_dtype, label_dtype):
+    """Code written for PML reads loss_fn.embedding_memory / label_memory: same shape, dtype and values."""
+    ours = AdaptiveCrossBatchMemory(losses.SupConLoss(), D, memory_size=MEMORY, adaptation="none")
+    ref = CrossBatchMemory(losses.SupConLoss(), D, memory_size=MEMORY)
+    for name in ("embedding_memory", "label_memory"):  # before the first call: zeros, float32 / int64
+        assert getattr(ours, name).dtype == getattr(ref, name).dtype
+        assert torch.equal(getattr(ours, name), getattr(ref, name))
+    for emb, labels in _batches(steps=5):
+        emb, labels = emb.to(emb_dtype), labels.to(label_dtype)
+        ours(emb, labels)
+        ref(emb, labels)
+        for name in ("embedding_memory", "label_memory"):
+            mine, theirs = getattr(ours, name), getattr(ref, name)
+            assert mine.shape == theirs.shape and mine.dtype == theirs.dtype and mine.device == theirs.device
+            assert torch.equal(mine, theirs), name
+        # PML's queue bookkeeping read the way PML's users read it
+        assert torch.equal(ours.embedding_memory[ours.curr_batch_idx], emb)
+        assert ours.queue_idx == ref.queue_idx
+    # read-only: the attribute cannot be replaced, and writing into what it returns changes nothing
+    with pytest.raises(AttributeError):
+        ours.embedding_memory = torch.zeros(MEMORY, D)
+    with pytest.raises(AttributeError):
+        ours.label_memory = torch.zeros(MEMORY, dtype=torch.long)
+    before = ours.queue.embeddings.clone()
+    ours.embedding_memory.zero_()
+    ours.label_memory.zero_()
+    assert torch.equal(ours.queue.embeddings, before) and bool(ours.queue.labels.ne(0).any())
+
+
+def test_embedding_memory_of_an_adapted_and_a_low_precision_queue():
+    """Rows never written read as zeros also where the stored rows are kept in a fixed frame (bfloat16)."""
+    ours = AdaptiveCrossBatchMemory(losses.SupConLoss(), D, memory_size=MEMORY, adaptation="xbn", dtype=torch.bfloat16)
+    for emb, labels in _batches(steps=2):
+        ours(emb, labels)
+    mem = ours.embedding_memory
+    n = len(ours.queue)
+    assert mem.shape == (MEMORY, D) and n == 2 * BATCH
+    assert torch.equal(mem[:n], ours.queue.embeddings) and not bool(mem[n:].any())
+
+
+def test_empty_enqueue_mask_is_the_one_difference_from_pml():
+    """A mask selecting no rows before the memory is full: PML marks its memory filled and from then on
+    compares against all memory_size rows, the never-written ones being zero vectors with label 0;
+    ours compares against the rows written. The losses agree again once memory_size rows were written."""
+    loss_fn = lambda: losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0)  # noqa: E731
+    ours = AdaptiveCrossBatchMemory(loss_fn(), D, memory_size=MEMORY, adaptation="none")
+    ref = CrossBatchMemory(loss_fn(), D, memory_size=MEMORY)
+    batches = _batches(steps=10, n_classes=2)
+    g = torch.Generator().manual_seed(4)
+    seen = {"differ": 0, "agree": 0}
+    # step 0: an ordinary call (7 rows written), step 1: a mask with no row selected
+    for step, (emb, labels) in enumerate(batches):
+        mask = torch.zeros(BATCH, dtype=torch.bool) if step == 1 else torch.rand(BATCH, generator=g) < 0.6
+        if step == 1:
+            labels = labels.clone()
+            labels[0] = 0  # an anchor of label 0: PML pairs it with the zero rows as positives
+        before = len(ours.queue)
+        loss_o, loss_r = ours(emb, labels, enqueue_mask=mask), ref(emb, labels, enqueue_mask=mask)
+        written = before + int(mask.sum())
+        anchors, anchor_labels = emb[~mask], labels[~mask]
+        mem, mem_labels = ours.queue.embeddings, ours.queue.labels
+        theirs = loss_fn()(anchors, anchor_labels, lmu.get_all_pairs_indices(anchor_labels, mem_labels), mem, mem_labels)
+        torch.testing.assert_close(loss_o, theirs)  # ours: only the written rows
+        if step == 0:
+            torch.testing.assert_close(loss_o, loss_r)
+            assert not ref.has_been_filled
+        elif written < MEMORY:  # PML: every row, the zero rows included
+            assert ref.has_been_filled and not ours.has_been_filled
+            full, full_labels = ref.embedding_memory, ref.label_memory
+            assert not bool(full[written:].any())
+            pml_by_hand = loss_fn()(
+                anchors, anchor_labels, lmu.get_all_pairs_indices(anchor_labels, full_labels), full, full_labels
+            )
+            torch.testing.assert_close(loss_r, pml_by_hand)
+            assert not torch.allclose(loss_o, loss_r)
+            seen["differ"] += 1
+        else:  # memory_size rows written: the same memory, the same losses again
+            torch.testing.assert_close(loss_o, loss_r)
+            assert torch.equal(ours.embedding_memory, ref.embedding_memory)
+            seen["agree"] += 1
+    assert seen["differ"] >= 2 and seen["agree"] >= 2
+
+
+def test_empty_enqueue_mask_on_a_filled_memory_equals_pml():
+    ours = AdaptiveCrossBatchMemory(losses.SupConLoss(), D, memory_size=MEMORY, adaptation="none")
+    ref = CrossBatchMemory(losses.SupConLoss(), D, memory_size=MEMORY)
+    for step, (emb, labels) in enumerate(_batches(steps=6)):
+        mask = torch.zeros(BATCH, dtype=torch.bool) if step >= 3 else None
+        torch.testing.assert_close(ours(emb, labels, enqueue_mask=mask), ref(emb, labels, enqueue_mask=mask))

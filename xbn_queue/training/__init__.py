@@ -14,7 +14,14 @@ that names the extra to install (``pip install "xbn-queue[train]"`` or ``"xbn-qu
 - :mod:`~xbn_queue.training.seeding`: ``seed_everything``, ``resolve_device``.
 - :mod:`~xbn_queue.training.signals`: ``GracefulExit`` (SIGTERM / SIGINT -> checkpoint and stop).
 - :mod:`~xbn_queue.training.tracking`: ``RunLogger`` (``metrics.jsonl`` + W&B), ``plot_history``, ``plot_compare``.
-- :mod:`~xbn_queue.training.progress`: ``progress`` (tqdm on the main rank only).
+- :mod:`~xbn_queue.training.progress`: ``progress`` (a bar only when stderr is a terminal; plain lines otherwise).
+- :mod:`~xbn_queue.training.cli`: the command-line contract of both trainers: ``UsageError``, valid
+  ranges (``at_least``, ``between``, ``check_ranges``), run folders (``check_output_dir``,
+  ``prepare_output_dir``, ``default_run_dir``), ``resume_command``, ``check_memory_fits``, ``run_main``
+  (exit 0 / 2 / 128 + N, one-line errors).
+- :mod:`~xbn_queue.training.series`: ``run_series`` (``compare`` and sweeps: a signal stops the whole
+  series, per-run ``complete`` flags, ``--resume`` finishes only the missing runs), ``mean_std``,
+  ``format_mean_std``, ``incomplete_banner``.
 
 Import from the submodules (``from xbn_queue.training.config import parse_config``); the functions and
 classes above (except ``progress``, which shares its module's name) are also available lazily as

@@ -30,7 +30,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ["atomic_save", "load_checkpoint", "resolve_resume", "check_compatible", "LAST_CHECKPOINT"]
+__all__ = ["atomic_save", "load_checkpoint", "resolve_resume", "check_compatible", "LAST_CHECKPOINT", "CheckpointError"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -38,6 +38,23 @@ PathLike = Union[str, "os.PathLike[str]"]
 LAST_CHECKPOINT = "last.pt"
 
 _MISSING = object()
+
+
+class CheckpointError(ValueError, RuntimeError):
+    """A file that is not a readable checkpoint (corrupt, truncated, or not one of ours).
+
+    A ``ValueError`` (bad input: the trainers exit with status 2) and, for older callers, a
+    ``RuntimeError``.
+    """
+
+
+def _reason(err: BaseException) -> str:
+    """A short reason for a failed ``torch.load``: the first line of the message, trimmed."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    first = first.split(". ")[0].rstrip(".")
+    if len(first) > 120:
+        first = first[:117] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -93,6 +110,8 @@ def load_checkpoint(
     path: PathLike,
     map_location: Union[str, torch.device, None] = "cpu",
     weights_only: bool = True,
+    kind: Optional[str] = None,
+    required_keys: Iterable[str] = (),
 ) -> Any:
     """Load a checkpoint written by :func:`atomic_save`.
 
@@ -104,27 +123,41 @@ def load_checkpoint(
             dicts and plain Python containers/scalars, which is what these utilities produce
             (including :func:`xbn_queue.training.rng.get_rng_state`). Pass ``False`` only for a file you
             trust that holds other Python objects.
+        kind: The program whose checkpoint this should be (``"xbn-metric"``). When given, a file that
+            cannot be loaded, is not a dict, or lacks ``required_keys`` raises :class:`CheckpointError`
+            with the one-line message ``PATH is not a readable KIND checkpoint (reason)``.
+        required_keys: Keys the loaded dict must have (checked only with ``kind``).
 
     Returns:
         The loaded object.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        RuntimeError: If the file cannot be loaded (the message names the file).
+        CheckpointError: If the file cannot be loaded (the message names the file), or, with ``kind``,
+            is not a dict with ``required_keys``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        obj = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
+        if kind is not None:
+            raise CheckpointError(f"{path} is not a readable {kind} checkpoint ({_reason(err)})") from None
         hint = (
             " If it holds Python objects other than tensors and plain containers and you trust the file,"
             " load it with weights_only=False."
             if weights_only
             else ""
         )
-        raise RuntimeError(f"cannot load checkpoint {str(path)!r}: {err}.{hint}") from err
+        raise CheckpointError(f"cannot load checkpoint {str(path)!r}: {err}.{hint}") from err
+    if kind is not None:
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path} is not a readable {kind} checkpoint (it holds a {type(obj).__name__}, not a dict)")
+        missing = [k for k in required_keys if k not in obj]
+        if missing:
+            raise CheckpointError(f"{path} is not a readable {kind} checkpoint (missing: {', '.join(missing)})")
+    return obj
 
 
 def resolve_resume(resume: Union[PathLike, bool, None], output_dir: PathLike) -> Optional[Path]:

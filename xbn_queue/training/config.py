@@ -17,9 +17,16 @@ A trainer declares its options once, as a dataclass; every field becomes a ``--k
 Supported field types: ``int``, ``float``, ``str``, ``bool`` (``--x/--no-x``), ``pathlib.Path``,
 ``Optional[...]`` of those (the strings ``none``/``null`` give ``None``), ``Literal[...]`` (becomes
 ``choices``), ``list[X]`` / ``tuple[X, ...]`` (``nargs="*"``), and unions such as ``Union[int, float]``
-(each member type is tried in the declared order). Field ``metadata`` keys: ``help``, ``choices``,
+(members are tried most specific first: bool, int, float, other types, str). Field ``metadata`` keys: ``help``, ``choices``,
 ``type`` (a converter overriding the annotation, e.g. ``str`` for a value the trainer interprets later),
-``nargs``, ``const``, ``metavar``, ``aliases`` (extra flags, e.g. ``["-o"]``) and ``group`` (help section).
+``nargs``, ``const``, ``metavar``, ``aliases`` (extra flags, e.g. ``["-o"]``), ``hidden_aliases`` (old
+spellings still accepted on the command line and in YAML, not shown in ``--help``), ``range`` (a
+:class:`xbn_queue.training.cli.Range`, shown in ``--help`` and enforced by
+:func:`xbn_queue.training.cli.check_ranges`) and ``group`` (help section). A default is shown in the
+help once: not appended when the help text already mentions one, nor when it is ``None``.
+
+Command-line errors (an unknown option, a value of the wrong type) print one line
+``PROG: error: ...`` and exit with status 2, without the long usage text.
 
 ``--config FILE.yaml`` reads a mapping whose keys are field names, written with ``_`` or ``-``; an
 unknown key is a ``ValueError`` naming the key and the file. Precedence: dataclass defaults < YAML <
@@ -101,6 +108,11 @@ def _parse_bool(text: str) -> bool:
 
 
 def _union_converter(members: Sequence[Any]) -> Callable[[str], Any]:
+    # Most specific first: bool, int, float, then the others, str last. Not the declared order:
+    # typing caches unions by equality, so ``Union[int, float]`` may come back as an earlier
+    # ``Union[float, int]`` and "64" must still parse as the integer 64.
+    rank = {bool: 0, int: 1, float: 2, str: 4}
+    members = sorted(members, key=lambda m: rank.get(m, 3))
     convs = [_scalar_converter(m) for m in members]
 
     def convert(text: str) -> Any:
@@ -204,6 +216,13 @@ def _specs(cls: type) -> dict[str, _Spec]:
     return specs
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``PROG: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> "typing.NoReturn":  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _cli_converter(spec: _Spec) -> Callable[[str], Any]:
     if not spec.optional:
         return spec.convert
@@ -220,6 +239,7 @@ def build_parser(
     prog: Optional[str] = None,
     description: Optional[str] = None,
     parser: Optional[argparse.ArgumentParser] = None,
+    epilog: Optional[str] = None,
 ) -> argparse.ArgumentParser:
     """Build an ``argparse`` parser with one option per field of ``cls`` plus ``--config``.
 
@@ -232,6 +252,7 @@ def build_parser(
         prog: Program name shown in usage.
         description: Help text; defaults to the dataclass docstring's first paragraph.
         parser: An existing parser (e.g. a subparser) to add the options to.
+        epilog: Text after the options in ``--help`` (shown as written).
 
     Returns:
         The parser.
@@ -243,7 +264,8 @@ def build_parser(
     if parser is None:
         if description is None and cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
             description = cls.__doc__.strip().split("\n\n")[0]
-        parser = argparse.ArgumentParser(prog=prog, description=description)
+        parser = _OneLineParser(prog=prog, description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config", metavar="FILE.yaml", default=None,
         help="YAML file of option values (keys are the option names with _ or -); "
@@ -258,11 +280,13 @@ def build_parser(
             target = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         flags = ["--" + name.replace("_", "-"), *meta.get("aliases", [])]
         help_text = str(meta.get("help", ""))
-        if spec.default is not _REQUIRED:
+        if spec.default is _REQUIRED:
+            help_text = f"{help_text} (required)".strip()
+        elif spec.default is not None and "default" not in help_text.lower():
             shown = spec.default if not isinstance(spec.default, str) or spec.default else '""'
             help_text = f"{help_text} (default: {shown})".strip()
-        else:
-            help_text = f"{help_text} (required)".strip()
+        if meta.get("range") is not None:
+            help_text = f"{help_text} [valid: {meta['range']}]"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
         if spec.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -281,6 +305,9 @@ def build_parser(
             elif spec.choices is None:
                 kwargs["metavar"] = name.upper()
         target.add_argument(*flags, **kwargs)
+        hidden = ["--" + a.lstrip("-").replace("_", "-") for a in meta.get("hidden_aliases", [])]
+        if hidden:
+            target.add_argument(*hidden, **dict(kwargs, help=argparse.SUPPRESS))
     return parser
 
 
@@ -338,10 +365,21 @@ def _coerce(spec: _Spec, value: Any, where: str) -> Any:
     return out
 
 
-def _normalize_keys(data: Mapping[str, Any], specs: Mapping[str, _Spec], where: str) -> dict[str, Any]:
+def _aliases(cls: type) -> dict[str, str]:
+    """``{old_name: field_name}`` from the fields' ``hidden_aliases``."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        for a in (f.metadata or {}).get("hidden_aliases", []):
+            out[a.lstrip("-").replace("-", "_")] = f.name
+    return out
+
+
+def _normalize_keys(data: Mapping[str, Any], specs: Mapping[str, _Spec], where: str,
+                    aliases: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        name = (aliases or {}).get(name, name)
         if name not in specs:
             raise ValueError(f"{where}: unknown key '{key}' (valid keys: {', '.join(sorted(specs))})")
         if name in out:
@@ -355,8 +393,16 @@ def _read_yaml(path: PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(f"{path}: not a valid YAML file{where}: {problem}") from None
+    except (UnicodeDecodeError, IsADirectoryError) as err:
+        raise ValueError(f"{path}: not a readable YAML file ({type(err).__name__})") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -380,7 +426,7 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any], source: str = "confi
     """
     specs = _specs(cls)
     values = {n: s.default for n, s in specs.items() if s.default is not _REQUIRED}
-    values.update(_normalize_keys(data, specs, source))
+    values.update(_normalize_keys(data, specs, source, _aliases(cls)))
     missing = [n for n in specs if n not in values]
     if missing:
         raise ValueError(f"{source}: missing required option(s): {', '.join(missing)}")
@@ -406,7 +452,7 @@ def config_from_namespace(cls: type[T], ns: argparse.Namespace, parser: Optional
     values = {n: s.default for n, s in specs.items() if s.default is not _REQUIRED}
     config_file = getattr(ns, "config", None)
     if config_file:
-        values.update(_normalize_keys(_read_yaml(config_file), specs, str(config_file)))
+        values.update(_normalize_keys(_read_yaml(config_file), specs, str(config_file), _aliases(cls)))
     for name in specs:
         if hasattr(ns, name):
             value = getattr(ns, name)
@@ -425,12 +471,13 @@ def config_from_namespace(cls: type[T], ns: argparse.Namespace, parser: Optional
 @overload
 def parse_config(
     cls: type[T], argv: Optional[Sequence[str]] = ..., prog: Optional[str] = ...,
-    description: Optional[str] = ..., extra_args: None = ...,
+    description: Optional[str] = ..., extra_args: None = ..., epilog: Optional[str] = ...,
 ) -> T: ...
 @overload
 def parse_config(
     cls: type[T], argv: Optional[Sequence[str]] = ..., prog: Optional[str] = ...,
     description: Optional[str] = ..., extra_args: Callable[[argparse.ArgumentParser], Any] = ...,
+    epilog: Optional[str] = ...,
 ) -> tuple[T, argparse.Namespace]: ...
 def parse_config(
     cls: type[T],
@@ -438,6 +485,7 @@ def parse_config(
     prog: Optional[str] = None,
     description: Optional[str] = None,
     extra_args: Optional[Callable[[argparse.ArgumentParser], Any]] = None,
+    epilog: Optional[str] = None,
 ) -> Union[T, tuple[T, argparse.Namespace]]:
     """Parse a command line into the config dataclass ``cls``.
 
@@ -449,6 +497,7 @@ def parse_config(
         extra_args: Optional function that adds non-config options to the parser. When given, the
             result is ``(cfg, extras)`` with ``extras`` an ``argparse.Namespace`` of only those options
             (with their argparse defaults).
+        epilog: Text after the options in ``--help``.
 
     Returns:
         ``cfg``, or ``(cfg, extras)`` when ``extra_args`` is given.
@@ -459,7 +508,7 @@ def parse_config(
             or when the dataclass rejects the values.
         FileNotFoundError: If the ``--config`` file does not exist.
     """
-    parser = build_parser(cls, prog=prog, description=description)
+    parser = build_parser(cls, prog=prog, description=description, epilog=epilog)
     own = {a.dest for a in parser._actions}
     if extra_args is not None:
         extra_args(parser)

@@ -12,6 +12,11 @@ are restored when the block exits::
                 atomic_save(state(), out / "last.pt")
                 break
 
+Contexts nest (a comparison around its runs): a signal caught by the inner one is also recorded by
+every enclosing one, and an inner context entered after a signal already reached an enclosing one
+starts with ``requested`` set, so a run that begins (or is still loading its data) when Ctrl-C
+arrives stops at its first step instead of training to the end.
+
 Handlers can only be installed from the main thread; elsewhere the context does nothing but warn.
 """
 
@@ -55,6 +60,9 @@ class GracefulExit:
         self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
+    #: The contexts entered and not yet exited, outermost first.
+    _active: "list[GracefulExit]" = []
+
     def request(self, signum: Optional[int] = None) -> None:
         """Ask the loop to stop, as if a signal had arrived."""
         self.requested = True
@@ -66,6 +74,8 @@ class GracefulExit:
             raise KeyboardInterrupt
         first = not self.requested
         self.request(signum)
+        for outer in GracefulExit._active:  # enclosing contexts learn about it too
+            outer.request(signum)
         if self.verbose and first:
             name = signal.Signals(signum).name
             hint = "; press Ctrl-C again to abort now" if signum == signal.SIGINT else ""
@@ -75,9 +85,13 @@ class GracefulExit:
     def __enter__(self) -> "GracefulExit":
         if not self.enabled:
             return self
+        pending = next((c for c in GracefulExit._active if c.requested), None)
+        if pending is not None:  # a signal reached an enclosing context before this one started
+            self.request(pending.signum)
         if threading.current_thread() is not threading.main_thread():
             warnings.warn("GracefulExit: not in the main thread, signal handlers not installed", stacklevel=2)
             return self
+        GracefulExit._active.append(self)
         for sig in self.signals:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
@@ -92,3 +106,5 @@ class GracefulExit:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+        if self in GracefulExit._active:
+            GracefulExit._active.remove(self)

@@ -270,6 +270,7 @@ def plot_history(
     panels: Sequence[Sequence[str]] = (("recall@1",), ("drift_mean", "drift_max")),
     x: str = "epoch",
     title: Optional[str] = None,
+    percent: Sequence[str] = (),
 ) -> Path:
     """Plot metrics from a ``metrics.jsonl`` file into a PNG, one panel per tuple of keys.
 
@@ -283,6 +284,8 @@ def plot_history(
         panels: Key groups; each group shares one panel.
         x: Key for the horizontal axis (e.g. ``"epoch"`` or ``"step"``).
         title: Optional figure title.
+        percent: Keys stored as fractions in [0, 1] that are plotted in % (``recall@1`` -> ``recall@1 (%)``),
+            as every human-facing output shows them.
 
     Returns:
         ``png_path`` as a ``Path``.
@@ -303,8 +306,9 @@ def plot_history(
         lines = []
         for key in keys:
             pts = [(r[x], r[key]) for r in records if _is_number(r.get(x)) and _is_number(r.get(key))]
+            scale, label = (100.0, f"{key} (%)") if key in percent else (1.0, key)
             if pts:
-                lines.append((key, [p[0] for p in pts], [p[1] for p in pts]))
+                lines.append((label, [p[0] for p in pts], [scale * p[1] for p in pts]))
         if lines:
             series.append(lines)
     png_path = Path(png_path)

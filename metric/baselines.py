@@ -1,0 +1,152 @@
+"""Two reference points for every comparison: raw pixels and the untrained network.
+
+``xbn-metric compare`` and ``xbn-metric sweep`` print them beside the trained methods, on the same
+evaluation split and with the same metrics, so a user sees at once whether training helped:
+
+* **raw pixels**: each evaluation image under the evaluation transform (resize, centre crop, ImageNet
+  normalisation) at ``min(--image-size, 32)`` px, flattened to ``3 * s * s`` values, L2-normalised;
+  retrieval by cosine similarity;
+* **untrained network**: the run's model (backbone, head, normalisation) as built with the run's seed
+  before any training step (``seed_everything(seed)``, then the model is created as in :func:`metric.train.train`),
+  in evaluation mode. With a pretrained backbone this is the pretrained backbone under a random head.
+  One value per seed; the table shows mean ± std over the seeds.
+
+Results are cached in ``OUTPUT_DIR/baselines.json`` together with the settings they depend on, and
+recomputed when those differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import MetricConfig, resolve_config
+
+__all__ = ["BASELINES", "RAW_PIXELS_MAX_SIZE", "compute_baselines", "load_or_compute_baselines", "summarize_baselines"]
+
+#: Row names of the baselines in the tables (in this order).
+BASELINES = {"raw-pixels": "Raw pixels", "untrained": "Untrained net"}
+#: Raw pixels are taken at ``min(image_size, RAW_PIXELS_MAX_SIZE)`` px.
+RAW_PIXELS_MAX_SIZE = 32
+
+#: Settings the baselines depend on (a cached ``baselines.json`` with other values is recomputed).
+_KEYS = ["dataset", "data_root", "split", "train_fraction", "split_seed", "max_per_class", "image_size", "backbone",
+         "width", "pretrained", "pretrained_path", "embedding_dim", "embedding_norm", "recall_ks"]
+
+
+def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List[Dict[str, float]]]:
+    """Recall@K and MAP@R of raw pixels (once) and of the untrained network (once per seed).
+
+    Runs on one process, on ``cfg.device`` (``auto``: CUDA when available).
+
+    Args:
+        cfg: the comparison's configuration (``None`` fields take the dataset defaults).
+        seeds: the seeds of the runs.
+
+    Returns:
+        ``{"raw-pixels": [metrics], "untrained": [metrics per seed]}``, metrics as fractions in [0, 1].
+
+    Raises:
+        metric.data.DataFormatError, ValueError, metric.model.PretrainedWeightsError: as :func:`metric.train.train`.
+    """
+    from timm.data import create_transform
+
+    from xbn_queue.training.distributed import DistContext
+    from xbn_queue.training.seeding import seed_everything
+
+    from .data import ImageDataset, load_dataset
+    from .evaluate import retrieval_metrics
+    from .model import build_model
+    from .train import build_transforms, embed_split
+
+    cfg = resolve_config(cfg)
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+    ctx = DistContext(device=device)
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed, max_per_class=cfg.max_per_class)
+
+    def score(q: torch.Tensor, ql: torch.Tensor, g: torch.Tensor, gl: torch.Tensor) -> Dict[str, float]:
+        rec = retrieval_metrics(q, ql, None if data.query_is_gallery else g, None if data.query_is_gallery else gl,
+                                ks=cfg.recall_ks, query_is_gallery=data.query_is_gallery, chunk_size=cfg.eval_chunk)
+        return {k: float(v) for k, v in rec.items() if k.startswith(("recall@", "map@r"))}
+
+    def embed_all(model: torch.nn.Module, tf, c: MetricConfig):
+        qds = ImageDataset(data.query, tf, skip_bad_images=c.skip_bad_images)
+        qf, ql, _ = embed_split(model, qds, c, ctx, device, desc="baseline query")
+        if data.query_is_gallery:
+            return qf, ql, qf, ql
+        gds = ImageDataset(data.gallery, tf, skip_bad_images=c.skip_bad_images)
+        gf, gl, _ = embed_split(model, gds, c, ctx, device, desc="baseline gallery")
+        return qf, ql, gf, gl
+
+    # raw pixels: the evaluation transform at <= 32 px, flattened, L2-normalised
+    size = min(int(cfg.image_size), RAW_PIXELS_MAX_SIZE)
+    raw_tf = create_transform(input_size=size, is_training=False, interpolation="bicubic")
+    flat = torch.nn.Sequential(torch.nn.Flatten(), _L2())
+    raw_cfg = dataclasses.replace(cfg, embedding_dim=3 * size * size, amp=False)
+    q, ql, g, gl = embed_all(flat, raw_tf, raw_cfg)  # (Q, 3 s^2), ...
+    out: Dict[str, List[Dict[str, float]]] = {"raw-pixels": [score(q, ql, g, gl)], "untrained": []}
+
+    # the untrained network, one per seed
+    _, eval_tf = build_transforms(cfg)
+    for seed in seeds:
+        seed_everything(int(seed))
+        model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path,
+                            cfg.width, cfg.image_size).to(device)
+        q, ql, g, gl = embed_all(model, eval_tf, cfg)  # (Q, D), ...
+        out["untrained"].append(score(q, ql, g, gl))
+    return out
+
+
+class _L2(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float(), dim=1)  # (B, F) unit rows
+
+
+def _settings(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, Any]:
+    from xbn_queue.training.config import config_to_dict
+
+    d = config_to_dict(resolve_config(cfg))
+    return dict({k: d[k] for k in _KEYS}, seeds=[int(s) for s in seeds])
+
+
+def load_or_compute_baselines(cfg: MetricConfig, seeds: Sequence[int], out_dir: Path) -> Dict[str, List[Dict[str, float]]]:
+    """:func:`compute_baselines`, cached in ``out_dir / "baselines.json"`` (recomputed when its settings differ)."""
+    path = Path(out_dir) / "baselines.json"
+    settings = _settings(cfg, seeds)
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("settings") == settings:
+                return cached["results"]
+        except (OSError, ValueError, KeyError):
+            pass
+    results = compute_baselines(cfg, seeds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+    tmp.replace(path)
+    return results
+
+
+def summarize_baselines(results: Dict[str, List[Dict[str, float]]], keys: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``{baseline: {metric: {"mean", "std", "n"}}}`` (sample std over seeds; 0 for one value), as compare's summary."""
+    import statistics
+
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for name in BASELINES:
+        rows = results.get(name, [])
+        out[name] = {}
+        for k in keys:
+            vals = [r[k] for r in rows if k in r]
+            if vals:
+                out[name][k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                                "n": len(vals)}
+    return out

@@ -1,0 +1,87 @@
+"""Raw-pixel and untrained-network baselines: against plain references, cached, in compare's table and JSON."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from metric import baselines as B
+from metric.cli import main
+from metric.config import resolve_config
+from metric.data import load_digits
+
+from .helpers import tiny_argv, tiny_cfg
+
+
+def _recall_at_1_loo(feats: np.ndarray, labels: np.ndarray) -> float:
+    """Leave-one-out Recall@1 by cosine similarity, a plain float64 loop."""
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    hits = 0
+    for i in range(len(f)):
+        sims = f @ f[i]
+        sims[i] = -np.inf
+        hits += labels[int(np.argmax(sims))] == labels[i]
+    return hits / len(f)
+
+
+def test_raw_pixels_and_untrained_net_match_plain_references(tmp_path):
+    from timm.data import create_transform
+
+    from metric.data import open_image
+    from metric.model import build_model
+    from metric.train import build_transforms
+    from xbn_queue.training.seeding import seed_everything
+
+    cfg = resolve_config(tiny_cfg(tmp_path, split="class", image_size=12, eval_chunk=64))
+    res = B.compute_baselines(cfg, seeds=[3, 4])
+    assert set(res) == {"raw-pixels", "untrained"} and len(res["raw-pixels"]) == 1 and len(res["untrained"]) == 2
+    data = load_digits("class")
+    labels = data.query.labels
+    tf = create_transform(input_size=12, is_training=False, interpolation="bicubic")
+    raw = np.stack([tf(open_image(it)).double().flatten().numpy() for it in data.query.items])  # (Q, 3 * 12 * 12)
+    assert res["raw-pixels"][0]["recall@1"] == pytest.approx(_recall_at_1_loo(raw, labels), abs=1e-9)
+    _, eval_tf = build_transforms(cfg)
+    x = torch.stack([eval_tf(open_image(it)) for it in data.query.items])
+    for seed, r in zip([3, 4], res["untrained"]):
+        seed_everything(seed)
+        model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, False, None, cfg.width, cfg.image_size).eval()
+        with torch.no_grad():
+            z = model(x).double().numpy()  # (Q, D)
+        assert r["recall@1"] == pytest.approx(_recall_at_1_loo(z, labels), abs=1e-9)
+    assert res["untrained"][0]["map@r"] != res["untrained"][1]["map@r"]  # one network per seed
+
+
+def test_baselines_are_cached_until_their_settings_change(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path)
+    first = B.load_or_compute_baselines(cfg, [0], tmp_path)
+    assert json.loads((tmp_path / "baselines.json").read_text())["results"] == first
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(B, "compute_baselines", boom)
+    assert B.load_or_compute_baselines(cfg, [0], tmp_path) == first
+    with pytest.raises(AssertionError, match="recomputed"):
+        B.load_or_compute_baselines(tiny_cfg(tmp_path, split="class"), [0], tmp_path)
+    with pytest.raises(AssertionError, match="recomputed"):
+        B.load_or_compute_baselines(cfg, [0, 1], tmp_path)
+
+
+def test_compare_prints_and_writes_both_baselines(tmp_path, capsys):
+    main(["compare", *tiny_argv(tmp_path), "--methods", "xbn", "--seeds", "2"])
+    cap = capsys.readouterr()
+    result = json.loads((tmp_path / "compare.json").read_text())
+    base = result["baselines"]["summary"]
+    assert set(base) == {"raw-pixels", "untrained"}
+    assert base["raw-pixels"]["recall@1"]["n"] == 1 and base["untrained"]["recall@1"]["n"] == 2
+    runs = result["baselines"]["runs"]["untrained"]
+    assert base["untrained"]["map@r"]["mean"] == pytest.approx(np.mean([r["map@r"] for r in runs]))
+    table = (tmp_path / "compare.md").read_text()
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert [ln.split(" | ")[0] for ln in lines] == ["| Method", "| Raw pixels", "| Untrained net", "| XBN"]
+    cell = f"| Raw pixels | {100 * base['raw-pixels']['recall@1']['mean']:.2f} |"  # one value: no "± 0.00"
+    assert lines[1].startswith(cell) and cell in cap.out
+    u = base["untrained"]["recall@1"]
+    assert lines[2].startswith(f"| Untrained net | {100 * u['mean']:.2f} ± {100 * u['std']:.2f} |")
+    assert "baseline raw pixels: recall@1" in cap.err and "baseline untrained net: recall@1" in cap.err

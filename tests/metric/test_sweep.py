@@ -1,0 +1,133 @@
+"""``xbn-metric sweep``: the runs of both sweeps, the aggregation, the outputs, resume, bad input."""
+
+import json
+import statistics
+
+import pytest
+
+from metric.cli import main
+from metric.config import resolve_config
+from metric.sweep import format_sweep_tables, sweep_plan, sweep_points
+from xbn_queue.training.cli import UsageError
+
+from .helpers import tiny_argv, tiny_cfg
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+def test_plan_covers_both_sweeps_once_each():
+    cfg = resolve_config(tiny_cfg("out", batch_size=16, memory_size=0.5))
+    plan, fixed = sweep_plan(cfg, ["xbm", "xbn"], [8, 16, 32], [0.25, 0.5], seeds=2)
+    assert fixed == {"batch_size": 16, "memory_size": 0.5}
+    points = [(r.settings["method"], r.settings["batch_size"], r.settings["memory_size"], r.settings["seed"]) for r in plan]
+    assert len(points) == len(set(points)) == 2 * (3 + 2 - 1) * 2  # (16, 0.5) is in both sweeps, trained once
+    for r in plan:
+        st = r.settings
+        assert r.name == f"{st['method']}-b{st['batch_size']}-m{st['memory_size']}-seed{st['seed']}"
+        assert st["m_per_class"] == 4
+    plan, _ = sweep_plan(cfg, ["xbm"], [8, 16, 32], [0.5], seeds=1, classes_per_batch=2)
+    assert [(r.settings["batch_size"], r.settings["m_per_class"]) for r in plan] == [(8, 4), (16, 8), (32, 16)]
+    with pytest.raises(UsageError, match="--batch-sizes: 6 is not a multiple of the images per class"):
+        sweep_plan(cfg, ["xbm"], [6], [0.5], seeds=1)
+
+
+def test_points_are_mean_and_sample_std_over_seeds():
+    runs = [{"method": "xbn", "batch_size": b, "memory_size": m, "seed": s, "recall@1": r}
+            for (b, m, s, r) in [(8, 0.5, 0, 0.5), (8, 0.5, 1, 0.7), (16, 0.5, 0, 0.9), (16, 0.5, 1, 0.8),
+                                 (16, 0.25, 0, 0.6), (16, 0.25, 1, 0.6)]]
+    runs.append({"method": "xbn", "batch_size": 8, "memory_size": 0.5, "seed": 2, "recall@1": 0.0, "complete": False})
+    pts = sweep_points(runs, ["xbn"], [8, 16], [0.25, 0.5], {"batch_size": 16, "memory_size": 0.5}, ["recall@1"])
+    assert [(p["value"], p["recall@1"]["mean"], p["recall@1"]["n"]) for p in pts["batch_size"]] == [
+        (8, pytest.approx(0.6), 2), (16, pytest.approx(0.85), 2)]
+    assert pts["batch_size"][0]["recall@1"]["std"] == pytest.approx(statistics.stdev([0.5, 0.7]))
+    assert [p["recall@1"]["mean"] for p in pts["memory_size"]] == [pytest.approx(0.6), pytest.approx(0.85)]
+    table = format_sweep_tables(pts, {"batch_size": 16, "memory_size": 0.5})
+    assert "| XBN | 60.00 ± 14.14 | 85.00 ± 7.07 |" in table and "| Method | 25 % | 50 % |" in table
+
+
+def test_sweep_writes_outputs_and_resume_never_reruns_a_finished_run(tmp_path, capsys):
+    argv = ["sweep", *tiny_argv(tmp_path, drift_every=0, memory_size=32), "--methods", "xbm,xbn", "--batch-sizes", "8,16",
+            "--memory-sizes", "32,64", "--seeds", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert result["fixed"] == {"batch_size": 16, "memory_size": 32} and result["complete"]
+    # points (8, 32), (16, 32), (16, 64) per method: (16, 32) shared by both sweeps
+    assert sorted((r["method"], r["batch_size"], r["memory_size"]) for r in result["runs"]) == sorted(
+        (m, b, mem) for m in ("xbm", "xbn") for b, mem in ((8, 32), (16, 32), (16, 64)))
+    for r in result["runs"]:  # each run's score is the best evaluation of its own run folder
+        folder = tmp_path / f"{r['method']}-b{r['batch_size']}-m{r['memory_size']}-seed0"
+        recs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert r["recall@1"] == max(x["recall@1"] for x in recs)
+    xbn16 = next(p for p in result["points"]["batch_size"] if p["method"] == "xbn" and p["value"] == 16)
+    assert xbn16 == next(p for p in result["points"]["memory_size"] if p["method"] == "xbn" and p["value"] == 32) | {"value": 16}
+    assert set(result["baselines"]["summary"]) == {"raw-pixels", "untrained"}
+    md = (tmp_path / "sweep.md").read_text()
+    assert "R@1 vs batch size (memory 32)" in md and "R@1 vs memory size (batch 16)" in md and "MAP@R vs batch size" in md
+    assert "| XBM |" in md and "| XBN |" in md and md.strip() in out
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def state():
+        ckpts = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.glob("*-seed0/*.pt")}
+        return ckpts, {p: p.read_bytes() for p in tmp_path.glob("*-seed0/metrics.jsonl")}
+
+    before = state()
+    assert len(before[0]) == 12 and len(before[1]) == 6
+    assert _exit_code(argv) == 2  # the folder holds a sweep: refused without --resume / --overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert state() == before
+    assert main(argv + ["--resume"]) == 0  # every run is finished: none is trained again (no checkpoint written)
+    again = json.loads((tmp_path / "sweep.json").read_text())
+    assert state() == before
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(again["runs"]) == strip(result["runs"]) and again["points"] == result["points"]
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--methods", "xbm,bogus"], "--methods xbm,bogus: unknown bogus"),
+    (["--batch-sizes", "8,x"], "--batch-sizes 8,x: expected comma-separated integers"),
+    (["--batch-sizes", "0"], "--batch-sizes 0: expected comma-separated integers >= 1"),
+    (["--batch-sizes", "8,8"], "--batch-sizes 8,8: a value is listed twice"),
+    (["--memory-sizes", "1.5"], "--memory-sizes 1.5: --memory-size 1.5: a fraction must be in (0, 1]"),
+    (["--memory-sizes", "a"], "--memory-sizes a: 'a' is neither a row count nor a fraction"),
+    (["--seeds", "0"], "--seeds 0: expected an integer >= 1"),
+    (["--classes-per-batch", "0"], "--classes-per-batch 0: expected an integer >= 1"),
+    (["--batch-sizes", "64"], "sweep point xbm-b64-m64-seed0: --batch-size 64: 16 classes per batch"),
+    (["--batch-sizes", "16", "--memory-sizes", "8"], "sweep point xbm-b16-m8-seed0: --memory-size 8: 8 rows, fewer than one global batch"),
+])
+def test_sweep_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, extra, match):
+    assert _exit_code(["sweep", *tiny_argv(tmp_path / "s"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_sigint_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):
+    """The series machinery of compare, through sweep: exit 130, no table counting a cut-short run, --resume completes."""
+    import signal
+
+    from .helpers import run_cli
+    from .test_resume import start_and_wait_for_hang
+
+    out = tmp_path / "sw"
+    argv = ["sweep", *tiny_argv(out, warmup_epochs=0, checkpoint_every=2, drift_every=0, memory_size=32), "--methods", "xbn",
+            "--batch-sizes", "8,16", "--memory-sizes", "32", "--seeds", "1"]
+    proc = start_and_wait_for_hang(out, step=2, argv=argv)  # first run (xbn-b8-m32-seed0) at step 2
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert "finish with: python -m metric sweep" in err and err.rstrip().endswith("--resume")
+    md = (out / "sweep.md").read_text()
+    assert md.startswith("INCOMPLETE: 2 run(s)") and "| XBN | n/a | n/a |" in md
+    assert json.loads((out / "sweep.json").read_text())["complete"] is False
+    assert not (out / "sweep.png").exists() and not (out / "xbn-b16-m32-seed0").exists()
+    res = run_cli(argv + ["--resume"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["complete"] is True and all(r["complete"] for r in result["runs"])
+    assert "resumed from" in res.stderr and (out / "sweep.png").exists()

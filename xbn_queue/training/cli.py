@@ -1,0 +1,410 @@
+"""How both trainers behave as command-line programs: exit codes, one-line errors, valid ranges, run folders.
+
+The contract (the same for ``xbn-metric`` and ``xbn-selfsup``, single runs and ``compare``):
+
+- exit status ``0`` only when everything finished; ``2`` for bad input (one line
+  ``PROG: error: ...`` naming the option or file, the value and what is expected; no traceback; nothing
+  written); ``128 + N`` when signal ``N`` stopped the work after its checkpoint (130 for SIGINT, 143
+  for SIGTERM), after printing the exact command that resumes it; ``1`` for a failure of the run
+  itself (a non-finite loss, a full disk), also as one line.
+- every numeric option declares its valid range next to its field (``metadata={"range": at_least(1)}``);
+  :func:`check_ranges` enforces it and ``--help`` shows it;
+- a run folder that holds a run is never written into without ``--resume`` or ``--overwrite``
+  (:func:`check_output_dir`), and nothing is created until every check has passed
+  (:func:`prepare_output_dir` is called last); without ``--output-dir`` every run gets a new folder
+  (:func:`default_run_dir`).
+
+Typical use in a trainer::
+
+    check_ranges(cfg)                                           # UsageError naming the option
+    check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+    data = load(...); check data; load and check the checkpoint  # all before writing
+    prepare_output_dir(out, overwrite=cfg.overwrite and not resumed)
+    save_config(cfg, out / "config.yaml"); ...
+
+and in ``main``: ``return run_main(PROG, body, bad_input=(DataFormatError, ...))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+__all__ = [
+    "UsageError", "RunError", "Range", "at_least", "above", "between", "check_ranges", "range_of",
+    "check_output_dir", "holds_run", "prepare_output_dir", "default_run_dir", "choose_output_dir", "resume_command",
+    "check_memory_fits", "device_capacity", "format_bytes", "one_line", "run_main", "warn",
+    "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "RUN_FILES",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+#: Files whose presence means "this folder holds a run" (and that ``--overwrite`` replaces).
+RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl")
+#: Further files a run writes; ``--overwrite`` removes them too so that nothing stale is left.
+_RUN_EXTRA_FILES = ("recall_drift.png", "history.png", "wandb-run-id.txt", "compare.md", "compare.json", "compare.png")
+
+
+class UsageError(ValueError):
+    """Bad input (an option, a file, the data): exit status 2, one line, nothing written."""
+
+
+class RunError(RuntimeError):
+    """The run itself failed (not the input): exit status 1, one line."""
+
+
+# ------------------------------------------------------------------------------------- ranges
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A valid interval for a numeric option, declared next to its field.
+
+    Args:
+        lo: Lower bound (``None``: none).
+        hi: Upper bound (``None``: none).
+        lo_open: ``lo`` itself is excluded.
+        hi_open: ``hi`` itself is excluded.
+    """
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return False
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return False
+        if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return "any number"
+
+
+def at_least(lo: float) -> Range:
+    """``value >= lo``."""
+    return Range(lo=lo)
+
+
+def above(lo: float) -> Range:
+    """``value > lo``."""
+    return Range(lo=lo, lo_open=True)
+
+
+def between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Range:
+    """``lo <= value <= hi`` (either end may be open)."""
+    return Range(lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
+
+
+def range_of(f: dataclasses.Field) -> Optional[Range]:
+    """The :class:`Range` declared in a field's ``metadata["range"]``, or ``None``."""
+    return (f.metadata or {}).get("range")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_ranges(cfg: Any) -> None:
+    """Check every field of the dataclass ``cfg`` that declares ``metadata["range"]``.
+
+    ``None`` (an option left to a per-dataset default) passes; a list is checked item by item.
+
+    Raises:
+        UsageError: ``--batch-size -4: expected an integer >= 2``.
+    """
+    for f in dataclasses.fields(cfg):
+        rng = range_of(f)
+        value = getattr(cfg, f.name)
+        if rng is None or value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v not in rng:
+                kind = "an integer" if isinstance(v, int) and not isinstance(v, bool) else "a number"
+                raise UsageError(f"{_flag(f.name)} {v}: expected {kind} {rng}")
+
+
+# -------------------------------------------------------------------------------- run folders
+def holds_run(path: Union[str, os.PathLike]) -> bool:
+    """True when ``path`` is a folder with any of :data:`RUN_FILES` in it."""
+    p = Path(path)
+    return p.is_dir() and any((p / name).exists() for name in RUN_FILES)
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(path: Union[str, os.PathLike], resume: bool, overwrite: bool, option: str = "--output-dir",
+                     holds: Optional[Callable[[Path], bool]] = None) -> None:
+    """Refuse a run folder that cannot be used, without touching the disk.
+
+    Args:
+        path: The run folder (need not exist).
+        resume: ``--resume`` was given (a folder holding a run is then expected).
+        overwrite: ``--overwrite`` was given.
+        option: The option named in messages.
+        holds: Predicate "this folder holds earlier results" (default :func:`holds_run`).
+
+    Raises:
+        UsageError: the path is a file, lies under a file, is not writable, or holds a run and neither
+            ``--resume`` nor ``--overwrite`` was given (or both were).
+    """
+    p = Path(path)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{option} {p}: exists and is not a folder")
+    base = _nearest_existing(p)
+    if not base.is_dir():
+        raise UsageError(f"{option} {p}: cannot create a folder there, {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {p}: {base} is not writable")
+    if not resume and not overwrite and (holds or holds_run)(p):
+        raise UsageError(f"{option} {p} already holds a run: continue it with --resume, "
+                         "replace it with --overwrite, or choose another folder")
+
+
+def prepare_output_dir(path: Union[str, os.PathLike], overwrite: bool = False,
+                       extra: Iterable[str] = ()) -> Path:
+    """Create the run folder; with ``overwrite``, first delete the files of the run it holds.
+
+    Call it only after every check has passed. Only the files a run writes (:data:`RUN_FILES`, the
+    plots, ``compare.*``, ``wandb-run-id.txt`` and ``extra`` names) are removed, never anything else
+    a user keeps in the folder.
+
+    Returns:
+        The folder as a ``Path``.
+    """
+    p = Path(path)
+    if overwrite and p.is_dir():
+        for name in (*RUN_FILES, *_RUN_EXTRA_FILES, *extra):
+            target = p / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _launch_stamp() -> str:
+    """``YYYYmmdd-HHMMSS`` of this launch; the same on every rank of one ``torchrun`` (its agent's start)."""
+    t = time.time()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        try:  # Linux: start time of the parent (the torchrun agent), identical on every rank
+            ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+            btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                         if line.startswith("btime"))
+            t = btime + ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(t))
+
+
+def default_run_dir(base: Union[str, os.PathLike], *parts: str) -> Path:
+    """A new folder name ``BASE/<parts>-<timestamp>`` (``-2``, ``-3``, ... if it exists already).
+
+    Args:
+        base: Parent folder (e.g. ``runs/metric``).
+        parts: Name parts (e.g. the dataset and the method).
+    """
+    name = "-".join([*(p for p in parts if p), _launch_stamp()])
+    path = Path(base) / name
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:  # ranks must agree: no existence probe under torchrun
+        i = 2
+        while path.exists():
+            path, i = Path(base) / f"{name}-{i}", i + 1
+    return path
+
+
+def choose_output_dir(output_dir: Optional[str], resume: str, base: Union[str, os.PathLike], *parts: str) -> str:
+    """The run folder: ``output_dir`` when given, else the folder of ``--resume PATH``, else a new
+    :func:`default_run_dir`.
+
+    Raises:
+        UsageError: a bare ``--resume`` without ``--output-dir`` (a new folder has nothing to continue).
+    """
+    if output_dir:
+        return str(output_dir)
+    if resume and resume.strip().lower() != "auto":
+        p = Path(resume)
+        return str(p if p.is_dir() else p.parent)
+    if resume:
+        raise UsageError("--resume: give the run folder to continue with --output-dir DIR (or --resume DIR); "
+                         "without --output-dir every run starts in a new folder")
+    return str(default_run_dir(base, *parts))
+
+
+def _display_prog(prog: str, package: str) -> str:
+    argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if argv0 == "__main__.py" or argv0.endswith(".py") or argv0 in ("", "-c"):
+        return f"python -m {package}"
+    return prog
+
+
+def resume_command(prog: str, package: str, argv: Sequence[str], output_dir: Union[str, os.PathLike]) -> str:
+    """The exact command that continues an interrupted run or comparison.
+
+    ``argv`` (the arguments as given, subcommand included) with ``--overwrite`` and any ``--resume``
+    removed, ``--output-dir`` added when absent, and ``--resume`` appended.
+
+    Args:
+        prog: Console-script name (``xbn-metric``).
+        package: Module name for ``python -m`` (``metric``).
+        argv: The command-line arguments without the program.
+        output_dir: The run (or comparison) folder.
+    """
+    args: list[str] = []
+    it = iter(range(len(argv)))
+    skip = False
+    for i in it:
+        a = argv[i]
+        if skip:
+            skip = False
+            continue
+        if a in ("--overwrite", "--no-overwrite") or a.startswith("--resume="):
+            continue
+        if a == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        args.append(a)
+    if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in args):
+        args += ["--output-dir", str(output_dir)]
+    return shlex.join([*_display_prog(prog, package).split(), *args, "--resume"])
+
+
+# ------------------------------------------------------------------------------------- memory
+def format_bytes(n: float) -> str:
+    """``1234567`` -> ``'1.2 MB'`` (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def device_capacity(device: Any) -> Optional[int]:
+    """Bytes of memory of ``device`` (``"cpu"``: physical RAM; CUDA: the GPU's total), ``None`` if unknown."""
+    kind = str(getattr(device, "type", device))
+    if kind.startswith("cuda"):
+        import torch
+
+        index = getattr(device, "index", None)
+        return int(torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory_fits(option: str, value: Any, rows: int, dim: int, device: Any, bytes_per_value: int = 4,
+                      fraction: float = 0.8) -> int:
+    """Refuse a memory whose size cannot fit the device, before allocating it.
+
+    The memory is ``rows x dim`` values plus two int64 per row (label and sample id).
+
+    Args:
+        option: Option named in the message (``--memory-size``).
+        value: The value the user gave.
+        rows: Rows of the memory.
+        dim: Embedding size.
+        device: Where it would live.
+        bytes_per_value: 4 for float32.
+        fraction: Largest share of the device's memory the memory may take.
+
+    Returns:
+        The memory's size in bytes.
+
+    Raises:
+        UsageError: naming the option, the value and both sizes.
+    """
+    need = int(rows) * (int(dim) * bytes_per_value + 16)
+    cap = device_capacity(device)
+    if cap is not None and need > fraction * cap:
+        raise UsageError(f"{option} {value}: a memory of {rows:,} rows x {dim} needs {format_bytes(need)}, more "
+                         f"than {fraction:.0%} of the {format_bytes(cap)} of the {getattr(device, 'type', device)} device")
+    return need
+
+
+# -------------------------------------------------------------------------------------- main
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (``FileNotFoundError``'s ``[Errno 2]`` form kept short)."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err.args[0]) if len(err.args) == 1 and isinstance(err, KeyError) else str(err)
+    return " ".join(text.split()) or type(err).__name__
+
+
+def warn(prog: str, message: str) -> None:
+    """Print ``[PROG] warning: message`` to stderr (one line)."""
+    print(f"[{prog}] warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def _loaded_types(specs: Sequence[Union[type, str]]) -> tuple[type, ...]:
+    """Exception types from ``specs``; a ``"module:Name"`` string is resolved only when its module is
+    already imported (an exception of a module never imported cannot have been raised)."""
+    out: list[type] = []
+    for spec in specs:
+        if isinstance(spec, str):
+            module, _, name = spec.partition(":")
+            if module in sys.modules and hasattr(sys.modules[module], name):
+                out.append(getattr(sys.modules[module], name))
+        else:
+            out.append(spec)
+    return tuple(out)
+
+
+def run_main(prog: str, body: Callable[[], int], bad_input: Sequence[Union[type, str]] = (),
+             failures: Sequence[Union[type, str]] = ()) -> int:
+    """Run a command's ``body`` and turn its errors into the exit status contract.
+
+    Args:
+        prog: Program name for messages (``xbn-metric``).
+        body: Does the work; returns the exit status (0, or 128 + N after a signal).
+        bad_input: Further exception types that mean bad input (exit 2), besides :class:`UsageError`,
+            ``ValueError`` and ``FileNotFoundError``; ``"module:Name"`` strings name types without
+            importing their (possibly heavy) module, so that a refused option returns fast.
+        failures: Exception types (or ``"module:Name"``) that mean the run failed (exit 1), besides
+            :class:`RunError`, ``OSError`` and ``ImportError``.
+
+    Returns:
+        The exit status.
+    """
+    try:
+        return body()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the checkpoint
+        print(f"{prog}: interrupted (second Ctrl-C): stopped without a final checkpoint", file=sys.stderr)
+        return 130
+    except Exception as err:
+        usage = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, *_loaded_types(bad_input))
+        failed = (RunError, OSError, ImportError, *_loaded_types(failures))
+        if isinstance(err, usage):
+            print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(err, failed):
+            print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
