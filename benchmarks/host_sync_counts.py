@@ -20,7 +20,6 @@ host read, the finite check).
 from __future__ import annotations
 
 import argparse
-import collections
 import inspect
 import json
 import sys
@@ -32,26 +31,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from xbn_queue import AdaptiveQueue  # noqa: E402
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Dict[str, int] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
+from xbn_queue.opcount import count_ops  # noqa: E402
 
 
 def count(fn: Callable[[], object]) -> Dict[str, int]:
-    c = OpCounter()
-    with c:
-        fn()
-    return {"syncs": c.ops["aten._local_scalar_dense.default"], "ops": sum(c.ops.values())}
+    c = count_ops(fn)
+    return {"syncs": c.syncs, "ops": c.total}
 
 
 def _kw(validate: str) -> Dict[str, str]:

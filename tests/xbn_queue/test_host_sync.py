@@ -11,51 +11,23 @@ are compared with each other.
 
 from __future__ import annotations
 
-import collections
 import copy
-from typing import Callable, Dict
 
 import pytest
 import torch
 from torch.testing import assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from xbn_queue import AdaptiveQueue
 from xbn_queue import _compile
 from xbn_queue import functional as F
 from xbn_queue import queue as Q
+from xbn_queue.opcount import SYNC_OP, OpCounter, count_ops
 
 from .test_fastpath import PlainQueue, _stream
 
-SYNC = "aten._local_scalar_dense.default"
+SYNC = SYNC_OP
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every aten op dispatched while active (``ops[str(op)]``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Dict[str, int] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def syncs(self) -> int:
-        return self.ops[SYNC]
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
-
-def count(fn: Callable[[], object]) -> OpCounter:
-    c = OpCounter()
-    with c:
-        fn()
-    return c
+count = count_ops
 
 
 def _batches(n: int, b: int = 64, d: int = 128, seed: int = 0):
