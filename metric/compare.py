@@ -65,16 +65,9 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_methods(methods: str) -> List[str]:
-    from xbn_queue.training.cli import UsageError
+    from xbn_queue.training.cli import parse_choices
 
-    todo = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in todo if m not in METHODS]
-    if unknown or not todo:
-        raise UsageError(f"--methods {methods}: unknown {', '.join(unknown) or '(empty)'}; expected a comma-separated "
-                         f"list of {', '.join(METHODS)}")
-    if len(set(todo)) != len(todo):
-        raise UsageError(f"--methods {methods}: a method is listed twice")
-    return todo
+    return parse_choices("--methods", methods, METHODS)
 
 
 def plan_runs(methods: Sequence[str], seed: int, seeds: int) -> List[PlannedRun]:
@@ -117,21 +110,17 @@ def _plot(curves: Dict[str, List[Dict[str, Dict[float, float]]]], png: Path, tit
         print(f"[compare] no per-epoch metrics recorded: {png.name} not written", file=sys.stderr)
 
 
-def default_compare_dir(cfg: MetricConfig, resume: bool) -> MetricConfig:
-    """``output_dir`` of a comparison: as given, else a new ``runs/metric/compare-<dataset>-<timestamp>``.
+def default_series_dir(cfg: MetricConfig, resume: bool, kind: str = "compare") -> MetricConfig:
+    """``output_dir`` of a comparison or sweep: as given, else a new ``runs/metric/<kind>-<dataset>-<timestamp>``.
 
     Raises:
         UsageError: ``--resume`` without ``--output-dir``.
     """
-    from xbn_queue.training.cli import UsageError, default_run_dir
+    from xbn_queue.training.cli import series_output_dir
 
     from .train import DEFAULT_RUNS
 
-    if cfg.output_dir:
-        return cfg
-    if resume:
-        raise UsageError("compare --resume: give the comparison folder to finish with --output-dir DIR")
-    return dataclasses.replace(cfg, output_dir=str(default_run_dir(DEFAULT_RUNS, "compare", cfg.dataset)))
+    return dataclasses.replace(cfg, output_dir=series_output_dir(cfg.output_dir, resume, DEFAULT_RUNS, kind, cfg.dataset))
 
 
 def series_trainer(cfg: MetricConfig, resume: bool) -> Callable[[PlannedRun, Path], RunOutcome]:
@@ -213,7 +202,7 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
     resume = bool(cfg.resume)
-    cfg = default_compare_dir(resolve_config(cfg), resume)
+    cfg = default_series_dir(resolve_config(cfg), resume)
     out = Path(cfg.output_dir)
     plan = plan_runs(todo, cfg.seed, seeds)
     check_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite)
@@ -272,7 +261,7 @@ def compare_main(argv: List[str]) -> int:
     cfg, extras = parse_config(MetricConfig, argv[1:], prog=f"{PROG} compare", extra_args=add_compare_args,
                                description=DESCRIPTION)
     resume = bool(cfg.resume)
-    out = default_compare_dir(resolve_config(cfg), resume).output_dir
+    out = default_series_dir(resolve_config(cfg), resume).output_dir
     cfg = dataclasses.replace(cfg, output_dir=out)
     result = run_compare(cfg, extras.methods, extras.seeds, resume_cmd=resume_command(PROG, "metric", argv, out))
     return int(result["exit_code"])

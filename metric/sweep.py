@@ -281,23 +281,6 @@ def plot_sweep(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str, Any], p
     return png
 
 
-def default_sweep_dir(cfg: MetricConfig, resume: bool) -> MetricConfig:
-    """``output_dir`` of a sweep: as given, else a new ``runs/metric/sweep-<dataset>-<timestamp>``.
-
-    Raises:
-        UsageError: ``--resume`` without ``--output-dir``.
-    """
-    from xbn_queue.training.cli import default_run_dir
-
-    from .train import DEFAULT_RUNS
-
-    if cfg.output_dir:
-        return cfg
-    if resume:
-        raise UsageError("sweep --resume: give the sweep folder to finish with --output-dir DIR")
-    return dataclasses.replace(cfg, output_dir=str(default_run_dir(DEFAULT_RUNS, "sweep", cfg.dataset)))
-
-
 def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: str, memory_sizes: str, seeds: int,
               classes_per_batch: Optional[int] = None, resume_cmd: str = "") -> Dict[str, Any]:
     """Run both sweeps, then print and write ``sweep.md`` / ``sweep.json`` / ``sweep.png``.
@@ -319,7 +302,7 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: str, memory_sizes: s
         UsageError: an unknown method, a malformed list, seeds < 1, a point the data cannot give, or an
             unusable output folder.
     """
-    from .compare import _parse_methods, baselines_for, metric_keys, run_rows, series_trainer
+    from .compare import _parse_methods, baselines_for, default_series_dir, metric_keys, run_rows, series_trainer
 
     todo = _parse_methods(methods)
     if seeds < 1:
@@ -329,7 +312,7 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: str, memory_sizes: s
     bs = _int_list(batch_sizes, "--batch-sizes")
     ms = _memory_list(memory_sizes)
     resume = bool(cfg.resume)
-    cfg = default_sweep_dir(resolve_config(cfg), resume)
+    cfg = default_series_dir(resolve_config(cfg), resume, "sweep")
     plan, fixed = sweep_plan(cfg, todo, bs, ms, seeds, classes_per_batch)
     out = Path(cfg.output_dir)
     check_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite)
@@ -392,9 +375,11 @@ def sweep_main(argv: List[str]) -> int:
     from xbn_queue.training.cli import resume_command
     from xbn_queue.training.config import parse_config
 
+    from .compare import default_series_dir
+
     cfg, extras = parse_config(MetricConfig, argv[1:], prog=f"{PROG} sweep", extra_args=add_sweep_args,
                                description=DESCRIPTION)
-    out = default_sweep_dir(resolve_config(cfg), bool(cfg.resume)).output_dir
+    out = default_series_dir(resolve_config(cfg), bool(cfg.resume), "sweep").output_dir
     cfg = dataclasses.replace(cfg, output_dir=out)
     result = run_sweep(cfg, extras.methods, extras.batch_sizes, extras.memory_sizes, extras.seeds, extras.classes_per_batch,
                        resume_cmd=resume_command(PROG, "metric", argv, out))

@@ -116,13 +116,10 @@ def default_compare_dir(cfg: SelfSupConfig) -> SelfSupConfig:
     Raises:
         UsageError: ``--resume`` without ``--output-dir``.
     """
-    from xbn_queue.training.cli import UsageError, default_run_dir
+    from xbn_queue.training.cli import series_output_dir
 
-    if cfg.output_dir:
-        return cfg
-    if cfg.resume:
-        raise UsageError("compare --resume: give the comparison folder to finish with --output-dir DIR")
-    return replace(cfg, output_dir=str(default_run_dir("runs/selfsup", "compare", cfg.dataset)))
+    return replace(cfg, output_dir=series_output_dir(cfg.output_dir, bool(cfg.resume), "runs/selfsup", "compare",
+                                                     cfg.dataset))
 
 
 def compare(
@@ -152,17 +149,12 @@ def compare(
     Raises:
         UsageError: unknown adaptation, ``seeds < 1``, bad options, an unusable output folder or data.
     """
-    from xbn_queue.training.cli import UsageError
+    from xbn_queue.training.cli import UsageError, parse_choices
     from xbn_queue.training.distributed import init_distributed
 
     from selfsup.train import check_data, train
 
-    bad = [a for a in adaptations if a not in ADAPTATIONS]
-    if bad or not adaptations:
-        raise UsageError(f"--adaptations {','.join(adaptations)}: unknown {', '.join(bad) or '(empty)'}; expected a "
-                         f"comma-separated list of {', '.join(ADAPTATIONS)}")
-    if len(set(adaptations)) != len(adaptations):
-        raise UsageError(f"--adaptations {','.join(adaptations)}: an adaptation is listed twice")
+    adaptations = parse_choices("--adaptations", adaptations, ADAPTATIONS)
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
     cfg.validate()

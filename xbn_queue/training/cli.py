@@ -40,7 +40,8 @@ from typing import Any, Optional, Union
 
 __all__ = [
     "UsageError", "RunError", "Range", "at_least", "above", "between", "check_ranges", "range_of",
-    "check_output_dir", "holds_run", "prepare_output_dir", "default_run_dir", "choose_output_dir", "resume_command",
+    "check_output_dir", "holds_run", "prepare_output_dir", "default_run_dir", "choose_output_dir", "series_output_dir",
+    "resume_command", "parse_choices",
     "check_memory_fits", "device_capacity", "format_bytes", "one_line", "run_main", "warn",
     "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "RUN_FILES",
 ]
@@ -255,6 +256,38 @@ def choose_output_dir(output_dir: Optional[str], resume: str, base: Union[str, o
         raise UsageError("--resume: give the run folder to continue with --output-dir DIR (or --resume DIR); "
                          "without --output-dir every run starts in a new folder")
     return str(default_run_dir(base, *parts))
+
+
+def series_output_dir(output_dir: Optional[str], resume: bool, base: Union[str, os.PathLike], kind: str,
+                      dataset: str) -> str:
+    """The folder of a series (``compare``, ``sweep``): ``output_dir`` when given, else a new
+    ``BASE/<kind>-<dataset>-<timestamp>``.
+
+    Raises:
+        UsageError: ``--resume`` without ``--output-dir`` (a new folder has nothing to finish).
+    """
+    if output_dir:
+        return str(output_dir)
+    if resume:
+        raise UsageError(f"{kind} --resume: give the {kind} folder to finish with --output-dir DIR")
+    return str(default_run_dir(base, kind, dataset))
+
+
+def parse_choices(option: str, value: Union[str, Sequence[str]], choices: Sequence[str]) -> list[str]:
+    """A comma-separated list (or a list) of names from ``choices``, each at most once, in the given order.
+
+    Raises:
+        UsageError: an empty list, an unknown name or a name listed twice, naming ``option``.
+    """
+    text = value if isinstance(value, str) else ",".join(value)
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in choices]
+    if unknown or not names:
+        raise UsageError(f"{option} {text}: unknown {', '.join(unknown) or '(empty)'}; expected a comma-separated "
+                         f"list of {', '.join(choices)}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"{option} {text}: a value is listed twice")
+    return names
 
 
 def _display_prog(prog: str, package: str) -> str:

@@ -1,6 +1,7 @@
 """Tests of xbn_queue.training.cli and xbn_queue.training.series (in process, fast)."""
 
 import dataclasses
+import re
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,3 +228,24 @@ def test_int_or_float_parses_an_integer_whatever_typing_cached():
 
     assert poisoned == Optional[Union[int, float]]
     assert type(parse_config(C, ["--m", "64"]).m) is int and parse_config(C, ["--m", "0.5"]).m == 0.5
+
+
+def test_parse_choices_keeps_order_and_refuses_unknown_empty_and_repeated():
+    from xbn_queue.training.cli import UsageError, parse_choices
+
+    assert parse_choices("--methods", " xbn, none ", ["none", "xbn", "axbn"]) == ["xbn", "none"]
+    assert parse_choices("--adaptations", ["axbn", "none"], ["none", "xbn", "axbn"]) == ["axbn", "none"]
+    for value, message in [("xbn,foo", "--methods xbn,foo: unknown foo"), (",", "--methods ,: unknown (empty)"),
+                           ("xbn,xbn", "--methods xbn,xbn: a value is listed twice")]:
+        with pytest.raises(UsageError, match="^" + re.escape(message)):
+            parse_choices("--methods", value, ["none", "xbn"])
+
+
+def test_series_output_dir_given_new_or_refused_resume(tmp_path):
+    from xbn_queue.training.cli import UsageError, series_output_dir
+
+    assert series_output_dir("given", False, tmp_path, "sweep", "digits") == "given"
+    new = Path(series_output_dir(None, False, tmp_path, "sweep", "digits"))
+    assert new.parent == tmp_path and new.name.startswith("sweep-digits-") and not new.exists()
+    with pytest.raises(UsageError, match="sweep --resume: give the sweep folder"):
+        series_output_dir(None, True, tmp_path, "sweep", "digits")
