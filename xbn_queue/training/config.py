@@ -223,12 +223,20 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _means_none(spec: _Spec, text: str) -> bool:
+    """``none`` / ``null`` / ``~`` give ``None`` for an optional field, unless the word is one of its choices
+    (``--head none`` is the choice ``"none"``, not "unset")."""
+    if not spec.optional or text.strip().lower() not in _NONE:
+        return False
+    return spec.choices is None or text.strip() not in spec.choices
+
+
 def _cli_converter(spec: _Spec) -> Callable[[str], Any]:
     if not spec.optional:
         return spec.convert
 
     def convert(text: str) -> Any:
-        return None if text.strip().lower() in _NONE else spec.convert(text)
+        return None if _means_none(spec, text) else spec.convert(text)
 
     convert.__name__ = getattr(spec.convert, "__name__", "value")
     return convert
@@ -323,7 +331,7 @@ def _coerce(spec: _Spec, value: Any, where: str) -> Any:
                 return None
             raise fail("None is not allowed for this option")
         if isinstance(v, str):
-            if spec.optional and v.strip().lower() in _NONE:
+            if _means_none(spec, v):
                 return None
             try:
                 return spec.convert(v)

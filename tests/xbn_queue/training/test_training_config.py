@@ -224,3 +224,21 @@ def test_config_to_argv_only_changed() -> None:
     argv = config_to_argv(Cfg(batch_size=8, amp=False), only_changed=True)
     assert argv == ["--batch-size", "8", "--no-amp"]
     assert parse_config(Cfg, argv) == Cfg(batch_size=8, amp=False)
+
+
+@dataclass
+class HeadCfg:
+    """A config whose optional choice has 'none' among its values."""
+
+    head: Optional[str] = field(default=None, metadata={"choices": ["linear", "none"]})
+    wandb_project: Optional[str] = None
+
+
+def test_none_that_is_a_choice_is_the_choice_not_unset(tmp_path: Path) -> None:
+    assert parse_config(HeadCfg, ["--head", "none"]).head == "none"
+    assert parse_config(HeadCfg, ["--head", "linear", "--wandb-project", "none"]) == HeadCfg("linear", None)
+    cfg = HeadCfg(head="none", wandb_project="p")
+    save_config(cfg, tmp_path / "c.yaml")
+    assert "head: none" in (tmp_path / "c.yaml").read_text()
+    assert load_config(HeadCfg, tmp_path / "c.yaml") == cfg  # round trip keeps the choice
+    assert parse_config(HeadCfg, ["--config", str(tmp_path / "c.yaml")]) == cfg
