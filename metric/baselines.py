@@ -36,7 +36,7 @@ RAW_PIXELS_MAX_SIZE = 32
 
 #: Settings the baselines depend on (a cached ``baselines.json`` with other values is recomputed).
 _KEYS = ["dataset", "data_root", "split", "train_fraction", "split_seed", "max_per_class", "image_size", "backbone",
-         "width", "pretrained", "pretrained_path", "embedding_dim", "embedding_norm", "recall_ks"]
+         "width", "head", "pretrained", "pretrained_path", "embedding_dim", "embedding_norm", "recall_ks"]
 
 
 def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List[Dict[str, float]]]:
@@ -99,7 +99,7 @@ def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List
     for seed in seeds:
         seed_everything(int(seed))
         model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path,
-                            cfg.width, cfg.image_size).to(device)
+                            cfg.width, cfg.image_size, cfg.head).to(device)
         q, ql, g, gl = embed_all(model, eval_tf, cfg)  # (Q, D), ...
         out["untrained"].append(score(q, ql, g, gl))
     return out

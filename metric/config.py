@@ -19,10 +19,10 @@ __all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "validate_confi
 METHODS = ("none", "xbm", "xbm-batch", "xbn", "axbn")
 
 #: Options a checkpoint must agree on to be resumed.
-COMPAT_KEYS = ["dataset", "method", "backbone", "width", "embedding_dim", "embedding_norm", "memory_size", "batch_size",
-               "m_per_class", "image_size", "split", "train_fraction", "split_seed", "max_per_class"]
+COMPAT_KEYS = ["dataset", "method", "backbone", "width", "head", "embedding_dim", "embedding_norm", "memory_size",
+               "batch_size", "m_per_class", "image_size", "split", "train_fraction", "split_seed", "max_per_class"]
 #: Values of options added after checkpoints were first written (a checkpoint without them had these).
-COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None}
+COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None, "head": "linear"}
 
 
 def saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
@@ -92,7 +92,8 @@ class MetricConfig:
     width: Optional[int] = field(default=None, metadata=_h("channels of conv4 (default 64), of the first stage of cifar_resnet18 (default 64) or of tinycnn (default 16); not for timm models", group="model", range=at_least(1)))
     pretrained: Optional[bool] = field(default=None, metadata=_h("ImageNet-pretrained backbone from timm's hub (default on; digits off)", group="model"))
     pretrained_path: Optional[str] = field(default=None, metadata=_h("local state dict for the backbone (offline alternative to --pretrained)", group="model"))
-    embedding_dim: Optional[int] = field(default=None, metadata=_h("embedding size (default 512; digits 64)", group="model", range=at_least(1)))
+    head: Optional[str] = field(default=None, metadata=_h("embedding head: linear (a linear layer to --embedding-dim) or none (the backbone's features are the embedding, and --embedding-dim is their size) (default: none for conv4, linear otherwise)", choices=["linear", "none"], group="model"))
+    embedding_dim: Optional[int] = field(default=None, metadata=_h("embedding size (default 512; digits 64; --head none: the backbone's feature size)", group="model", range=at_least(1)))
     embedding_norm: str = field(default="l2", metadata=_h("l2, or l2 followed by bn / ln (Appendix A)", choices=["l2", "bn", "ln"], group="model"))
     # method and memory
     method: str = field(default="xbn", metadata=_h("none (batch loss), xbm (memory loss), xbm-batch (XBM*: memory + batch), xbn, axbn", choices=list(METHODS), group="memory"))
@@ -163,6 +164,9 @@ def validate_config(cfg: MetricConfig) -> None:
         raise UsageError(f"--max-per-class {cfg.max_per_class}: applies to --dataset folder only, not {cfg.dataset}")
     if cfg.batch_size is not None and cfg.m_per_class is not None and cfg.batch_size % cfg.m_per_class != 0:
         raise UsageError(f"--batch-size {cfg.batch_size}: expected a multiple of --m-per-class {cfg.m_per_class}")
+    if cfg.head == "none" and cfg.warmup_epochs and cfg.embedding_norm == "l2":
+        raise UsageError(f"--warmup-epochs {cfg.warmup_epochs}: the warm-up trains only the head, and --head none has "
+                         "no parameters to train; use --warmup-epochs 0 (or --head linear)")
 
 
 def resolve_config(cfg: MetricConfig) -> MetricConfig:
@@ -180,8 +184,27 @@ def resolve_config(cfg: MetricConfig) -> MetricConfig:
     defaults = recipe_defaults(cfg, DATASET_DEFAULTS[cfg.dataset])
     updates = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
     out = dataclasses.replace(cfg, **updates)
+    if out.head is None:
+        out = dataclasses.replace(out, head="none" if out.backbone == "conv4" else "linear")
     validate_config(out)
+    if out.head == "none":
+        out = dataclasses.replace(out, embedding_dim=_head_none_dim(out, explicit=cfg.embedding_dim))
     return out
+
+
+def _head_none_dim(cfg: MetricConfig, explicit: Optional[int]) -> int:
+    """With ``--head none`` the embedding size is the backbone's feature size; an explicit other one is refused."""
+    from .model import backbone_feature_size
+
+    try:
+        size = backbone_feature_size(cfg.backbone, cfg.width, cfg.image_size)
+    except ValueError as err:
+        raise UsageError(f"--backbone {cfg.backbone}: {err}") from None
+    if explicit is not None and explicit != size:
+        raise UsageError(f"--embedding-dim {explicit}: with --head none the embedding is the {size} features of "
+                         f"--backbone {cfg.backbone} at --image-size {cfg.image_size}; leave --embedding-dim unset "
+                         f"(or use --head linear)")
+    return size
 
 
 def memory_rows(memory_size: Union[int, float, str], num_train: Optional[int]) -> int:

@@ -1,4 +1,4 @@
-"""Embedding model: a timm backbone (or a small-image backbone) + a linear head + L2 (+ optional BN/LN).
+"""Embedding model: a timm backbone (or a small-image backbone) + a linear head (or none) + L2 (+ optional BN/LN).
 
 Backbones: any timm model name, or for small images ``conv4`` (the Conv-4 of the few-shot and
 metric-learning literature, flattened) and ``cifar_resnet18`` (3x3 stem, no max-pool), both from
@@ -6,7 +6,11 @@ metric-learning literature, flattened) and ``cifar_resnet18`` (3x3 stem, no max-
 
 ``MetricModel(x)`` returns (B, embedding_dim) float32 embeddings: ``head(backbone(x))`` L2-normalised,
 then optionally BatchNorm1d / LayerNorm (the paper's Appendix A, Table 3), as in the paper's
-Section 5.1 (ImageNet-pretrained ResNet-50, 512-d, cosine similarity).
+Section 5.1 (ImageNet-pretrained ResNet-50, 512-d, cosine similarity). With ``head="none"`` the
+backbone's features themselves are the embedding (``embedding_dim`` = the feature size), as the
+Conv-4 of the few-shot literature is used: its flattened features keep the spatial layout, and a
+linear head trained from scratch on a few classes was measured to transfer worse to unseen classes
+(``docs/metric.md``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TinyCNN", "MetricModel", "build_model", "PretrainedWeightsError", "SMALL_BACKBONES"]
+__all__ = ["TinyCNN", "MetricModel", "build_model", "backbone_feature_size", "PretrainedWeightsError", "SMALL_BACKBONES",
+           "HEADS"]
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -53,6 +58,8 @@ class TinyCNN(nn.Module):
 
 #: Backbones built here rather than by timm (no hub weights): name -> default width.
 SMALL_BACKBONES = {"tinycnn": 16, "conv4": 64, "cifar_resnet18": 64}
+#: Embedding heads: ``linear`` (features -> embedding_dim) or ``none`` (the features are the embedding).
+HEADS = ("linear", "none")
 
 
 def _create_backbone(name: str, pretrained: bool, pretrained_path: Optional[str], width: Optional[int] = None,
@@ -127,21 +134,31 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
 
 
 class MetricModel(nn.Module):
-    """Backbone -> linear head -> L2 normalisation (-> BatchNorm1d / LayerNorm).
+    """Backbone -> linear head (or none) -> L2 normalisation (-> BatchNorm1d / LayerNorm).
 
     Args:
         backbone: maps (B, 3, H, W) to (B, F) features (timm model with ``num_classes=0``).
         num_features: F.
-        embedding_dim: D.
+        embedding_dim: D (must equal F when ``head="none"``).
         embedding_norm: ``"l2"``, ``"bn"`` (L2 then BatchNorm1d) or ``"ln"`` (L2 then LayerNorm).
+        head: ``"linear"`` (F -> D) or ``"none"`` (the features are the embedding).
+
+    Raises:
+        ValueError: an unknown ``embedding_norm`` or ``head``, or ``head="none"`` with D != F.
     """
 
-    def __init__(self, backbone: nn.Module, num_features: int, embedding_dim: int = 512, embedding_norm: str = "l2") -> None:
+    def __init__(self, backbone: nn.Module, num_features: int, embedding_dim: int = 512, embedding_norm: str = "l2",
+                 head: str = "linear") -> None:
         super().__init__()
         if embedding_norm not in ("l2", "bn", "ln"):
             raise ValueError(f"embedding_norm must be l2, bn or ln, got {embedding_norm!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        if head == "none" and embedding_dim != num_features:
+            raise ValueError(f"head 'none' makes the backbone's {num_features} features the embedding, "
+                             f"but embedding_dim is {embedding_dim}")
         self.backbone = backbone
-        self.head = nn.Linear(num_features, embedding_dim)
+        self.head: nn.Module = nn.Linear(num_features, embedding_dim) if head == "linear" else nn.Identity()
         self.embedding_norm = embedding_norm
         self.post_norm: nn.Module
         if embedding_norm == "bn":
@@ -163,8 +180,21 @@ class MetricModel(nn.Module):
         return self.post_norm(z)
 
 
+def backbone_feature_size(backbone: str, width: Optional[int] = None, image_size: int = 32) -> int:
+    """The feature size F of a backbone, without weights or memory (built on the meta device).
+
+    Raises:
+        ValueError: as :func:`build_model` (unknown backbone, ``width`` for a timm model, an image too
+            small for ``conv4``).
+    """
+    with torch.device("meta"):
+        bb = _create_backbone(backbone, False, None, width, image_size)
+    return int(getattr(bb, "num_features"))
+
+
 def build_model(backbone: str, embedding_dim: int, embedding_norm: str = "l2", pretrained: bool = False,
-                pretrained_path: Optional[str] = None, width: Optional[int] = None, image_size: int = 32) -> MetricModel:
+                pretrained_path: Optional[str] = None, width: Optional[int] = None, image_size: int = 32,
+                head: str = "linear") -> MetricModel:
     """Create the embedding model.
 
     Args:
@@ -175,6 +205,8 @@ def build_model(backbone: str, embedding_dim: int, embedding_norm: str = "l2", p
         pretrained_path: a local state dict for the backbone.
         width: channels of a small backbone (``None``: its default); refused for timm models.
         image_size: input side in pixels (fixes the feature size of ``conv4``, which is not pooled).
+        head: ``linear`` or ``none`` (then ``embedding_dim`` must be the backbone's feature size,
+            :func:`backbone_feature_size`).
 
     Raises:
         PretrainedWeightsError: ``pretrained`` without a reachable weight hub and no ``pretrained_path``.
@@ -183,4 +215,4 @@ def build_model(backbone: str, embedding_dim: int, embedding_norm: str = "l2", p
     """
     bb = _create_backbone(backbone, pretrained, pretrained_path, width, image_size)
     num_features = int(getattr(bb, "num_features"))
-    return MetricModel(bb, num_features, embedding_dim, embedding_norm)
+    return MetricModel(bb, num_features, embedding_dim, embedding_norm, head)

@@ -9,6 +9,8 @@
   augmentation, so the augmentation is mild (``--augment mild``: random-resized crop of 60-100 % of
   the area, a small random affine of +-10 degrees and +-5 % shift, horizontal flip; no RandAugment,
   no erasing).
+* Independently of the recipe, ``conv4`` has no head by default (``--head none``: its flattened
+  features are the embedding, as in the few-shot literature); every other backbone has a linear head.
 * ``digits``: the digits demo's own small from-scratch defaults (:data:`metric.config.DATASET_DEFAULTS`),
   unchanged, so the README's main job gives the same numbers.
 
@@ -62,5 +64,7 @@ def recipe_summary(cfg: Any) -> str:
         aug = f"mild (crop {cfg.crop_min_scale:g}-1 of the area, +-10 deg affine, hflip {cfg.hflip:g}, erasing {cfg.re_prob:g})"
     else:
         aug = f"timm ({aa}, crop {cfg.crop_min_scale:g}-1 of the area, hflip {cfg.hflip:g}, erasing {cfg.re_prob:g})"
-    return (f"recipe: {label} (backbone {cfg.backbone}, {state}): {cfg.warmup_epochs} head-only warm-up epoch(s), "
+    head = "no head (features are the embedding)" if cfg.head == "none" else "linear head"
+    return (f"recipe: {label} (backbone {cfg.backbone}, {state}, {head}, {cfg.embedding_dim}-d): "
+            f"{cfg.warmup_epochs} head-only warm-up epoch(s), "
             f"augmentation {aug}; options you set win (--warmup-epochs, --augment, ...)")

@@ -330,7 +330,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
 
     train_tf, eval_tf = build_transforms(cfg)
     model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path,
-                        cfg.width, cfg.image_size).to(device)
+                        cfg.width, cfg.image_size, cfg.head).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     batch_loss, mem_loss = build_losses(cfg, rows, ctx.is_distributed)
