@@ -164,9 +164,18 @@ def validate_config(cfg: MetricConfig) -> None:
         raise UsageError(f"--max-per-class {cfg.max_per_class}: applies to --dataset folder only, not {cfg.dataset}")
     if cfg.batch_size is not None and cfg.m_per_class is not None and cfg.batch_size % cfg.m_per_class != 0:
         raise UsageError(f"--batch-size {cfg.batch_size}: expected a multiple of --m-per-class {cfg.m_per_class}")
+    if cfg.pretrained and not cfg.pretrained_path and cfg.backbone in _small_backbones():
+        raise UsageError(f"--pretrained: backbone {cfg.backbone!r} has no pretrained weights: use --no-pretrained or "
+                         "--pretrained-path FILE")
     if cfg.head == "none" and cfg.warmup_epochs and cfg.embedding_norm == "l2":
         raise UsageError(f"--warmup-epochs {cfg.warmup_epochs}: the warm-up trains only the head, and --head none has "
                          "no parameters to train; use --warmup-epochs 0 (or --head linear)")
+
+
+def _small_backbones() -> Dict[str, int]:
+    from .model import SMALL_BACKBONES
+
+    return SMALL_BACKBONES
 
 
 def resolve_config(cfg: MetricConfig) -> MetricConfig:

@@ -121,6 +121,7 @@ def _cases(f: Dict[str, Path], tmp: Path) -> List[Tuple[str, str, List[str], str
         ("metric-head-none-other-embedding-dim", "metric", [*METRIC_TINY, "--backbone", "conv4", "--head", "none", "--warmup-epochs", "0", "--output-dir", new], "--embedding-dim 32"),
         ("metric-head-none-with-warmup", "metric", [*METRIC_TINY, "--backbone", "conv4", "--head", "none", "--output-dir", new], "--warmup-epochs 1"),
         ("metric-head-unknown", "metric", [*METRIC_TINY, "--head", "mlp", "--output-dir", new], "--head"),
+        ("metric-conv4-pretrained", "metric", [*METRIC_TINY, "--backbone", "conv4", "--pretrained", "--output-dir", new], "'conv4' has no pretrained weights"),
         ("metric-compare-unknown-method", "metric", ["compare", *METRIC_TINY, "--methods", "xbm,bogus", "--output-dir", new], "bogus"),
         ("metric-single-class-training-data", "metric", [*METRIC_TINY, *one, "--batch-size", "4", "--m-per-class", "2"], "at least 2"),
         ("selfsup-queue-larger-than-training-set", "selfsup", [*SELFSUP_TINY, "--queue-size", "100000", "--output-dir", new], "--queue-size 100000"),
