@@ -183,7 +183,8 @@ def resolve_config(cfg: MetricConfig) -> MetricConfig:
 
     The defaults are the dataset's, updated by the training recipe (:func:`metric.recipe.recipe_defaults`):
     a backbone that is not pretrained gets the from-scratch recipe (no head-only warm-up, mild
-    augmentation) instead of the paper's.
+    augmentation) instead of the paper's. ``head`` defaults to ``none`` for ``conv4`` and ``linear``
+    otherwise; with ``none``, ``embedding_dim`` becomes the backbone's feature size.
 
     Raises:
         UsageError: an option out of its range (see :func:`validate_config`).
