@@ -70,7 +70,7 @@ def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List
     else:
         device = torch.device("cpu")
     ctx = DistContext(device=device)
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed, max_per_class=cfg.max_per_class)
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download)
 
     def score(q: torch.Tensor, ql: torch.Tensor, g: torch.Tensor, gl: torch.Tensor) -> Dict[str, float]:
         rec = retrieval_metrics(q, ql, None if data.query_is_gallery else g, None if data.query_is_gallery else gl,

@@ -47,7 +47,7 @@ def saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
 _PAPER = dict(backbone="resnet50", pretrained=True, image_size=224, epochs=50, warmup_epochs=2, batch_size=64,
               m_per_class=4, lr=1e-4, embedding_dim=512, memory_size=0.5, auto_augment="rand-m9-mstd0.5",
               re_prob=0.2, crop_min_scale=0.08, hflip=0.5, workers=4, kalman_gain_every=100, threads=0,
-              augment="timm")
+              augment="timm", drift_every=10)
 
 #: Per-dataset defaults for the fields left at ``None``.
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -60,7 +60,14 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "digits": dict(backbone="tinycnn", pretrained=False, image_size=16, epochs=12, warmup_epochs=1, batch_size=32,
                    m_per_class=4, lr=1e-3, embedding_dim=64, memory_size=0.5, auto_augment="none", re_prob=0.0,
                    crop_min_scale=0.7, hflip=0.0, workers=0, kalman_gain_every=10, recall_ks=[1, 2, 4, 8], threads=1,
-                   augment="timm"),
+                   augment="timm", drift_every=10),
+    # omniglot: the from-scratch recipe for small grayscale images (Conv-4 without a head at 32 px, the
+    # mild augmentation without flips: a mirrored character is another character), 4 images of each of
+    # 4 characters per batch, memory = half the training set.
+    "omniglot": dict(backbone="conv4", pretrained=False, image_size=32, epochs=6, warmup_epochs=0, batch_size=16,
+                     m_per_class=4, lr=1e-3, embedding_dim=512, memory_size=0.5, auto_augment="none", re_prob=0.0,
+                     crop_min_scale=0.6, hflip=0.0, workers=0, kalman_gain_every=10, recall_ks=[1, 2, 4, 8], threads=0,
+                     augment="mild", drift_every=50),
 }
 
 
@@ -73,8 +80,9 @@ class MetricConfig:
     """Supervised metric learning with an adaptive cross-batch memory (XBM / XBN / AXBN)."""
 
     # data
-    dataset: str = field(default="digits", metadata=_h("dataset", choices=["sop", "inshop", "deepfashion2", "folder", "digits"], group="data"))
-    data_root: Optional[str] = field(default=None, metadata=_h("dataset root folder (not needed for digits)", group="data"))
+    dataset: str = field(default="digits", metadata=_h("dataset", choices=["sop", "inshop", "deepfashion2", "folder", "digits", "omniglot"], group="data"))
+    data_root: Optional[str] = field(default=None, metadata=_h("dataset root folder (not needed for digits; omniglot without it: the embedded subset)", group="data"))
+    download: bool = field(default=False, metadata=_h("omniglot: fetch the full dataset into --data-root with torchvision first", group="data"))
     split: str = field(default="auto", metadata=_h("folder/digits split: auto (folder: train/test folders or class split; digits: instance), class (disjoint classes) or instance", choices=["auto", "class", "instance"], group="data"))
     train_fraction: float = field(default=0.5, metadata=_h("fraction of classes (class split) or images (instance split) used for training", group="data", range=between(0, 1, lo_open=True, hi_open=True)))
     split_seed: int = field(default=0, metadata=_h("seed of the folder/digits split rule", group="data"))
@@ -119,6 +127,7 @@ class MetricConfig:
     device: str = field(default="auto", metadata=_h("auto, cpu or cuda", choices=["auto", "cpu", "cuda"], group="runtime"))
     amp: bool = field(default=True, metadata=_h("mixed precision on GPU (bf16 autocast, or fp16 + GradScaler)", group="runtime"))
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format on GPU", group="runtime"))
+    tensor_cache: str = field(default="auto", metadata=_h("decode equal-sized in-memory images (omniglot, digits) once into tensors and augment whole batches on the device: auto (with --augment mild), on, off", choices=["auto", "on", "off"], group="runtime"))
     threads: Optional[int] = field(default=None, metadata=_h("torch CPU threads, 0 = torch's default (default 0; digits 1: a tiny model runs fastest on one thread)", group="runtime", range=at_least(0)))
     seed: int = field(default=0, metadata=_h("random seed", group="runtime"))
     output_dir: Optional[str] = field(default=None, metadata=_h("run folder (default: a new folder runs/metric/<dataset>-<method>-<timestamp>)", group="runtime"))
@@ -131,7 +140,7 @@ class MetricConfig:
     eval_every: int = field(default=1, metadata=_h("evaluate every N epochs (and after the last)", group="evaluation", range=at_least(1)))
     eval_batch_size: int = field(default=256, metadata=_h("batch size for embedding the evaluation sets", group="evaluation", range=at_least(1)))
     eval_chunk: int = field(default=2048, metadata=_h("queries per similarity chunk in the evaluation", group="evaluation", range=at_least(1)))
-    drift_every: int = field(default=10, metadata=_h("measure the probe batch's feature drift over one step every N steps (0: off)", group="evaluation", range=at_least(0)))
+    drift_every: Optional[int] = field(default=None, metadata=_h("measure the probe batch's feature drift over one step every N steps, 0: off (default 10; omniglot 50: with batches of 16 the two probe passes would otherwise cost a quarter of the training)", group="evaluation", range=at_least(0)))
     probe_size: int = field(default=64, metadata=_h("size of the fixed probe batch (training images, evaluation transform)", group="evaluation", range=at_least(1)))
     staleness_samples: int = field(default=512, metadata=_h("memory rows compared with fresh embeddings of the same images at each evaluation", group="evaluation", range=at_least(1)))
     # tracking
@@ -160,6 +169,10 @@ def validate_config(cfg: MetricConfig) -> None:
         raise UsageError(f"--kalman-r {cfg.kalman_r}: expected a number > 0 or 'auto'")
     if cfg.memory_size is not None:
         memory_rows(cfg.memory_size, None)
+    if cfg.download and cfg.dataset != "omniglot":
+        raise UsageError(f"--download: applies to --dataset omniglot only, not {cfg.dataset}")
+    if cfg.download and not cfg.data_root:
+        raise UsageError("--download: needs --data-root DIR, the folder the full Omniglot is stored in")
     if cfg.max_per_class is not None and cfg.dataset != "folder":
         raise UsageError(f"--max-per-class {cfg.max_per_class}: applies to --dataset folder only, not {cfg.dataset}")
     if cfg.batch_size is not None and cfg.m_per_class is not None and cfg.batch_size % cfg.m_per_class != 0:

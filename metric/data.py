@@ -1,4 +1,4 @@
-"""Datasets of the metric trainer: SOP, In-shop, DeepFashion2, an image folder, and sklearn's digits.
+"""Datasets of the metric trainer: SOP, In-shop, DeepFashion2, an image folder, Omniglot and sklearn's digits.
 
 Every loader returns a :class:`RetrievalData`: a training split, a query split and a gallery split
 (each a :class:`Split` of items and int64 labels) and ``query_is_gallery`` (leave-one-out protocol:
@@ -21,6 +21,9 @@ Protocols (``../shared/FORMATS.md``):
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download).
   ``--split instance``/``auto`` splits each digit's images by the rule below (train and test on all
   ten digits, test leave-one-out); ``--split class`` trains on digits 0-4 and tests on 5-9 (zero-shot).
+* ``omniglot``: handwritten characters split by alphabet (:func:`load_omniglot`): the embedded
+  ``images_background_small1`` subset (no download), or the full dataset's standard split under
+  ``--data-root``; test leave-one-out.
 
 Seeded split rule (``split_seed``, ``train_fraction``): class split = the classes sorted by name,
 permuted by ``numpy.random.default_rng(split_seed)``, the first ``round(train_fraction * C)`` (at
@@ -55,6 +58,7 @@ __all__ = [
     "load_deepfashion2",
     "load_folder",
     "load_digits",
+    "load_omniglot",
     "ImageDataset",
 ]
 
@@ -430,13 +434,141 @@ def load_digits(split: str = "auto", train_fraction: float = 0.5, split_seed: in
     return RetrievalData("digits", train, test, test, True, info)
 
 
-DATASETS = ("sop", "inshop", "deepfashion2", "folder", "digits")
+# ---------------------------------------------------------------------------------------- omniglot
+#: The embedded subset (MIT licence and attribution beside it).
+OMNIGLOT_EMBEDDED = Path(__file__).resolve().parent / "datasets" / "omniglot" / "images_background_small1.zip"
+#: Alphabets of the embedded subset that train; the others are retrieved (characters never seen in training).
+OMNIGLOT_EMBEDDED_TRAIN = ("Balinese", "Greek", "Korean")
+
+
+def _decode_gray(data: bytes, name: str) -> np.ndarray:
+    """PNG bytes -> ``(H, W)`` uint8 with bright strokes on a black background (Omniglot is black on white)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return 255 - np.asarray(im.convert("L"), dtype=np.uint8)
+    except Exception as err:  # PIL raises several types
+        raise DataFormatError(f"omniglot: cannot read image {name}: {err}") from None
+
+
+def _omniglot_zip(path: Path) -> Dict[str, Dict[str, List[np.ndarray]]]:
+    """``{alphabet: {character: [images]}}`` from a zip laid out as ``<top>/<Alphabet>/<character>/<image>.png``."""
+    import zipfile
+
+    out: Dict[str, Dict[str, List[np.ndarray]]] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in sorted(n for n in zf.namelist() if n.lower().endswith(".png")):
+                parts = name.split("/")
+                if len(parts) < 4:
+                    continue
+                alphabet, char = parts[-3], parts[-2]
+                out.setdefault(alphabet, {}).setdefault(char, []).append(_decode_gray(zf.read(name), f"{path}:{name}"))
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DataFormatError(f"omniglot: {path} is not a readable zip archive ({err})") from None
+    if not out:
+        raise DataFormatError(f"omniglot: {path} holds no <Alphabet>/<character>/<image>.png images")
+    return out
+
+
+def _omniglot_folder(path: Path) -> Dict[str, Dict[str, List[np.ndarray]]]:
+    """``{alphabet: {character: [images]}}`` from a folder laid out as ``<Alphabet>/<character>/<image>.png``."""
+    out: Dict[str, Dict[str, List[np.ndarray]]] = {}
+    for png in sorted(path.glob("*/*/*.png")):
+        alphabet, char = png.parent.parent.name, png.parent.name
+        out.setdefault(alphabet, {}).setdefault(char, []).append(_decode_gray(png.read_bytes(), str(png)))
+    if not out:
+        raise DataFormatError(f"omniglot: {path} holds no <Alphabet>/<character>/<image>.png images")
+    return out
+
+
+def _omniglot_split(tree: Dict[str, Dict[str, List[np.ndarray]]], alphabets: Sequence[str], mapping: Dict[Hashable, int]) -> Split:
+    items: List[Item] = []
+    raw: List[Hashable] = []
+    for a in sorted(alphabets):
+        for c in sorted(tree[a]):
+            items += tree[a][c]
+            raw += [(a, c)] * len(tree[a][c])
+    return Split(items, _encode(raw, mapping))
+
+
+def _find_standard(root: Path, kind: str) -> List[Path]:
+    """The ``images_<kind>*`` folders of the full dataset's layout (also below torchvision's ``omniglot-py/``)."""
+    found = []
+    for base in (root, root / "omniglot-py"):
+        found += sorted(p for p in base.glob(f"images_{kind}*") if p.is_dir())
+    return found
+
+
+def load_omniglot(root: Optional[Union[str, Path]] = None, download: bool = False) -> RetrievalData:
+    """Omniglot (Lake et al., 2015) split by alphabet: retrieval of characters never seen in training.
+
+    Without ``root``: the embedded ``images_background_small1`` subset (2,720 images, no download);
+    Balinese, Greek and Korean train (88 characters), Early_Aramaic and Latin are retrieved (48
+    characters, leave-one-out). With ``root`` holding the full dataset's ``images_background*/`` and
+    ``images_evaluation*/`` folders (directly or below ``omniglot-py/``, torchvision's layout): the
+    standard split, background alphabets train (964 characters) and evaluation alphabets are
+    retrieved (659 characters). ``download=True`` first fetches that full set into ``root`` with
+    ``torchvision.datasets.Omniglot``.
+
+    Images are kept in memory as ``(105, 105)`` uint8 arrays, inverted to bright strokes on black so
+    that the zero fill of crops and rotations is background. A character's label is
+    ``(alphabet, character)``.
+
+    Raises:
+        DataFormatError: a missing, unreadable or empty zip or folder, or ``download`` without ``root``.
+    """
+    if download:
+        if root is None or str(root) == "":
+            raise DataFormatError("--download needs --data-root DIR (where the full Omniglot is stored)")
+        from torchvision.datasets import Omniglot
+
+        Path(root).expanduser().mkdir(parents=True, exist_ok=True)
+        for background in (True, False):
+            Omniglot(str(Path(root).expanduser()), background=background, download=True)
+    mapping: Dict[Hashable, int] = {}
+    if root is None or str(root) == "":
+        if not OMNIGLOT_EMBEDDED.is_file():
+            raise DataFormatError(f"omniglot: the embedded subset {OMNIGLOT_EMBEDDED} is missing (reinstall xbn-queue)")
+        tree = _omniglot_zip(OMNIGLOT_EMBEDDED)
+        missing = [a for a in OMNIGLOT_EMBEDDED_TRAIN if a not in tree]
+        test_alphabets = [a for a in tree if a not in OMNIGLOT_EMBEDDED_TRAIN]
+        if missing or not test_alphabets:
+            raise DataFormatError(f"omniglot: {OMNIGLOT_EMBEDDED} lacks the alphabets of the embedded split "
+                                  f"({', '.join(missing) or 'no retrieval alphabet'})")
+        train = _omniglot_split(tree, OMNIGLOT_EMBEDDED_TRAIN, mapping)
+        test = _omniglot_split(tree, test_alphabets, mapping)
+        info = {"protocol": "embedded images_background_small1 split by alphabet, retrieval leave-one-out",
+                "train_alphabets": sorted(OMNIGLOT_EMBEDDED_TRAIN), "test_alphabets": sorted(test_alphabets)}
+        return RetrievalData("omniglot", train, test, test, True, info)
+    path = _require_root(root, "omniglot")
+    background, evaluation = _find_standard(path, "background"), _find_standard(path, "evaluation")
+    if not background or not evaluation:
+        raise DataFormatError(f"omniglot: {path} must hold images_background*/ and images_evaluation*/ folders "
+                              "(the full dataset's layout; --download fetches it)")
+    trees = [{}, {}]  # type: List[Dict[str, Dict[str, List[np.ndarray]]]]
+    for tree, folders in zip(trees, (background, evaluation)):
+        for folder in folders:
+            for a, chars in _omniglot_folder(folder).items():
+                tree.setdefault(a, {}).update(chars)
+    train = _omniglot_split(trees[0], list(trees[0]), mapping)
+    test = _omniglot_split(trees[1], list(trees[1]), mapping)
+    info = {"protocol": "standard split: background alphabets train, evaluation alphabets retrieved leave-one-out",
+            "train_alphabets": sorted(trees[0]), "test_alphabets": sorted(trees[1])}
+    return RetrievalData("omniglot", train, test, test, True, info)
+
+
+DATASETS = ("sop", "inshop", "deepfashion2", "folder", "digits", "omniglot")
 
 
 def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str = "auto",
                  train_fraction: float = 0.5, split_seed: int = 0, check_files: bool = True,
-                 max_per_class: Optional[int] = None) -> RetrievalData:
-    """Load one of :data:`DATASETS` (``max_per_class``: folder only, see :func:`load_folder`).
+                 max_per_class: Optional[int] = None, download: bool = False) -> RetrievalData:
+    """Load one of :data:`DATASETS` (``max_per_class``: folder only, see :func:`load_folder`;
+    ``download``: omniglot only, see :func:`load_omniglot`).
 
     Raises:
         ValueError: unknown dataset name.
@@ -452,6 +584,8 @@ def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str 
         return load_folder(root, split, train_fraction, split_seed, max_per_class)
     if name == "digits":
         return load_digits(split, train_fraction, split_seed)
+    if name == "omniglot":
+        return load_omniglot(root, download)
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
 

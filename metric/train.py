@@ -47,6 +47,7 @@ from xbn_queue.training.tracking import RunLogger, plot_history
 from .config import COMPAT_KEYS, MetricConfig, memory_rows, resolve_config, saved_config
 from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import retrieval_metrics
+from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
 from .model import MetricModel, build_model
 from .recipe import recipe_summary
 from .sampler import MPerClassBatches, steps_per_epoch
@@ -320,7 +321,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed,
-                                       max_per_class=cfg.max_per_class)
+                                       max_per_class=cfg.max_per_class, download=cfg.download)
     world = ctx.world_size
     rows = _check_data(cfg, data, world)
     if cfg.method != "none":
@@ -343,13 +344,19 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
     W = cfg.warmup_epochs
     total_epochs = W + cfg.epochs
     spe = steps_per_epoch(len(data.train), cfg.batch_size, world)
-    train_ds = ImageDataset(data.train, train_tf, skip_bad_images=cfg.skip_bad_images)
     # Fixed probe batch for the drift diagnostic: training images under the evaluation transform.
     probe_idx = np.random.default_rng([cfg.seed, 0x70726F62]).permutation(len(data.train))[: cfg.probe_size]
-    in_memory = all(isinstance(it, np.ndarray) for it in data.train.items[:1] + data.query.items[:1])
-    train_eval_ds = ImageDataset(data.train, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)  # probe, staleness
-    query_ds = ImageDataset(data.query, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)
-    gallery_ds = query_ds if data.query_is_gallery else ImageDataset(data.gallery, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)
+    cache: Optional[TensorCache] = None
+    if use_tensor_cache(cfg.tensor_cache, cfg.augment, data):  # decoded once, batches augmented on the device
+        cache = TensorCache.build(data, cfg.image_size, device)
+        fast_augment = TensorMildAugment(cfg.image_size, cfg.crop_min_scale, hflip=cfg.hflip, re_prob=cfg.re_prob)
+        train_eval_ds, query_ds, gallery_ds = cache.train_eval, cache.query, cache.gallery
+    else:
+        train_ds = ImageDataset(data.train, train_tf, skip_bad_images=cfg.skip_bad_images)
+        in_memory = all(isinstance(it, np.ndarray) for it in data.train.items[:1] + data.query.items[:1])
+        train_eval_ds = ImageDataset(data.train, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)  # probe, staleness
+        query_ds = ImageDataset(data.query, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)
+        gallery_ds = query_ds if data.query_is_gallery else ImageDataset(data.gallery, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)
     bad_files: Dict[str, str] = {}  # distinct unreadable files seen so far -> reason (warned about once)
 
     def note_bad(items: List[Any]) -> None:
@@ -474,10 +481,12 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
                 net = _wrap_ddp(model, ctx, device)
             sampler = MPerClassBatches(data.train.labels, cfg.batch_size, cfg.m_per_class, cfg.seed, epoch,
                                        ctx.rank, world, start=st["step_in_epoch"])
-            # a private generator: creating the loader must not consume the global RNG (exact resume)
-            loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
-                                                 pin_memory=device.type == "cuda",
-                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            if cache is not None:
+                loader = cached_batches(cache, data.train.labels, sampler, fast_augment)
+            else:  # a private generator: creating the loader must not consume the global RNG (exact resume)
+                loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
+                                                     pin_memory=device.type == "cuda",
+                                                     generator=torch.Generator().manual_seed(cfg.seed + epoch))
             bar = progress(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{total_epochs}" + (" (warm-up)" if warm else ""),
                            enabled=cfg.progress, leave=False)
             for x, y, idx, ok in bar:

@@ -17,12 +17,13 @@ colour operations as the float formulas of ``torchvision.transforms.functional``
 the batch lives, so on a GPU the input pipeline is a few kernels instead of PIL in worker processes.
 """
 
-import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from xbn_queue.training.augment import sample_crops  # noqa: F401  (re-exported: part of this module's API)
 
 # Normalization of the PML / MoCo CIFAR-10 demos.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -128,51 +129,6 @@ def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def sample_crops(
-    batch: int,
-    height: int,
-    width: int,
-    scale: Tuple[float, float],
-    ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
-    generator: Optional[torch.Generator] = None,
-    attempts: int = 10,
-) -> Tensor:
-    """Vectorized ``torchvision.transforms.RandomResizedCrop.get_params``.
-
-    Per sample: up to ``attempts`` draws of an area fraction in ``scale`` and a log-uniform aspect
-    ratio; the first draw that fits is used, otherwise the central crop clamped to ``ratio``.
-
-    Returns:
-        ``(batch, 4)`` int64 ``(top, left, h, w)`` on the CPU.
-    """
-    area = float(height * width)
-    ta = area * torch.empty(batch, attempts).uniform_(scale[0], scale[1], generator=generator)
-    log_r = torch.empty(batch, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    ar = torch.exp(log_r)
-    w = torch.round(torch.sqrt(ta * ar)).long()  # (B, attempts)
-    h = torch.round(torch.sqrt(ta / ar)).long()
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    u_i = torch.rand(batch, attempts, generator=generator)
-    u_j = torch.rand(batch, attempts, generator=generator)
-    top = torch.floor(u_i * (height - h + 1).clamp(min=1)).long()
-    left = torch.floor(u_j * (width - w + 1).clamp(min=1)).long()
-    first = torch.where(ok.any(dim=1), ok.int().argmax(dim=1), torch.full((batch,), -1))
-    # fallback: whole image, clamped to the ratio range
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fh, fw = height, int(round(height * ratio[1]))
-    else:
-        fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
-    pick = first.clamp(min=0).unsqueeze(1)
-    out = torch.stack(
-        (top.gather(1, pick)[:, 0], left.gather(1, pick)[:, 0], h.gather(1, pick)[:, 0], w.gather(1, pick)[:, 0]), dim=1
-    )
-    return torch.where((first >= 0).unsqueeze(1), out, fallback.expand(batch, 4))
 
 
 class TensorMoCoAugment:

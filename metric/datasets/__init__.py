@@ -1,0 +1,1 @@
+"""Data files shipped with the metric trainer (the embedded Omniglot subset)."""

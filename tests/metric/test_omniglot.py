@@ -1,0 +1,115 @@
+"""Omniglot: the embedded subset split by alphabet, the full dataset's standard layout, error paths."""
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import metric.data as md
+from metric.data import DataFormatError, load_omniglot
+
+from .helpers import run_cli
+
+
+def test_embedded_split_by_alphabet():
+    d = load_omniglot()
+    assert d.info["train_alphabets"] == ["Balinese", "Greek", "Korean"]
+    assert d.info["test_alphabets"] == ["Early_Aramaic", "Latin"]
+    # 24 + 24 + 40 characters train, 22 + 26 are retrieved; 20 drawings each
+    assert (len(d.train), d.train.num_classes) == (1760, 88)
+    assert (len(d.query), d.query.num_classes) == (960, 48)
+    assert d.query_is_gallery and d.query is d.gallery
+    assert not set(d.train.labels.tolist()) & set(d.query.labels.tolist())  # characters never seen in training
+    assert np.bincount(d.query.labels - d.query.labels.min()).tolist() == [20] * 48
+    img = d.train.items[0]
+    assert img.shape == (105, 105) and img.dtype == np.uint8
+    # inverted: strokes bright on a black background (most pixels are background)
+    assert np.median(img) == 0 and img.max() == 255
+
+
+def test_embedded_is_package_data():
+    assert md.OMNIGLOT_EMBEDDED.is_file()
+    assert (md.OMNIGLOT_EMBEDDED.parent / "LICENSE").read_text().startswith("The MIT License")
+    assert "Lake" in (md.OMNIGLOT_EMBEDDED.parent / "README.md").read_text()
+
+
+def _png(value: int, size: int = 12) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _standard_tree(root: Path, kind: str, alphabets, chars=2, drawings=3) -> None:
+    for a in alphabets:
+        for c in range(chars):
+            d = root / f"images_{kind}" / a / f"character{c + 1:02d}"
+            d.mkdir(parents=True)
+            for k in range(drawings):
+                (d / f"{k:04d}_{c:02d}.png").write_bytes(_png(40 * c + k))
+
+
+def test_standard_layout(tmp_path):
+    _standard_tree(tmp_path / "omniglot-py", "background", ["Alpha", "Beta"])  # torchvision's layout
+    _standard_tree(tmp_path, "evaluation", ["Gamma"], chars=3)
+    d = load_omniglot(tmp_path)
+    assert d.info["train_alphabets"] == ["Alpha", "Beta"] and d.info["test_alphabets"] == ["Gamma"]
+    assert (len(d.train), d.train.num_classes, len(d.query), d.query.num_classes) == (12, 4, 9, 3)
+    assert d.train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert d.query.labels.tolist() == [4, 4, 4, 5, 5, 5, 6, 6, 6]
+    # inverted pixel values
+    assert int(d.train.items[1][0, 0]) == 255 - 1
+
+
+def test_standard_layout_errors(tmp_path):
+    with pytest.raises(DataFormatError, match="does not exist"):
+        load_omniglot(tmp_path / "nowhere")
+    with pytest.raises(DataFormatError, match="images_background"):
+        load_omniglot(tmp_path)
+    _standard_tree(tmp_path, "background", ["Alpha"])
+    (tmp_path / "images_evaluation").mkdir()
+    with pytest.raises(DataFormatError, match="holds no <Alphabet>/<character>/<image>.png"):
+        load_omniglot(tmp_path)
+    bad = tmp_path / "images_evaluation" / "Gamma" / "character01"
+    bad.mkdir(parents=True)
+    (bad / "0001_01.png").write_bytes(b"not a png")
+    with pytest.raises(DataFormatError, match=r"cannot read image .*0001_01.png"):
+        load_omniglot(tmp_path)
+
+
+def test_embedded_zip_missing_or_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setattr(md, "OMNIGLOT_EMBEDDED", tmp_path / "gone.zip")
+    with pytest.raises(DataFormatError, match="embedded subset .*gone.zip is missing"):
+        load_omniglot()
+    corrupt = tmp_path / "corrupt.zip"
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    monkeypatch.setattr(md, "OMNIGLOT_EMBEDDED", corrupt)
+    with pytest.raises(DataFormatError, match="corrupt.zip is not a readable zip archive"):
+        load_omniglot()
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as zf:
+        zf.writestr("top/Latin/character01/a.png", _png(3))
+    monkeypatch.setattr(md, "OMNIGLOT_EMBEDDED", other)
+    with pytest.raises(DataFormatError, match="lacks the alphabets of the embedded split"):
+        load_omniglot()
+
+
+def test_download_needs_a_root():
+    with pytest.raises(DataFormatError, match="--download needs --data-root"):
+        load_omniglot(None, download=True)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--dataset", "omniglot", "--data-root", "/no/such/omniglot"], "does not exist"),
+    (["--dataset", "digits", "--download"], "--download: applies to --dataset omniglot only"),
+    (["--dataset", "omniglot", "--download"], "--download: needs --data-root"),
+])
+def test_cli_errors_are_one_line(tmp_path, argv, match):
+    out = tmp_path / "run"
+    proc = run_cli([*argv, "--output-dir", str(out), "--epochs", "1"], timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and match in lines[0], proc.stderr
+    assert not out.exists()
