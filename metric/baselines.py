@@ -8,8 +8,14 @@ evaluation split and with the same metrics, so a user sees at once whether train
   retrieval by cosine similarity;
 * **untrained network**: the run's model (backbone, head, normalisation) as built with the run's seed
   before any training step (``seed_everything(seed)``, then the model is created as in :func:`metric.train.train`),
-  in evaluation mode. With a pretrained backbone this is the pretrained backbone under a random head.
-  One value per seed; the table shows mean ± std over the seeds.
+  in evaluation mode. Its BatchNorm layers first get the statistics of the training images: a fresh
+  layer holds mean 0 / variance 1, which would compare the trained runs with a network that never
+  saw the data's scale, so one no-grad pass over the training split (evaluation transform) in train
+  mode re-estimates every running mean and variance (cumulative average, :func:`recompute_batchnorm`);
+  no weight changes. A pretrained backbone keeps its own statistics (its ImageNet ones) and is this
+  backbone under a random head. One value per seed; the table shows mean ± std over the seeds.
+
+Both use the runs' own preprocessing: the tensor cache (:mod:`metric.fastdata`) when the runs use it.
 
 Results are cached in ``OUTPUT_DIR/baselines.json`` together with the settings they depend on, and
 recomputed when those differ.
@@ -27,7 +33,8 @@ import torch.nn.functional as F
 
 from .config import MetricConfig, resolve_config
 
-__all__ = ["BASELINES", "RAW_PIXELS_MAX_SIZE", "compute_baselines", "load_or_compute_baselines", "summarize_baselines"]
+__all__ = ["BASELINES", "RAW_PIXELS_MAX_SIZE", "compute_baselines", "load_or_compute_baselines", "summarize_baselines",
+           "recompute_batchnorm"]
 
 #: Row names of the baselines in the tables (in this order).
 BASELINES = {"raw-pixels": "Raw pixels", "untrained": "Untrained net"}
@@ -36,7 +43,10 @@ RAW_PIXELS_MAX_SIZE = 32
 
 #: Settings the baselines depend on (a cached ``baselines.json`` with other values is recomputed).
 _KEYS = ["dataset", "data_root", "split", "train_fraction", "split_seed", "max_per_class", "image_size", "backbone",
-         "width", "head", "pretrained", "pretrained_path", "embedding_dim", "embedding_norm", "recall_ks"]
+         "width", "head", "pretrained", "pretrained_path", "embedding_dim", "embedding_norm", "recall_ks",
+         "tensor_cache", "augment"]
+#: How the untrained network's BatchNorm statistics are set (part of the cache key: older caches are recomputed).
+UNTRAINED_BN = "re-estimated on the training split (no grad, evaluation transform), pretrained backbones keep theirs"
 
 
 def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List[Dict[str, float]]]:
@@ -61,6 +71,7 @@ def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List
 
     from .data import ImageDataset, load_dataset
     from .evaluate import retrieval_metrics
+    from .fastdata import TensorCache, use_tensor_cache
     from .model import build_model
     from .train import build_transforms, embed_split
 
@@ -77,32 +88,78 @@ def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List
                                 ks=cfg.recall_ks, query_is_gallery=data.query_is_gallery, chunk_size=cfg.eval_chunk)
         return {k: float(v) for k, v in rec.items() if k.startswith(("recall@", "map@r"))}
 
-    def embed_all(model: torch.nn.Module, tf, c: MetricConfig):
-        qds = ImageDataset(data.query, tf, skip_bad_images=c.skip_bad_images)
-        qf, ql, _ = embed_split(model, qds, c, ctx, device, desc="baseline query")
+    fast = use_tensor_cache(cfg.tensor_cache, cfg.augment, data)
+
+    def eval_sets(size: int, tf):
+        """(train, query, gallery) datasets under the evaluation transform at ``size`` px."""
+        if fast:
+            cache = TensorCache.build(data, size, device)
+            return cache.train_eval, cache.query, cache.gallery
+        tr = ImageDataset(data.train, tf, skip_bad_images=cfg.skip_bad_images)
+        q = ImageDataset(data.query, tf, skip_bad_images=cfg.skip_bad_images)
+        return tr, q, q if data.query_is_gallery else ImageDataset(data.gallery, tf, skip_bad_images=cfg.skip_bad_images)
+
+    def embed_all(model: torch.nn.Module, sets, c: MetricConfig):
+        qf, ql, _ = embed_split(model, sets[1], c, ctx, device, desc="baseline query")
         if data.query_is_gallery:
             return qf, ql, qf, ql
-        gds = ImageDataset(data.gallery, tf, skip_bad_images=c.skip_bad_images)
-        gf, gl, _ = embed_split(model, gds, c, ctx, device, desc="baseline gallery")
+        gf, gl, _ = embed_split(model, sets[2], c, ctx, device, desc="baseline gallery")
         return qf, ql, gf, gl
 
     # raw pixels: the evaluation transform at <= 32 px, flattened, L2-normalised
     size = min(int(cfg.image_size), RAW_PIXELS_MAX_SIZE)
-    raw_tf = create_transform(input_size=size, is_training=False, interpolation="bicubic")
+    raw_sets = eval_sets(size, None if fast else create_transform(input_size=size, is_training=False, interpolation="bicubic"))
     flat = torch.nn.Sequential(torch.nn.Flatten(), _L2())
     raw_cfg = dataclasses.replace(cfg, embedding_dim=3 * size * size, amp=False)
-    q, ql, g, gl = embed_all(flat, raw_tf, raw_cfg)  # (Q, 3 s^2), ...
+    q, ql, g, gl = embed_all(flat, raw_sets, raw_cfg)  # (Q, 3 s^2), ...
     out: Dict[str, List[Dict[str, float]]] = {"raw-pixels": [score(q, ql, g, gl)], "untrained": []}
 
-    # the untrained network, one per seed
-    _, eval_tf = build_transforms(cfg)
+    # the untrained network, one per seed, with BatchNorm statistics of the training images
+    sets = raw_sets if size == cfg.image_size and fast else eval_sets(cfg.image_size, None if fast else build_transforms(cfg)[1])
     for seed in seeds:
         seed_everything(int(seed))
         model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path,
                             cfg.width, cfg.image_size, cfg.head).to(device)
-        q, ql, g, gl = embed_all(model, eval_tf, cfg)  # (Q, D), ...
+        if not (cfg.pretrained or cfg.pretrained_path):
+            recompute_batchnorm(model, sets[0], cfg.eval_batch_size, device)
+        q, ql, g, gl = embed_all(model, sets, cfg)  # (Q, D), ...
         out["untrained"].append(score(q, ql, g, gl))
     return out
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: torch.nn.Module, dataset, batch_size: int, device: torch.device) -> int:
+    """Re-estimate every BatchNorm layer's running mean and variance on ``dataset``; no weight changes.
+
+    The statistics are reset and accumulated as a cumulative average over all batches (``momentum=None``)
+    in train mode without gradients; the model is left in evaluation mode with the layers' momentum
+    restored.
+
+    Args:
+        model: the network.
+        dataset: items ``(image, label, index, ok)`` (:class:`metric.data.ImageDataset` or a cached split).
+        batch_size: images per forward pass.
+        device: where the model lives.
+
+    Returns:
+        The number of BatchNorm layers updated (0: nothing to do).
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for x, _, _, ok in loader:
+        if int(ok.sum()) >= 2:  # BatchNorm in train mode needs two values per channel
+            model(x[ok].to(device))
+    for m, mom in zip(norms, momenta):
+        m.momentum = mom
+    model.eval()
+    return len(norms)
 
 
 class _L2(torch.nn.Module):
@@ -114,7 +171,7 @@ def _settings(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, Any]:
     from xbn_queue.training.config import config_to_dict
 
     d = config_to_dict(resolve_config(cfg))
-    return dict({k: d[k] for k in _KEYS}, seeds=[int(s) for s in seeds])
+    return dict({k: d[k] for k in _KEYS}, seeds=[int(s) for s in seeds], untrained_bn=UNTRAINED_BN)
 
 
 def load_or_compute_baselines(cfg: MetricConfig, seeds: Sequence[int], out_dir: Path) -> Dict[str, List[Dict[str, float]]]:

@@ -66,7 +66,7 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     # 4 characters per batch, memory = half the training set.
     "omniglot": dict(backbone="conv4", pretrained=False, image_size=32, epochs=6, warmup_epochs=0, batch_size=16,
                      m_per_class=4, lr=1e-3, embedding_dim=512, memory_size=0.5, auto_augment="none", re_prob=0.0,
-                     crop_min_scale=0.6, hflip=0.0, workers=0, kalman_gain_every=10, recall_ks=[1, 2, 4, 8], threads=0,
+                     crop_min_scale=0.6, hflip=0.0, workers=0, kalman_gain_every=10, recall_ks=[1, 2, 4, 8], threads=1,
                      augment="mild", drift_every=50),
 }
 

@@ -59,6 +59,8 @@ def recipe_summary(cfg: Any) -> str:
     name = recipe_name(cfg.dataset, cfg.pretrained, cfg.pretrained_path)
     state = "pretrained" if _is_pretrained(cfg.pretrained, cfg.pretrained_path) else "not pretrained"
     label = {"digits": "digits defaults", "paper": "paper (Section 5.1)", "from scratch": "from scratch"}[name]
+    if cfg.dataset == "omniglot" and name == "from scratch":
+        label = "from scratch, small grayscale images"
     aa = cfg.auto_augment if (cfg.auto_augment or "none").lower() != "none" else "no RandAugment"
     if cfg.augment == "mild":
         aug = f"mild (crop {cfg.crop_min_scale:g}-1 of the area, +-10 deg affine, hflip {cfg.hflip:g}, erasing {cfg.re_prob:g})"
@@ -66,5 +68,5 @@ def recipe_summary(cfg: Any) -> str:
         aug = f"timm ({aa}, crop {cfg.crop_min_scale:g}-1 of the area, hflip {cfg.hflip:g}, erasing {cfg.re_prob:g})"
     head = "no head (features are the embedding)" if cfg.head == "none" else "linear head"
     return (f"recipe: {label} (backbone {cfg.backbone}, {state}, {head}, {cfg.embedding_dim}-d): "
-            f"{cfg.warmup_epochs} head-only warm-up epoch(s), "
-            f"augmentation {aug}; options you set win (--warmup-epochs, --augment, ...)")
+            f"{cfg.warmup_epochs} head-only warm-up epoch(s), AdamW lr {cfg.lr:g}, batch {cfg.batch_size} "
+            f"({cfg.m_per_class} per class), augmentation {aug}; options you set win (--warmup-epochs, --lr, --augment, ...)")

@@ -33,7 +33,7 @@ def test_raw_pixels_and_untrained_net_match_plain_references(tmp_path):
     from metric.train import build_transforms
     from xbn_queue.training.seeding import seed_everything
 
-    cfg = resolve_config(tiny_cfg(tmp_path, split="class", image_size=12, eval_chunk=64))
+    cfg = resolve_config(tiny_cfg(tmp_path, split="class", image_size=12, eval_chunk=64, eval_batch_size=4096))
     res = B.compute_baselines(cfg, seeds=[3, 4])
     assert set(res) == {"raw-pixels", "untrained"} and len(res["raw-pixels"]) == 1 and len(res["untrained"]) == 2
     data = load_digits("class")
@@ -43,13 +43,51 @@ def test_raw_pixels_and_untrained_net_match_plain_references(tmp_path):
     assert res["raw-pixels"][0]["recall@1"] == pytest.approx(_recall_at_1_loo(raw, labels), abs=1e-9)
     _, eval_tf = build_transforms(cfg)
     x = torch.stack([eval_tf(open_image(it)) for it in data.query.items])
+    x_train = torch.stack([eval_tf(open_image(it)) for it in data.train.items])
     for seed, r in zip([3, 4], res["untrained"]):
         seed_everything(seed)
-        model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, False, None, cfg.width, cfg.image_size).eval()
+        model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, False, None, cfg.width, cfg.image_size)
+        _set_batchnorm_plainly(model, x_train)
         with torch.no_grad():
             z = model(x).double().numpy()  # (Q, D)
         assert r["recall@1"] == pytest.approx(_recall_at_1_loo(z, labels), abs=1e-9)
     assert res["untrained"][0]["map@r"] != res["untrained"][1]["map@r"]  # one network per seed
+
+
+def _set_batchnorm_plainly(model, x_train):
+    """Every BatchNorm's running mean / unbiased variance = its input's, over all training images (float64)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms, "the test needs a network with BatchNorm"
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.__setitem__(mod, inp[0].detach().double())) for m in norms]
+    model.train()
+    with torch.no_grad():
+        model(x_train)  # train mode: every layer normalises with its batch's statistics
+    for h in hooks:
+        h.remove()
+    for m in norms:
+        a = seen[m].transpose(0, 1).reshape(seen[m].shape[1], -1)  # (C, N * H * W)
+        m.running_mean.copy_(a.mean(dim=1))
+        m.running_var.copy_(a.var(dim=1, unbiased=True))
+    model.eval()
+
+
+def test_recompute_batchnorm_against_plain_statistics():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 6 * 6, 5), torch.nn.BatchNorm1d(5))
+    x = torch.randn(37, 3, 8, 8) * 3 + 1
+    ds = [(x[i], 0, i, True) for i in range(len(x))]
+    ref = __import__("copy").deepcopy(net)
+    _set_batchnorm_plainly(ref, x)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert B.recompute_batchnorm(net, ds, batch_size=64, device=torch.device("cpu")) == 2
+    assert not net.training and net[1].momentum == 0.1
+    for a, b in ((net[1], ref[1]), (net[5], ref[5])):
+        torch.testing.assert_close(a.running_mean.double(), b.running_mean.double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.running_var.double(), b.running_var.double(), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())  # no weight changed
+    assert B.recompute_batchnorm(torch.nn.Linear(3, 2), ds, 8, torch.device("cpu")) == 0
 
 
 def test_baselines_are_cached_until_their_settings_change(tmp_path, monkeypatch):

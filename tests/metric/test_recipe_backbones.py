@@ -60,7 +60,7 @@ def test_recipe_not_pretrained_skips_warmup_and_uses_mild_augmentation():
     assert all(getattr(digits, k) == v for k, v in DATASET_DEFAULTS["digits"].items())
     assert ("recipe: from scratch (backbone conv4, not pretrained, no head (features are the embedding), 12544-d): "
             "0 head-only warm-up") in recipe_summary(scratch)
-    assert "mild" in recipe_summary(scratch)
+    assert "mild" in recipe_summary(scratch) and "AdamW lr 0.001, batch 64 (4 per class)" in recipe_summary(scratch)
     assert "recipe: paper" in recipe_summary(paper) and "rand-m9-mstd0.5" in recipe_summary(paper)
     assert "recipe: digits defaults" in recipe_summary(digits)
 
