@@ -671,4 +671,4 @@ def _staleness(model: MetricModel, queue, ds: ImageDataset, cfg: MetricConfig, d
     model.train(was)
     r = queue_staleness(queue, ids, torch.cat(fresh))
     return {"staleness_mean_l2": r["mean_l2"], "staleness_max_l2": r["max_l2"], "staleness_cosine": r["mean_cosine"],
-            "staleness_rows": r["count"]}
+            "staleness_moment_gap": r["moment_gap"], "staleness_rows": r["count"]}

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["feature_drift", "memory_staleness", "queue_staleness", "DriftMonitor"]
+__all__ = ["feature_drift", "memory_staleness", "queue_staleness", "moment_gap", "DriftMonitor"]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -109,6 +109,34 @@ def memory_staleness(stored: Tensor, fresh: Tensor) -> Dict[str, float]:
 
 
 @torch.no_grad()
+def moment_gap(stored: Tensor, fresh: Tensor) -> float:
+    """How far the per-dimension moments of stored rows are from those of fresh embeddings of the same samples.
+
+    ``mean_d (|mean(s_d) - mean(f_d)| + |std(s_d) - std(f_d)|) / std(f_d)``: the error in the
+    first two moments, per dimension, in units of the fresh spread. Moment matching (XBN, AXBN)
+    removes exactly this part of the staleness, whatever it does to each row's direction; plain XBM
+    keeps it. Dimensions where the fresh spread is 0 are left out (NaN when all are).
+
+    Args:
+        stored: (N, D) rows as they sit in a memory, N >= 2.
+        fresh: (N, D) embeddings of the same samples (same order) from the current model.
+
+    Raises:
+        ValueError: if the inputs are not 2-D floating tensors of the same shape with at least 2 rows.
+    """
+    _check_pair(stored, fresh, "stored", "fresh")
+    if stored.shape[0] < 2:
+        raise ValueError(f"moment_gap needs at least 2 rows, got {stored.shape[0]}")
+    s, f = stored.double(), fresh.double()
+    f_std = f.std(dim=0)  # (D,)
+    keep = f_std > 0
+    if not bool(keep.any()):
+        return math.nan
+    gap = ((s.mean(dim=0) - f.mean(dim=0)).abs() + (s.std(dim=0) - f_std).abs())[keep] / f_std[keep]
+    return gap.mean().item()
+
+
+@torch.no_grad()
 def queue_staleness(queue: Any, ids: Tensor, fresh_embeddings: Tensor) -> Dict[str, float]:
     """Staleness of a queue's stored rows against fresh embeddings of the same sample ids.
 
@@ -122,9 +150,9 @@ def queue_staleness(queue: Any, ids: Tensor, fresh_embeddings: Tensor) -> Dict[s
         fresh_embeddings: (M, D) embeddings of those samples from the current model.
 
     Returns:
-        ``{"mean_l2", "max_l2", "mean_cosine", "count"}`` as in :func:`memory_staleness`, plus
-        ``count``, the number of stored rows compared. With no match, ``count`` is 0 and the three
-        statistics are NaN.
+        ``{"mean_l2", "max_l2", "mean_cosine", "count", "moment_gap"}`` as in :func:`memory_staleness`,
+        plus ``count``, the number of stored rows compared, and :func:`moment_gap` of those rows
+        (NaN for fewer than 2). With no match, ``count`` is 0 and the statistics are NaN.
 
     Raises:
         ValueError: if the queue stores no ids, if ``ids`` is not a 1-D integer tensor without duplicates
@@ -156,7 +184,7 @@ def queue_staleness(queue: Any, ids: Tensor, fresh_embeddings: Tensor) -> Dict[s
     sorted_ids, order = torch.sort(ids)  # (M,), (M,)
     if sorted_ids.numel() > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any()):
         raise ValueError("ids must not contain duplicates")
-    nan = {"mean_l2": math.nan, "max_l2": math.nan, "mean_cosine": math.nan, "count": 0}
+    nan = {"mean_l2": math.nan, "max_l2": math.nan, "mean_cosine": math.nan, "count": 0, "moment_gap": math.nan}
     if sorted_ids.numel() == 0 or stored_ids.numel() == 0:
         return nan
     pos = torch.searchsorted(sorted_ids, stored_ids).clamp_(max=sorted_ids.numel() - 1)  # (n,)
@@ -167,6 +195,7 @@ def queue_staleness(queue: Any, ids: Tensor, fresh_embeddings: Tensor) -> Dict[s
     fresh_rows = fresh_embeddings.to(device)[order[pos[match]]]  # (count, D)
     out: Dict[str, Any] = memory_staleness(stored[match], fresh_rows)
     out["count"] = count
+    out["moment_gap"] = moment_gap(stored[match], fresh_rows) if count >= 2 else math.nan
     return out
 
 

@@ -240,3 +240,27 @@ def test_cuda_drift_and_monitor():
         lin.weight.mul_(2)
     rec = mon.step(lin, 1)
     assert rec is not None and mon.prev.device.type == "cuda"
+
+
+def test_moment_gap_against_a_plain_float64_loop():
+    from xbn_queue.drift import moment_gap
+
+    g = torch.Generator().manual_seed(0)
+    fresh = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    fresh[:, 5] = 2.0  # a constant fresh dimension is left out
+    stored = fresh * torch.linspace(0.5, 1.5, 6, dtype=torch.float64) + torch.linspace(-1, 1, 6, dtype=torch.float64)
+    terms = []
+    for d in range(5):
+        s = [float(stored[i, d]) for i in range(40)]
+        f = [float(fresh[i, d]) for i in range(40)]
+        ms, mf = sum(s) / 40, sum(f) / 40
+        ss = math.sqrt(sum((x - ms) ** 2 for x in s) / 39)
+        sf = math.sqrt(sum((x - mf) ** 2 for x in f) / 39)
+        terms.append((abs(ms - mf) + abs(ss - sf)) / sf)
+    assert moment_gap(stored, fresh) == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+    # moment matching to the fresh rows' statistics removes the gap, whatever the rows' directions
+    matched = (stored - stored.mean(0)) / stored.std(0) * fresh.std(0) + fresh.mean(0)
+    assert moment_gap(matched[:, :5], fresh[:, :5]) == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(moment_gap(torch.ones(3, 2), torch.ones(3, 2)))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        moment_gap(torch.ones(1, 2), torch.ones(1, 2))
