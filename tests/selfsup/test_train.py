@@ -222,3 +222,16 @@ def test_a_run_started_with_random_rows_resumes_with_its_memory(tmp_path):
     queue = criterion_queue(trainer.criterion)
     assert len(queue) == 96 and int(queue.ptr) == 32
     torch.testing.assert_close(queue.embeddings, rows, rtol=0, atol=0)
+
+
+def test_the_recipe_line_names_the_learning_rate_it_sets():
+    from selfsup.train import recipe_summary
+
+    cfg = tiny_config("unused", knn_features="head", lr=0.05, epochs=3)
+    line = recipe_summary(cfg, world_size=1, steps_per_epoch=10)
+    assert "SGD lr 0.05, momentum 0.9, weight decay 0.0005, cosine over 30 steps, batch 32" in line
+    assert "queue 96 of raw keys (PML's MoCo example), starting empty, adaptation xbn" in line
+    assert "k-NN monitor on head features (k=10, t=0.1)" in line
+    assert "SGD lr 0.05," in recipe_summary(cfg, world_size=4)  # without --scale-lr the rate is as given
+    scaled = recipe_summary(replace(cfg, scale_lr=True), world_size=4)
+    assert "SGD lr 0.2 (--lr 0.05 x 4 processes)," in scaled and "cosine over 3 epochs" in scaled
