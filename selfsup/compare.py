@@ -118,7 +118,7 @@ def format_table(summary: Dict[str, Dict[float, Dict[str, float]]], title: str =
         label = f"{e:g}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if final:
-        lines += ["", "Last and best epoch per adaptation, mean +- std over seeds (the best epoch is each seed's "
+        lines += ["", "Last and best epoch per adaptation, mean and std over seeds (the best epoch is each seed's "
                   "highest k-NN accuracy on the test split itself, an optimistic choice; the last epoch is not chosen):",
                   "", format_final_table(final).rstrip("\n")]
     return "\n".join(lines) + "\n"
