@@ -1,5 +1,8 @@
 """``xbn-selfsup compare``: k-NN accuracy per epoch, mean +- std over seeds, per adaptation.
 
+Below the per-epoch table, each adaptation's last epoch and best epoch (the best is chosen on the
+test split itself, so it flatters; the last is not chosen).
+
 Writes ``compare.md``, ``compare.json`` and ``compare.png`` (the curves with a +- std band).
 
 The shape of the paper's Figure 2 (MoCo with and without XBN). Each run goes to
@@ -12,14 +15,13 @@ unfinished run (``compare.md`` then starts with an ``INCOMPLETE:`` line and ever
 """
 
 import json
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from xbn_queue.training.series import (PlannedRun, RunOutcome, check_series_dir, format_mean_std, incomplete_banner,
-                                       run_series)
+                                       mean_std, run_series)
 
 from selfsup.config import ADAPTATIONS, SelfSupConfig
 from selfsup.data import ImageData, load_dataset
@@ -28,7 +30,8 @@ PROG = "xbn-selfsup"
 
 
 DESCRIPTION = """Train every adaptation of --adaptations with --seeds seeds each (seeds --seed, --seed + 1, ...)
-and tabulate the k-NN accuracy per epoch as mean ± std over seeds, in % (the paper's Figure 2).
+and tabulate the k-NN accuracy per epoch as mean ± std over seeds, in % (the paper's Figure 2), then
+each adaptation's last epoch next to its best epoch (the best is chosen on the test split itself).
 
 Every training option below is passed through to each run unchanged, except --adaptation, --seed and
 --output-dir, which compare sets per run: run <adaptation>-seed<seed> goes to
@@ -49,13 +52,6 @@ def add_compare_args(parser) -> None:
                    help="runs per adaptation, with seeds --seed, --seed + 1, ... (default: 3) [valid: >= 1]")
 
 
-def _mean_std(values: Sequence[float]) -> tuple:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
-
-
 def summarize(runs: Dict[str, Dict[int, Dict[float, float]]]) -> Dict[str, Dict[float, Dict[str, float]]]:
     """``runs[adaptation][seed][epoch] = acc`` -> ``summary[adaptation][epoch] = {mean, std, n}``."""
     summary: Dict[str, Dict[float, Dict[str, float]]] = {}
@@ -63,14 +59,50 @@ def summarize(runs: Dict[str, Dict[int, Dict[float, float]]]) -> Dict[str, Dict[
         epochs = sorted({e for accs in by_seed.values() for e in accs})
         summary[a] = {}
         for e in epochs:
-            vals = [accs[e] for accs in by_seed.values() if e in accs]
-            mean, std = _mean_std(vals)
-            summary[a][e] = {"mean": mean, "std": std, "n": len(vals)}
+            summary[a][e] = mean_std([accs[e] for accs in by_seed.values() if e in accs])
     return summary
 
 
-def format_table(summary: Dict[str, Dict[float, Dict[str, float]]], title: str = "") -> str:
-    """A markdown table: one row per epoch, one column per adaptation (k-NN accuracy in %)."""
+def summarize_final(runs: Dict[str, Dict[int, Dict[float, float]]]) -> Dict[str, Dict[str, Any]]:
+    """Each adaptation's last and best epoch over seeds.
+
+    Args:
+        runs: ``runs[adaptation][seed][epoch] = acc``.
+
+    Returns:
+        ``final[adaptation] = {"last": {mean, std, n}, "best": {mean, std, n}, "best_epochs": [...]}``: the
+        accuracy of each seed's last evaluated epoch, and of its best one (chosen on the test split
+        itself, so an optimistic number), with the epoch each seed's best was at (in seed order).
+    """
+    final: Dict[str, Dict[str, Any]] = {}
+    for a, by_seed in runs.items():
+        histories = [by_seed[s] for s in sorted(by_seed) if by_seed[s]]
+        best_epochs = [max(h, key=lambda e: (h[e], -e)) for h in histories]  # the earliest epoch of a tie
+        final[a] = {
+            "last": mean_std([h[max(h)] for h in histories]),
+            "best": mean_std([h[e] for h, e in zip(histories, best_epochs)]),
+            "best_epochs": best_epochs,
+        }
+    return final
+
+
+def format_final_table(final: Dict[str, Dict[str, Any]]) -> str:
+    """A markdown table: one row per adaptation, the last epoch's and the best epoch's k-NN accuracy (%)."""
+    lines = ["| adaptation | last epoch k-NN acc (%) | best epoch k-NN acc (%) | best at epoch |", "|---|---:|---:|---|"]
+    for a, f in final.items():
+        n = f"(n={f['last']['n']})"
+        epochs = ", ".join(f"{e:g}" for e in f["best_epochs"])
+        lines.append(f"| {a} | {format_mean_std(f['last'], pm='+-')} {n} | {format_mean_std(f['best'], pm='+-')} | {epochs} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_table(summary: Dict[str, Dict[float, Dict[str, float]]], title: str = "",
+                 final: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
+    """A markdown table: one row per epoch, one column per adaptation (k-NN accuracy in %).
+
+    With ``final`` (from :func:`summarize_final`) a second table follows: the last and the best epoch
+    per adaptation, the best one marked as chosen on the test split.
+    """
     adaptations = list(summary)
     epochs = sorted({e for s in summary.values() for e in s})
     lines = []
@@ -85,6 +117,10 @@ def format_table(summary: Dict[str, Dict[float, Dict[str, float]]], title: str =
             cells.append("" if s is None else f"{format_mean_std(s, pm='+-')} (n={s['n']})")
         label = f"{e:g}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if final:
+        lines += ["", "Last and best epoch per adaptation, mean and std over seeds (the best epoch is each seed's "
+                  "highest k-NN accuracy on the test split itself, an optimistic choice; the last epoch is not chosen):",
+                  "", format_final_table(final).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +144,27 @@ def _plot(runs: Dict[str, Dict[int, Dict[float, float]]], png: Path, title: str)
         plot_compare([("k-NN accuracy (%)", curves)], png, title=title)
     except ValueError:  # the k-NN monitor never ran (e.g. --knn-every 0 and runs cut short)
         print(f"[compare] no k-NN accuracy recorded: {png.name} not written", file=sys.stderr)
+
+
+def series_knn_features(cfg: SelfSupConfig, out: Path, plan: Sequence[PlannedRun], resume: bool) -> str:
+    """``--knn-features`` of every run of a comparison, so that one table never mixes two monitors.
+
+    As given; else, when resuming, that of the first run the folder holds a checkpoint of (``backbone``
+    for a checkpoint written before the option existed); else the default, ``head``.
+    """
+    from xbn_queue.training.checkpoint import load_checkpoint
+
+    from selfsup.config import COMPAT_DEFAULTS, DEFAULT_KNN_FEATURES
+    from selfsup.train import CHECKPOINT_NAME
+
+    if cfg.knn_features is not None:
+        return cfg.knn_features
+    for run in plan if resume else ():
+        ckpt = out / run.name / CHECKPOINT_NAME
+        if ckpt.is_file():
+            saved = load_checkpoint(ckpt, map_location="cpu", kind=PROG, required_keys=("config",))["config"]
+            return saved.get("knn_features", COMPAT_DEFAULTS["knn_features"])
+    return DEFAULT_KNN_FEATURES
 
 
 def default_compare_dir(cfg: SelfSupConfig) -> SelfSupConfig:
@@ -142,7 +199,8 @@ def compare(
         resume_cmd: the command that finishes an interrupted comparison (printed and written).
 
     Returns:
-        The JSON-able result: ``runs``, ``summary``, ``adaptations``, ``seeds``, ``complete``,
+        The JSON-able result: ``runs``, ``summary``, ``final`` (last and best epoch per adaptation,
+        :func:`summarize_final`), ``knn_features``, ``adaptations``, ``seeds``, ``complete``,
         ``incomplete_runs``, ``run_complete`` (per run), ``markdown``, and ``exit_code`` (0, or 128 + the
         signal that stopped the comparison).
 
@@ -164,6 +222,7 @@ def compare(
     seed_list = [cfg.seed + i for i in range(seeds)]
     plan = [PlannedRun(f"{a}-seed{s}", {"adaptation": a, "seed": s}) for a in adaptations for s in seed_list]
     check_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite)
+    cfg = replace(cfg, knn_features=series_knn_features(cfg, out, plan, resume))
     ctx = init_distributed(cfg.device)  # one process group for all runs
     try:
         if data is None:
@@ -189,21 +248,24 @@ def compare(
             runs[a][s] = read_knn_history(rec.output_dir / "metrics.jsonl") if ctx.is_main else {}
         incomplete = report.incomplete()
         summary = summarize(runs)
+        final = summarize_final(runs)
         title = (
-            f"MoCo k-NN accuracy ({cfg.dataset}, {len(data.train_images)} train / {len(data.test_images)} test images, "
+            f"MoCo k-NN accuracy on {cfg.knn_features} features ({cfg.dataset}, {len(data.train_images)} train / {len(data.test_images)} test images, "
             f"{cfg.epochs} epochs, batch {cfg.batch_size}, queue {cfg.queue_size}, seeds {seed_list})"
         )
         if incomplete:
             title = f"{incomplete_banner(incomplete, resume_cmd or None)}\n\n{title}; finished runs only"
-        markdown = format_table(summary, title)
+        markdown = format_table(summary, title, final)
         result = {
             "adaptations": list(adaptations),
+            "knn_features": cfg.knn_features,
             "seeds": seed_list,
             "complete": not incomplete,
             "incomplete_runs": incomplete,
             "run_complete": {r.run.name: r.complete for r in report.records},
             "runs": {a: {str(s): {f"{e:g}": v for e, v in accs.items()} for s, accs in by.items()} for a, by in runs.items()},
             "summary": {a: {f"{e:g}": v for e, v in by.items()} for a, by in summary.items()},
+            "final": final,
             "markdown": markdown,
         }
         if ctx.is_main:

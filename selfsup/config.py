@@ -15,7 +15,9 @@ from xbn_queue.training.cli import Range, UsageError, above, at_least, between, 
 ADAPTATIONS = ["none", "xbn", "axbn"]
 DATASETS = ["cifar10", "cifar100", "folder", "digits"]
 ADAPT_KEYS = ["raw", "normalized"]
-KNN_FEATURES = ["backbone", "head"]
+KNN_FEATURES = ["head", "backbone"]
+#: ``--knn-features`` of a new run (a resumed run keeps its checkpoint's unless the option is given).
+DEFAULT_KNN_FEATURES = "head"
 
 # Fields that must match between a checkpoint and the run resuming from it.
 COMPAT_KEYS: List[str] = [
@@ -31,7 +33,14 @@ COMPAT_KEYS: List[str] = [
     "batch_size",
     "split_bn",
     "seed",
+    "knn_features",  # knn_acc of the epochs so far was measured on these features
 ]
+
+# Values of COMPAT_KEYS that checkpoints written before the option existed were trained with.
+COMPAT_DEFAULTS: Dict[str, Any] = {
+    "adapt_keys": "normalized",  # before --adapt-keys: lightly's loss, normalised keys
+    "knn_features": "backbone",  # before --knn-features: the monitor used the backbone's features
+}
 
 
 def _opt(default: Any, help: str, choices: Optional[List[Any]] = None, range: Optional[Range] = None, **meta: Any) -> Any:
@@ -101,10 +110,11 @@ class SelfSupConfig:
     # k-NN monitor
     knn_k: int = _opt(200, "neighbours of the weighted k-NN monitor", range=at_least(1))
     knn_t: float = _opt(0.1, "temperature of the k-NN weights exp(s / t)", range=above(0))
-    knn_features: str = _opt(
-        "backbone",
-        "features the k-NN monitor uses as knn_acc: backbone (before the head) or head (the embedding_dim encoder "
-        "output, as PML's MoCo example); both are logged as knn_acc_backbone / knn_acc_head",
+    knn_features: Optional[str] = _opt(
+        None,
+        "features the k-NN monitor reports as knn_acc: head (the encoder output, embedding_dim wide, after the "
+        "projection head's last layer: the paper's Appendix B, PML's MoCo example) or backbone (before the head); "
+        "both are logged as knn_acc_head / knn_acc_backbone (default: head; a resumed run keeps its checkpoint's)",
         KNN_FEATURES,
     )
     knn_every: int = _opt(1, "run the k-NN monitor every this many epochs (0 = only at the end)", range=at_least(0))
@@ -139,6 +149,10 @@ class SelfSupConfig:
         if not value > 0:
             raise UsageError(f"--kalman-r {self.kalman_r}: expected a number > 0 or 'auto'")
         return value
+
+    def effective_lr(self, world_size: int = 1) -> float:
+        """The SGD learning rate a run sets: ``lr``, times ``world_size`` with ``--scale-lr``."""
+        return self.lr * (world_size if self.scale_lr else 1)
 
     def validate(self) -> None:
         """Checks values that argparse cannot.

@@ -1,9 +1,9 @@
 """Weighted k-NN monitor of InstDisc / the MoCo CIFAR demo / lightly's benchmarks.
 
-The bank holds L2-normalized features of the (un-augmented) training set (the backbone's, or the
-head's with ``--knn-features head``); each test
-feature takes its ``k`` most cosine-similar bank entries, weights each by ``exp(s / t)`` and
-predicts the class with the largest summed weight. Queries are processed in chunks so that the
+The bank holds L2-normalized features of the (un-augmented) training set (the encoder output, or
+the backbone's with ``--knn-features backbone``); each test feature takes its ``k`` most
+cosine-similar bank entries, weights each by ``exp(s / t)`` and predicts the class with the largest
+summed weight. Queries are processed in chunks so that the
 similarity block stays below ``max_elements`` entries whatever the bank size.
 """
 

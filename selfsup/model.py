@@ -84,7 +84,7 @@ class MoCoEncoder(nn.Module):
             raise ValueError(f"unknown head {head!r}; expected linear or mlp")
 
     def features(self, x: Tensor) -> Tensor:
-        """Backbone features ``(B, F)`` (what the k-NN monitor uses)."""
+        """Backbone features ``(B, F)`` (what the k-NN monitor uses with ``--knn-features backbone``)."""
         return self.backbone(x)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ continues bit-for-bit on CPU.
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.augment import TensorMoCoAugment, normalize_uint8, pil_train_transform
-from selfsup.config import COMPAT_KEYS, SelfSupConfig
+from selfsup.config import COMPAT_DEFAULTS, COMPAT_KEYS, DEFAULT_KNN_FEATURES, SelfSupConfig
 from selfsup.data import (
     EpochBatches,
     ImageData,
@@ -68,6 +69,9 @@ def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.M
     ``criterion.memory_bank = ...`` line): L2-normalised keys are stored and adapted.
     ``"raw"``: :class:`selfsup.loss.RawKeyMoCoLoss`, the paper's setup (PML's MoCo example): raw keys
     are stored and adapted, the loss normalises, the current batch's keys are negatives too.
+
+    In both modes and for every adaptation the queue starts empty, so that every arm of a
+    comparison starts from the same memory.
     """
     kw: Dict[str, Any] = {}
     if cfg.adaptation == "axbn":
@@ -88,8 +92,12 @@ def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.M
     from xbn_queue.lightly import AdaptiveMemoryBank
 
     criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=(cfg.queue_size, cfg.embedding_dim))
+    # init="empty" for every adaptation: the arms of a comparison start from the same (empty) memory,
+    # as the raw mode does (lightly's own bank, and AdaptiveMemoryBank's default for "none", start
+    # with random unit rows instead)
     criterion.memory_bank = AdaptiveMemoryBank(
-        size=(cfg.queue_size, cfg.embedding_dim), adaptation=cfg.adaptation, gather_distributed=distributed, **kw
+        size=(cfg.queue_size, cfg.embedding_dim), adaptation=cfg.adaptation, gather_distributed=distributed,
+        init="empty", **kw
     )
     return criterion
 
@@ -111,13 +119,30 @@ def default_output_dir(cfg: SelfSupConfig) -> SelfSupConfig:
     Raises:
         UsageError: a bare ``--resume`` without ``--output-dir``.
     """
-    from dataclasses import replace
-
     from xbn_queue.training.cli import choose_output_dir
 
     if cfg.output_dir:
         return cfg
     return replace(cfg, output_dir=choose_output_dir(None, cfg.resume, DEFAULT_RUNS, cfg.dataset, cfg.adaptation))
+
+
+def recipe_summary(cfg: SelfSupConfig, world_size: int = 1, steps_per_epoch: int = 0) -> str:
+    """One line naming the recipe a resolved configuration trains with, the learning rate it sets included.
+
+    Args:
+        cfg: the run's configuration (``knn_features`` resolved).
+        world_size: number of processes (``--scale-lr`` multiplies the learning rate by it).
+        steps_per_epoch: optimizer steps per epoch, for the length of the cosine schedule (0: not shown).
+    """
+    lr = cfg.effective_lr(world_size)
+    lr_text = f"lr {lr:g}" + (f" (--lr {cfg.lr:g} x {world_size} processes)" if lr != cfg.lr else "")
+    span = f"{cfg.epochs * steps_per_epoch} steps" if steps_per_epoch else f"{cfg.epochs} epochs"
+    keys = "raw keys (PML's MoCo example)" if cfg.adapt_keys == "raw" else "normalized keys (lightly)"
+    return (f"recipe: MoCo (Appendix B) with {cfg.backbone} width {cfg.width}, {cfg.head} head to {cfg.embedding_dim}-d, "
+            f"split-BN {cfg.split_bn}, key momentum {cfg.momentum:g}; SGD {lr_text}, momentum {cfg.sgd_momentum:g}, "
+            f"weight decay {cfg.weight_decay:g}, cosine over {span}, batch {cfg.batch_size}; queue {cfg.queue_size} "
+            f"of {keys}, starting empty, adaptation {cfg.adaptation}; k-NN monitor on {cfg.knn_features} features "
+            f"(k={cfg.knn_k}, t={cfg.knn_t:g})")
 
 
 def check_data(cfg: SelfSupConfig, data: ImageData, world_size: int = 1) -> None:
@@ -159,6 +184,9 @@ class Trainer:
 
         cfg.validate()
         cfg = default_output_dir(cfg)
+        # --knn-features unset: head for a new run; a resumed run takes its checkpoint's (load_checkpoint)
+        self.knn_features_given = cfg.knn_features is not None
+        cfg = replace(cfg, knn_features=cfg.knn_features or DEFAULT_KNN_FEATURES)
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         # checks: nothing is written before all of them (options, folder, data, checkpoint) have passed
@@ -214,9 +242,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model_q = DDP(self.encoder_q, device_ids=[self.device.index] if self.on_gpu else None)
-        lr = cfg.lr * (self.ctx.world_size if cfg.scale_lr else 1)
         self.optimizer = torch.optim.SGD(
-            self.encoder_q.parameters(), lr=lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay
+            self.encoder_q.parameters(), lr=cfg.effective_lr(self.ctx.world_size), momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay
         )
         # cosine over the whole run (per step), as PML's example does per epoch
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -276,6 +303,9 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Restores everything from ``path``.
 
+        Without an explicit ``--knn-features`` the run takes the checkpoint's (``backbone`` for a
+        checkpoint written before the option existed), so ``knn_acc`` keeps its meaning across the resume.
+
         Raises:
             ValueError: when the checkpoint's configuration differs on a key of ``COMPAT_KEYS``.
         """
@@ -284,8 +314,9 @@ class Trainer:
         from xbn_queue.training.rng import set_rng_state
 
         ckpt = load_checkpoint(path, map_location="cpu", kind=PROG, required_keys=CHECKPOINT_KEYS)
-        saved_cfg = dict(ckpt["config"])
-        saved_cfg.setdefault("adapt_keys", "normalized")  # checkpoints from before --adapt-keys: lightly's loss
+        saved_cfg = {**COMPAT_DEFAULTS, **ckpt["config"]}  # keys a checkpoint from before the option lacks
+        if not self.knn_features_given:
+            self.cfg = replace(self.cfg, knn_features=saved_cfg["knn_features"])
         check_compatible(saved_cfg, config_to_dict(self.cfg), COMPAT_KEYS, source=path)
         if ckpt.get("world_size", 1) != self.ctx.world_size:
             log.warning(
@@ -472,12 +503,15 @@ class Trainer:
                         "stopped": False, "signal": None, "output_dir": str(self.out), "already_complete": True}
         elif cfg.resume and self.ctx.is_main:
             print(f"[{PROG}] --resume: no checkpoint in {self.out}, starting a new run", file=sys.stderr)
+        cfg = self.cfg  # resolved by the checkpoint (--knn-features)
         # every check passed: from here on the run folder is written
         self.ctx.barrier()  # every rank has checked the folder before rank 0 creates anything in it
         if self.ctx.is_main:
             prepare_output_dir(self.out, overwrite=cfg.overwrite and resume_path is None)
             save_config(cfg, self.out / "config.yaml")
             print(f"[{PROG}] run folder: {self.out}", file=sys.stderr, flush=True)
+            print(f"[{PROG}] {recipe_summary(cfg, self.ctx.world_size, self.steps_per_epoch)}", file=sys.stderr,
+                  flush=True)
             if resume_path is not None:
                 print(f"[{PROG}] resumed from {resume_path} at epoch {self.epoch + 1}, step {self.global_step}",
                       file=sys.stderr, flush=True)

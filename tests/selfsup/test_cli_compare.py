@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from selfsup.cli import main
-from selfsup.compare import compare, format_table, summarize
+from selfsup.compare import compare, format_table, summarize, summarize_final
 from selfsup.data import load_dataset
 from tests.selfsup.conftest import CIFAR_TAR, REPO, tiny_config
 
@@ -18,8 +18,9 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def test_cli_trains_with_and_without_subcommand_and_reuses_saved_config(tmp_path):
+def test_cli_trains_with_and_without_subcommand_and_reuses_saved_config(tmp_path, capsys):
     assert main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path / "a")]) == 0
+    assert "recipe: MoCo (Appendix B) with resnet18 width 8" in capsys.readouterr().err
     assert main(["train"] + TINY + ["--epochs", "1", "--output-dir", str(tmp_path / "b")]) == 0
     ra, rb = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb] and "knn_acc" in ra[-1]
@@ -57,8 +58,20 @@ def test_compare_writes_mean_and_std_per_epoch(tmp_path):
         assert saved["summary"][a]["2"]["mean"] == pytest.approx(mean)
         assert saved["summary"][a]["2"]["std"] == pytest.approx(std)
         assert saved["summary"][a]["2"]["n"] == 2
+        # last and best epoch, from the per-seed histories
+        histories = [{r["epoch"]: r["knn_acc"] for r in read_jsonl(tmp_path / f"{a}-seed{s}" / "metrics.jsonl")
+                      if "knn_acc" in r} for s in (0, 1)]
+        best = [max(h.values()) for h in histories]
+        final = saved["final"][a]
+        assert final["last"]["mean"] == pytest.approx(mean) and final["last"]["n"] == 2
+        assert final["best"]["mean"] == pytest.approx(sum(best) / 2)
+        assert final["best"]["std"] == pytest.approx(abs(best[0] - best[1]) / 2 ** 0.5)
+        assert [h[e] for h, e in zip(histories, final["best_epochs"])] == best
+    assert saved["knn_features"] == "head"
     md = (tmp_path / "compare.md").read_text()
     assert "| epoch | none k-NN acc (%) | xbn k-NN acc (%) |" in md and "(n=2)" in md
+    assert "| adaptation | last epoch k-NN acc (%) | best epoch k-NN acc (%) | best at epoch |" in md
+    assert "k-NN accuracy on head features" in md
     assert result["markdown"] == md
     png = (tmp_path / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
@@ -70,6 +83,40 @@ def test_compare_writes_mean_and_std_per_epoch(tmp_path):
         compare(cfg, ["none", "xbn"], seeds=2, data=data)
     again = compare(replace(cfg, resume="auto"), ["none", "xbn"], seeds=2, data=data)
     assert again["summary"] == result["summary"]
+
+
+def test_last_and_best_epoch_per_adaptation():
+    runs = {"none": {0: {1.0: 0.5, 2.0: 0.6, 3.0: 0.55}, 1: {1.0: 0.7, 2.0: 0.7, 3.0: 0.65}}, "xbn": {0: {1.0: 0.6}}}
+    final = summarize_final(runs)
+    assert final["none"]["best_epochs"] == [2.0, 1.0]  # seed 1 ties at epochs 1 and 2: the earlier one
+    assert final["none"]["last"]["mean"] == pytest.approx(0.6) and final["none"]["last"]["std"] == pytest.approx(0.0707106781)
+    assert final["none"]["best"]["mean"] == pytest.approx(0.65) and final["none"]["best"]["n"] == 2
+    assert final["xbn"] == {"last": {"mean": 0.6, "std": 0.0, "n": 1}, "best": {"mean": 0.6, "std": 0.0, "n": 1},
+                            "best_epochs": [1.0]}
+    table = format_table(summarize(runs), "title", final)
+    assert "| none | 60.00 +- 7.07 (n=2) | 65.00 +- 7.07 | 2, 1 |" in table
+    assert "| xbn | 60.00 (n=1) | 60.00 | 1 |" in table
+    assert "on the test split itself" in table and "last epoch" not in format_table(summarize(runs))
+
+
+def test_a_resumed_comparison_keeps_the_monitor_of_its_runs(tmp_path):
+    """compare --resume of a comparison whose runs were monitored on backbone features (explicitly, or by a
+    release before --knn-features) continues every run, started or not, on backbone features."""
+    from xbn_queue.training.checkpoint import atomic_save
+    from xbn_queue.training.series import PlannedRun
+
+    from selfsup.compare import series_knn_features
+
+    plan = [PlannedRun(f"{a}-seed0", {"adaptation": a, "seed": 0}) for a in ("none", "xbn")]
+    cfg = tiny_config(tmp_path, knn_features=None)
+    assert series_knn_features(cfg, tmp_path, plan, resume=True) == "head"  # nothing trained yet
+    (tmp_path / "xbn-seed0").mkdir()
+    atomic_save({"config": {"knn_features": "backbone"}}, tmp_path / "xbn-seed0" / "last.pt")
+    assert series_knn_features(cfg, tmp_path, plan, resume=True) == "backbone"  # none-seed0 has not started
+    assert series_knn_features(cfg, tmp_path, plan, resume=False) == "head"
+    assert series_knn_features(replace(cfg, knn_features="head"), tmp_path, plan, resume=True) == "head"
+    atomic_save({"config": {"adaptation": "none"}}, tmp_path / "xbn-seed0" / "last.pt")  # before the option
+    assert series_knn_features(cfg, tmp_path, plan, resume=True) == "backbone"
 
 
 def test_summarize_and_format_table():

@@ -39,9 +39,8 @@ def test_what_the_queue_stores_in_each_key_mode(tmp_path, adapt_keys):
     trainer.train_step(x0, x1, g)
     queue = criterion_queue(trainer.criterion)
     rows = (int(queue.ptr) - keys.shape[0] + torch.arange(keys.shape[0])) % queue.size  # (32,) just written
-    stored = queue.embeddings[rows]  # (32, 128); lightly's bank may also hold its random initial rows
-    if adapt_keys == "raw":
-        assert len(queue) == keys.shape[0]  # PML's memory starts empty
+    stored = queue.embeddings[rows]  # (32, 128)
+    assert len(queue) == keys.shape[0]  # the memory starts empty (PML's does; lightly's bank would be random)
     norms = stored.norm(dim=1)
     if adapt_keys == "raw":
         torch.testing.assert_close(stored, keys, rtol=1e-5, atol=1e-6)
@@ -61,13 +60,15 @@ def test_raw_mode_trains_checkpoints_resumes_and_refuses_the_other_mode(tmp_path
         Trainer(replace(cfg, adapt_keys="normalized", max_steps=0, resume="auto")).fit()
 
 
-@pytest.mark.parametrize("knn_features", ["backbone", "head"])
-def test_knn_sees_the_chosen_features_and_logs_both(tmp_path, monkeypatch, knn_features):
-    cfg = tiny_config(tmp_path, knn_features=knn_features, epochs=1, max_steps=2, knn_bank_subset=64)
+@pytest.mark.parametrize("given", [None, "backbone", "head"])
+def test_knn_sees_the_chosen_features_and_logs_both(tmp_path, monkeypatch, given):
+    knn_features = given or "head"  # unset: the encoder output, as the paper's Appendix B
+    cfg = tiny_config(tmp_path, knn_features=given, epochs=1, max_steps=2, knn_bank_subset=64)
     trainer = Trainer(cfg)
     trainer.fit()
     rec = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "knn_acc" in r]
     assert rec and rec[-1]["knn_acc"] == rec[-1][f"knn_acc_{knn_features}"]
+    assert f"knn_features: {knn_features}\n" in (tmp_path / "config.yaml").read_text()  # saved resolved
     assert {"knn_acc_backbone", "knn_acc_head"} <= set(rec[-1])
 
     seen = []
@@ -118,3 +119,47 @@ def test_a_checkpoint_from_before_the_option_resumes_as_normalized(tmp_path):
     with pytest.raises(ValueError, match="adapt_keys: saved 'normalized', now 'raw'"):
         Trainer(replace(cfg, adapt_keys="raw", max_steps=0, resume="auto")).fit()
     assert train(replace(cfg, max_steps=0, resume="auto"))["global_step"] == 3  # 96 images, batch 32
+
+
+def test_the_command_line_default_is_head(capsys):
+    from selfsup.cli import main
+    from selfsup.config import SelfSupConfig
+    from xbn_queue.training.config import parse_config
+
+    assert parse_config(SelfSupConfig, []).knn_features is None  # unset: resolved by the run
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: head; a resumed run keeps its checkpoint's)" in help_text
+
+
+@pytest.mark.parametrize("saved", ["explicit", "absent"])
+def test_a_run_monitored_on_backbone_features_resumes_on_them(tmp_path, saved, capsys):
+    """A run of the previous default (``knn_features: backbone`` saved) or of a release before the option
+    (no key: the monitor used the backbone) keeps its monitor when resumed without --knn-features, also
+    from its own config.yaml; an explicit other choice is refused, since knn_acc would change meaning."""
+    import yaml
+
+    from selfsup.cli import main
+
+    cfg = tiny_config(tmp_path, knn_features="backbone", train_subset=96, epochs=2, max_steps=3, knn_every=1)
+    train(cfg)
+    if saved == "absent":
+        ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+        del ckpt["config"]["knn_features"]
+        torch.save(ckpt, tmp_path / "last.pt")
+        text = (tmp_path / "config.yaml").read_text()
+        (tmp_path / "config.yaml").write_text("".join(line for line in text.splitlines(True)
+                                                      if not line.startswith("knn_features:")))
+    config_yaml = tmp_path / "config.yaml"
+    assert ("knn_features" in yaml.safe_load(config_yaml.read_text())) == (saved == "explicit")
+    capsys.readouterr()
+    assert main(["--config", str(config_yaml), "--knn-features", "head", "--resume", "--max-steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "knn_features: saved 'backbone', now 'head'" in err and len(err.strip().splitlines()) == 1
+    assert main(["--config", str(config_yaml), "--resume", "--max-steps", "0"]) == 0
+    rec = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "knn_acc" in r]
+    assert [r["epoch"] for r in rec] == [1.0, 2.0]  # epoch 2 ran after the resume
+    assert all(r["knn_acc"] == r["knn_acc_backbone"] for r in rec)
+    assert rec[-1]["knn_acc_backbone"] != rec[-1]["knn_acc_head"]  # the record after the resume tells them apart
+    assert yaml.safe_load(config_yaml.read_text())["knn_features"] == "backbone"

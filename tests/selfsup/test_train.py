@@ -181,3 +181,57 @@ def test_bad_image_stops_naming_the_file_or_is_skipped_and_counted(tmp_path, cap
     assert capsys.readouterr().err.count(f"skipping unreadable image {bad}") == 1
     last = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
     assert last["bad_images"] == 1 and "knn_acc" in last
+
+
+@pytest.mark.parametrize("adapt_keys", ["raw", "normalized"])
+def test_every_adaptation_starts_from_the_same_empty_memory(tmp_path, adapt_keys):
+    """The arms of a comparison differ only by the adaptation: the same (empty) memory at step 0, the same
+    global RNG state after the build, and so the same first step (there is nothing stored to adapt yet)."""
+    arms = {}
+    for adaptation in ("none", "xbn", "axbn"):
+        trainer = Trainer(tiny_config(tmp_path / adaptation, adapt_keys=adapt_keys, adaptation=adaptation))
+        queue = criterion_queue(trainer.criterion)
+        start = {k: v.clone() for k, v in queue.state_dict().items() if k in ("memory", "ptr", "num_filled")}
+        rng = torch.get_rng_state()
+        x0, x1, g = trainer._views(0, 0, trainer.sampler.batches(0)[0], None)
+        loss = trainer.train_step(x0, x1, g)
+        arms[adaptation] = (start, rng, len(queue), loss, queue.embeddings)
+    ref_start, ref_rng, ref_fill, ref_loss, ref_rows = arms["none"]
+    assert int(ref_start["num_filled"]) == 0 and int(ref_start["ptr"]) == 0
+    assert ref_start["memory"].abs().sum() == 0 and ref_fill == 32  # one batch of keys after the first step
+    for adaptation, (start, rng, fill, loss, rows) in arms.items():
+        for key in ref_start:
+            assert torch.equal(start[key], ref_start[key]), (adaptation, key)
+        assert torch.equal(rng, ref_rng), adaptation
+        assert fill == ref_fill and torch.equal(loss, ref_loss) and torch.equal(rows, ref_rows), adaptation
+
+
+def test_a_run_started_with_random_rows_resumes_with_its_memory(tmp_path):
+    """Checkpoints of normalized-key runs without adaptation written when that bank started with random
+    unit rows resume with the rows they hold (the empty start applies to new runs only)."""
+    cfg = tiny_config(tmp_path, adapt_keys="normalized", adaptation="none", max_steps=1, knn_every=0)
+    train(cfg)
+    ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    rows = F.normalize(torch.randn(96, 128, generator=torch.Generator().manual_seed(5)), dim=1)  # (96, 128)
+    rows[:32] = ckpt["criterion"]["memory_bank.queue.memory"][:32]  # the first batch overwrote random rows
+    ckpt["criterion"]["memory_bank.queue.memory"] = rows
+    ckpt["criterion"]["memory_bank.queue.num_filled"].fill_(96)
+    torch.save(ckpt, tmp_path / "last.pt")
+    trainer = Trainer(replace(cfg, max_steps=0, resume="auto"))
+    trainer.load_checkpoint(tmp_path / "last.pt")
+    queue = criterion_queue(trainer.criterion)
+    assert len(queue) == 96 and int(queue.ptr) == 32
+    torch.testing.assert_close(queue.embeddings, rows, rtol=0, atol=0)
+
+
+def test_the_recipe_line_names_the_learning_rate_it_sets():
+    from selfsup.train import recipe_summary
+
+    cfg = tiny_config("unused", knn_features="head", lr=0.05, epochs=3)
+    line = recipe_summary(cfg, world_size=1, steps_per_epoch=10)
+    assert "SGD lr 0.05, momentum 0.9, weight decay 0.0005, cosine over 30 steps, batch 32" in line
+    assert "queue 96 of raw keys (PML's MoCo example), starting empty, adaptation xbn" in line
+    assert "k-NN monitor on head features (k=10, t=0.1)" in line
+    assert "SGD lr 0.05," in recipe_summary(cfg, world_size=4)  # without --scale-lr the rate is as given
+    scaled = recipe_summary(replace(cfg, scale_lr=True), world_size=4)
+    assert "SGD lr 0.2 (--lr 0.05 x 4 processes)," in scaled and "cosine over 3 epochs" in scaled
