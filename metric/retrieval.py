@@ -856,17 +856,10 @@ def faiss_retrieval_metrics(query: Tensor, query_labels: Tensor, gallery: Option
     Raises:
         ValueError: as :func:`metric.evaluate.retrieval_metrics` (shapes, non-finite features).
     """
-    if gallery is None:
-        gallery, gallery_labels, query_is_gallery = query, query_labels, True
-    if gallery_labels is None:
-        raise ValueError("gallery_labels must be given with gallery")
-    if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"query (Q, D) and gallery (G, D) must share D, got {tuple(query.shape)} and {tuple(gallery.shape)}")
-    if query_is_gallery and query.shape[0] != gallery.shape[0]:
-        raise ValueError(f"query_is_gallery needs Q == G, got Q={query.shape[0]}, G={gallery.shape[0]}")
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+    from .evaluate import check_retrieval_inputs
+
+    gallery, gallery_labels, query_is_gallery, ks = check_retrieval_inputs(query, query_labels, gallery, gallery_labels,
+                                                                           ks, query_is_gallery)
     xq = query.detach().float().cpu().numpy()  # (Q, D)
     xg = gallery.detach().float().cpu().numpy()  # (G, D)
     if not (np.isfinite(xq).all() and np.isfinite(xg).all()):
