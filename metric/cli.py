@@ -1,5 +1,6 @@
 """Command line: ``xbn-metric [train] [options]`` trains one run, ``xbn-metric compare [options]`` compares
-methods, ``xbn-metric sweep [options]`` sweeps batch and memory sizes (the paper's Figure 1).
+methods, ``xbn-metric sweep [options]`` sweeps batch and memory sizes (the paper's Figure 1);
+``embed``, ``search`` and ``export`` use a trained run (:mod:`metric.retrieval`, :mod:`metric.export`).
 
 Examples::
 
@@ -8,6 +9,9 @@ Examples::
     xbn-metric sweep --dataset digits --split class --backbone conv4 --classes-per-batch 4 --seeds 3
     xbn-metric --dataset sop --data-root /data/Stanford_Online_Products --method axbn --memory-size 0.5
     torchrun --nproc_per_node 4 -m metric --dataset inshop --data-root /data/inshop --scale-lr
+    xbn-metric embed runs/metric/sop-axbn-X --out gallery/          # the run's test images -> a store
+    xbn-metric search gallery/ --query photo.jpg --k 10 --predict    # nearest images, k-NN class vote
+    xbn-metric export runs/metric/sop-axbn-X --format onnx --out model.onnx
 
 Exit status: 0 when everything finished; 2 for bad input (one line naming the option or file, nothing
 written); 128 + N when signal N stopped the run after its checkpoint (130 for Ctrl-C, 143 for
@@ -30,6 +34,11 @@ EPILOG = f"""commands:
                                    (see {PROG} compare --help)
   {PROG} sweep [options]       Recall@1 against batch size and memory size, per method
                                    (the paper's Figure 1; see {PROG} sweep --help)
+  {PROG} embed RUN --out DIR   embed images with a trained run into a store
+  {PROG} search STORE --query IMG_OR_DIR
+                               nearest gallery images (faiss), k-NN class vote, HTML / contact sheet
+  {PROG} export RUN --format torchscript|onnx --out FILE
+                               the embedding model as a file that runs without this package
 
 exit status: 0 finished; 2 bad input (nothing written); 130 / 143 stopped by SIGINT / SIGTERM after a
 checkpoint (the command that resumes is printed); 1 the run failed.
@@ -85,6 +94,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .sweep import sweep_main
 
             return sweep_main(argv)
+        if argv[:1] in (["embed"], ["search"]):
+            from . import retrieval
+
+            return retrieval.embed_main(argv) if argv[0] == "embed" else retrieval.search_main(argv)
+        if argv[:1] == ["export"]:
+            from .export import export_main
+
+            return export_main(argv)
         return _train_command(argv[1:] if argv[:1] == ["train"] else argv, argv)
 
     return run_main(PROG, body, bad_input=("metric.data:DataFormatError", "metric.data:BadImageError",

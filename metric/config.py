@@ -139,6 +139,7 @@ class MetricConfig:
     recall_ks: Optional[List[int]] = field(default=None, metadata=_h("K of Recall@K (default: the dataset's customary ones)", group="evaluation", range=at_least(1)))
     eval_every: int = field(default=1, metadata=_h("evaluate every N epochs (and after the last)", group="evaluation", range=at_least(1)))
     eval_batch_size: int = field(default=256, metadata=_h("batch size for embedding the evaluation sets", group="evaluation", range=at_least(1)))
+    eval_backend: str = field(default="torch", metadata=_h("nearest-neighbour search of the evaluation: torch (chunked matrix products) or faiss (an exact faiss index; needs faiss-cpu); both give the same Recall@K and MAP@R", choices=["torch", "faiss"], group="evaluation"))
     eval_chunk: int = field(default=2048, metadata=_h("queries per similarity chunk in the evaluation", group="evaluation", range=at_least(1)))
     drift_every: Optional[int] = field(default=None, metadata=_h("measure the probe batch's feature drift over one step every N steps, 0: off (default 10; omniglot 50: with batches of 16 the two probe passes would otherwise cost a quarter of the training)", group="evaluation", range=at_least(0)))
     probe_size: int = field(default=64, metadata=_h("size of the fixed probe batch (training images, evaluation transform)", group="evaluation", range=at_least(1)))
@@ -173,6 +174,11 @@ def validate_config(cfg: MetricConfig) -> None:
         raise UsageError(f"--download: applies to --dataset omniglot only, not {cfg.dataset}")
     if cfg.download and not cfg.data_root:
         raise UsageError("--download: needs --data-root DIR, the folder the full Omniglot is stored in")
+    if cfg.eval_backend == "faiss":
+        import importlib.util
+
+        if importlib.util.find_spec("faiss") is None:
+            raise UsageError('--eval-backend faiss: faiss is not installed (pip install "xbn-queue[retrieval]")')
     if cfg.max_per_class is not None and cfg.dataset != "folder":
         raise UsageError(f"--max-per-class {cfg.max_per_class}: applies to --dataset folder only, not {cfg.dataset}")
     if cfg.batch_size is not None and cfg.m_per_class is not None and cfg.batch_size % cfg.m_per_class != 0:

@@ -37,7 +37,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["retrieval_metrics", "count_true_per_row"]
+__all__ = ["retrieval_metrics", "count_true_per_row", "check_retrieval_inputs"]
 
 
 def count_true_per_row(mask: Tensor) -> Tensor:
@@ -78,6 +78,36 @@ def _group_positions(q_labels: Tensor, g_labels: Tensor):
     return order, start, end - start
 
 
+def check_retrieval_inputs(query: Tensor, query_labels: Tensor, gallery: Optional[Tensor],
+                           gallery_labels: Optional[Tensor], ks: Sequence[int], query_is_gallery: bool):
+    """The argument checks of :func:`retrieval_metrics` (shared by its faiss twin).
+
+    Returns:
+        ``(gallery, gallery_labels, query_is_gallery, ks)``: the queries themselves when ``gallery`` is
+        ``None`` (leave-one-out), and ``ks`` sorted without repeats.
+
+    Raises:
+        ValueError: on shape mismatches, leave-one-out with Q != G, or a K < 1.
+    """
+    if gallery is None:
+        gallery, gallery_labels, query_is_gallery = query, query_labels, True
+    if gallery_labels is None:
+        raise ValueError("gallery_labels must be given with gallery")
+    if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query (Q, D) and gallery (G, D) must share D, got {tuple(query.shape)} and {tuple(gallery.shape)}")
+    if query_labels.shape != (query.shape[0],) or gallery_labels.shape != (gallery.shape[0],):
+        raise ValueError(
+            f"labels must be (Q,)=({query.shape[0]},) and (G,)=({gallery.shape[0]},), "
+            f"got {tuple(query_labels.shape)} and {tuple(gallery_labels.shape)}"
+        )
+    if query_is_gallery and query.shape[0] != gallery.shape[0]:
+        raise ValueError(f"query_is_gallery needs Q == G, got Q={query.shape[0]}, G={gallery.shape[0]}")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    return gallery, gallery_labels, query_is_gallery, ks
+
+
 @torch.no_grad()
 def retrieval_metrics(
     query: Tensor,
@@ -110,22 +140,8 @@ def retrieval_metrics(
     Raises:
         ValueError: on shape mismatches, non-finite features, or leave-one-out with Q != G.
     """
-    if gallery is None:
-        gallery, gallery_labels, query_is_gallery = query, query_labels, True
-    if gallery_labels is None:
-        raise ValueError("gallery_labels must be given with gallery")
-    if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"query (Q, D) and gallery (G, D) must share D, got {tuple(query.shape)} and {tuple(gallery.shape)}")
-    if query_labels.shape != (query.shape[0],) or gallery_labels.shape != (gallery.shape[0],):
-        raise ValueError(
-            f"labels must be (Q,)=({query.shape[0]},) and (G,)=({gallery.shape[0]},), "
-            f"got {tuple(query_labels.shape)} and {tuple(gallery_labels.shape)}"
-        )
-    if query_is_gallery and query.shape[0] != gallery.shape[0]:
-        raise ValueError(f"query_is_gallery needs Q == G, got Q={query.shape[0]}, G={gallery.shape[0]}")
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+    gallery, gallery_labels, query_is_gallery, ks = check_retrieval_inputs(query, query_labels, gallery, gallery_labels,
+                                                                           ks, query_is_gallery)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     device = gallery.device

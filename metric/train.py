@@ -458,8 +458,11 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
                                         on_bad=lambda ids: note_bad([data.gallery.items[j] for j in ids]))
         rec: Dict[str, Any] = {}
         if ctx.is_main:
-            rec = retrieval_metrics(qf, ql, gf, gl, ks=cfg.recall_ks, query_is_gallery=data.query_is_gallery,
-                                    chunk_size=cfg.eval_chunk)
+            metrics_fn = retrieval_metrics
+            if cfg.eval_backend == "faiss":  # the same metrics through an exact faiss index
+                from .retrieval import faiss_retrieval_metrics as metrics_fn
+            rec = metrics_fn(qf, ql, gf, gl, ks=cfg.recall_ks, query_is_gallery=data.query_is_gallery,
+                             chunk_size=cfg.eval_chunk)
             rec["eval_bad_images"] = bad_q + bad_g  # per evaluation; files are counted once via note_bad
             if mem_loss is not None and len(mem_loss.queue) > 0:
                 rec.update(_staleness(model, mem_loss.queue, train_eval_ds, cfg, device))

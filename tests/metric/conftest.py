@@ -100,3 +100,19 @@ def df2_root(tmp_path):
 @pytest.fixture
 def folder_root(tmp_path):
     return make_folder(tmp_path / "folder")
+
+
+#: The trained digits run shared by the retrieval tests: two short epochs, the test half queried leave-one-out.
+TRAINED_RUN = dict(train_fraction=0.5, epochs=2, warmup_epochs=0, drift_every=0)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """``(run folder, train() result)`` of a digits run trained for a few seconds (:data:`TRAINED_RUN`)."""
+    from metric.config import resolve_config
+    from metric.train import train
+
+    from .helpers import tiny_cfg
+
+    out = tmp_path_factory.mktemp("trained-run")
+    return out, train(resolve_config(tiny_cfg(out, **TRAINED_RUN)))

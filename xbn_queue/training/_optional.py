@@ -14,7 +14,12 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "tqdm": ("tqdm", "train"),
     "matplotlib": ("matplotlib", "train"),
     "wandb": ("wandb", "wandb"),
+    "faiss": ("faiss-cpu", "retrieval"),
+    "onnx": ("onnx", "retrieval"),
+    "onnxruntime": ("onnxruntime", "retrieval"),
 }
+#: Extras that ``metric`` and ``selfsup`` include.
+_IN_TRAINERS = ("train", "wandb")
 
 
 def require(name: str, purpose: str) -> ModuleType:
@@ -35,8 +40,8 @@ def require(name: str, purpose: str) -> ModuleType:
     except ImportError as err:
         top = name.split(".")[0]
         dist, extra = _EXTRAS.get(top, (top, "all"))
+        also = ' (also included in "xbn-queue[metric]" and "xbn-queue[selfsup]")' if extra in _IN_TRAINERS else ""
         raise ImportError(
             f"{purpose} needs the optional package '{dist}', which is not installed. "
-            f'Install it with: pip install "xbn-queue[{extra}]" '
-            f'(also included in "xbn-queue[metric]" and "xbn-queue[selfsup]").'
+            f'Install it with: pip install "xbn-queue[{extra}]"{also}.'
         ) from err
