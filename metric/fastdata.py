@@ -38,6 +38,7 @@ from xbn_queue.training.augment import crop_affine_grid, erase, sample_crops, sa
 from .data import RetrievalData, Split
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TensorMildAugment", "TensorCache", "CachedSplit", "use_tensor_cache",
+           "equal_sized_in_memory", "runs_cached",
            "eval_resize", "to_uint8_batch", "cached_batches"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -137,14 +138,22 @@ def eval_resize(x: Tensor, size: int) -> Tensor:
     return y[..., top:top + size, left:left + size].contiguous()
 
 
+def equal_sized_in_memory(items: Sequence[object]) -> bool:
+    """Whether every item is an in-memory image array (``digits``, ``omniglot``) of one shape."""
+    return bool(items) and all(isinstance(i, np.ndarray) for i in items) and len({np.shape(i) for i in items}) == 1
+
+
+def runs_cached(tensor_cache: str, augment: str, items: Sequence[object]) -> bool:
+    """Whether a run with these options evaluated ``items`` through the cache (so embedding them again must too)."""
+    return tensor_cache != "off" and (tensor_cache == "on" or augment == "mild") and equal_sized_in_memory(items)
+
+
 def use_tensor_cache(mode: str, augment: str, data: RetrievalData) -> bool:
     """Whether the fast path applies: ``on``, or ``auto`` with ``--augment mild`` and equal-sized in-memory images."""
     if mode == "off":
         return False
     splits = [data.train, data.query] + ([] if data.query_is_gallery else [data.gallery])
-    in_memory = all(len(s) and all(isinstance(i, np.ndarray) for i in s.items) for s in splits)
-    shapes = {np.shape(i) for s in splits for i in s.items} if in_memory else set()
-    ok = in_memory and len(shapes) == 1
+    ok = all(len(s) for s in splits) and equal_sized_in_memory([i for s in splits for i in s.items])
     if mode == "on" and not ok:
         from xbn_queue.training.cli import UsageError
 

@@ -343,8 +343,15 @@ def embed_images(lm: LoadedModel, items: Sequence[Any], batch_size: int = 256, w
     from xbn_queue.training.progress import progress as bar
 
     from .data import BadImageError, ImageDataset, Split
+    from .fastdata import CachedSplit, eval_resize, runs_cached, to_uint8_batch
 
-    ds = ImageDataset(Split(list(items), np.zeros(len(items), dtype=np.int64)), lm.transform, skip_bad_images=True)
+    split = Split(list(items), np.zeros(len(items), dtype=np.int64))
+    cfg = lm.config
+    if runs_cached(getattr(cfg, "tensor_cache", "auto"), cfg.augment, split.items):
+        # the run evaluated these in-memory images through its tensor cache: the same preprocessing here
+        ds = CachedSplit(split, eval_resize(to_uint8_batch(split.items), int(cfg.image_size)))
+    else:
+        ds = ImageDataset(split, lm.transform, skip_bad_images=True)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=lm.device.type == "cuda")
     feats: List[Tensor] = []
@@ -677,7 +684,7 @@ def search_store(store: PathLike, query: PathLike, k: int = 10, index: str = "fl
         run: The model for query images (default: the checkpoint the store records; it must have the
             recorded SHA-256).
         out: ``results.json`` or ``results.csv``.
-        html: A self-contained HTML page of the first ``show`` queries and their neighbours.
+        html: A self-contained HTML page of ``show`` queries (evenly spaced over all) and their neighbours.
         sheet: A PNG contact sheet of the same.
         show: Queries shown in ``html`` / ``sheet``.
         overwrite: Replace existing ``out`` / ``html`` / ``sheet`` files.
@@ -779,7 +786,8 @@ def search_store(store: PathLike, query: PathLike, k: int = 10, index: str = "fl
     if html is not None or sheet is not None:
         from .visualize import write_html, write_sheet
 
-        shown = results[:show]
+        picks = sorted(set(np.linspace(0, len(results) - 1, min(show, len(results))).round().astype(int).tolist()))
+        shown = [results[i] for i in picks]  # evenly spaced over the queries: many classes, not the first one
         if html is not None:
             write_html(Path(html), shown, q_open, _opener(gallery))
         if sheet is not None:
@@ -971,7 +979,7 @@ def search_main(argv: List[str]) -> int:
     p.add_argument("--out", help="write the results to a .json or .csv file (default: print them)")
     p.add_argument("--html", metavar="PAGE", help="a self-contained .html page of queries and neighbours")
     p.add_argument("--sheet", metavar="PNG", help="a .png contact sheet of queries and neighbours")
-    p.add_argument("--show", type=int, default=20, help="queries shown in --html / --sheet (default: 20)")
+    p.add_argument("--show", type=int, default=20, help="queries shown in --html / --sheet, evenly spaced over all queries (default: 20)")
     p.add_argument("--run", help="model for query images (default: the checkpoint the store records)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --html / --sheet files")
     _device_arg(p)

@@ -146,7 +146,8 @@ def test_html_and_sheet_frame_neighbours_by_label(folder_store, tmp_path):
     assert main(["search", str(out), "--query", str(root), "--k", "4", "--html", str(page), "--sheet", str(sheet),
                  "--show", "5", "--out", str(res)]) == 0
     rows = [line.split(",") for line in res.read_text().splitlines()[1:]]
-    shown = list(dict.fromkeys(r[0] for r in rows))[:5]  # the first five queries
+    queries = list(dict.fromkeys(r[0] for r in rows))
+    shown = [queries[i] for i in np.linspace(0, len(queries) - 1, 5).round().astype(int)]  # evenly spaced
     same = sum(r[1] == r[4] for r in rows if r[0] in shown)
     text = page.read_text()
     assert 0 < same < 5 * 4 and text.count("data:image/png;base64,") == 5 * 5
@@ -286,3 +287,20 @@ def test_help_of_each_command(capsys):
         assert e.value.code == 0
         text = " ".join(capsys.readouterr().out.split())
         assert all(w in text for w in words), (cmd, text)
+
+
+def test_a_run_on_the_tensor_cache_is_embedded_as_it_was_evaluated(tmp_path):
+    """A run evaluated through the in-memory cache: its store repeats that preprocessing (top-1 = Recall@1)."""
+    from metric.config import resolve_config
+    from metric.train import train
+
+    from .helpers import tiny_cfg
+
+    out = tmp_path / "run"
+    res = train(resolve_config(tiny_cfg(out, method="xbn", epochs=1, warmup_epochs=0, augment="mild", drift_every=0)))
+    store = tmp_path / "store"
+    assert main(["embed", str(out), "--out", str(store), "--no-progress"]) == 0
+    results = tmp_path / "res.json"
+    assert main(["search", str(store), "--query", str(store), "--k", "1", "--out", str(results)]) == 0
+    got = json.loads(results.read_text())
+    assert got["top1_accuracy"] == pytest.approx(res["best"]["recall@1"], abs=1e-12)
