@@ -93,3 +93,29 @@ def test_pretrained_path_loads_a_local_state_dict(tmp_path):
         build_model("resnet10t", 8, pretrained_path=str(tmp_path / "bad.pth"))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_model("resnet10t", 8, pretrained_path=str(tmp_path / "nope.pth"))
+
+
+def test_default_workers_never_exceed_the_cores(monkeypatch):
+    import metric.config as mc
+    from metric.config import resolve_config
+
+    folder = dict(dataset="folder", data_root="/nowhere")
+    monkeypatch.setattr(mc, "available_cores", lambda: 2)
+    assert resolve_config(MetricConfig(**folder)).workers == 2  # the paper's default 4, capped
+    assert resolve_config(MetricConfig(**folder, workers=8)).workers == 8  # a value the user gives is kept
+    assert resolve_config(MetricConfig(dataset="digits")).workers == 0
+    monkeypatch.setattr(mc, "available_cores", lambda: 16)
+    assert resolve_config(MetricConfig(**folder)).workers == 4
+
+
+def test_available_cores_falls_back_to_cpu_count(monkeypatch):
+    import os
+
+    from xbn_queue.training.cli import available_cores
+
+    assert available_cores() == (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert available_cores() == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert available_cores() == 1
