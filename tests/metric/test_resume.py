@@ -163,7 +163,7 @@ def test_sigint_during_compare_publishes_no_wrong_table_and_resume_completes_it(
     assert "resumed from" in res.stderr and "| No-XBM |" in res.stdout and "±" not in res.stdout  # one seed: no "± 0.00"
     result = json.loads((out / "compare.json").read_text())
     assert all(r["complete"] for r in result["runs"]) and result["complete"] is True
-    assert (out / "compare.md").read_text().startswith("digits: one seed of the best epoch")
+    assert (out / "compare.md").read_text().startswith("digits: one seed; Recall@1 at an early epoch")
     for r in result["runs"]:
         recs = read_metrics(out / f"{r['method']}-seed{r['seed']}" / "metrics.jsonl")
         assert r["recall@1"] == max(x["recall@1"] for x in recs) and recs[-1]["step"] == 11
