@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from xbn_queue.training.series import (PlannedRun, RunOutcome, SeriesReport, check_series_dir, format_mean_std,
+from xbn_queue.training.config import config_to_argv
+from xbn_queue.training.series import (JobSlot, PlannedRun, RunOutcome, SeriesReport, check_series_dir, format_mean_std,
                                        incomplete_banner, mean_std, run_series)
 
 from .config import METHODS, MetricConfig, resolve_config
@@ -71,10 +72,19 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated methods to compare, among {', '.join(METHODS)} (default: none,xbm,xbn,axbn)")
     g.add_argument("--seeds", type=int, default=3,
                    help="runs per method, with seeds --seed, --seed + 1, ... (default: 3) [valid: >= 1]")
+    add_jobs_arg(g)
     g.add_argument("--early-epoch", type=int, default=None, metavar="E",
                    help="the table's early Recall@1 column: the first evaluation at epoch >= E, epochs numbered as in "
                         "metrics.jsonl, the warm-up included (default: the first epoch after the warm-up) "
                         "[valid: 1 .. warm-up + epochs]")
+
+
+def add_jobs_arg(g: Any) -> None:
+    """``--jobs N`` (compare and sweep)."""
+    g.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs side by side, each in its own process, the CPU cores split between them "
+                        "(--threads: cores // N unless given) and one GPU each on a machine with several; the same "
+                        "results, interrupt and --resume as one after the other (default: 1) [valid: >= 1]")
 
 
 def _parse_methods(methods: str) -> List[str]:
@@ -193,24 +203,81 @@ def default_series_dir(cfg: MetricConfig, resume: bool, kind: str = "compare") -
     return dataclasses.replace(cfg, output_dir=series_output_dir(cfg.output_dir, resume, DEFAULT_RUNS, kind, cfg.dataset))
 
 
+def _run_config(cfg: MetricConfig, run: PlannedRun, run_dir: Path, resume: bool) -> MetricConfig:
+    """The configuration of one planned run: ``cfg`` with the run's settings, in its own folder."""
+    return dataclasses.replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
+                               wandb_name=f"{cfg.wandb_name or cfg.dataset}-{run.name}")
+
+
 def series_trainer(cfg: MetricConfig, resume: bool) -> Callable[[PlannedRun, Path], RunOutcome]:
     """The ``train_one`` callback of :func:`~xbn_queue.training.series.run_series` for metric runs.
 
     Each planned run trains ``cfg`` with the run's settings (``method``, ``seed``, and for ``sweep``
-    ``batch_size``, ``m_per_class``, ``memory_size``) in its own folder; with ``resume`` it continues
-    from the folder's ``last.pt``, and a finished run is not trained again.
+    the varied options) in its own folder; with ``resume`` it continues from the folder's
+    ``last.pt``, and a finished run is not trained again.
     """
     from .train import train
 
     def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
-        run_cfg = dataclasses.replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
-                                      wandb_name=f"{cfg.wandb_name or cfg.dataset}-{run.name}")
         t = time.time()
-        res = train(run_cfg)
+        res = train(_run_config(cfg, run, run_dir, resume))
         res["seconds"] = round(time.time() - t, 1)
         return RunOutcome(complete=res.get("stopped") != "signal", signal=res.get("signal"), result=res)
 
     return train_one
+
+
+def series_command(cfg: MetricConfig, resume: bool, threads_given: bool) -> Callable[[PlannedRun, Path, JobSlot], List[str]]:
+    """The ``command`` of :func:`~xbn_queue.training.series.run_series` with ``--jobs N``: ``python -m
+    metric train`` with the run's configuration (as :func:`series_trainer` trains it).
+
+    Unless the user set ``--threads``, a run uses at most its slot's share of the cores (a default of
+    0, torch's choice, becomes the share). On CPU, results equal those of the runs one after the
+    other whenever the thread count is the same (floating-point sums depend on it).
+    """
+
+    def command(run: PlannedRun, run_dir: Path, slot: JobSlot) -> List[str]:
+        run_cfg = _run_config(cfg, run, run_dir, resume)
+        if not threads_given:
+            run_cfg = dataclasses.replace(run_cfg, threads=min(run_cfg.threads or slot.threads, slot.threads))
+        return [sys.executable, "-m", "metric", "train", *config_to_argv(run_cfg, only_changed=True)]
+
+    return command
+
+
+#: The environment of a run's process: it imports this very ``metric`` package.
+def _child_env() -> Dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    return {"PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def check_jobs(jobs: int) -> None:
+    """Refuse ``--jobs`` below 1, or above 1 under ``torchrun`` (each run is already spread over the processes).
+
+    Raises:
+        UsageError: naming ``--jobs``.
+    """
+    from xbn_queue.training.cli import UsageError
+
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: expected an integer >= 1")
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UsageError(f"--jobs {jobs}: runs side by side are not for torchrun (each run already uses every process); "
+                         "use --jobs 1")
+
+
+def run_series_of(cfg: MetricConfig, plan: Sequence[PlannedRun], out: Path, resume: bool, jobs: int, threads_given: bool,
+                  verbose: bool, prog: str) -> SeriesReport:
+    """:func:`~xbn_queue.training.series.run_series` for metric runs: in this process, or ``jobs`` processes."""
+    return run_series(plan, out, series_trainer(cfg, resume), verbose=verbose, prog=prog, jobs=jobs,
+                      command=series_command(cfg, resume, threads_given), env=_child_env())
+
+
+def _shown(entry: Dict[str, Any]) -> str:
+    """A run's table numbers on one line: ``R@1 best 87.08 (epoch 2), last 87.08, ...``."""
+    cells = [("R@1 best", "recall@1"), ("last", "last_recall@1"), (f"epoch {entry.get('early_epoch')}", "early_recall@1"),
+             ("MAP@R best", "map@r"), ("last", "last_map@r")]
+    return ", ".join(f"{name} {100 * entry[k]:.2f}" for name, k in cells if k in entry)
 
 
 def run_records(run_dir: Path) -> List[Dict[str, Any]]:
@@ -294,7 +361,7 @@ def early_label(runs: Sequence[Dict[str, Any]], early_epoch: int) -> str:
 
 
 def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "",
-                early_epoch: Optional[int] = None) -> Dict[str, Any]:
+                early_epoch: Optional[int] = None, jobs: int = 1) -> Dict[str, Any]:
     """Train ``methods`` x ``seeds`` runs with ``cfg`` and print / write the table.
 
     ``cfg.resume`` (any non-empty value) continues every run from its ``last.pt`` and keeps finished
@@ -308,6 +375,7 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
         seeds: Runs per method.
         resume_cmd: The command that finishes an interrupted comparison (printed and written when one is).
         early_epoch: Epoch of the early Recall@1 column (default: the first after the warm-up).
+        jobs: Runs side by side, each in its own process (:func:`series_command`).
 
     Returns:
         The content of ``compare.json`` plus ``"exit_code"`` (0, or 128 + the signal that stopped it).
@@ -320,7 +388,8 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
     todo = _parse_methods(methods)
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
-    resume = bool(cfg.resume)
+    check_jobs(jobs)
+    resume, threads_given = bool(cfg.resume), cfg.threads is not None
     cfg = default_series_dir(resolve_config(cfg), resume)
     early = early_epoch_of(cfg, early_epoch)
     out = Path(cfg.output_dir)
@@ -332,14 +401,13 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
     t0 = time.time()
 
     baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out)
-    report: SeriesReport = run_series(plan, out, series_trainer(cfg, resume), verbose=main)
+    report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="compare")
     runs = run_rows(report, early)
     curves: Dict[str, List[Dict[str, Dict[float, float]]]] = {}
     for rec, entry in zip(report.records, runs):
         if rec.complete and main:
             curves.setdefault(entry["method"], []).append(_curves(run_records(rec.output_dir)))
-            shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in entry.items() if _is_score(k))
-            print(f"[compare] {rec.run.name}: {shown}", file=sys.stderr, flush=True)
+            print(f"[compare] {rec.run.name}: {_shown(entry)}", file=sys.stderr, flush=True)
     summary = summarize_runs(runs, todo)
     wall = time.time() - t0
     base = baselines.get("summary", {})
@@ -384,5 +452,5 @@ def compare_main(argv: List[str]) -> int:
     out = default_series_dir(resolve_config(cfg), resume).output_dir
     cfg = dataclasses.replace(cfg, output_dir=out)
     result = run_compare(cfg, extras.methods, extras.seeds, resume_cmd=resume_command(PROG, "metric", argv, out),
-                         early_epoch=extras.early_epoch)
+                         early_epoch=extras.early_epoch, jobs=extras.jobs)
     return int(result["exit_code"])

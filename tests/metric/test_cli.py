@@ -67,8 +67,13 @@ def test_run_scores_best_last_and_early_against_plain_records():
 @pytest.mark.parametrize("extra,match", [
     (["--early-epoch", "3"], "--early-epoch 3: expected an epoch in [1, 2] (--warmup-epochs 1 + --epochs 1)"),
     (["--early-epoch", "0"], "--early-epoch 0: expected an epoch in [1, 2]"),
+    (["--jobs", "0"], "--jobs 0: expected an integer >= 1"),
+    (["--jobs", "2", "WORLD_SIZE=2"], "--jobs 2: runs side by side are not for torchrun"),
 ])
-def test_compare_bad_early_epoch_is_one_line_and_writes_nothing(tmp_path, capsys, extra, match):
+def test_compare_bad_early_epoch_or_jobs_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, extra, match):
+    for e in [e for e in extra if "=" in e]:
+        monkeypatch.setenv(*e.split("="))
+        extra = [x for x in extra if x != e]
     assert main(["compare", *tiny_argv(tmp_path / "c"), "--methods", "xbn", "--seeds", "1", *extra]) == 2
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
