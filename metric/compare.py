@@ -1,12 +1,18 @@
 """``xbn-metric compare``: train every method with every seed and tabulate mean +- std (the paper's Table 1).
 
-Each run goes to ``OUTPUT_DIR/<method>-seed<seed>/`` (a full run folder); its score is its best
-evaluation by Recall@1 (the paper selects the best epoch by Recall@1 on the validation set). The table
-shows, per method, the mean and the sample standard deviation (ddof=1) over seeds of Recall@K and
-MAP@R in percent (one seed: the value alone), after two baselines on the same evaluation split (raw
-pixels and the untrained network, :mod:`metric.baselines`), and is written to ``OUTPUT_DIR/compare.md`` and
-``OUTPUT_DIR/compare.json``; ``OUTPUT_DIR/compare.png`` shows Recall@1 and feature drift per epoch
-(mean ± std band over seeds). Seeds are ``seed, seed + 1, ...``.
+Each run goes to ``OUTPUT_DIR/<method>-seed<seed>/`` (a full run folder). Its scores are read from its
+``metrics.jsonl`` (:func:`run_scores`): Recall@1 at an early epoch (``--early-epoch``, default the
+first epoch after the warm-up, where the network changes fastest and an adapted memory matters most),
+the best evaluation by Recall@1 (the paper selects the best epoch by Recall@1 on the validation set)
+and the last evaluation (the best is chosen on the evaluation split itself, which flatters trained
+runs against the baselines' single evaluation, so the last stands next to it). The table shows, per
+method, the mean and the sample standard deviation (ddof=1) over seeds in percent (one seed: the
+value alone) of R@1 early / best / last and MAP@R best / last, after two baselines on the same
+evaluation split (raw pixels and the untrained network, :mod:`metric.baselines`), and is written to
+``OUTPUT_DIR/compare.md`` and ``OUTPUT_DIR/compare.json`` (which also holds Recall@K for every K);
+``OUTPUT_DIR/compare.png`` shows Recall@1 and feature drift per epoch (mean ± std band over seeds,
+the baselines as dashed lines). Seeds are ``seed, seed + 1, ...``. Running a finished comparison
+again (``--resume``) prints the same table.
 
 The runs are driven by :func:`xbn_queue.training.series.run_series`: SIGINT / SIGTERM stop the whole
 comparison after the current run's checkpoint (exit 130 / 143, the resume command printed), a table
@@ -20,20 +26,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from xbn_queue.training.series import (PlannedRun, RunOutcome, SeriesReport, check_series_dir, format_mean_std,
+from xbn_queue.training.config import config_to_argv
+from xbn_queue.training.series import (JobSlot, PlannedRun, RunOutcome, SeriesReport, check_series_dir, format_mean_std,
                                        incomplete_banner, mean_std, run_series)
 
 from .config import METHODS, MetricConfig, resolve_config
 
-__all__ = ["add_compare_args", "run_compare", "compare_main", "format_table", "plan_runs", "series_trainer", "run_rows",
-           "metric_keys", "baselines_for"]
+__all__ = ["add_compare_args", "run_compare", "compare_main", "format_table", "table_columns", "plan_runs", "series_trainer",
+           "run_rows", "run_records", "run_scores", "summarize_runs", "metric_keys", "baselines_for", "early_epoch_of"]
 
 PROG = "xbn-metric"
 
@@ -42,7 +50,9 @@ PAPER_NAMES = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN"
                "raw-pixels": "Raw pixels", "untrained": "Untrained net"}
 
 DESCRIPTION = f"""Train every method of --methods with --seeds seeds each (seeds --seed, --seed + 1, ...) and
-tabulate, per method, mean ± std over seeds of the best epoch's Recall@K and MAP@R, in %.
+tabulate, per method, mean ± std over seeds of Recall@1 at an early epoch (--early-epoch), at the best
+epoch (highest Recall@1) and at the last epoch, and MAP@R at the best and the last, in %, after the
+raw-pixel and untrained-network baselines.
 
 Every training option below is passed through to each run unchanged, except --method, --seed and
 --output-dir, which compare sets per run: run <method>-seed<seed> goes to OUTPUT_DIR/<method>-seed<seed>/.
@@ -62,6 +72,19 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated methods to compare, among {', '.join(METHODS)} (default: none,xbm,xbn,axbn)")
     g.add_argument("--seeds", type=int, default=3,
                    help="runs per method, with seeds --seed, --seed + 1, ... (default: 3) [valid: >= 1]")
+    add_jobs_arg(g)
+    g.add_argument("--early-epoch", type=int, default=None, metavar="E",
+                   help="the table's early Recall@1 column: the first evaluation at epoch >= E, epochs numbered as in "
+                        "metrics.jsonl, the warm-up included (default: the first epoch after the warm-up) "
+                        "[valid: 1 .. warm-up + epochs]")
+
+
+def add_jobs_arg(g: Any) -> None:
+    """``--jobs N`` (compare and sweep)."""
+    g.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs side by side, each in its own process, the CPU cores split between them "
+                        "(--threads: cores // N unless given) and one GPU each on a machine with several; the same "
+                        "results, interrupt and --resume as one after the other (default: 1) [valid: >= 1]")
 
 
 def _parse_methods(methods: str) -> List[str]:
@@ -75,37 +98,94 @@ def plan_runs(methods: Sequence[str], seed: int, seeds: int) -> List[PlannedRun]
     return [PlannedRun(f"{m}-seed{seed + i}", {"method": m, "seed": seed + i}) for m in methods for i in range(seeds)]
 
 
-def format_table(summary: Dict[str, Dict[str, Dict[str, float]]], keys: List[str]) -> str:
-    """Markdown table: one row per method, ``mean ± std`` in percent per metric (one seed: the value)."""
-    head = "| Method | " + " | ".join(k.replace("recall@", "R@").replace("map@r", "MAP@R") for k in keys) + " |"
-    lines = [head, "|---|" + "---|" * len(keys)]
+def table_columns(early_label: str) -> List[Tuple[str, str]]:
+    """The table's columns ``(key, header)``: R@1 at the early epoch, at the best and at the last epoch,
+    then MAP@R at the best and at the last epoch (keys as in :func:`run_scores`)."""
+    return [("early_recall@1", early_label), ("recall@1", "R@1 best"), ("last_recall@1", "R@1 last"),
+            ("map@r", "MAP@R best"), ("last_map@r", "MAP@R last")]
+
+
+def format_table(summary: Dict[str, Dict[str, Dict[str, float]]], columns: Sequence[Tuple[str, str]]) -> str:
+    """Markdown table: one row per method (baselines first), ``mean ± std`` in percent per column
+    (one seed: the value).
+
+    A baseline (a single evaluation, no epochs) has only the plain keys (``recall@1``, ``map@r``): its
+    value fills every column of that metric (early, best and last alike).
+    """
+    lines = ["| Method | " + " | ".join(h for _, h in columns) + " |", "|---|" + "---|" * len(columns)]
     for method, stats in summary.items():
-        cells = [format_mean_std(stats.get(k)) for k in keys]
+        cells = [format_mean_std(stats.get(k, stats.get(_plain_key(k))) if method in BASELINE_ROWS else stats.get(k))
+                 for k, _ in columns]
         lines.append(f"| {PAPER_NAMES.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: Row names of the baselines (one evaluation of an untrained model, no epochs).
+BASELINE_ROWS = ("raw-pixels", "untrained")
+
+
+def _plain_key(key: str) -> str:
+    """``last_recall@1`` / ``early_recall@1`` -> ``recall@1``."""
+    return key.split("_", 1)[1] if key.startswith(("last_", "early_")) else key
+
+
+def _is_score(key: str) -> bool:
+    return _plain_key(key).startswith(("recall@", "map@r"))
+
+
+def run_scores(records: Sequence[Dict[str, Any]], early_epoch: int = 1) -> Dict[str, Any]:
+    """What the tables take from one run's evaluations (the records of its ``metrics.jsonl``).
+
+    The best evaluation is the first one with the highest Recall@1 (as the trainer picks ``best.pt``);
+    the last is the final one; the early one is the first evaluation at epoch ``>= early_epoch``
+    (epochs numbered as in ``metrics.jsonl``, the warm-up included).
+
+    Returns:
+        The best evaluation's ``recall@K`` / ``map@r`` (fractions) and ``best_epoch``; the last one's
+        as ``last_recall@K`` / ``last_map@r`` with ``last_epoch`` and its ``staleness_cosine`` (when
+        logged); ``early_recall@1`` and ``early_epoch``. ``{}`` when no evaluation was recorded.
+    """
+    evals = [r for r in records if "epoch" in r and isinstance(r.get("recall@1"), (int, float))
+             and not math.isnan(r["recall@1"])]
+    if not evals:
+        return {}
+    best = evals[0]
+    for r in evals[1:]:
+        if r["recall@1"] > best["recall@1"]:
+            best = r
+    last = evals[-1]
+    out: Dict[str, Any] = {"best_epoch": best["epoch"], **{k: v for k, v in best.items() if _is_score(k)},
+                           "last_epoch": last["epoch"], **{f"last_{k}": v for k, v in last.items() if _is_score(k)}}
+    if isinstance(last.get("staleness_cosine"), (int, float)):
+        out["staleness_cosine"] = last["staleness_cosine"]
+    early = next((r for r in evals if r["epoch"] >= early_epoch), None)
+    if early is not None:
+        out.update({"early_epoch": early["epoch"], "early_recall@1": early["recall@1"]})
+    return out
 
 
 #: Per-epoch curves drawn in ``compare.png``: (metrics.jsonl key, axis label, scale).
 _CURVES = [("recall@1", "Recall@1 (%)", 100.0), ("drift_mean", "feature drift, mean L2 (Eq. 5)", 1.0)]
 
 
-def _curves(metrics_jsonl: Path) -> Dict[str, Dict[float, float]]:
-    """``{key: {epoch: value}}`` for the keys of ``_CURVES`` from one run's ``metrics.jsonl``."""
-    from xbn_queue.training.tracking import read_metrics
-
-    records = read_metrics(metrics_jsonl)
+def _curves(records: Sequence[Dict[str, Any]]) -> Dict[str, Dict[float, float]]:
+    """``{key: {epoch: value}}`` for the keys of ``_CURVES`` from one run's ``metrics.jsonl`` records."""
     return {key: {r["epoch"]: scale * r[key] for r in records if "epoch" in r and isinstance(r.get(key), (int, float))}
             for key, _, scale in _CURVES}
 
 
-def _plot(curves: Dict[str, List[Dict[str, Dict[float, float]]]], png: Path, title: str) -> None:
-    """``compare.png``: Recall@1 and drift per epoch, mean ± std band over seeds, one line per method."""
+def _plot(curves: Dict[str, List[Dict[str, Dict[float, float]]]], png: Path, title: str,
+          baselines: Dict[str, Dict[str, Dict[str, float]]]) -> None:
+    """``compare.png``: Recall@1 and drift per epoch, mean ± std band over seeds, one line per method;
+    the baselines' Recall@1 as horizontal lines."""
     from xbn_queue.training.tracking import plot_compare
 
     panels = [(label, {PAPER_NAMES.get(m, m): [run[key] for run in runs] for m, runs in curves.items()})
               for key, label, _ in _CURVES]
+    hlines = {_CURVES[0][1]: {PAPER_NAMES.get(n, n): 100 * s["recall@1"]["mean"] for n, s in baselines.items()
+                              if s.get("recall@1", {}).get("n")}}
     try:
-        plot_compare(panels, png, title=title)
+        plot_compare(panels, png, title=title, hlines=hlines)
     except ValueError:  # no evaluation recorded (e.g. runs cut short by --max-steps)
         print(f"[compare] no per-epoch metrics recorded: {png.name} not written", file=sys.stderr)
 
@@ -123,44 +203,122 @@ def default_series_dir(cfg: MetricConfig, resume: bool, kind: str = "compare") -
     return dataclasses.replace(cfg, output_dir=series_output_dir(cfg.output_dir, resume, DEFAULT_RUNS, kind, cfg.dataset))
 
 
+def _run_config(cfg: MetricConfig, run: PlannedRun, run_dir: Path, resume: bool) -> MetricConfig:
+    """The configuration of one planned run: ``cfg`` with the run's settings, in its own folder."""
+    return dataclasses.replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
+                               wandb_name=f"{cfg.wandb_name or cfg.dataset}-{run.name}")
+
+
 def series_trainer(cfg: MetricConfig, resume: bool) -> Callable[[PlannedRun, Path], RunOutcome]:
     """The ``train_one`` callback of :func:`~xbn_queue.training.series.run_series` for metric runs.
 
     Each planned run trains ``cfg`` with the run's settings (``method``, ``seed``, and for ``sweep``
-    ``batch_size``, ``m_per_class``, ``memory_size``) in its own folder; with ``resume`` it continues
-    from the folder's ``last.pt``, and a finished run is not trained again.
+    the varied options) in its own folder; with ``resume`` it continues from the folder's
+    ``last.pt``, and a finished run is not trained again.
     """
     from .train import train
 
     def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
-        run_cfg = dataclasses.replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
-                                      wandb_name=f"{cfg.wandb_name or cfg.dataset}-{run.name}")
         t = time.time()
-        res = train(run_cfg)
+        res = train(_run_config(cfg, run, run_dir, resume))
         res["seconds"] = round(time.time() - t, 1)
         return RunOutcome(complete=res.get("stopped") != "signal", signal=res.get("signal"), result=res)
 
     return train_one
 
 
-def run_rows(report: SeriesReport) -> List[Dict[str, Any]]:
-    """One row per planned run: its settings, ``complete``, and (when it ran) ``seconds``, ``best_epoch``
-    and the best evaluation's Recall@K / MAP@R (fractions)."""
+def series_command(cfg: MetricConfig, resume: bool, threads_given: bool) -> Callable[[PlannedRun, Path, JobSlot], List[str]]:
+    """The ``command`` of :func:`~xbn_queue.training.series.run_series` with ``--jobs N``: ``python -m
+    metric train`` with the run's configuration (as :func:`series_trainer` trains it).
+
+    Unless the user set ``--threads``, a run uses at most its slot's share of the cores (a default of
+    0, torch's choice, becomes the share). On CPU, results equal those of the runs one after the
+    other whenever the thread count is the same (floating-point sums depend on it).
+    """
+
+    def command(run: PlannedRun, run_dir: Path, slot: JobSlot) -> List[str]:
+        run_cfg = _run_config(cfg, run, run_dir, resume)
+        if not threads_given:
+            run_cfg = dataclasses.replace(run_cfg, threads=min(run_cfg.threads or slot.threads, slot.threads))
+        return [sys.executable, "-m", "metric", "train", *config_to_argv(run_cfg, only_changed=True)]
+
+    return command
+
+
+#: The environment of a run's process: it imports this very ``metric`` package.
+def _child_env() -> Dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    return {"PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def check_jobs(jobs: int) -> None:
+    """Refuse ``--jobs`` below 1, or above 1 under ``torchrun`` (each run is already spread over the processes).
+
+    Raises:
+        UsageError: naming ``--jobs``.
+    """
+    from xbn_queue.training.cli import UsageError
+
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: expected an integer >= 1")
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UsageError(f"--jobs {jobs}: runs side by side are not for torchrun (each run already uses every process); "
+                         "use --jobs 1")
+
+
+def run_series_of(cfg: MetricConfig, plan: Sequence[PlannedRun], out: Path, resume: bool, jobs: int, threads_given: bool,
+                  verbose: bool, prog: str) -> SeriesReport:
+    """:func:`~xbn_queue.training.series.run_series` for metric runs: in this process, or ``jobs`` processes."""
+    return run_series(plan, out, series_trainer(cfg, resume), verbose=verbose, prog=prog, jobs=jobs,
+                      command=series_command(cfg, resume, threads_given), env=_child_env())
+
+
+def _shown(entry: Dict[str, Any]) -> str:
+    """A run's table numbers on one line: ``R@1 best 87.08 (epoch 2), last 87.08, ...``."""
+    cells = [("R@1 best", "recall@1"), ("last", "last_recall@1"), (f"epoch {entry.get('early_epoch')}", "early_recall@1"),
+             ("MAP@R best", "map@r"), ("last", "last_map@r")]
+    return ", ".join(f"{name} {100 * entry[k]:.2f}" for name, k in cells if k in entry)
+
+
+def run_records(run_dir: Path) -> List[Dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl`` (``[]`` when the run logged nothing)."""
+    from xbn_queue.training.tracking import read_metrics
+
+    path = Path(run_dir) / "metrics.jsonl"
+    return read_metrics(path) if path.is_file() else []
+
+
+def run_rows(report: SeriesReport, early_epoch: int = 1) -> List[Dict[str, Any]]:
+    """One row per planned run: its settings, ``complete``, ``seconds`` (when it ran in this call) and,
+    for a finished run, :func:`run_scores` of its ``metrics.jsonl`` (so that rerunning a finished
+    comparison gives the same numbers)."""
     rows: List[Dict[str, Any]] = []
     for rec in report.records:
         entry: Dict[str, Any] = {**rec.run.settings, "complete": rec.complete}
         res = rec.outcome.result if rec.outcome is not None else None
-        if res is not None:
-            best = res.get("best") or {}
-            entry.update({"seconds": res.get("seconds"), "best_epoch": best.get("epoch"),
-                          **{k: v for k, v in best.items() if k.startswith(("recall@", "map@r"))}})
+        if isinstance(res, dict) and res.get("seconds") is not None:
+            entry["seconds"] = res["seconds"]
+        if rec.complete:
+            entry.update(run_scores(run_records(rec.output_dir), early_epoch))
         rows.append(entry)
     return rows
 
 
 def metric_keys(cfg: MetricConfig) -> List[str]:
-    """The table's columns: ``recall@K`` for each K, then ``map@r`` (``cfg`` resolved)."""
+    """The best evaluation's keys: ``recall@K`` for each K, then ``map@r`` (``cfg`` resolved)."""
     return [f"recall@{k}" for k in cfg.recall_ks] + ["map@r"]
+
+
+def summarize_runs(runs: Sequence[Dict[str, Any]], methods: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``{method: {key: mean_std}}`` over the finished runs, for every score key (best, ``last_``,
+    ``early_``) and ``staleness_cosine`` the runs have."""
+    done = [r for r in runs if r.get("complete")]
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for m in methods:
+        mine = [r for r in done if r["method"] == m]
+        keys = list(dict.fromkeys(k for r in mine for k in r if _is_score(k) or k == "staleness_cosine"))
+        out[m] = {k: mean_std([r[k] for r in mine if k in r]) for k in keys}
+    return out
 
 
 def baselines_for(cfg: MetricConfig, seeds: List[int], out: Path, tag: str = "compare") -> Dict[str, Any]:
@@ -177,18 +335,47 @@ def baselines_for(cfg: MetricConfig, seeds: List[int], out: Path, tag: str = "co
     return {"summary": summary, "runs": results}
 
 
-def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "") -> Dict[str, Any]:
+def early_epoch_of(cfg: MetricConfig, early_epoch: Optional[int]) -> int:
+    """The epoch of the table's early column: ``early_epoch``, or the first epoch after the warm-up.
+
+    Epochs are numbered as in ``metrics.jsonl`` (the warm-up included); ``cfg`` is resolved.
+
+    Raises:
+        UsageError: an epoch outside ``[1, warm-up + epochs]``.
+    """
+    from xbn_queue.training.cli import UsageError
+
+    total = int(cfg.warmup_epochs) + int(cfg.epochs)
+    if early_epoch is None:
+        return min(int(cfg.warmup_epochs) + 1, total)
+    if not 1 <= early_epoch <= total:
+        raise UsageError(f"--early-epoch {early_epoch}: expected an epoch in [1, {total}] "
+                         f"(--warmup-epochs {cfg.warmup_epochs} + --epochs {cfg.epochs})")
+    return early_epoch
+
+
+def early_label(runs: Sequence[Dict[str, Any]], early_epoch: int) -> str:
+    """Header of the early column: ``R@1 ep E`` with the epoch the finished runs have there."""
+    epochs = {r["early_epoch"] for r in runs if r.get("complete") and "early_epoch" in r}
+    return f"R@1 ep {epochs.pop()}" if len(epochs) == 1 else f"R@1 ep >={early_epoch}"
+
+
+def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "",
+                early_epoch: Optional[int] = None, jobs: int = 1) -> Dict[str, Any]:
     """Train ``methods`` x ``seeds`` runs with ``cfg`` and print / write the table.
 
     ``cfg.resume`` (any non-empty value) continues every run from its ``last.pt`` and keeps finished
     runs; ``cfg.overwrite`` replaces runs the folder holds. Without either, a folder that holds a
-    comparison is refused before anything is written.
+    comparison is refused before anything is written. The table is computed from the runs'
+    ``metrics.jsonl``, so running a finished comparison again prints the same table.
 
     Args:
         cfg: Training options shared by all runs (``method``, ``seed``, ``output_dir`` are set per run).
         methods: Comma-separated methods.
         seeds: Runs per method.
         resume_cmd: The command that finishes an interrupted comparison (printed and written when one is).
+        early_epoch: Epoch of the early Recall@1 column (default: the first after the warm-up).
+        jobs: Runs side by side, each in its own process (:func:`series_command`).
 
     Returns:
         The content of ``compare.json`` plus ``"exit_code"`` (0, or 128 + the signal that stopped it).
@@ -201,8 +388,10 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
     todo = _parse_methods(methods)
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
-    resume = bool(cfg.resume)
+    check_jobs(jobs)
+    resume, threads_given = bool(cfg.resume), cfg.threads is not None
     cfg = default_series_dir(resolve_config(cfg), resume)
+    early = early_epoch_of(cfg, early_epoch)
     out = Path(cfg.output_dir)
     plan = plan_runs(todo, cfg.seed, seeds)
     check_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite)
@@ -212,43 +401,42 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
     t0 = time.time()
 
     baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out)
-    report: SeriesReport = run_series(plan, out, series_trainer(cfg, resume), verbose=main)
-    runs = run_rows(report)
+    report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="compare")
+    runs = run_rows(report, early)
     curves: Dict[str, List[Dict[str, Dict[float, float]]]] = {}
     for rec, entry in zip(report.records, runs):
         if rec.complete and main:
-            curves.setdefault(entry["method"], []).append(_curves(rec.output_dir / "metrics.jsonl"))
-            shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in entry.items() if k.startswith(("recall@", "map@r")))
-            print(f"[compare] {rec.run.name}: {shown}", file=sys.stderr, flush=True)
-    keys = metric_keys(cfg)
-    done = [r for r in runs if r["complete"]]
-    summary = {m: {k: mean_std([r[k] for r in done if r["method"] == m and k in r]) for k in keys
-                   if any(k in r for r in done if r["method"] == m)} for m in todo}
+            curves.setdefault(entry["method"], []).append(_curves(run_records(rec.output_dir)))
+            print(f"[compare] {rec.run.name}: {_shown(entry)}", file=sys.stderr, flush=True)
+    summary = summarize_runs(runs, todo)
     wall = time.time() - t0
-    table = format_table({**baselines.get("summary", {}), **summary}, keys)
+    base = baselines.get("summary", {})
+    table = format_table({**base, **summary}, table_columns(early_label(runs, early)))
     incomplete = report.incomplete()
-    result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds, "complete": not incomplete,
+    result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds, "early_epoch": early, "complete": not incomplete,
               "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
               "machine": f"{platform.machine()} {platform.processor()}".strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "summary": summary, "baselines": baselines, "runs": runs}
     if main:
+        spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
+        what = ("Recall@1 at an early epoch, at the best epoch (highest Recall@1 on the evaluation split) and at "
+                "the last epoch, MAP@R at the best and the last, in %")
         if incomplete:
             banner = incomplete_banner(incomplete, resume_cmd or None)
-            header = f"{banner}\n\n{cfg.dataset}: finished runs only, best epoch (by Recall@1), in %"
+            header = f"{banner}\n\n{cfg.dataset}: finished runs only; {what}"
             print(banner, file=sys.stderr)
         else:
-            spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seed(s)"
-            header = (f"{cfg.dataset}: {spread} of the best epoch (by Recall@1), in %; "
-                      f"{len(runs)} runs in {wall:.0f} s")
+            header = f"{cfg.dataset}: {spread}; {what}"
             print(header)
             print(table)
+            print(f"[compare] {len(runs)} runs in {wall:.0f} s", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.md").write_text(f"{header}\n\n{table}\n")
         (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
         if incomplete:
             (out / "compare.png").unlink(missing_ok=True)
         else:
-            _plot(curves, out / "compare.png", f"{cfg.dataset}: mean ± std over {seeds} seed(s)")
+            _plot(curves, out / "compare.png", f"{cfg.dataset}: mean ± std over {seeds} seed(s)", base)
     result["exit_code"] = report.exit_code
     return result
 
@@ -263,5 +451,6 @@ def compare_main(argv: List[str]) -> int:
     resume = bool(cfg.resume)
     out = default_series_dir(resolve_config(cfg), resume).output_dir
     cfg = dataclasses.replace(cfg, output_dir=out)
-    result = run_compare(cfg, extras.methods, extras.seeds, resume_cmd=resume_command(PROG, "metric", argv, out))
+    result = run_compare(cfg, extras.methods, extras.seeds, resume_cmd=resume_command(PROG, "metric", argv, out),
+                         early_epoch=extras.early_epoch, jobs=extras.jobs)
     return int(result["exit_code"])

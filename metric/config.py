@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from xbn_queue.training.cli import UsageError, above, at_least, between, check_ranges
+from xbn_queue.training.cli import UsageError, above, at_least, available_cores, between, check_ranges
 
 __all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS", "COMPAT_KEYS",
            "COMPAT_DEFAULTS", "saved_config"]
@@ -93,7 +93,7 @@ class MetricConfig:
     hflip: Optional[float] = field(default=None, metadata=_h("horizontal flip probability (default 0.5; digits 0)", group="data", range=between(0, 1)))
     augment: Optional[str] = field(default=None, metadata=_h("training augmentation: timm (timm's pipeline: random-resized crop, flip, colour jitter, --auto-augment, erasing) or mild (random-resized crop, small random affine, flip, erasing; no RandAugment) (default timm; not pretrained: mild)", choices=["timm", "mild"], group="data"))
     max_per_class: Optional[int] = field(default=None, metadata=_h("folder: use at most N images per class (the first N by file name) in training and in test (default: all)", group="data", range=at_least(1)))
-    workers: Optional[int] = field(default=None, metadata=_h("data loader workers (default 4; digits 0)", group="data", range=at_least(0)))
+    workers: Optional[int] = field(default=None, metadata=_h("data loader workers (default 4, at most the machine's cores; digits 0)", group="data", range=at_least(0)))
     skip_bad_images: bool = field(default=False, metadata=_h("warn about and skip unreadable images instead of stopping", group="data"))
     # model
     backbone: Optional[str] = field(default=None, metadata=_h("timm model name, or for small images conv4, cifar_resnet18 or tinycnn (default resnet50; digits tinycnn)", group="model"))
@@ -200,7 +200,7 @@ def _small_backbones() -> Dict[str, int]:
 def resolve_config(cfg: MetricConfig) -> MetricConfig:
     """Fill the ``None`` fields with the defaults (a new object; ``cfg`` is unchanged) and check it.
 
-    The defaults are the dataset's, updated by the training recipe (:func:`metric.recipe.recipe_defaults`):
+    The defaults are the dataset's (``workers``: at most the cores this process may use), updated by the training recipe (:func:`metric.recipe.recipe_defaults`):
     a backbone that is not pretrained gets the from-scratch recipe (no head-only warm-up, mild
     augmentation) instead of the paper's. ``head`` defaults to ``none`` for ``conv4`` and ``linear``
     otherwise; with ``none``, ``embedding_dim`` becomes the backbone's feature size.
@@ -212,6 +212,8 @@ def resolve_config(cfg: MetricConfig) -> MetricConfig:
 
     defaults = recipe_defaults(cfg, DATASET_DEFAULTS[cfg.dataset])
     updates = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+    if "workers" in updates:  # a default never starts more loader processes than there are cores
+        updates["workers"] = min(updates["workers"], available_cores())
     out = dataclasses.replace(cfg, **updates)
     if out.head is None:
         out = dataclasses.replace(out, head="none" if out.backbone == "conv4" else "linear")

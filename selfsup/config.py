@@ -10,7 +10,7 @@ cosine schedule, key-encoder momentum 0.99, queue 4096, temperature 0.1, k-NN k=
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from xbn_queue.training.cli import Range, UsageError, above, at_least, between, check_ranges
+from xbn_queue.training.cli import Range, UsageError, above, at_least, available_cores, between, check_ranges
 
 ADAPTATIONS = ["none", "xbn", "axbn"]
 DATASETS = ["cifar10", "cifar100", "folder", "digits"]
@@ -67,7 +67,7 @@ class SelfSupConfig:
     skip_bad_images: bool = _opt(False, "skip unreadable images with a warning (their count goes to metrics.jsonl) instead of stopping")
     crop_min_scale: float = _opt(0.08, "minimum area fraction of RandomResizedCrop (0.08: torchvision default, PML/MoCo CIFAR demos; 0.2: lightly MoCoV2Transform)", range=between(0, 1, lo_open=True))
     gpu_augment: bool = _opt(True, "augment uint8 batches on the training device with the batched tensor pipeline (same distribution as the PIL one) instead of PIL in DataLoader workers")
-    workers: int = _opt(2, "DataLoader worker processes for the PIL pipeline", range=at_least(0))
+    workers: int = _opt(min(2, available_cores()), "DataLoader worker processes for the PIL pipeline (default: 2, at most the machine's cores)", range=at_least(0))
 
     # model
     backbone: str = _opt("resnet18", "CIFAR ResNet (3x3 stem, no max-pool) from torchvision", ["resnet18", "resnet34", "resnet50"])

@@ -28,11 +28,55 @@ def test_compare_prints_and_writes_mean_std_table(tmp_path, capsys):
         for r in (r for r in result["runs"] if r["method"] == method):
             recs = [json.loads(line) for line in (tmp_path / f"{method}-seed{r['seed']}" / "metrics.jsonl").read_text().splitlines()]
             assert r["recall@1"] == max(x["recall@1"] for x in recs)
+            assert r["last_recall@1"] == recs[-1]["recall@1"] and r["last_map@r"] == recs[-1]["map@r"]
+            assert r.get("staleness_cosine") == recs[-1].get("staleness_cosine")  # no memory, no staleness
+            assert ("staleness_cosine" in r) == (method == "xbn")
+            assert r["early_epoch"] == 2 and r["early_recall@1"] == recs[1]["recall@1"]  # first epoch after the warm-up
     table = (tmp_path / "compare.md").read_text()
-    cell = f"{100 * result['summary']['xbn']['recall@1']['mean']:.2f} ± {100 * result['summary']['xbn']['recall@1']['std']:.2f}"
-    assert cell in table
+    for key in ("recall@1", "last_recall@1", "early_recall@1", "map@r", "last_map@r"):
+        s = result["summary"]["xbn"][key]
+        assert f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" in table.splitlines()[-1], key
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")]
+    assert rows == ["| Method", "| Raw pixels", "| Untrained net", "| No-XBM", "| XBN"]
+    assert "| Method | R@1 ep 2 | R@1 best | R@1 last | MAP@R best | MAP@R last |" in table
+    raw = result["baselines"]["summary"]["raw-pixels"]
+    assert f"| Raw pixels | {100 * raw['recall@1']['mean']:.2f} | {100 * raw['recall@1']['mean']:.2f} |" in table
     png = (tmp_path / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    # running the finished comparison again trains nothing and prints the same table
+    assert main(["compare", *tiny_argv(tmp_path), "--methods", "none,xbn", "--seeds", "2", "--resume"]) == 0
+    assert capsys.readouterr().out == printed and (tmp_path / "compare.md").read_text() == table
+
+
+def test_run_scores_best_last_and_early_against_plain_records():
+    from metric.compare import run_scores
+
+    recs = [{"epoch": 1, "phase": "warmup", "recall@1": 0.5, "map@r": 0.1},
+            {"epoch": 2, "recall@1": 0.8, "map@r": 0.3, "staleness_cosine": 0.9},
+            {"step": 7, "loss": 1.0},  # not an evaluation
+            {"epoch": 4, "recall@1": 0.8, "map@r": 0.4},  # a tie: the first best stays
+            {"epoch": 6, "recall@1": 0.7, "map@r": 0.35, "staleness_cosine": 0.75}]
+    got = run_scores(recs, early_epoch=3)
+    assert got == {"best_epoch": 2, "recall@1": 0.8, "map@r": 0.3, "last_epoch": 6, "last_recall@1": 0.7,
+                   "last_map@r": 0.35, "staleness_cosine": 0.75, "early_epoch": 4, "early_recall@1": 0.8}
+    assert run_scores(recs, early_epoch=1)["early_recall@1"] == 0.5
+    assert "early_epoch" not in run_scores(recs, early_epoch=7)
+    assert run_scores([{"step": 3, "loss": 1.0}]) == {}
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--early-epoch", "3"], "--early-epoch 3: expected an epoch in [1, 2] (--warmup-epochs 1 + --epochs 1)"),
+    (["--early-epoch", "0"], "--early-epoch 0: expected an epoch in [1, 2]"),
+    (["--jobs", "0"], "--jobs 0: expected an integer >= 1"),
+    (["--jobs", "2", "WORLD_SIZE=2"], "--jobs 2: runs side by side are not for torchrun"),
+])
+def test_compare_bad_early_epoch_or_jobs_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, extra, match):
+    for e in [e for e in extra if "=" in e]:
+        monkeypatch.setenv(*e.split("="))
+        extra = [x for x in extra if x != e]
+    assert main(["compare", *tiny_argv(tmp_path / "c"), "--methods", "xbn", "--seeds", "1", *extra]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
 
 
 def test_train_subcommand_and_errors(tmp_path, capsys):
@@ -93,3 +137,29 @@ def test_pretrained_path_loads_a_local_state_dict(tmp_path):
         build_model("resnet10t", 8, pretrained_path=str(tmp_path / "bad.pth"))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_model("resnet10t", 8, pretrained_path=str(tmp_path / "nope.pth"))
+
+
+def test_default_workers_never_exceed_the_cores(monkeypatch):
+    import metric.config as mc
+    from metric.config import resolve_config
+
+    folder = dict(dataset="folder", data_root="/nowhere")
+    monkeypatch.setattr(mc, "available_cores", lambda: 2)
+    assert resolve_config(MetricConfig(**folder)).workers == 2  # the paper's default 4, capped
+    assert resolve_config(MetricConfig(**folder, workers=8)).workers == 8  # a value the user gives is kept
+    assert resolve_config(MetricConfig(dataset="digits")).workers == 0
+    monkeypatch.setattr(mc, "available_cores", lambda: 16)
+    assert resolve_config(MetricConfig(**folder)).workers == 4
+
+
+def test_available_cores_falls_back_to_cpu_count(monkeypatch):
+    import os
+
+    from xbn_queue.training.cli import available_cores
+
+    assert available_cores() == (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert available_cores() == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert available_cores() == 1

@@ -163,7 +163,7 @@ def test_sigint_during_compare_publishes_no_wrong_table_and_resume_completes_it(
     assert "resumed from" in res.stderr and "| No-XBM |" in res.stdout and "±" not in res.stdout  # one seed: no "± 0.00"
     result = json.loads((out / "compare.json").read_text())
     assert all(r["complete"] for r in result["runs"]) and result["complete"] is True
-    assert (out / "compare.md").read_text().startswith("digits: one seed of the best epoch")
+    assert (out / "compare.md").read_text().startswith("digits: one seed; Recall@1 at an early epoch")
     for r in result["runs"]:
         recs = read_metrics(out / f"{r['method']}-seed{r['seed']}" / "metrics.jsonl")
         assert r["recall@1"] == max(x["recall@1"] for x in recs) and recs[-1]["step"] == 11
@@ -180,3 +180,26 @@ def test_sigint_during_compare_publishes_no_wrong_table_and_resume_completes_it(
     assert c2 == 2 and "incompatible" in e2 and "method: saved 'xbn', now 'xbm'" in e2 and len(e2.splitlines()) == 1
     assert c3 == 0 and "already complete" in e3 and "resumed" not in e3
     assert snapshot(run_dir) == before
+
+
+def test_jobs_two_equals_one_after_the_other_and_a_sigint_resumes(tmp_path):
+    """compare --jobs 2: every run its own process; Ctrl-C stops both, --resume finishes them, same numbers as --jobs 1."""
+    def argv(out, jobs):
+        return ["compare", *tiny_argv(out, warmup_epochs=0, checkpoint_every=4), "--methods", "xbm,xbn", "--seeds", "1",
+                "--jobs", str(jobs)]
+
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    for method in ("xbm", "xbn"):  # the runs one after the other, in this process
+        train(tiny_cfg(seq / f"{method}-seed0", method=method, warmup_epochs=0, checkpoint_every=4))
+    proc = start_and_wait_for_hang(par, step=4, argv=argv(par, 2))  # both runs stop at step 4 of 11
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "finish with: python -m metric compare" in err and "--jobs 2" in err and err.rstrip().endswith("--resume")
+    assert (par / "compare.md").read_text().startswith("INCOMPLETE: 2 run(s)")
+    steps = [load_checkpoint(p)["state"]["global_step"] for p in par.glob("*-seed0/last.pt")]  # a run still starting
+    assert steps and all(s < 11 for s in steps)  # up when the signal came has no checkpoint yet
+    res = run_cli(argv(par, 2) + ["--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for run in ("xbm-seed0", "xbn-seed0"):
+        assert read_metrics(par / run / "metrics.jsonl") == read_metrics(seq / run / "metrics.jsonl")

@@ -42,7 +42,7 @@ __all__ = [
     "UsageError", "RunError", "Range", "at_least", "above", "between", "check_ranges", "range_of",
     "check_output_dir", "holds_run", "prepare_output_dir", "default_run_dir", "choose_output_dir", "series_output_dir",
     "resume_command", "parse_choices",
-    "check_memory_fits", "device_capacity", "format_bytes", "one_line", "run_main", "warn",
+    "check_memory_fits", "device_capacity", "format_bytes", "one_line", "run_main", "warn", "available_cores",
     "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "RUN_FILES",
 ]
 
@@ -326,6 +326,15 @@ def resume_command(prog: str, package: str, argv: Sequence[str], output_dir: Uni
     if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in args):
         args += ["--output-dir", str(output_dir)]
     return shlex.join([*_display_prog(prog, package).split(), *args, "--resume"])
+
+
+# -------------------------------------------------------------------------------------- cores
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``), >= 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 # ------------------------------------------------------------------------------------- memory

@@ -31,19 +31,25 @@ naming incomplete runs. Use::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
+import re
+import signal
 import statistics
+import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import IO, Any, Optional, Union
 
-from xbn_queue.training.cli import UsageError, check_output_dir, holds_run
+from xbn_queue.training.cli import RunError, UsageError, available_cores, check_output_dir, holds_run
 
-__all__ = ["PlannedRun", "RunOutcome", "RunRecord", "SeriesReport", "run_series", "check_series_dir",
-           "holds_series", "mean_std", "format_mean_std", "incomplete_banner"]
+__all__ = ["PlannedRun", "RunOutcome", "RunRecord", "SeriesReport", "JobSlot", "job_slots", "visible_gpus", "run_series",
+           "check_series_dir", "holds_series", "mean_std", "format_mean_std", "incomplete_banner"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,14 +146,72 @@ def check_series_dir(path: Union[str, os.PathLike], plan: Sequence[PlannedRun], 
     check_output_dir(path, resume=resume, overwrite=overwrite, holds=lambda p: holds_series(p, plan))
 
 
+@dataclasses.dataclass(frozen=True)
+class JobSlot:
+    """The share of the machine of one of the runs that train side by side.
+
+    Attributes:
+        index: 0 .. jobs - 1.
+        threads: CPU threads the run may use (the cores split between the jobs, at least 1).
+        gpu: The value of ``CUDA_VISIBLE_DEVICES`` for the run (one GPU per job on a machine with
+            several), or ``None`` to leave the environment as it is.
+    """
+
+    index: int
+    threads: int
+    gpu: Optional[str] = None
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries (``[]`` without CUDA)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no torch / no driver: no GPU
+        return []
+
+
+def job_slots(jobs: int, cores: Optional[int] = None, gpus: Optional[Sequence[str]] = None) -> list[JobSlot]:
+    """Split the machine between ``jobs`` runs: ``cores // jobs`` threads each (at least 1), and with
+    more than one GPU, GPU ``i % len(gpus)`` for job ``i``.
+
+    Args:
+        jobs: Runs side by side (>= 1).
+        cores: CPU cores to split (default: :func:`~xbn_queue.training.cli.available_cores`).
+        gpus: ``CUDA_VISIBLE_DEVICES`` entries to hand out (default: :func:`visible_gpus`).
+    """
+    cores = available_cores() if cores is None else cores
+    gpus = visible_gpus() if gpus is None else list(gpus)
+    return [JobSlot(i, max(1, cores // jobs), gpus[i % len(gpus)] if len(gpus) > 1 else None) for i in range(jobs)]
+
+
 def run_series(plan: Sequence[PlannedRun], out: Union[str, os.PathLike],
                train_one: Callable[[PlannedRun, Path], RunOutcome], verbose: bool = True,
-               prog: str = "compare") -> SeriesReport:
-    """Train the planned runs in order, stopping the whole series on SIGINT / SIGTERM.
+               prog: str = "compare", jobs: int = 1,
+               command: Optional[Callable[[PlannedRun, Path, JobSlot], list[str]]] = None,
+               env: Optional[Mapping[str, str]] = None) -> SeriesReport:
+    """Train the planned runs, in order or ``jobs`` at a time, stopping the whole series on SIGINT / SIGTERM.
 
-    Signals that arrive while a run trains are handled by the trainer (checkpoint, then it returns an
-    outcome with ``signal`` set); signals that arrive between runs are caught here. Either way no
-    further run starts. A second Ctrl-C raises ``KeyboardInterrupt`` at once.
+    With ``jobs == 1`` each run is ``train_one`` in this process. Signals that arrive while a run
+    trains are handled by the trainer (checkpoint, then it returns an outcome with ``signal`` set);
+    signals that arrive between runs are caught here. Either way no further run starts. A second
+    Ctrl-C raises ``KeyboardInterrupt`` at once.
+
+    With ``jobs > 1`` each run is its own process, ``command(run, run_dir, slot)``, started in plan
+    order as soon as one of the ``jobs`` slots (:func:`job_slots`) is free, in its own session (so a
+    Ctrl-C at the terminal reaches this process only), with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``
+    set to the slot's threads and ``CUDA_VISIBLE_DEVICES`` to its GPU. Its output lines are copied
+    to stderr behind ``[<run name>]``. The process must exit 0 when the run finished and 128 + N
+    when signal N stopped it after its checkpoint (2: bad input, else: failed). A signal here is
+    passed on to every running process as SIGTERM, which checkpoints and stops (a process still
+    starting up ends at once, before it wrote anything); no further run starts, and the series
+    reports the signal it received. A second Ctrl-C passes SIGINT on (a trainer then stops without
+    its checkpoint) and raises ``KeyboardInterrupt``. When a run fails, no further run starts, the running ones finish, and
+    the failure is raised.
 
     Args:
         plan: The runs.
@@ -155,14 +219,27 @@ def run_series(plan: Sequence[PlannedRun], out: Union[str, os.PathLike],
         train_one: ``(run, run_dir) -> RunOutcome``; it decides fresh / resume / overwrite.
         verbose: Print one line per run to stderr.
         prog: Prefix of those lines.
+        jobs: Runs side by side (``command`` is required when > 1).
+        command: ``(run, run_dir, slot) -> argv`` of a process that trains ``run`` in ``run_dir``.
+        env: Further environment variables of those processes.
 
     Returns:
         A :class:`SeriesReport` (one record per planned run).
+
+    Raises:
+        UsageError: ``jobs < 1``, or ``jobs > 1`` without ``command``; a run's process exited 2.
+        RunError: a run's process failed (exit status 1, or killed).
     """
     from xbn_queue.training.signals import GracefulExit
 
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: expected an integer >= 1")
     out = Path(out)
     records = [RunRecord(r, out / r.name) for r in plan]
+    if jobs > 1 and records:
+        if command is None:
+            raise UsageError("run_series: jobs > 1 needs a command that trains one run in its own process")
+        return _run_parallel(records, command, job_slots(min(jobs, len(records))), dict(env or {}), verbose, prog)
     signal_number: Optional[int] = None
     with GracefulExit(enabled=True, verbose=verbose) as stop:
         for i, rec in enumerate(records):
@@ -178,6 +255,111 @@ def run_series(plan: Sequence[PlannedRun], out: Union[str, os.PathLike],
         if signal_number is None and stop.requested:
             signal_number = stop.signum
     return SeriesReport(records, signal_number)
+
+
+class _Job:
+    """One run's process and the threads that copy its output."""
+
+    def __init__(self, rec: RunRecord, slot: JobSlot, argv: list[str], env: Mapping[str, str]) -> None:
+        self.rec, self.slot, self.t0 = rec, slot, time.time()
+        self.tail: collections.deque[str] = collections.deque(maxlen=5)
+        self.proc = subprocess.Popen(argv, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     bufsize=1, start_new_session=True)
+        self.copiers = [threading.Thread(target=self._copy, args=(stream, keep), daemon=True)
+                        for stream, keep in ((self.proc.stdout, False), (self.proc.stderr, True))]
+        for t in self.copiers:
+            t.start()
+
+    def _copy(self, stream: IO[str], keep: bool) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            if keep and line.strip():
+                self.tail.append(line)
+            print(f"[{self.rec.run.name}] {line}", file=sys.stderr, flush=True)
+
+    def finish(self) -> int:
+        for t in self.copiers:
+            t.join()
+        return int(self.proc.wait())
+
+
+def _job_env(slot: JobSlot, env: Mapping[str, str]) -> dict[str, str]:
+    out = {**os.environ, **env, "OMP_NUM_THREADS": str(slot.threads), "MKL_NUM_THREADS": str(slot.threads)}
+    if slot.gpu is not None:
+        out["CUDA_VISIBLE_DEVICES"] = slot.gpu
+    return out
+
+
+def _run_parallel(records: list[RunRecord], command: Callable[[PlannedRun, Path, JobSlot], list[str]],
+                  slots: list[JobSlot], env: Mapping[str, str], verbose: bool, prog: str) -> SeriesReport:
+    """:func:`run_series` with one process per run, ``len(slots)`` at a time."""
+    from xbn_queue.training.signals import GracefulExit
+
+    pending = collections.deque(enumerate(records))
+    free = list(reversed(slots))
+    running: list[_Job] = []
+    failure: Optional[Exception] = None
+    passed_on = False
+    with GracefulExit(enabled=True, verbose=verbose) as stop:
+        try:
+            while running or (pending and not stop.requested and failure is None):
+                if stop.requested and not passed_on:
+                    for job in running:  # SIGTERM: checkpoint and stop (no traceback from one still starting up)
+                        job.proc.send_signal(signal.SIGTERM)
+                    passed_on = True
+                while pending and free and not stop.requested and failure is None:
+                    i, rec = pending.popleft()
+                    slot = free.pop()
+                    if verbose:
+                        gpu = f", GPU {slot.gpu}" if slot.gpu is not None else ""
+                        print(f"[{prog}] run {i + 1}/{len(records)}: {rec.run.name} -> {rec.output_dir} (job "
+                              f"{slot.index + 1}/{len(slots)}, {slot.threads} thread(s){gpu})", file=sys.stderr, flush=True)
+                    running.append(_Job(rec, slot, command(rec.run, rec.output_dir, slot), _job_env(slot, env)))
+                if not pending or not free or stop.requested or failure is not None:
+                    time.sleep(0.05)
+                for job in [j for j in running if j.proc.poll() is not None]:
+                    running.remove(job)
+                    free.append(job.slot)
+                    outcome, err = _job_outcome(job, job.finish(), passed_on)
+                    job.rec.outcome = outcome
+                    failure = failure or err
+                    if outcome is not None and outcome.signal is not None and not stop.requested:
+                        stop.request(outcome.signal)  # a run stopped by a signal stops the series, as one after the other
+        except BaseException:  # a second Ctrl-C (or an error here): stop every run now, then let it rise
+            for job in running:
+                if job.proc.poll() is None:
+                    job.proc.send_signal(signal.SIGINT)
+            for job in running:
+                try:
+                    job.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    job.proc.kill()
+                    job.proc.wait()
+            raise
+    if failure is not None:
+        raise failure
+    return SeriesReport(records, stop.signum if stop.requested else None)
+
+
+def _job_outcome(job: _Job, code: int, passed_on: bool) -> tuple[Optional[RunOutcome], Optional[Exception]]:
+    """The outcome of a run's process from its exit status, or the error its failure raises.
+
+    ``passed_on``: this series sent the process SIGTERM; one that it ended before the trainer's
+    handler was installed (status ``-15``) counts as stopped by that signal.
+    """
+    result = {"seconds": round(time.time() - job.t0, 1)}
+    last = re.sub(r"^\S+: error: ", "", job.tail[-1]) if job.tail else "no output"
+    name = job.rec.run.name
+    if code == 0:
+        return RunOutcome(complete=True, result=result), None
+    if code > 128 and code - 128 in {s.value for s in signal.Signals}:
+        return RunOutcome(complete=False, signal=code - 128, result=result), None
+    if passed_on and code == -signal.SIGTERM:
+        return RunOutcome(complete=False, signal=signal.SIGTERM, result=result), None
+    if code == 2:
+        return None, UsageError(f"run {name}: {last}")
+    why = f"was killed by signal {-code}" if code < 0 else f"failed (exit status {code})"
+    return None, RunError(f"run {name} {why}: {last}")
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:

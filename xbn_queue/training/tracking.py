@@ -369,6 +369,7 @@ def plot_compare(
     png_path: PathLike,
     xlabel: str = "epoch",
     title: Optional[str] = None,
+    hlines: Optional[Mapping[str, Mapping[str, float]]] = None,
 ) -> Path:
     """Plot several methods' curves as mean ± std over seeds, one panel per metric.
 
@@ -383,6 +384,8 @@ def plot_compare(
         png_path: Output PNG (parent directories are created).
         xlabel: Label of the horizontal axis.
         title: Optional figure title.
+        hlines: ``{ylabel: {label: y}}``: reference values drawn as dashed horizontal lines in the
+            panel of that ``ylabel`` (e.g. baselines that do not depend on the epoch).
 
     Returns:
         ``png_path`` as a ``Path``.
@@ -419,6 +422,8 @@ def plot_compare(
             if any(t[3] > 1 for t in stats):
                 ax.fill_between(xs, [m - t[2] for m, t in zip(means, stats)], [m + t[2] for m, t in zip(means, stats)],
                                 color=line.get_color(), alpha=0.2, linewidth=0)
+        for j, (label, y) in enumerate((hlines or {}).get(ylabel, {}).items()):
+            ax.axhline(y, linestyle="--", linewidth=1, color=("grey", "black", "brown", "olive")[j % 4], label=label)
         _style(ax, xlabel, ylabel)
     return _save(fig, png_path, title)
 

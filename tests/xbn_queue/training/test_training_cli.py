@@ -249,3 +249,89 @@ def test_series_output_dir_given_new_or_refused_resume(tmp_path):
     assert new.parent == tmp_path and new.name.startswith("sweep-digits-") and not new.exists()
     with pytest.raises(UsageError, match="sweep --resume: give the sweep folder"):
         series_output_dir(None, True, tmp_path, "sweep", "digits")
+
+
+_CHILD = """
+import json, os, pathlib, signal, sys, time
+d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)
+(d / "env.json").write_text(json.dumps({k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "EXTRA")}))
+print("hello from", d.name, flush=True)
+mode = sys.argv[2]
+if mode in ("wait", "starting"):  # a trainer (checkpoint on SIGTERM, exit 128 + 15), or one still starting up
+    if mode == "wait":
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+    (d / "ready").write_text("1")
+    while True:
+        time.sleep(0.02)
+if mode in ("fail", "bad"):
+    print("xbn-x: error: " + ("disk full" if mode == "fail" else "--foo 3: no"), file=sys.stderr)
+sys.exit({"fail": 1, "bad": 2}.get(mode, 0))
+"""
+
+
+def _child_command(modes):
+    import sys
+
+    return lambda run, run_dir, slot: [sys.executable, "-c", _CHILD, str(run_dir), modes[run.name]]
+
+
+def test_job_slots_split_cores_and_hand_out_gpus():
+    from xbn_queue.training.series import JobSlot, job_slots
+
+    assert job_slots(2, cores=5, gpus=[]) == [JobSlot(0, 2, None), JobSlot(1, 2, None)]
+    assert [s.threads for s in job_slots(3, cores=2, gpus=[])] == [1, 1, 1]  # at least one thread
+    assert [s.gpu for s in job_slots(4, cores=8, gpus=["3", "5", "7"])] == ["3", "5", "7", "3"]
+    assert [s.gpu for s in job_slots(2, cores=8, gpus=["0"])] == [None, None]  # one GPU: shared, environment untouched
+
+
+def test_parallel_series_runs_each_run_in_its_own_process_with_its_share(tmp_path, monkeypatch, capfd):
+    import json
+
+    import xbn_queue.training.series as series
+
+    monkeypatch.setattr(series, "available_cores", lambda: 4)
+    monkeypatch.setattr(series, "visible_gpus", lambda: ["0", "1"])
+    plan = [PlannedRun(f"r{i}", {}) for i in range(3)]
+    report = run_series(plan, tmp_path, None, verbose=True, jobs=2, command=_child_command({r.name: "ok" for r in plan}),
+                        env={"EXTRA": "x"})
+    assert report.complete and report.exit_code == 0
+    envs = [json.loads((tmp_path / r.name / "env.json").read_text()) for r in plan]
+    assert all(e["OMP_NUM_THREADS"] == "2" and e["EXTRA"] == "x" for e in envs)
+    assert {envs[0]["CUDA_VISIBLE_DEVICES"], envs[1]["CUDA_VISIBLE_DEVICES"]} == {"0", "1"}
+    err = capfd.readouterr().err
+    assert "[r0] hello from r0" in err and "run 3/3: r2" in err and "(job 2/2, 2 thread(s), GPU" in err
+
+
+def test_parallel_series_passes_a_signal_on_and_starts_nothing_more(tmp_path):
+    import os
+    import threading
+    import time
+
+    plan = [PlannedRun(f"r{i}", {}) for i in range(3)]
+
+    def interrupt():
+        deadline = time.time() + 60
+        while time.time() < deadline and not all((tmp_path / f"r{i}" / "ready").exists() for i in (0, 1)):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches the series only (its runs have their own session)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    modes = {"r0": "wait", "r1": "starting", "r2": "wait"}  # r1 ends at SIGTERM's default action: stopped too
+    report = run_series(plan, tmp_path, None, verbose=False, jobs=2, command=_child_command(modes))
+    assert report.exit_code == 130 and report.incomplete() == ["r0", "r1", "r2"]
+    assert [r.outcome.signal if r.outcome else None for r in report.records] == [signal.SIGTERM, signal.SIGTERM, None]
+    assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("mode,error,match", [("fail", "RunError", r"run r0 failed \(exit status 1\): disk full$"),
+                                              ("bad", "UsageError", r"run r0: --foo 3: no$")])
+def test_parallel_series_raises_a_failed_run(tmp_path, mode, error, match):
+    from xbn_queue.training import cli
+
+    plan = [PlannedRun("r0", {}), PlannedRun("r1", {})]
+    with pytest.raises(getattr(cli, error), match=match):
+        run_series(plan, tmp_path, None, verbose=False, jobs=2, command=_child_command({"r0": mode, "r1": "ok"}))
+    with pytest.raises(UsageError, match="--jobs 0: expected an integer >= 1"):
+        run_series(plan, tmp_path, None, jobs=0)
+    with pytest.raises(UsageError, match="jobs > 1 needs a command"):
+        run_series(plan, tmp_path, None, jobs=2)
