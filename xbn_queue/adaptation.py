@@ -187,7 +187,7 @@ class AXBN(Adaptation):
                 p.copy_(p0) if isinstance(p0, Tensor) else p.fill_(p0)
                 k.zero_()
             elif isinstance(r, float) and r > 0 and isinstance(q, float):
-                F.kalman_step_(u, p, k, v, q, r, update_gain)  # 5 element-wise kernels, in place
+                F.kalman_step_(u, p, k, v, q, r, update_gain)  # 6 element-wise kernels (4 with a held gain), in place
             else:  # "auto" noise or r == 0 (guarded gain)
                 u_new, p_new, k_new = F.kalman_step(u, p, k, v, q, r, update_gain=update_gain)
                 u.copy_(u_new)

@@ -15,8 +15,9 @@ Everything a reader needs to check the implementation against the paper lives he
 * :func:`batch_moments`, :func:`xbn_step_`, :func:`frame_step_`, :func:`kalman_step_`,
   :func:`update_sums_` - the O(D) bookkeeping of one queue step written as few, fusable tensor
   operations with no host synchronisation. Like ``torch.optim``'s functional API they update the
-  state tensors they are given in place (and ``torch.compile`` fuses them into one or two kernels);
-  they keep no state of their own.
+  state tensors they are given in place (the queue compiles :func:`xbn_step_` / :func:`frame_step_`
+  on CUDA, where ``torch.compile`` fuses each into one or two kernels; :func:`kalman_step_` runs
+  eagerly); they keep no state of their own.
 
 No function here keeps state or touches a module; :mod:`xbn_queue.adaptation` owns the state.
 """
@@ -184,7 +185,8 @@ def kalman_step_(
 ) -> None:
     """:func:`kalman_step` in place on ``u``, ``p``, ``k`` (``(D,)`` each), for scalar noises ``q >= 0``, ``r > 0``.
 
-    Six element-wise kernels (the queue's steady-state step); ``v`` may have a wider dtype than ``u``.
+    Six element-wise kernels (four when the gain is held), run eagerly by the queue's steady-state
+    step; ``v`` may have a wider dtype than ``u``.
 
     Args:
         u, p, k: ``(D,)`` estimate, estimation variance and gain, updated in place.

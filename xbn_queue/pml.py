@@ -138,8 +138,8 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
 
         Rows in storage order (row ``i`` is memory position ``i``); rows never written are zeros, as in
         PML. In the dtype of the last embeddings given (float32 before the first call), as PML casts its
-        memory to the embeddings' dtype at every call, on the memory's device. Read-only: a copy, so
-        writing to it does not change the memory (PML code only reads it).
+        memory to the embeddings' dtype at every call, on the memory's device. A copy: writing into it
+        does not change the memory; assigning to the attribute does (see the setter).
         """
         n = len(self.queue)
         out = torch.zeros(
@@ -148,11 +148,47 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         out[:n] = self.queue.valid_memory()  # (n, D), cast on the copy
         return out
 
+    @embedding_memory.setter
+    def embedding_memory(self, value: Tensor) -> None:
+        """``loss.embedding_memory = rows``: replace the stored rows, as PML users do to move or cast it.
+
+        ``rows`` is (memory_size, embedding_size), any floating dtype; it is stored in the queue's
+        storage dtype, the memory moves to its device, and later reads come back in its dtype (as
+        PML's attribute would). The number of rows counted as filled does not change; the running
+        statistics are recomputed at the next adaptation.
+
+        Raises:
+            ValueError: if ``rows`` is not a floating (memory_size, embedding_size) tensor.
+        """
+        shape = (self.memory_size, self.embedding_size)
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
+            got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"embedding_memory must be a floating tensor of shape {shape}, got {got}")
+        self._follow_device(value.device)
+        self.queue.replace_rows(value)
+        self._memory_dtype = value.dtype
+
     @property
     def label_memory(self) -> Tensor:
         """(memory_size,) copy of the labels of the whole memory (zeros where never written), as PML's
-        attribute of that name, in the dtype of the last labels given (int64 before the first call)."""
+        attribute of that name, in the dtype of the last labels given (int64 before the first call).
+        Assigning an integer (memory_size,) tensor replaces the stored labels (``ValueError`` otherwise)."""
         return self.queue.label_memory.to(dtype=self._label_dtype, copy=True)
+
+    @label_memory.setter
+    def label_memory(self, value: Tensor) -> None:
+        shape = (self.memory_size,)
+        if (
+            not isinstance(value, Tensor)
+            or tuple(value.shape) != shape
+            or value.is_floating_point()
+            or value.is_complex()
+        ):
+            got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"label_memory must be an integer tensor of shape {shape}, got {got}")
+        self._follow_device(value.device)
+        self.queue.replace_labels(value)
+        self._label_dtype = value.dtype
 
     def reset_queue(self) -> None:
         """Empty the memory (rows, labels, pointer and adaptation state)."""

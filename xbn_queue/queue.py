@@ -97,6 +97,9 @@ class AdaptiveQueue(nn.Module):
             every rank holds the same memory. A no-op without a process group. Every rank must
             then call the state-changing methods in lockstep.
         dtype: Storage dtype of the rows (float32 by default). Values read back are float32.
+            ``torch.float64`` keeps everything in float64: inputs are converted to float64 (not
+            float32), the statistics, the affine map and the adaptation's state (e.g. the AXBN
+            filters) are float64, and the rows are read back as float64.
             ``torch.bfloat16`` / ``torch.float16`` halve the memory; their statistics and map are
             float32 / float64, and the rows are read back as float32 (``valid_memory()`` then
             returns a materialised float32 tensor rather than a view).
@@ -114,7 +117,10 @@ class AdaptiveQueue(nn.Module):
               as ``RuntimeError: CUDA error: device-side assert triggered`` and leaves the CUDA
               context unusable (the process must restart), like any failed device assertion.
             * ``"off"``: no finiteness check (non-finite rows would then spread into the memory).
-            * ``"auto"`` (default): ``"sync"`` for a memory on the CPU, ``"device"`` otherwise.
+            * ``"auto"`` (default): ``"sync"`` for a memory on the CPU (a host read costs nothing
+              there); otherwise ``"device"`` for an adapting memory and ``"off"`` for
+              ``adaptation="none"``, whose rows are never mixed, so a non-finite row cannot spread
+              (plain XBM then costs what an upstream memory costs, with no extra kernel).
         compile: Run the O(D) bookkeeping of a steady-state step through ``torch.compile``
             (fused kernels). ``None`` (default): on for a CUDA memory, off on CPU; the
             environment variable ``XBN_QUEUE_COMPILE=0`` turns it off, ``=1`` on by default. A
@@ -166,6 +172,8 @@ class AdaptiveQueue(nn.Module):
             kalman_r=kalman_r,
             kalman_gain_every=kalman_gain_every,
         )
+        if dtype == torch.float64:
+            self.adaptation.to(torch.float64)  # filter state in float64 too
         self.register_buffer("memory", torch.zeros(self.size, self.dim, dtype=dtype))  # (M, D)
         self.register_buffer("label_memory", torch.zeros(self.size, dtype=torch.long))  # (M,)
         self.register_buffer("id_memory", torch.zeros(self.size, dtype=torch.long))  # (M,)
@@ -205,6 +213,12 @@ class AdaptiveQueue(nn.Module):
     def _fixed_frame(self) -> bool:
         return self.memory.dtype in _FIXED_FRAME_DTYPES
 
+    @property
+    def read_dtype(self) -> torch.dtype:
+        """The dtype rows are read back in and inputs are converted to: float64 for a float64
+        memory, float32 otherwise."""
+        return torch.float64 if self.memory.dtype == torch.float64 else torch.float32
+
     def _materialize(self, n: int) -> Tensor:
         """``(n, dim)`` float32 rows of a fixed-frame memory: ``raw * frame_scale + frame_shift``."""
         raw = self.memory[:n]  # (n, D) bf16 / fp16
@@ -212,10 +226,10 @@ class AdaptiveQueue(nn.Module):
 
     @property
     def embeddings(self) -> Tensor:
-        """``(n, dim)`` float32 copy of the valid rows, in storage order."""
+        """``(n, dim)`` copy of the valid rows, in storage order, in :attr:`read_dtype`."""
         if self._fixed_frame:
             return self._materialize(len(self))
-        return self.memory[: len(self)].to(torch.float32, copy=True)
+        return self.memory[: len(self)].to(self.read_dtype, copy=True)
 
     @property
     def labels(self) -> Optional[Tensor]:
@@ -237,17 +251,21 @@ class AdaptiveQueue(nn.Module):
         """
         if self._fixed_frame:
             return self._materialize(len(self))
-        return self.memory[: len(self)]
+        return self.memory if self._n == self.size else self.memory[: self._n]  # no slice op when full
 
     def valid_labels(self) -> Tensor:
         """``(n,)`` live view of the valid labels (zeros if labels were never given); see :meth:`valid_memory`."""
-        return self.label_memory[: len(self)]
+        return self.label_memory if self._n == self.size else self.label_memory[: self._n]
 
     # ------------------------------------------------------------------ checks
-    def _validate_mode(self) -> str:
+    def _validate_mode(self, device: Optional[torch.device] = None) -> str:
+        """The validation mode in force (``device``: for a memory there, default its own)."""
         if self.validate != "auto":
             return self.validate
-        return "sync" if self.memory.device.type == "cpu" else "device"
+        device = self.memory.device if device is None else torch.device(device)
+        if device.type == "cpu":
+            return "sync"
+        return "device" if self.adaptation.active else "off"
 
     def _check_embeddings(self, x: Tensor, what: str) -> Tensor:
         if not isinstance(x, Tensor):
@@ -265,10 +283,11 @@ class AdaptiveQueue(nn.Module):
                 raise ValueError(f"{what}: expected finite values, got NaN or Inf in {bad} of {x.shape[0]} rows")
         elif mode == "device":
             # The float64 sum of float32 values cannot overflow: it is finite iff every entry is,
-            # and ``sum * 0 == 0`` exactly then (NaN otherwise). Four small kernels, no host read.
+            # and ``sum * 0 == 0`` exactly then (NaN otherwise). Four small kernels, no host read
+            # (``torch.isfinite`` would be four too: it is a composite of abs / eq / mul / ne).
             ok = x.sum(dtype=torch.float64).mul_(0).eq_(0)
             torch._assert_async(ok, f"{what}: expected finite values, got NaN or Inf")
-        return x.to(device=self.memory.device, dtype=torch.float32)
+        return x.to(device=self.memory.device, dtype=self.read_dtype)
 
     def _check_index(self, x: Optional[Tensor], n: int, what: str) -> Optional[Tensor]:
         if x is None:
@@ -508,6 +527,43 @@ class AdaptiveQueue(nn.Module):
         if self.adaptation.active and n_old == 0:
             self._sync_stats(b)  # the first rows: exact sums, about a stored row
         return pos
+
+    @torch.no_grad()
+    def replace_rows(self, rows: Tensor) -> None:
+        """Overwrite every row of the memory (valid or not) with ``rows``, in the storage dtype.
+
+        The fill count, labels, ids and pointer stay; the running statistics are recomputed exactly
+        at the next adaptation. For integrations that expose the whole memory as an assignable
+        attribute (PML's ``embedding_memory``).
+
+        Args:
+            rows: ``(size, dim)`` floating tensor, on any device (moved to the memory's).
+
+        Raises:
+            ValueError: Wrong shape or a non-floating dtype.
+        """
+        if not isinstance(rows, Tensor) or tuple(rows.shape) != (self.size, self.dim) or not rows.is_floating_point():
+            got = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+            raise ValueError(f"rows: expected a floating tensor of shape ({self.size}, {self.dim}), got {got}")
+        rows = rows.to(device=self.memory.device)
+        if self._fixed_frame:
+            rows = (rows.to(torch.float64) - self.frame_shift) / self.frame_scale  # (M, D) raw, in the frame
+        self.memory.copy_(rows)
+        self._synced = False
+        self.stat_synced.fill_(False)
+
+    @torch.no_grad()
+    def replace_labels(self, labels: Tensor) -> None:
+        """Overwrite every stored label with ``labels`` (``(size,)`` integers); see :meth:`replace_rows`.
+
+        Raises:
+            ValueError: Wrong shape or a non-integer dtype.
+        """
+        labels = self._check_index(labels, self.size, "labels")
+        self.label_memory.copy_(labels)
+        if self._n > 0 and not self._has_labels:
+            self._has_labels = True
+            self.has_labels.fill_(True)
 
     @torch.no_grad()
     def update(self, embeddings: Tensor, labels: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> Tensor:
