@@ -47,7 +47,28 @@ from . import distributed as xdist
 from ._compat import follow_device
 from .queue import AdaptiveQueue
 
-__all__ = ["AdaptiveCrossBatchMemory"]
+__all__ = ["AdaptiveCrossBatchMemory", "remove_same_id_pairs"]
+
+
+def remove_same_id_pairs(indices_tuple: Tuple[Tensor, ...], same: Tensor) -> Tuple[Tensor, ...]:
+    """Drop from a PML indices tuple every pair of an anchor and a reference row of the same sample.
+
+    Args:
+        indices_tuple: ``(a1, p, a2, n)`` pairs or ``(a, p, n)`` triplets; anchors index the batch,
+            the others the reference rows (the memory).
+        same: ``(B, n)`` bool, ``same[i, j]`` where anchor ``i`` and reference row ``j`` are one sample.
+
+    Returns:
+        The tuple without those pairs (a triplet goes when its positive or its negative is one);
+        like PML's ``remove_self_comparisons``, boolean selection (a host synchronisation on a GPU).
+    """
+    if len(indices_tuple) == 4:
+        a1, p, a2, n = indices_tuple
+        keep_p, keep_n = ~same[a1, p], ~same[a2, n]  # (P,), (N,)
+        return a1[keep_p], p[keep_p], a2[keep_n], n[keep_n]
+    a, p, n = indices_tuple
+    keep = ~(same[a, p] | same[a, n])  # (T,)
+    return a[keep], p[keep], n[keep]
 
 
 class AdaptiveCrossBatchMemory(CrossBatchMemory):
@@ -61,6 +82,11 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         adaptation: ``"none"`` (plain XBM), ``"xbn"`` (Eq. 6) or ``"axbn"`` (Kalman, Eq. 18-23).
         add_batch_loss: also add the plain loss on the batch itself (the paper's XBM*): the miner
             (if any) is applied to the batch and ``loss(embeddings, labels, batch_indices)`` is added.
+        mask_same_ids: remove from the (mined or all) pairs / triplets every pair of an anchor and a
+            stored row of the same sample (an older embedding of it, enqueued in an earlier step),
+            found by the ``ids`` given to ``forward``. The rows written by the current call are kept
+            (PML's self-comparison removal already drops each row's own copy; with ``enqueue_mask``
+            they are the anchors' positives). Off by default (PML's behaviour).
         **queue_kwargs: passed to :class:`~xbn_queue.AdaptiveQueue` (``eps``, ``kalman_*``,
             ``gather_distributed``, ``dtype``, ...). With ``gather_distributed=True`` every rank
             enqueues the batches of all ranks and computes the loss of its own rows against that
@@ -86,6 +112,7 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         miner: Optional[torch.nn.Module] = None,
         adaptation: str = "xbn",
         add_batch_loss: bool = False,
+        mask_same_ids: bool = False,
         **queue_kwargs: Any,
     ) -> None:
         # Skip CrossBatchMemory.__init__ (it allocates PML's own memory buffers); BaseLossWrapper
@@ -97,6 +124,7 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         self.memory_size = int(memory_size)
         self.adaptation = adaptation
         self.add_batch_loss = bool(add_batch_loss)
+        self.mask_same_ids = bool(mask_same_ids)
         self.queue = AdaptiveQueue(
             size=self.memory_size, dim=self.embedding_size, adaptation=adaptation, **queue_kwargs
         )
@@ -222,15 +250,16 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
                 only the other rows are the loss's anchors (no self-comparison removal), as in PML.
             ids: optional (B,) integer sample ids, stored beside the enqueued rows (an extension of PML's
                 signature) so that :func:`xbn_queue.drift.queue_staleness` can compare the memory with fresh
-                embeddings; once given, pass them on every call (until ``reset_queue()``).
+                embeddings, and ``mask_same_ids`` can find older rows of the same sample; once given, pass
+                them on every call (until ``reset_queue()``). Required with ``mask_same_ids``.
 
         Returns:
             Scalar loss (plus the plain batch loss when ``add_batch_loss``).
 
         Raises:
             ValueError: on ``indices_tuple`` together with ``enqueue_mask``, embeddings that are not
-                (B, embedding_size), labels, mask or ids of another length, or more rows to enqueue than
-                ``memory_size``.
+                (B, embedding_size), labels, mask or ids of another length, more rows to enqueue than
+                ``memory_size``, or ``mask_same_ids`` without ids.
         """
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
@@ -245,6 +274,9 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             )
         if ids is not None and (not isinstance(ids, Tensor) or ids.shape != (embeddings.shape[0],)):
             raise ValueError(f"ids must be (B={embeddings.shape[0]},), got {tuple(getattr(ids, 'shape', ()))}")
+        if self.mask_same_ids and ids is None:
+            raise ValueError("ids are required with mask_same_ids=True: pass loss_fn(embeddings, labels, ids=sample_ids)")
+        anchor_ids = ids
         self.reset_stats()
         device = embeddings.device
         labels = c_f.to_device(labels, device=device)
@@ -259,6 +291,7 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             emb_for_queue = embeddings[enqueue_mask]  # (Bq, D)
             labels_for_queue = labels[enqueue_mask]  # (Bq,)
             ids_for_queue = ids[enqueue_mask.to(ids.device)] if ids is not None else None
+            anchor_ids = ids[~enqueue_mask.to(ids.device)] if ids is not None else None
             embeddings = embeddings[~enqueue_mask]  # (Ba, D) anchors
             labels = labels[~enqueue_mask]
             do_remove_self_comparisons = False
@@ -283,6 +316,9 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         mem_indices = self.create_indices_tuple(
             embeddings, labels, E_mem, L_mem, indices_tuple, do_remove_self_comparisons
         )
+        if self.mask_same_ids:
+            same = self.queue.same_id_mask(anchor_ids, exclude=self.curr_batch_idx)  # (Ba, n)
+            mem_indices = remove_same_id_pairs(mem_indices, same)
         loss = self.loss(embeddings, labels, mem_indices, E_mem, L_mem)
         if self.add_batch_loss:
             loss = loss + self._batch_loss(embeddings, labels, indices_tuple)

@@ -257,6 +257,35 @@ class AdaptiveQueue(nn.Module):
         """``(n,)`` live view of the valid labels (zeros if labels were never given); see :meth:`valid_memory`."""
         return self.label_memory if self._n == self.size else self.label_memory[: self._n]
 
+    def same_id_mask(self, ids: Tensor, exclude: Optional[Tensor] = None) -> Tensor:
+        """``(B, n)`` bool: ``mask[i, j]`` is True where stored row ``j`` holds the sample ``ids[i]``.
+
+        A sample's own older embeddings in the memory are not negatives of its new embedding; a loss
+        leaves the masked rows out. Element-wise on the device: no host synchronisation.
+
+        Args:
+            ids: ``(B,)`` integer sample ids of the queries.
+            exclude: optional ``(k,)`` int64 row positions never masked, e.g. the rows the current
+                batch was just written to (:meth:`update`'s return), which hold the queries' own
+                positives rather than older copies.
+
+        Returns:
+            ``(B, n)`` bool on the memory's device, columns in storage order (as :meth:`valid_memory`).
+
+        Raises:
+            ValueError: If the stored rows carry no ids, or ``ids`` is not ``(B,)`` integers.
+        """
+        if not isinstance(ids, Tensor) or ids.ndim != 1:
+            raise ValueError(f"ids: expected a (B,) integer tensor, got {tuple(getattr(ids, 'shape', ()))}")
+        ids = self._check_index(ids, ids.shape[0], "ids")
+        if self._n > 0 and not self._has_ids:
+            raise ValueError("same_id_mask: the stored rows carry no ids; pass ids to every enqueue")
+        stored = self.id_memory if self._n == self.size else self.id_memory[: self._n]  # (n,)
+        mask = ids[:, None] == stored[None, :]  # (B, n)
+        if exclude is not None:
+            mask.index_fill_(1, exclude.to(device=mask.device, dtype=torch.long), False)
+        return mask
+
     # ------------------------------------------------------------------ checks
     def _validate_mode(self, device: Optional[torch.device] = None) -> str:
         """The validation mode in force (``device``: for a memory there, default its own)."""

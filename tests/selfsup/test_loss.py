@@ -113,6 +113,56 @@ def test_raw_mode_equals_pml_moco_example_step_by_step(adaptation):
         torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-4, atol=1e-6)
 
 
+def ref_ntxent_excluding(queries, memory, positives, excluded, t):
+    """``ref_ntxent`` with the rows ``excluded[i]`` left out of query i's denominator."""
+    total = 0.0
+    for i, q in enumerate(queries):
+        qn = math.sqrt(sum(x * x for x in q))
+        sims = {}
+        for j, m in enumerate(memory):
+            if j in excluded[i]:
+                continue
+            mn = math.sqrt(sum(x * x for x in m))
+            sims[j] = sum(a * b for a, b in zip(q, m)) / (qn * mn) / t
+        top = max(sims.values())
+        lse = top + math.log(sum(math.exp(v - top) for v in sims.values()))
+        total += lse - sims[positives[i]]
+    return total / len(queries)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_raw_mode_leaves_older_keys_of_the_same_image_out_of_the_negatives(mask):
+    g = torch.Generator().manual_seed(5)
+    size, dim, b, n_images = 12, 3, 4, 6
+    crit = RawKeyMoCoLoss(size, dim, 0.2, "none", mask_same_ids=mask)
+    stored = [None] * size  # sample id per row, by hand
+    ptr, total_same = 0, 0
+    for step in range(6):
+        ids = torch.randperm(n_images, generator=g)[:b]
+        q, k = torch.randn(b, dim, generator=g), torch.randn(b, dim, generator=g)
+        loss = crit(q, k, ids=ids)
+        positions = [(ptr + i) % size for i in range(b)]
+        for p, i in zip(positions, ids.tolist()):
+            stored[p] = i
+        ptr = (ptr + b) % size
+        rows = crit.queue.embeddings.double().tolist()
+        same = [{j for j, s in enumerate(stored[: len(rows)]) if s == i and j not in positions} for i in ids.tolist()]
+        total_same += sum(map(len, same))
+        assert int(crit.same_id_negatives) == sum(map(len, same))
+        excluded = same if mask else [set()] * b
+        expected = ref_ntxent_excluding(_rows(q), rows, positions, excluded, 0.2)
+        torch.testing.assert_close(loss.item(), expected, rtol=1e-6, atol=1e-6)
+    assert total_same > 4  # the stream brings images back while older keys are stored
+
+
+def test_raw_mode_mask_needs_ids_and_is_off_by_default():
+    crit = RawKeyMoCoLoss(8, 3, 0.2, "xbn", mask_same_ids=True)
+    with pytest.raises(ValueError, match="ids are required with mask_same_ids=True"):
+        crit(torch.randn(2, 3), torch.randn(2, 3))
+    assert len(crit.queue) == 0  # nothing changed
+    assert RawKeyMoCoLoss(8, 3).mask_same_ids is False
+
+
 def test_raw_mode_state_dict_round_trip_and_bad_input():
     g = torch.Generator().manual_seed(4)
     a = RawKeyMoCoLoss(16, 4, 0.1, "axbn", kalman_r="auto")
