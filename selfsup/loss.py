@@ -81,6 +81,10 @@ class RawKeyMoCoLoss(nn.Module):
         adaptation: ``"none"``, ``"xbn"`` or ``"axbn"``.
         gather_distributed: all-gather the keys of every rank before adapting and enqueuing (every
             rank then holds the same queue); each rank's queries take their own keys as positives.
+        warmup_steps, warmup_rows: (in ``queue_kwargs``) keep the memory out of the loss for the
+            first steps / until it holds that many keys (it still fills and adapts): the loss is then
+            that of PML's ``CrossBatchMemory`` with a memory holding only this step's keys (the
+            other keys of the batch are the negatives).
         mask_same_ids: leave out of each query's negatives the stored keys of the same sample (older
             keys of that image, enqueued in earlier steps), found by the sample ids given to
             ``forward``. Off by default (the paper's and PML's loss).
@@ -136,10 +140,15 @@ class RawKeyMoCoLoss(nn.Module):
             raise ValueError("ids are required with mask_same_ids=True: pass forward(query, key, ids=sample_ids)")
         with torch.no_grad():
             written = self.queue.update(key.detach(), ids=ids)  # (B * world,) rows, gathered batch in rank order
-            pos = written
+            pos, offset = written, 0
             if self.gather_distributed and xdist.is_distributed():  # this rank's keys follow the lower ranks'
                 offset = sum(xdist.all_gather_sizes(key.shape[0], key.device)[: xdist.get_rank()])
                 pos = pos[offset : offset + key.shape[0]]  # (B,)
+            if self.queue.in_warmup:  # the memory stays out: this step's keys are the only references
+                keys = self.queue.valid_memory().index_select(0, written)  # (B * world, D)
+                own = torch.arange(offset, offset + key.shape[0], device=query.device)  # (B,) positives
+                self.same_id_negatives = None
+                return raw_key_ntxent(query, keys.to(query.device), own, self.temperature)
             same = None
             if ids is not None:  # older keys of the same samples; this step's keys are positives, not older copies
                 same = self.queue.same_id_mask(ids, exclude=written)  # (B, n)

@@ -6,6 +6,7 @@ The core needs torch only::
     q = AdaptiveQueue(size=4096, dim=128, adaptation="xbn")   # "none" | "xbn" | "axbn"
     q.adapt(batch)
     q.enqueue(batch, labels)
+    prefill(q, model, loader)                                 # a warm start from a data loader
 
 Integrations import their libraries lazily: ``xbn_queue.pml`` (pytorch-metric-learning),
 ``xbn_queue.lightly`` (lightly); diagnostics live in ``xbn_queue.drift``.
@@ -13,6 +14,7 @@ Integrations import their libraries lazily: ``xbn_queue.pml`` (pytorch-metric-le
 
 from . import functional
 from .adaptation import ADAPTATIONS, AXBN, XBN, Adaptation, NoAdaptation, build_adaptation
+from .prefill import prefill
 from .queue import AdaptiveQueue
 
 __version__ = "0.1.0"
@@ -26,5 +28,6 @@ __all__ = [
     "ADAPTATIONS",
     "build_adaptation",
     "functional",
+    "prefill",
     "__version__",
 ]

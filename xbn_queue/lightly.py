@@ -113,7 +113,12 @@ class AdaptiveMemoryBank(MemoryBankModule):
         mask_same_ids: when ``forward`` is given sample ids, compute :attr:`negative_mask`, the bank
             rows holding older keys of each query's sample, for the loss to leave out
             (:class:`AdaptiveNTXentLoss` does). Off by default.
-        **queue_kwargs: further :class:`~xbn_queue.AdaptiveQueue` arguments (``eps``, ``kalman_*``, ...).
+        **queue_kwargs: further :class:`~xbn_queue.AdaptiveQueue` arguments (``eps``, ``kalman_*``,
+            ``warmup_steps``, ``warmup_rows``, ...). During the warm-up (``queue.in_warmup`` after
+            the step) the bank still adapts and fills but ``forward`` returns ``(output, None)``, so
+            lightly's ``NTXentLoss`` computes its loss without a memory bank (the other samples of
+            the batch as negatives). Random initial rows count as stored rows: use
+            ``init="empty"`` with ``warmup_rows``.
 
     Attributes:
         negative_mask: ``(B, n)`` bool from the last ``forward`` with ids and ``mask_same_ids``: row
@@ -186,7 +191,7 @@ class AdaptiveMemoryBank(MemoryBankModule):
             ``(output, bank)`` with ``bank`` (D, n) if ``feature_dim_first`` else (n, D), float32,
             detached, a copy (never the live memory), L2-normalized rows if ``normalize``; n = N for a
             randomly initialised bank, the number of rows enqueued so far (up to N) for an empty start.
-            ``(output, None)`` for a disabled bank (size 0).
+            ``(output, None)`` for a disabled bank (size 0) and during the warm-up.
 
         Raises:
             ValueError: if ``output`` is not (B, D) with finite values, or ``ids`` not (B,) integers
@@ -217,6 +222,9 @@ class AdaptiveMemoryBank(MemoryBankModule):
                 self.negative_mask = self.queue.same_id_mask(ids)  # (B, n): the bank returned, before the write
             if update:
                 self._write(batch, checked=True, ids=batch_ids)
+        if self.queue.in_warmup:  # the memory stays out of the loss: lightly's loss without a bank
+            self.negative_mask = None
+            return output, None
         if self.feature_dim_first:
             bank = bank.t()  # (D, n)
         return output, bank
@@ -252,6 +260,25 @@ class AdaptiveMemoryBank(MemoryBankModule):
         self._write(batch)
 
     # ------------------------------------------------------------------ ours
+    @torch.no_grad()
+    def enqueue(self, embeddings: Tensor, labels: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> None:
+        """Store ``embeddings`` (B, D) without adapting, with lightly's write rule (e.g. for
+        :func:`xbn_queue.prefill`); ``labels`` are ignored as lightly ignores them, ``ids`` are kept.
+
+        Raises:
+            ValueError: on a disabled bank, or what the queue refuses (shapes, non-finite values).
+        """
+        if self.queue is None:
+            raise ValueError("enqueue: the memory bank is disabled (size 0)")
+        embeddings = embeddings.detach()
+        follow_device(self.queue, self.queue.memory, embeddings.device)
+        batch = self.queue._check_embeddings(embeddings, "embeddings")
+        batch_ids = None if ids is None else self.queue._check_index(ids, batch.shape[0], "ids")
+        if self.gather_distributed and xdist.is_distributed():
+            batch = xdist.all_gather_cat(batch)
+            batch_ids = None if batch_ids is None else xdist.all_gather_cat(batch_ids)
+        self._write(batch, checked=True, ids=batch_ids)
+
     def reset(self) -> None:
         """Back to the initial state: the adaptation state forgotten, the rows random or empty per ``init``."""
         if self.queue is None:

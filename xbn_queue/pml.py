@@ -88,7 +88,11 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             (PML's self-comparison removal already drops each row's own copy; with ``enqueue_mask``
             they are the anchors' positives). Off by default (PML's behaviour).
         **queue_kwargs: passed to :class:`~xbn_queue.AdaptiveQueue` (``eps``, ``kalman_*``,
-            ``gather_distributed``, ``dtype``, ...). With ``gather_distributed=True`` every rank
+            ``gather_distributed``, ``dtype``, ``warmup_steps``, ``warmup_rows``, ...). During the
+            warm-up (``queue.in_warmup`` after the step's enqueue) the memory fills and adapts but
+            the loss is what PML's ``CrossBatchMemory`` computes with a memory holding only this
+            call's rows: ``loss(embeddings, labels, miner(embeddings, labels))`` (with the input
+            ``indices_tuple`` combined); with ``enqueue_mask`` the anchors against the enqueued rows. With ``gather_distributed=True`` every rank
             enqueues the batches of all ranks and computes the loss of its own rows against that
             shared memory (do not also wrap it in PML's ``DistributedLossWrapper``, which gathers
             the batch itself and is meant for ``gather_distributed=False``).
@@ -308,6 +312,9 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         self.curr_batch_idx = self._adapt_and_enqueue(emb_for_queue, labels_for_queue, ids_for_queue)  # (Bq,)
         self._memory_dtype, self._label_dtype = embeddings.dtype, labels.dtype
 
+        if self.queue.in_warmup:
+            return self._warmup_loss(embeddings, labels, emb_for_queue, labels_for_queue, indices_tuple, enqueue_mask)
+
         # Like PML, the loss reads the memory in place (a live view, cast to the loss dtype; a copy only
         # when the dtypes differ): PML's supported losses never modify their reference embeddings.
         E_mem = self.queue.valid_memory().to(device=device, dtype=embeddings.dtype)  # (n, D)
@@ -323,6 +330,27 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         if self.add_batch_loss:
             loss = loss + self._batch_loss(embeddings, labels, indices_tuple)
         return loss
+
+    def _warmup_loss(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        emb_for_queue: Tensor,
+        labels_for_queue: Tensor,
+        indices_tuple: Optional[Tuple[Tensor, ...]],
+        enqueue_mask: Optional[Tensor],
+    ) -> Tensor:
+        """The loss without the memory: PML's ``CrossBatchMemory`` with a memory holding only this call's rows.
+
+        Without ``enqueue_mask`` that is the plain batch loss (a row's comparison with its own copy
+        removed, the other rows of the batch as references). With it, the anchors (rows not enqueued)
+        against the enqueued rows, detached as PML's memory is.
+        """
+        if enqueue_mask is None:
+            return self._batch_loss(embeddings, labels, indices_tuple)
+        ref, ref_labels = emb_for_queue.detach(), labels_for_queue  # (Bq, D), (Bq,)
+        mem_indices = self.create_indices_tuple(embeddings, labels, ref, ref_labels, indices_tuple, False)
+        return self.loss(embeddings, labels, mem_indices, ref, ref_labels)
 
     def _batch_loss(
         self, embeddings: Tensor, labels: Tensor, input_indices_tuple: Optional[Tuple[Tensor, ...]]

@@ -121,14 +121,20 @@ class AdaptiveQueue(nn.Module):
               there); otherwise ``"device"`` for an adapting memory and ``"off"`` for
               ``adaptation="none"``, whose rows are never mixed, so a non-finite row cannot spread
               (plain XBM then costs what an upstream memory costs, with no extra kernel).
+        warmup_steps: Keep the memory out of the loss for the first this many steps (calls of
+            :meth:`update` / :meth:`adapt`; the memory still fills and adapts meanwhile). The queue only counts; losses that use it (the
+            drop-ins) read :attr:`in_warmup` and compute the plain batch loss meanwhile.
+        warmup_rows: Keep the memory out of the loss while it holds fewer rows than this (at most
+            ``size``). With both, the memory enters the loss once both are reached.
         compile: Run the O(D) bookkeeping of a steady-state step through ``torch.compile``
             (fused kernels). ``None`` (default): on for a CUDA memory, off on CPU; the
             environment variable ``XBN_QUEUE_COMPILE=0`` turns it off, ``=1`` on by default. A
             failed compilation warns and falls back to the eager kernels (same results).
 
     Raises:
-        ValueError: On a non-positive size, dim or ``stats_resync_every``, a bad adaptation or
-            an unknown ``validate``.
+        ValueError: On a non-positive size, dim or ``stats_resync_every``, a bad adaptation,
+            an unknown ``validate``, a negative ``warmup_steps`` or a ``warmup_rows`` outside
+            ``[0, size]``.
     """
 
     def __init__(
@@ -146,6 +152,8 @@ class AdaptiveQueue(nn.Module):
         stats_resync_every: int = 1000,
         validate: str = "auto",
         compile: Optional[bool] = None,
+        warmup_steps: int = 0,
+        warmup_rows: int = 0,
     ) -> None:
         super().__init__()
         if int(size) < 1 or int(dim) < 1:
@@ -156,6 +164,12 @@ class AdaptiveQueue(nn.Module):
             raise ValueError(f"stats_resync_every must be >= 1, got {stats_resync_every}")
         if validate not in _VALIDATE:
             raise ValueError(f"validate must be one of {', '.join(map(repr, _VALIDATE))}, got {validate!r}")
+        if int(warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0 <= int(warmup_rows) <= int(size):
+            raise ValueError(f"warmup_rows must be in [0, size={size}], got {warmup_rows}")
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_rows = int(warmup_rows)
         self.stats_resync_every = int(stats_resync_every)
         self.validate = validate
         self.compile_bookkeeping = compile
@@ -181,6 +195,8 @@ class AdaptiveQueue(nn.Module):
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))  # n = min(enqueued, size)
         self.register_buffer("has_labels", torch.zeros((), dtype=torch.bool))
         self.register_buffer("has_ids", torch.zeros((), dtype=torch.bool))
+        # steps so far (warm-up), see num_steps; written from its host mirror when the state is saved
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         # Running statistics of the stored rows (in the storage frame), see the class docstring.
         f64 = torch.float64
         self.register_buffer("stat_center", torch.zeros(self.dim, dtype=f64))  # (D,) c
@@ -194,6 +210,7 @@ class AdaptiveQueue(nn.Module):
         # Host mirrors of the scalar buffers the host decides with (kept equal on every write and
         # re-read on load): reading them never waits for the device. The pointer lives on the device.
         self._n = 0  # num_filled
+        self._steps = 0  # steps
         self._has_labels = False
         self._has_ids = False
         self._age = 0  # stat_age
@@ -203,6 +220,19 @@ class AdaptiveQueue(nn.Module):
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
         return self._n
+
+    @property
+    def in_warmup(self) -> bool:
+        """Whether the memory is still to be kept out of the loss: at most ``warmup_steps`` steps
+        done (:attr:`num_steps`), or fewer than ``warmup_rows`` rows stored. Read it after the step's :meth:`update`
+        (the first ``warmup_steps`` steps are warm-up). A host-side check: no device read."""
+        return self._steps <= self.warmup_steps and self.warmup_steps > 0 or self._n < self.warmup_rows
+
+    @property
+    def num_steps(self) -> int:
+        """Steps since the start or the last :meth:`reset`: calls of :meth:`update` or :meth:`adapt`
+        (whether or not they changed the memory); :meth:`enqueue` alone (e.g. a prefill) is not one."""
+        return self._steps
 
     @property
     def is_full(self) -> bool:
@@ -382,6 +412,7 @@ class AdaptiveQueue(nn.Module):
         return self._n == self.size and compile_enabled(self.memory.device, self.compile_bookkeeping)
 
     def _adapt(self, batch: Tensor) -> None:
+        self._steps += 1  # a training step (host only; written into ``steps`` when the state is saved)
         n = self._n
         if not self.adaptation.active or batch.shape[0] < 2 or n < 2:
             return
@@ -631,10 +662,19 @@ class AdaptiveQueue(nn.Module):
         self._synced = bool(self.stat_synced)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if prefix + "steps" not in state_dict and prefix + "num_filled" in state_dict:
+            # A checkpoint from before the step count: a memory holding rows counts as past warm-up.
+            filled = bool(torch.as_tensor(state_dict[prefix + "num_filled"]).item() > 0)
+            state_dict[prefix + "steps"] = torch.tensor(self.warmup_steps + 1 if filled else 0)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._read_mirrors()  # the adaptation (a child, loaded next) refreshes its own
+        self._steps = int(self.steps)  # (only here: between saves the host count is the truth)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.steps.fill_(self._steps)  # a host int into the buffer: no device read
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -646,6 +686,8 @@ class AdaptiveQueue(nn.Module):
         self.num_filled.zero_()
         self.has_labels.fill_(False)
         self.has_ids.fill_(False)
+        self.steps.zero_()
+        self._steps = 0
         self.stat_center.zero_()
         self.stat_sum.zero_()
         self.stat_sumsq.zero_()
@@ -684,4 +726,6 @@ class AdaptiveQueue(nn.Module):
         return (
             f"size={self.size}, dim={self.dim}, dtype={self.memory.dtype}, "
             f"gather_distributed={self.gather_distributed}, stats_resync_every={self.stats_resync_every}"
+            + (f", warmup_steps={self.warmup_steps}" if self.warmup_steps else "")
+            + (f", warmup_rows={self.warmup_rows}" if self.warmup_rows else "")
         )

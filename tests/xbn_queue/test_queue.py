@@ -165,7 +165,9 @@ def test_adapt_is_a_noop(adaptation, stored, b):
     q.enqueue(torch.randn(stored, 3))
     before = copy.deepcopy(q.state_dict())
     q.adapt(torch.randn(b, 3) * 10 + 5)
-    assert _state_equal(before, q.state_dict())
+    after = q.state_dict()
+    assert int(after.pop("steps")) == int(before.pop("steps")) + 1  # a step was counted, nothing else changed
+    assert _state_equal(before, after)
 
 
 def test_adaptation_classes_and_instances():
