@@ -87,7 +87,8 @@ class AdaptiveQueue(nn.Module):
     Args:
         size: Number of rows the memory holds.
         dim: Embedding dimension.
-        adaptation: ``"none"``, ``"xbn"``, ``"axbn"``, or an :class:`~xbn_queue.adaptation.Adaptation`.
+        adaptation: ``"none"``, ``"xbn"``, ``"axbn"``, ``"xbn-cov"`` (full covariance,
+            :class:`~xbn_queue.adaptation.XBNCov`), or an :class:`~xbn_queue.adaptation.Adaptation`.
         eps: Added to the memory's standard deviation before dividing (Eq. 6).
         kalman_p0: AXBN initial estimation variance.
         kalman_q: AXBN process noise (relative to the measurement noise when ``kalman_r="auto"``).
@@ -188,6 +189,11 @@ class AdaptiveQueue(nn.Module):
         )
         if dtype == torch.float64:
             self.adaptation.to(torch.float64)  # filter state in float64 too
+        if self.adaptation.full_covariance and dtype in _FIXED_FRAME_DTYPES:
+            raise ValueError(
+                f"adaptation={self.adaptation.name!r} needs float32 or float64 storage, got dtype={dtype} "
+                "(a bfloat16 / float16 memory keeps a per-dimension frame)"
+            )
         self.register_buffer("memory", torch.zeros(self.size, self.dim, dtype=dtype))  # (M, D)
         self.register_buffer("label_memory", torch.zeros(self.size, dtype=torch.long))  # (M,)
         self.register_buffer("id_memory", torch.zeros(self.size, dtype=torch.long))  # (M,)
@@ -416,6 +422,9 @@ class AdaptiveQueue(nn.Module):
         n = self._n
         if not self.adaptation.active or batch.shape[0] < 2 or n < 2:
             return
+        if self.adaptation.full_covariance:
+            self._adapt_covariance(batch, n)
+            return
         batch_mean, batch_std = F.batch_moments(batch)  # (D,), (D,)
         target = self.adaptation.target(batch_mean, batch_std, batch.shape[0])
         if target is None:
@@ -441,6 +450,20 @@ class AdaptiveQueue(nn.Module):
             torch.addcmul(b, mem, a, out=mem)  # one fused pass over the memory
         self._age += 1
         self.stat_age.add_(1)
+
+    def _adapt_covariance(self, batch: Tensor, n: int) -> None:
+        """Full-covariance matching: memory moments by one float64 pass, then one ``(n, D) @ (D, D)`` map."""
+        batch_mean, batch_cov = F.mean_cov(batch)  # (D,), (D, D) float64
+        tgt_mean, tgt_cov = self.adaptation.target_covariance(batch_mean, batch_cov, batch.shape[0])
+        mem = self.memory if n == self.size else self.memory[:n]  # (n, D), live
+        mem_mean, mem_cov = F.mean_cov(mem)  # (D,), (D, D) float64
+        a, b = F.covariance_matching_affine(mem_mean, mem_cov, tgt_mean, tgt_cov, self.eps)
+        F.apply_linear_(mem, a, b)
+
+    @property
+    def _diagonal_sums(self) -> bool:
+        """Whether the per-dimension running sums are kept (adapting, not full-covariance)."""
+        return self.adaptation.active and not self.adaptation.full_covariance
 
     # ------------------------------------------------------------------ running statistics
     def _resync_interval(self, n: int, b: int) -> int:
@@ -554,7 +577,7 @@ class AdaptiveQueue(nn.Module):
             rows = ((emb - self.frame_shift) / self.frame_scale).to(self.memory.dtype)  # (B, D) raw
         else:
             rows = emb.to(self.memory.dtype)  # (B, D)
-        if self.adaptation.active and n_old > 0 and self._synced:
+        if self._diagonal_sums and n_old > 0 and self._synced:
             # Rows are written in order until the memory is full, so the valid rows are 0..n-1 and
             # the rows this batch overwrites are its last k positions.
             k = min(b, max(0, n_old + b - self.size))
@@ -584,7 +607,7 @@ class AdaptiveQueue(nn.Module):
         if n_new != n_old:
             self._n = n_new
             self.num_filled.fill_(n_new)
-        if self.adaptation.active and n_old == 0:
+        if self._diagonal_sums and n_old == 0:
             self._sync_stats(b)  # the first rows: exact sums, about a stored row
         return pos
 
@@ -650,7 +673,7 @@ class AdaptiveQueue(nn.Module):
         """
         self._read_mirrors()
         self.adaptation._refresh_host_state()
-        if self.adaptation.active and self._n > 0:
+        if self._diagonal_sums and self._n > 0:
             self._resync(self._n)
 
     def _read_mirrors(self) -> None:
