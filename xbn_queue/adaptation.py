@@ -102,7 +102,29 @@ class XBN(Adaptation):
         return batch_mean, batch_std
 
 
-class AXBN(Adaptation):
+class _StepCounted:
+    """Mixin for filters with a ``step`` buffer and its host mirror ``_t`` (the host decides with
+    ``_t``, never reading the device): zeroed by ``reset``, re-read after a load."""
+
+    step: Tensor
+    _t: int
+
+    def reset(self) -> None:
+        for buf in self.buffers():  # type: ignore[attr-defined]
+            buf.zero_()
+        self._t = 0
+
+    def _refresh_host_state(self) -> None:
+        self._t = int(self.step)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._t = int(self.step)
+
+
+class AXBN(_StepCounted, Adaptation):
     """Adaptive Cross Batch Normalization (Eq. 18-23).
 
     Two independent diagonal static-state Kalman filters estimate the dataset mean and
@@ -166,20 +188,6 @@ class AXBN(Adaptation):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # t
         self._t = 0  # host mirror of ``step``: the host decides with it, never reading the device
 
-    def reset(self) -> None:
-        for name, buf in self.named_buffers():
-            buf.zero_()
-        self._t = 0
-
-    def _refresh_host_state(self) -> None:
-        self._t = int(self.step)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        self._t = int(self.step)
-
     def _noise(
         self, batch_std: Tensor, batch_size: int, stat: str
     ) -> Tuple[Union[Tensor, float], Union[Tensor, float], Union[Tensor, float]]:
@@ -220,7 +228,7 @@ class AXBN(Adaptation):
         return f"{super().extra_repr()}, p0={self.p0}, q={self.q}, r={self.r!r}, gain_every={self.gain_every}"
 
 
-class XBNCov(Adaptation):
+class XBNCov(_StepCounted, Adaptation):
     """Full-covariance XBN: the memory is whitened by its covariance and coloured by a target's.
 
     The paper matches each dimension's mean and standard deviation (Eq. 6) and names higher-order
@@ -289,20 +297,6 @@ class XBNCov(Adaptation):
             if new.dtype != torch.float64:
                 self._buffers[name] = old.to(device=new.device, dtype=torch.float64)
         return self
-
-    def reset(self) -> None:
-        for buf in self.buffers():
-            buf.zero_()
-        self._t = 0
-
-    def _refresh_host_state(self) -> None:
-        self._t = int(self.step)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        self._t = int(self.step)
 
     def target(self, batch_mean: Tensor, batch_std: Tensor, batch_size: int) -> None:
         raise NotImplementedError("XBNCov matches the full covariance: the queue calls target_covariance")
