@@ -16,7 +16,7 @@ from xbn_queue.training.cli import UsageError, above, at_least, available_cores,
 __all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS", "COMPAT_KEYS",
            "COMPAT_DEFAULTS", "saved_config"]
 
-METHODS = ("none", "xbm", "xbm-batch", "xbn", "axbn")
+METHODS = ("none", "xbm", "xbm-batch", "xbn", "axbn", "xbn-cov")
 
 #: Options a checkpoint must agree on to be resumed.
 COMPAT_KEYS = ["dataset", "method", "backbone", "width", "head", "embedding_dim", "embedding_norm", "memory_size",
@@ -104,7 +104,7 @@ class MetricConfig:
     embedding_dim: Optional[int] = field(default=None, metadata=_h("embedding size (default 512; digits 64; --head none: the backbone's feature size)", group="model", range=at_least(1)))
     embedding_norm: str = field(default="l2", metadata=_h("l2, or l2 followed by bn / ln (Appendix A)", choices=["l2", "bn", "ln"], group="model"))
     # method and memory
-    method: str = field(default="xbn", metadata=_h("none (batch loss), xbm (memory loss), xbm-batch (XBM*: memory + batch), xbn, axbn", choices=list(METHODS), group="memory"))
+    method: str = field(default="xbn", metadata=_h("none (batch loss), xbm (memory loss), xbm-batch (XBM*: memory + batch), xbn, axbn, xbn-cov (full covariance)", choices=list(METHODS), group="memory"))
     memory_size: Optional[Union[int, float]] = field(default=None, metadata=_h("memory rows N (an integer >= 1, at most the training set), or a fraction of the training set in (0, 1] like 0.5 (default 0.5; deepfashion2 1.0)", group="memory"))
     kalman_r: Union[float, str] = field(default=0.01, metadata=_h("AXBN measurement noise r > 0 (per batch: r/B), or 'auto' (default 0.01)", group="memory"))
     kalman_q: float = field(default=1.0, metadata=_h("AXBN process noise q", group="memory", range=at_least(0)))

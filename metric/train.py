@@ -120,7 +120,7 @@ def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
 
     if cfg.method == "none":
         return batch_loss, None
-    adaptation = {"xbm": "none", "xbm-batch": "none", "xbn": "xbn", "axbn": "axbn"}[cfg.method]
+    adaptation = {"xbm": "none", "xbm-batch": "none", "xbn": "xbn", "axbn": "axbn", "xbn-cov": "xbn-cov"}[cfg.method]
     kw: Dict[str, Any] = {"gather_distributed": distributed}  # sample ids are stored with the rows (staleness)
     if adaptation == "axbn":
         kw.update(kalman_p0=cfg.kalman_p0, kalman_q=cfg.kalman_q, kalman_gain_every=cfg.kalman_gain_every,

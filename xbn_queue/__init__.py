@@ -3,16 +3,18 @@
 The core needs torch only::
 
     from xbn_queue import AdaptiveQueue
-    q = AdaptiveQueue(size=4096, dim=128, adaptation="xbn")   # "none" | "xbn" | "axbn"
+    q = AdaptiveQueue(size=4096, dim=128, adaptation="xbn")   # "none" | "xbn" | "axbn" | "xbn-cov"
     q.adapt(batch)
     q.enqueue(batch, labels)
+    prefill(q, model, loader)                                 # a warm start from a data loader
 
 Integrations import their libraries lazily: ``xbn_queue.pml`` (pytorch-metric-learning),
 ``xbn_queue.lightly`` (lightly); diagnostics live in ``xbn_queue.drift``.
 """
 
 from . import functional
-from .adaptation import ADAPTATIONS, AXBN, XBN, Adaptation, NoAdaptation, build_adaptation
+from .adaptation import ADAPTATIONS, AXBN, XBN, Adaptation, NoAdaptation, XBNCov, build_adaptation
+from .prefill import prefill
 from .queue import AdaptiveQueue
 
 __version__ = "0.1.0"
@@ -23,8 +25,10 @@ __all__ = [
     "NoAdaptation",
     "XBN",
     "AXBN",
+    "XBNCov",
     "ADAPTATIONS",
     "build_adaptation",
     "functional",
+    "prefill",
     "__version__",
 ]

@@ -1,8 +1,10 @@
 """Optional ``torch.compile`` of the queue's O(D) bookkeeping, with a plain fallback.
 
-The functions of :mod:`xbn_queue.functional` that a steady-state step runs (:func:`~xbn_queue.functional.xbn_step_`,
-:func:`~xbn_queue.functional.frame_step_`, :func:`~xbn_queue.functional.kalman_step_`) are a dozen
-small element-wise kernels each in eager mode; compiled, each becomes one or two fused kernels.
+The per-step bookkeeping of :mod:`xbn_queue.functional` that the queue runs through :class:`Fused`
+(:func:`~xbn_queue.functional.xbn_step_` for float32 / float64 memories,
+:func:`~xbn_queue.functional.frame_step_` for bfloat16 / float16 ones) is a dozen small element-wise
+kernels in eager mode; compiled, each becomes one or two fused kernels. The AXBN filter step
+(:func:`~xbn_queue.functional.kalman_step_`, six element-wise kernels) always runs eagerly.
 Whether to compile:
 
 * ``XBN_QUEUE_COMPILE=0`` (or ``false`` / ``off``) turns compilation off everywhere;

@@ -1,10 +1,12 @@
-"""Adaptation strategies for the cross-batch memory: none (plain XBM), XBN and AXBN.
+"""Adaptation strategies for the cross-batch memory: none (plain XBM), XBN, AXBN and full-covariance XBN.
 
 All strategies share one hook, :meth:`Adaptation.target`: given the statistics of the
 current batch, return the mean and standard deviation the stored rows should be moved to,
 or ``None`` to leave the memory alone. :class:`~xbn_queue.queue.AdaptiveQueue` does the
-rest (memory statistics and the in-place affine map of Eq. 6 / Eq. 23). Adding a strategy
-is adding one subclass. Every piece of state is a registered buffer.
+rest (memory statistics and the in-place affine map of Eq. 6 / Eq. 23). A strategy with
+``full_covariance = True`` implements :meth:`Adaptation.target_covariance` instead and the queue
+matches the whole covariance (:class:`XBNCov`). Adding a strategy is adding one subclass. Every
+piece of state is a registered buffer.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["Adaptation", "NoAdaptation", "XBN", "AXBN", "ADAPTATIONS", "build_adaptation"]
+__all__ = ["Adaptation", "NoAdaptation", "XBN", "AXBN", "XBNCov", "ADAPTATIONS", "build_adaptation"]
 
 
 class Adaptation(nn.Module):
@@ -29,6 +31,8 @@ class Adaptation(nn.Module):
 
     #: Name used by ``AdaptiveQueue(adaptation=...)``.
     name: str = "base"
+    #: Whether the queue calls :meth:`target_covariance` (full covariance) instead of :meth:`target`.
+    full_covariance: bool = False
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -50,6 +54,19 @@ class Adaptation(nn.Module):
 
         Returns:
             ``(mean, std)``, each ``(D,)``, or ``None`` to leave the memory as it is.
+        """
+        raise NotImplementedError
+
+    def target_covariance(self, batch_mean: Tensor, batch_cov: Tensor, batch_size: int) -> Tuple[Tensor, Tensor]:
+        """Target mean and covariance for the memory (strategies with ``full_covariance = True``).
+
+        Args:
+            batch_mean: ``(D,)`` float64 mean of the current batch.
+            batch_cov: ``(D, D)`` float64 covariance (Bessel-corrected) of the batch.
+            batch_size: Number of rows ``B``.
+
+        Returns:
+            ``(mean, cov)``: ``(D,)`` and ``(D, D)`` symmetric positive semi-definite.
         """
         raise NotImplementedError
 
@@ -85,7 +102,29 @@ class XBN(Adaptation):
         return batch_mean, batch_std
 
 
-class AXBN(Adaptation):
+class _StepCounted:
+    """Mixin for filters with a ``step`` buffer and its host mirror ``_t`` (the host decides with
+    ``_t``, never reading the device): zeroed by ``reset``, re-read after a load."""
+
+    step: Tensor
+    _t: int
+
+    def reset(self) -> None:
+        for buf in self.buffers():  # type: ignore[attr-defined]
+            buf.zero_()
+        self._t = 0
+
+    def _refresh_host_state(self) -> None:
+        self._t = int(self.step)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._t = int(self.step)
+
+
+class AXBN(_StepCounted, Adaptation):
     """Adaptive Cross Batch Normalization (Eq. 18-23).
 
     Two independent diagonal static-state Kalman filters estimate the dataset mean and
@@ -149,20 +188,6 @@ class AXBN(Adaptation):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # t
         self._t = 0  # host mirror of ``step``: the host decides with it, never reading the device
 
-    def reset(self) -> None:
-        for name, buf in self.named_buffers():
-            buf.zero_()
-        self._t = 0
-
-    def _refresh_host_state(self) -> None:
-        self._t = int(self.step)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        self._t = int(self.step)
-
     def _noise(
         self, batch_std: Tensor, batch_size: int, stat: str
     ) -> Tuple[Union[Tensor, float], Union[Tensor, float], Union[Tensor, float]]:
@@ -187,7 +212,7 @@ class AXBN(Adaptation):
                 p.copy_(p0) if isinstance(p0, Tensor) else p.fill_(p0)
                 k.zero_()
             elif isinstance(r, float) and r > 0 and isinstance(q, float):
-                F.kalman_step_(u, p, k, v, q, r, update_gain)  # 5 element-wise kernels, in place
+                F.kalman_step_(u, p, k, v, q, r, update_gain)  # 6 element-wise kernels (4 with a held gain), in place
             else:  # "auto" noise or r == 0 (guarded gain)
                 u_new, p_new, k_new = F.kalman_step(u, p, k, v, q, r, update_gain=update_gain)
                 u.copy_(u_new)
@@ -203,7 +228,108 @@ class AXBN(Adaptation):
         return f"{super().extra_repr()}, p0={self.p0}, q={self.q}, r={self.r!r}, gain_every={self.gain_every}"
 
 
-ADAPTATIONS: Dict[str, Type[Adaptation]] = {cls.name: cls for cls in (NoAdaptation, XBN, AXBN)}
+class XBNCov(_StepCounted, Adaptation):
+    """Full-covariance XBN: the memory is whitened by its covariance and coloured by a target's.
+
+    The paper matches each dimension's mean and standard deviation (Eq. 6) and names higher-order
+    moments as future work; matching the covariance also follows a rotation of the embedding space.
+    The map (:func:`~xbn_queue.functional.covariance_matching_affine`) is
+    ``z -> (z - m_R) S_R^-1/2 T^1/2 + m_T``, from float64 eigendecompositions.
+
+    The target mean is the batch mean (as Eq. 6). The target covariance ``T`` cannot be the batch
+    covariance alone: a batch of 16-64 rows in 64-512 dimensions gives a rank-deficient estimate,
+    and colouring by it would collapse the memory onto the batch's few directions. ``T`` is the
+    AXBN Kalman filter (Eq. 18-22) extended to the covariance matrix: the state is the matrix, the
+    measurement is the batch covariance ``S_t``, and since every entry has the same noise model the
+    gain is one scalar for the whole matrix::
+
+        first call:  T <- S_1, P <- p0 * R_1
+        later:       P <- P + q R_t;  K <- P / (P + R_t);  T <- T + K (S_t - T);  P <- (1 - K) P
+
+    ``R_t`` is the measurement noise of a sample covariance (Wishart):
+    ``Var(S_ij) = (S_ij^2 + S_ii S_jj) / (B - 1)``, averaged over the entries. As in AXBN's
+    ``kalman_r="auto"``, ``q`` and ``p0`` are relative to ``R``, so ``q`` alone fixes the steady
+    gain ``K = (q + sqrt(q^2 + 4q)) / (q + sqrt(q^2 + 4q) + 2)``. ``T`` is a convex combination of
+    batch covariances, so it stays symmetric positive semi-definite, and after ``t`` steps its rank
+    grows to ``min(D, t (B - 1))``. The default ``q = 0.0246`` gives ``K = 0.145``: the weight a
+    blend ``0.05 S_t + 0.95 EMA_0.9(S)`` puts on the current batch (that blend was the promising
+    target of an exploratory run); the filter's older weights decay by ``1 - K = 0.855`` per step
+    where the blend's decay by 0.9. ``shrinkage`` additionally pulls ``T`` towards its diagonal
+    (``(1 - a) T + a diag(T)``), for very early steps.
+
+    Cost: two ``D x D`` eigendecompositions (float64) and a ``(n, D) @ (D, D)`` product over the
+    memory per step, against XBN's one element-wise pass; see ``BENCHMARKS.md``.
+    Needs float32 or float64 storage (a bfloat16 / float16 memory keeps a per-dimension frame).
+
+    Args:
+        dim: Embedding dimension ``D``.
+        eps: Added to the memory's standard deviations (square roots of eigenvalues).
+        q: Relative process noise of the covariance filter.
+        p0: Relative initial estimation variance.
+        shrinkage: Weight ``a`` in ``[0, 1]`` of the diagonal in the target covariance.
+
+    Raises:
+        ValueError: On a negative ``q`` / ``p0`` or a ``shrinkage`` outside ``[0, 1]``.
+    """
+
+    name = "xbn-cov"
+    full_covariance = True
+
+    def __init__(self, dim: int, eps: float = 1e-6, q: float = 0.0246, p0: float = 1.0, shrinkage: float = 0.0) -> None:
+        super().__init__(dim, eps)
+        if float(q) < 0 or float(p0) < 0:
+            raise ValueError(f"q and p0 must be non-negative, got q={q}, p0={p0}")
+        if not 0.0 <= float(shrinkage) <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+        self.q, self.p0, self.shrinkage = float(q), float(p0), float(shrinkage)
+        self.register_buffer("cov_estimate", torch.zeros(dim, dim, dtype=torch.float64))  # T
+        self.register_buffer("cov_variance", torch.zeros((), dtype=torch.float64))  # P
+        self.register_buffer("cov_gain", torch.zeros((), dtype=torch.float64))  # K
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # t
+        self._t = 0  # host mirror of ``step``
+
+    def _apply(self, fn, recurse=True):
+        """``.float()`` / ``.half()`` leave the filter in float64 (its state is a covariance)."""
+        saved = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.dtype == torch.float64}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float64:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float64)
+        return self
+
+    def target(self, batch_mean: Tensor, batch_std: Tensor, batch_size: int) -> None:
+        raise NotImplementedError("XBNCov matches the full covariance: the queue calls target_covariance")
+
+    @torch.no_grad()
+    def target_covariance(self, batch_mean: Tensor, batch_cov: Tensor, batch_size: int) -> Tuple[Tensor, Tensor]:
+        """One step of the covariance filter; returns ``(batch_mean, T)`` (``T`` live: read it before the next call)."""
+        s = batch_cov.to(torch.float64)  # (D, D)
+        diag = torch.diagonal(s)  # (D,)
+        r = (s.square() + diag[:, None] * diag[None, :]).mean() / max(batch_size - 1, 1)  # () Wishart noise
+        t, p, k = self.cov_estimate, self.cov_variance, self.cov_gain
+        if self._t == 0:
+            t.copy_(s)
+            p.copy_(r * self.p0)
+            k.zero_()
+        else:
+            p.add_(r * self.q)  # (19)
+            k.copy_(torch.where(p + r > 0, p / (p + r).clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(p)))  # (20)
+            t.add_(k * (s - t))  # (21)
+            p.mul_(1 - k)  # (22)
+        self._t += 1
+        self.step.add_(1)
+        if self.shrinkage > 0:
+            shrunk = t * (1 - self.shrinkage)
+            shrunk.diagonal().add_(torch.diagonal(t) * self.shrinkage)
+            return batch_mean, shrunk
+        return batch_mean, t
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, q={self.q}, p0={self.p0}, shrinkage={self.shrinkage}"
+
+
+ADAPTATIONS: Dict[str, Type[Adaptation]] = {cls.name: cls for cls in (NoAdaptation, XBN, AXBN, XBNCov)}
 
 
 def build_adaptation(
@@ -215,7 +341,7 @@ def build_adaptation(
     kalman_r: Union[float, str] = 0.01,
     kalman_gain_every: int = 1,
 ) -> Adaptation:
-    """Make an :class:`Adaptation` from its name (``"none"``, ``"xbn"``, ``"axbn"``) or pass one through.
+    """Make an :class:`Adaptation` from its name (``"none"``, ``"xbn"``, ``"axbn"``, ``"xbn-cov"``) or pass one through.
 
     Raises:
         ValueError: Unknown name, or an instance built for another dimension.

@@ -15,8 +15,12 @@ Everything a reader needs to check the implementation against the paper lives he
 * :func:`batch_moments`, :func:`xbn_step_`, :func:`frame_step_`, :func:`kalman_step_`,
   :func:`update_sums_` - the O(D) bookkeeping of one queue step written as few, fusable tensor
   operations with no host synchronisation. Like ``torch.optim``'s functional API they update the
-  state tensors they are given in place (and ``torch.compile`` fuses them into one or two kernels);
-  they keep no state of their own.
+  state tensors they are given in place (the queue compiles :func:`xbn_step_` / :func:`frame_step_`
+  on CUDA, where ``torch.compile`` fuses each into one or two kernels; :func:`kalman_step_` runs
+  eagerly); they keep no state of their own.
+
+* :func:`mean_cov` / :func:`covariance_matching_affine` / :func:`apply_linear_` - full-covariance
+  matching (``adaptation="xbn-cov"``): whitening by the memory's covariance, colouring by a target's.
 
 No function here keeps state or touches a module; :mod:`xbn_queue.adaptation` owns the state.
 """
@@ -44,6 +48,9 @@ __all__ = [
     "frame_step_",
     "kalman_step_",
     "update_sums_",
+    "mean_cov",
+    "covariance_matching_affine",
+    "apply_linear_",
 ]
 
 #: Rows per chunk when a reduction over a large matrix is done in float64 (bounds the temporary).
@@ -184,7 +191,8 @@ def kalman_step_(
 ) -> None:
     """:func:`kalman_step` in place on ``u``, ``p``, ``k`` (``(D,)`` each), for scalar noises ``q >= 0``, ``r > 0``.
 
-    Six element-wise kernels (the queue's steady-state step); ``v`` may have a wider dtype than ``u``.
+    Six element-wise kernels (four when the gain is held), run eagerly by the queue's steady-state
+    step; ``v`` may have a wider dtype than ``u``.
 
     Args:
         u, p, k: ``(D,)`` estimate, estimation variance and gain, updated in place.
@@ -431,3 +439,80 @@ def update_sums_(
     work_t.sub_(center)  # (R, D) deviations
     s1.addmv_(work, weights)
     s2.addmv_(work.square(), weights)
+
+
+# ---------------------------------------------------------------------------------------------- full covariance
+def mean_cov(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean and Bessel-corrected covariance of the rows of ``x``, in float64, in row chunks.
+
+    Args:
+        x: ``(N, D)`` rows, ``N >= 2``, any floating dtype.
+
+    Returns:
+        ``(mean, cov)``: ``(D,)`` and ``(D, D)`` float64.
+    """
+    mean = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)  # (D,)
+    for start in range(0, x.shape[0], _CHUNK_ROWS):
+        mean += x[start : start + _CHUNK_ROWS].to(torch.float64).sum(dim=0)
+    mean /= x.shape[0]
+    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)  # (D, D)
+    for start in range(0, x.shape[0], _CHUNK_ROWS):
+        dev = x[start : start + _CHUNK_ROWS].to(torch.float64) - mean  # (c, D)
+        cov.addmm_(dev.t(), dev)
+    return mean, cov.div_(x.shape[0] - 1)
+
+
+def covariance_matching_affine(
+    src_mean: Tensor, src_cov: Tensor, tgt_mean: Tensor, tgt_cov: Tensor, eps: float = 1e-6, floor: float = 1e-10
+) -> Tuple[Tensor, Tensor]:
+    """The affine map ``z -> z @ A + b`` that moves rows with moments ``(src_mean, src_cov)`` to ``(tgt_mean, tgt_cov)``.
+
+    Whitening by the source covariance, colouring by the target's (both symmetric square roots,
+    from float64 eigendecompositions)::
+
+        A = S^-1/2 T^1/2,   S^-1/2 = V diag(1 / (sqrt(l) + eps)) V^T,   b = tgt_mean - src_mean @ A
+
+    so that ``A^T S A = T`` up to ``eps``. With diagonal covariances this is Eq. 6 exactly (scale
+    ``t_std / (s_std + eps)``). A source direction whose variance is at most ``floor`` times the
+    largest (a rank-deficient memory, or a constant column) gets whitening 0, so those rows go to
+    the target mean there, as Eq. 6 does for a constant column.
+
+    Args:
+        src_mean: ``(D,)`` mean of the rows to adapt (the memory).
+        src_cov: ``(D, D)`` their covariance (symmetric positive semi-definite).
+        tgt_mean: ``(D,)`` target mean.
+        tgt_cov: ``(D, D)`` target covariance (symmetric positive semi-definite).
+        eps: added to the source's standard deviations (square roots of eigenvalues).
+        floor: relative eigenvalue floor of the source.
+
+    Returns:
+        ``(A, b)``: ``(D, D)`` and ``(D,)`` float64.
+    """
+    s_val, s_vec = torch.linalg.eigh(src_cov.to(torch.float64))  # ascending eigenvalues, (D,), (D, D)
+    s_val = s_val.clamp_min(0)
+    keep = s_val > floor * s_val.max().clamp_min(torch.finfo(torch.float64).tiny)  # (D,) on the device
+    inv_sqrt = torch.where(keep, 1.0 / (s_val.sqrt() + eps), torch.zeros_like(s_val))  # (D,)
+    whiten = (s_vec * inv_sqrt) @ s_vec.t()  # (D, D) S^-1/2
+    t_val, t_vec = torch.linalg.eigh(tgt_cov.to(torch.float64))
+    colour = (t_vec * t_val.clamp_min(0).sqrt()) @ t_vec.t()  # (D, D) T^1/2
+    a = whiten @ colour  # (D, D)
+    b = tgt_mean.to(torch.float64) - src_mean.to(torch.float64) @ a  # (D,)
+    return a, b
+
+
+def apply_linear_(z: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """In place ``z <- z @ a + b``, in row chunks (the temporary stays small).
+
+    Args:
+        z: ``(N, D)`` rows, modified in place (the product is computed in ``z``'s dtype).
+        a: ``(D, D)``.
+        b: ``(D,)``.
+
+    Returns:
+        ``z``.
+    """
+    a, b = a.to(z.dtype), b.to(z.dtype)
+    for start in range(0, z.shape[0], _CHUNK_ROWS):
+        chunk = z[start : start + _CHUNK_ROWS]  # (c, D), a view
+        chunk.copy_(torch.addmm(b, chunk, a))
+    return z

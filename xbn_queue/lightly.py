@@ -25,6 +25,14 @@ the pointer goes back to row 0). Where the defaults depend on the adaptation:
   normalize the negatives it receives, so adapted rows are returned L2-normalized (the stored rows
   stay as adapted).
 
+Same-sample negatives: lightly's ``NTXentLoss`` cannot be told which bank rows are older keys of
+the query's own image (MoCo's open issue). :class:`AdaptiveNTXentLoss` is lightly's ``NTXentLoss``
+with an :class:`AdaptiveMemoryBank` whose ``forward`` also takes sample ids: the bank stores them
+and, with ``mask_same_ids=True``, those rows are left out of that query's negatives::
+
+    criterion = AdaptiveNTXentLoss(temperature=0.2, memory_bank_size=(4096, 128), mask_same_ids=True)
+    loss = criterion(query, key, ids=sample_ids)
+
 Unlike lightly's bank (non-persistent buffers) all state is in registered, persistent buffers of
 ``queue``, so ``state_dict()`` checkpoints the bank. A lightly checkpoint, which has no bank keys,
 still loads with ``strict=True``: the bank then starts fresh, with a warning.
@@ -41,6 +49,7 @@ from torch import Tensor
 from torch.nn import Module
 
 try:
+    from lightly.loss import NTXentLoss
     from lightly.models.modules.memory_bank import MemoryBankModule
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("xbn_queue.lightly needs lightly: pip install 'xbn-queue[lightly]'") from e
@@ -50,7 +59,7 @@ from ._compat import follow_device
 from .adaptation import build_adaptation
 from .queue import AdaptiveQueue
 
-__all__ = ["AdaptiveMemoryBank"]
+__all__ = ["AdaptiveMemoryBank", "AdaptiveNTXentLoss"]
 
 _INITS = ("random", "empty")
 
@@ -101,7 +110,19 @@ class AdaptiveMemoryBank(MemoryBankModule):
         init: ``"random"``: start with N random unit rows (lightly's start, drawn from torch's global
             generator as lightly does); ``"empty"``: start empty and return only the rows enqueued.
             ``None``: ``"random"`` for ``"none"``, ``"empty"`` for an adapting bank.
-        **queue_kwargs: further :class:`~xbn_queue.AdaptiveQueue` arguments (``eps``, ``kalman_*``, ...).
+        mask_same_ids: when ``forward`` is given sample ids, compute :attr:`negative_mask`, the bank
+            rows holding older keys of each query's sample, for the loss to leave out
+            (:class:`AdaptiveNTXentLoss` does). Off by default.
+        **queue_kwargs: further :class:`~xbn_queue.AdaptiveQueue` arguments (``eps``, ``kalman_*``,
+            ``warmup_steps``, ``warmup_rows``, ...). During the warm-up (``queue.in_warmup`` after
+            the step) the bank still adapts and fills but ``forward`` returns ``(output, None)``, so
+            lightly's ``NTXentLoss`` computes its loss without a memory bank (the other samples of
+            the batch as negatives). Random initial rows count as stored rows: use
+            ``init="empty"`` with ``warmup_rows``.
+
+    Attributes:
+        negative_mask: ``(B, n)`` bool from the last ``forward`` with ids and ``mask_same_ids``: row
+            ``j`` of the returned bank holds an older key of the sample of query ``i``; else ``None``.
 
     Raises:
         ValueError: on a size lightly refuses (with lightly's message), a zero feature dimension, an
@@ -116,10 +137,13 @@ class AdaptiveMemoryBank(MemoryBankModule):
         feature_dim_first: bool = True,
         normalize: Optional[bool] = None,
         init: Optional[str] = None,
+        mask_same_ids: bool = False,
         **queue_kwargs: Any,
     ) -> None:
         # Skip MemoryBankModule.__init__: it allocates lightly's own (N, D) bank.
         Module.__init__(self)
+        self.mask_same_ids = bool(mask_same_ids)
+        self.negative_mask: Optional[Tensor] = None
         self.size = _check_size(size)
         if init is not None and init not in _INITS:
             raise ValueError(f"init must be one of {', '.join(_INITS)} or None, got {init!r}")
@@ -148,6 +172,7 @@ class AdaptiveMemoryBank(MemoryBankModule):
         output: Tensor,
         labels: Optional[Tensor] = None,
         update: bool = False,
+        ids: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Return the (adapted) bank, then enqueue ``output`` if ``update``.
 
@@ -158,18 +183,25 @@ class AdaptiveMemoryBank(MemoryBankModule):
                 ``output`` as lightly does: the rows that fit before the end of the ring (all of them
                 when ``ptr + B < N``), after which the pointer is back at row 0. Without ``update`` the
                 bank is returned as it is and nothing changes.
+            ids: optional (B,) integer sample ids of ``output``'s rows, stored beside them (rows
+                written without ids, e.g. the random initial ones, carry id -1). With
+                ``mask_same_ids`` they also set :attr:`negative_mask` for the returned bank.
 
         Returns:
             ``(output, bank)`` with ``bank`` (D, n) if ``feature_dim_first`` else (n, D), float32,
             detached, a copy (never the live memory), L2-normalized rows if ``normalize``; n = N for a
             randomly initialised bank, the number of rows enqueued so far (up to N) for an empty start.
-            ``(output, None)`` for a disabled bank (size 0).
+            ``(output, None)`` for a disabled bank (size 0) and during the warm-up.
 
         Raises:
-            ValueError: if ``output`` is not (B, D) with finite values (before anything changes).
+            ValueError: if ``output`` is not (B, D) with finite values, or ``ids`` not (B,) integers
+                (before anything changes).
         """
+        self.negative_mask = None
         if self.queue is None:
             return output, None
+        if ids is not None and (not isinstance(ids, Tensor) or tuple(ids.shape) != (output.shape[0],)):
+            raise ValueError(f"ids must be (B={output.shape[0]},), got {tuple(getattr(ids, 'shape', ()))}")
         if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[1] != self.size[1]:
             raise ValueError(
                 f"output must be (B, D={self.size[1]}), got {tuple(getattr(output, 'shape', ()))}"
@@ -180,12 +212,19 @@ class AdaptiveMemoryBank(MemoryBankModule):
                 # Checked once (shape, dtype, finiteness per the queue's ``validate``) for both the
                 # adaptation and the write: no second check, no host read on CUDA.
                 batch = self.queue._check_embeddings(output.detach(), "output")
+                batch_ids = None if ids is None else self.queue._check_index(ids, output.shape[0], "ids")
                 if self.gather_distributed and xdist.is_distributed():
                     batch = xdist.all_gather_cat(batch)  # (B * world, D), rank order
+                    batch_ids = None if batch_ids is None else xdist.all_gather_cat(batch_ids)
                 self.queue._adapt(batch)  # to the statistics of the whole (gathered) batch
             bank = self._snapshot()  # (n, D), a copy
+            if ids is not None and self.mask_same_ids:
+                self.negative_mask = self.queue.same_id_mask(ids)  # (B, n): the bank returned, before the write
             if update:
-                self._write(batch, checked=True)
+                self._write(batch, checked=True, ids=batch_ids)
+        if self.queue.in_warmup:  # the memory stays out of the loss: lightly's loss without a bank
+            self.negative_mask = None
+            return output, None
         if self.feature_dim_first:
             bank = bank.t()  # (D, n)
         return output, bank
@@ -221,6 +260,25 @@ class AdaptiveMemoryBank(MemoryBankModule):
         self._write(batch)
 
     # ------------------------------------------------------------------ ours
+    @torch.no_grad()
+    def enqueue(self, embeddings: Tensor, labels: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> None:
+        """Store ``embeddings`` (B, D) without adapting, with lightly's write rule (e.g. for
+        :func:`xbn_queue.prefill`); ``labels`` are ignored as lightly ignores them, ``ids`` are kept.
+
+        Raises:
+            ValueError: on a disabled bank, or what the queue refuses (shapes, non-finite values).
+        """
+        if self.queue is None:
+            raise ValueError("enqueue: the memory bank is disabled (size 0)")
+        embeddings = embeddings.detach()
+        follow_device(self.queue, self.queue.memory, embeddings.device)
+        batch = self.queue._check_embeddings(embeddings, "embeddings")
+        batch_ids = None if ids is None else self.queue._check_index(ids, batch.shape[0], "ids")
+        if self.gather_distributed and xdist.is_distributed():
+            batch = xdist.all_gather_cat(batch)
+            batch_ids = None if batch_ids is None else xdist.all_gather_cat(batch_ids)
+        self._write(batch, checked=True, ids=batch_ids)
+
     def reset(self) -> None:
         """Back to the initial state: the adaptation state forgotten, the rows random or empty per ``init``."""
         if self.queue is None:
@@ -239,10 +297,12 @@ class AdaptiveMemoryBank(MemoryBankModule):
             return
         with torch.no_grad():
             rows = torch.nn.functional.normalize(torch.randn(self.size), dim=-1)  # (N, D), as lightly
-            self.queue.enqueue(rows.to(self.queue.memory.device))  # all N rows: the pointer is back at 0
+            dev = self.queue.memory.device
+            no_ids = torch.full((self.size[0],), -1, dtype=torch.long, device=dev)  # no sample: id -1
+            self.queue.enqueue(rows.to(dev), ids=no_ids)  # all N rows: the pointer is back at 0
         self._ptr = 0
 
-    def _write(self, batch: Tensor, checked: bool = False) -> None:
+    def _write(self, batch: Tensor, checked: bool = False, ids: Optional[Tensor] = None) -> None:
         """lightly's write rule: rows ``ptr .. min(ptr + B, N) - 1`` get the first rows of ``batch`` (B, D).
 
         The pointer is kept on the host (``_ptr``) by the bank's own writes, reset and loads; write through
@@ -252,10 +312,16 @@ class AdaptiveMemoryBank(MemoryBankModule):
         ptr = self._ptr if self._ptr is not None else int(self.queue.ptr)  # a sync only after a load
         k = min(batch.shape[0], self.size[0] - ptr)  # rows that fit before the end of the ring
         rows = batch if k == batch.shape[0] else batch[:k]  # (k, D)
+        if ids is None and self.queue._has_ids:  # rows without a sample: id -1
+            ids = self.queue._cached(("no_ids", k, batch.device), lambda: torch.full((k,), -1, device=batch.device))
+        elif ids is not None:
+            if len(self.queue) > 0 and not self.queue._has_ids:
+                raise ValueError("ids given, but the bank's rows were stored without ids; call reset() first")
+            ids = ids if k == ids.shape[0] else ids[:k]  # (k,)
         if checked:
-            self.queue._enqueue(rows, None, None)
+            self.queue._enqueue(rows, None, ids)
         else:
-            self.queue.enqueue(rows)
+            self.queue.enqueue(rows, ids=ids)
         self._ptr = (ptr + k) % self.size[0]
 
     def _snapshot(self) -> Tensor:
@@ -266,7 +332,7 @@ class AdaptiveMemoryBank(MemoryBankModule):
             return rows.div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(1e-12))
         if self.normalize:
             return torch.nn.functional.normalize(rows.float(), dim=1)  # new tensor, never the buffer
-        return rows.to(torch.float32, copy=live)
+        return rows.to(self.queue.read_dtype, copy=live)
 
     def _load_from_state_dict(
         self,
@@ -306,6 +372,70 @@ class AdaptiveMemoryBank(MemoryBankModule):
             f"gather_distributed={self.gather_distributed}, feature_dim_first={self.feature_dim_first}, "
             f"normalize={self.normalize}"
         )
+
+
+class AdaptiveNTXentLoss(NTXentLoss):
+    """lightly's ``NTXentLoss`` with an :class:`AdaptiveMemoryBank` that can leave same-sample rows out.
+
+    ``criterion(out0, out1)`` is lightly's loss with the adaptive bank (the bank of
+    ``criterion.memory_bank = AdaptiveMemoryBank(...)``). ``criterion(out0, out1, ids=ids)`` also
+    stores the sample ids with the keys ``out1`` and, with ``mask_same_ids=True``, leaves out of
+    query ``i``'s negatives every bank row holding an older key of sample ``ids[i]``; the positive
+    (``out1[i]``) is kept. Without a bank (``memory_bank_size=0``) ids are not needed and ignored:
+    the negatives are then the other samples of the batch.
+
+    Args:
+        temperature, memory_bank_size, gather_distributed: as lightly's ``NTXentLoss``.
+        adaptation: of the bank, ``"xbn"`` (default), ``"axbn"`` or ``"none"``.
+        mask_same_ids: leave same-sample rows out of the negatives when ids are given.
+        **bank_kwargs: further :class:`AdaptiveMemoryBank` arguments (``normalize``, ``init``, ...).
+
+    Raises:
+        ValueError: as lightly's ``NTXentLoss`` and :class:`AdaptiveMemoryBank`.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        memory_bank_size: Union[int, Sequence[int]] = 0,
+        gather_distributed: bool = False,
+        adaptation: str = "xbn",
+        mask_same_ids: bool = False,
+        **bank_kwargs: Any,
+    ) -> None:
+        super().__init__(temperature=temperature, memory_bank_size=0, gather_distributed=gather_distributed)
+        self.memory_bank = AdaptiveMemoryBank(
+            size=memory_bank_size,
+            adaptation=adaptation,
+            gather_distributed=gather_distributed,
+            mask_same_ids=mask_same_ids,
+            **bank_kwargs,
+        )
+
+    def forward(self, out0: Tensor, out1: Tensor, ids: Optional[Tensor] = None) -> Tensor:
+        """The loss of ``out0`` against ``out1`` (positives) and the bank (negatives).
+
+        Args:
+            out0: (B, D) queries (with gradient).
+            out1: (B, D) keys; enqueued when ``out0`` requires a gradient (lightly's rule).
+            ids: optional (B,) integer sample ids of the pairs.
+
+        Returns:
+            Scalar loss.
+        """
+        if ids is None or self.memory_bank.queue is None:
+            return super().forward(out0, out1)  # lightly's computation
+        out0 = torch.nn.functional.normalize(out0, dim=1)  # (B, D)
+        out1 = torch.nn.functional.normalize(out1, dim=1)  # (B, D)
+        out1, negatives = self.memory_bank(out1, update=out0.requires_grad, ids=ids)  # negatives: (D, n)
+        sim_pos = torch.einsum("nc,nc->n", out0, out1).unsqueeze(-1)  # (B, 1)
+        sim_neg = torch.einsum("nc,ck->nk", out0, negatives.to(out0.device, out0.dtype))  # (B, n)
+        mask = self.memory_bank.negative_mask
+        if mask is not None:
+            sim_neg = sim_neg.masked_fill(mask.to(sim_neg.device), float("-inf"))  # (B, n)
+        logits = torch.cat([sim_pos, sim_neg], dim=1) / self.temperature  # (B, 1 + n)
+        labels = torch.zeros(logits.shape[0], device=out0.device, dtype=torch.long)  # the positive is column 0
+        return self.cross_entropy(logits, labels)
 
 
 def _forget_host_ptr(module: AdaptiveMemoryBank, incompatible_keys: Any) -> None:

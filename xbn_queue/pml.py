@@ -47,7 +47,28 @@ from . import distributed as xdist
 from ._compat import follow_device
 from .queue import AdaptiveQueue
 
-__all__ = ["AdaptiveCrossBatchMemory"]
+__all__ = ["AdaptiveCrossBatchMemory", "remove_same_id_pairs"]
+
+
+def remove_same_id_pairs(indices_tuple: Tuple[Tensor, ...], same: Tensor) -> Tuple[Tensor, ...]:
+    """Drop from a PML indices tuple every pair of an anchor and a reference row of the same sample.
+
+    Args:
+        indices_tuple: ``(a1, p, a2, n)`` pairs or ``(a, p, n)`` triplets; anchors index the batch,
+            the others the reference rows (the memory).
+        same: ``(B, n)`` bool, ``same[i, j]`` where anchor ``i`` and reference row ``j`` are one sample.
+
+    Returns:
+        The tuple without those pairs (a triplet goes when its positive or its negative is one);
+        like PML's ``remove_self_comparisons``, boolean selection (a host synchronisation on a GPU).
+    """
+    if len(indices_tuple) == 4:
+        a1, p, a2, n = indices_tuple
+        keep_p, keep_n = ~same[a1, p], ~same[a2, n]  # (P,), (N,)
+        return a1[keep_p], p[keep_p], a2[keep_n], n[keep_n]
+    a, p, n = indices_tuple
+    keep = ~(same[a, p] | same[a, n])  # (T,)
+    return a[keep], p[keep], n[keep]
 
 
 class AdaptiveCrossBatchMemory(CrossBatchMemory):
@@ -61,8 +82,17 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         adaptation: ``"none"`` (plain XBM), ``"xbn"`` (Eq. 6) or ``"axbn"`` (Kalman, Eq. 18-23).
         add_batch_loss: also add the plain loss on the batch itself (the paper's XBM*): the miner
             (if any) is applied to the batch and ``loss(embeddings, labels, batch_indices)`` is added.
+        mask_same_ids: remove from the (mined or all) pairs / triplets every pair of an anchor and a
+            stored row of the same sample (an older embedding of it, enqueued in an earlier step),
+            found by the ``ids`` given to ``forward``. The rows written by the current call are kept
+            (PML's self-comparison removal already drops each row's own copy; with ``enqueue_mask``
+            they are the anchors' positives). Off by default (PML's behaviour).
         **queue_kwargs: passed to :class:`~xbn_queue.AdaptiveQueue` (``eps``, ``kalman_*``,
-            ``gather_distributed``, ``dtype``, ...). With ``gather_distributed=True`` every rank
+            ``gather_distributed``, ``dtype``, ``warmup_steps``, ``warmup_rows``, ...). During the
+            warm-up (``queue.in_warmup`` after the step's enqueue) the memory fills and adapts but
+            the loss is what PML's ``CrossBatchMemory`` computes with a memory holding only this
+            call's rows: ``loss(embeddings, labels, miner(embeddings, labels))`` (with the input
+            ``indices_tuple`` combined); with ``enqueue_mask`` the anchors against the enqueued rows. With ``gather_distributed=True`` every rank
             enqueues the batches of all ranks and computes the loss of its own rows against that
             shared memory (do not also wrap it in PML's ``DistributedLossWrapper``, which gathers
             the batch itself and is meant for ``gather_distributed=False``).
@@ -86,6 +116,7 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         miner: Optional[torch.nn.Module] = None,
         adaptation: str = "xbn",
         add_batch_loss: bool = False,
+        mask_same_ids: bool = False,
         **queue_kwargs: Any,
     ) -> None:
         # Skip CrossBatchMemory.__init__ (it allocates PML's own memory buffers); BaseLossWrapper
@@ -97,6 +128,7 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         self.memory_size = int(memory_size)
         self.adaptation = adaptation
         self.add_batch_loss = bool(add_batch_loss)
+        self.mask_same_ids = bool(mask_same_ids)
         self.queue = AdaptiveQueue(
             size=self.memory_size, dim=self.embedding_size, adaptation=adaptation, **queue_kwargs
         )
@@ -138,8 +170,8 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
 
         Rows in storage order (row ``i`` is memory position ``i``); rows never written are zeros, as in
         PML. In the dtype of the last embeddings given (float32 before the first call), as PML casts its
-        memory to the embeddings' dtype at every call, on the memory's device. Read-only: a copy, so
-        writing to it does not change the memory (PML code only reads it).
+        memory to the embeddings' dtype at every call, on the memory's device. A copy: writing into it
+        does not change the memory; assigning to the attribute does (see the setter).
         """
         n = len(self.queue)
         out = torch.zeros(
@@ -148,11 +180,47 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         out[:n] = self.queue.valid_memory()  # (n, D), cast on the copy
         return out
 
+    @embedding_memory.setter
+    def embedding_memory(self, value: Tensor) -> None:
+        """``loss.embedding_memory = rows``: replace the stored rows, as PML users do to move or cast it.
+
+        ``rows`` is (memory_size, embedding_size), any floating dtype; it is stored in the queue's
+        storage dtype, the memory moves to its device, and later reads come back in its dtype (as
+        PML's attribute would). The number of rows counted as filled does not change; the running
+        statistics are recomputed at the next adaptation.
+
+        Raises:
+            ValueError: if ``rows`` is not a floating (memory_size, embedding_size) tensor.
+        """
+        shape = (self.memory_size, self.embedding_size)
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
+            got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"embedding_memory must be a floating tensor of shape {shape}, got {got}")
+        self._follow_device(value.device)
+        self.queue.replace_rows(value)
+        self._memory_dtype = value.dtype
+
     @property
     def label_memory(self) -> Tensor:
         """(memory_size,) copy of the labels of the whole memory (zeros where never written), as PML's
-        attribute of that name, in the dtype of the last labels given (int64 before the first call)."""
+        attribute of that name, in the dtype of the last labels given (int64 before the first call).
+        Assigning an integer (memory_size,) tensor replaces the stored labels (``ValueError`` otherwise)."""
         return self.queue.label_memory.to(dtype=self._label_dtype, copy=True)
+
+    @label_memory.setter
+    def label_memory(self, value: Tensor) -> None:
+        shape = (self.memory_size,)
+        if (
+            not isinstance(value, Tensor)
+            or tuple(value.shape) != shape
+            or value.is_floating_point()
+            or value.is_complex()
+        ):
+            got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"label_memory must be an integer tensor of shape {shape}, got {got}")
+        self._follow_device(value.device)
+        self.queue.replace_labels(value)
+        self._label_dtype = value.dtype
 
     def reset_queue(self) -> None:
         """Empty the memory (rows, labels, pointer and adaptation state)."""
@@ -186,15 +254,16 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
                 only the other rows are the loss's anchors (no self-comparison removal), as in PML.
             ids: optional (B,) integer sample ids, stored beside the enqueued rows (an extension of PML's
                 signature) so that :func:`xbn_queue.drift.queue_staleness` can compare the memory with fresh
-                embeddings; once given, pass them on every call (until ``reset_queue()``).
+                embeddings, and ``mask_same_ids`` can find older rows of the same sample; once given, pass
+                them on every call (until ``reset_queue()``). Required with ``mask_same_ids``.
 
         Returns:
             Scalar loss (plus the plain batch loss when ``add_batch_loss``).
 
         Raises:
             ValueError: on ``indices_tuple`` together with ``enqueue_mask``, embeddings that are not
-                (B, embedding_size), labels, mask or ids of another length, or more rows to enqueue than
-                ``memory_size``.
+                (B, embedding_size), labels, mask or ids of another length, more rows to enqueue than
+                ``memory_size``, or ``mask_same_ids`` without ids.
         """
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
@@ -209,6 +278,9 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             )
         if ids is not None and (not isinstance(ids, Tensor) or ids.shape != (embeddings.shape[0],)):
             raise ValueError(f"ids must be (B={embeddings.shape[0]},), got {tuple(getattr(ids, 'shape', ()))}")
+        if self.mask_same_ids and ids is None:
+            raise ValueError("ids are required with mask_same_ids=True: pass loss_fn(embeddings, labels, ids=sample_ids)")
+        anchor_ids = ids
         self.reset_stats()
         device = embeddings.device
         labels = c_f.to_device(labels, device=device)
@@ -223,6 +295,7 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             emb_for_queue = embeddings[enqueue_mask]  # (Bq, D)
             labels_for_queue = labels[enqueue_mask]  # (Bq,)
             ids_for_queue = ids[enqueue_mask.to(ids.device)] if ids is not None else None
+            anchor_ids = ids[~enqueue_mask.to(ids.device)] if ids is not None else None
             embeddings = embeddings[~enqueue_mask]  # (Ba, D) anchors
             labels = labels[~enqueue_mask]
             do_remove_self_comparisons = False
@@ -239,6 +312,9 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         self.curr_batch_idx = self._adapt_and_enqueue(emb_for_queue, labels_for_queue, ids_for_queue)  # (Bq,)
         self._memory_dtype, self._label_dtype = embeddings.dtype, labels.dtype
 
+        if self.queue.in_warmup:
+            return self._warmup_loss(embeddings, labels, emb_for_queue, labels_for_queue, indices_tuple, enqueue_mask)
+
         # Like PML, the loss reads the memory in place (a live view, cast to the loss dtype; a copy only
         # when the dtypes differ): PML's supported losses never modify their reference embeddings.
         E_mem = self.queue.valid_memory().to(device=device, dtype=embeddings.dtype)  # (n, D)
@@ -247,10 +323,34 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
         mem_indices = self.create_indices_tuple(
             embeddings, labels, E_mem, L_mem, indices_tuple, do_remove_self_comparisons
         )
+        if self.mask_same_ids:
+            same = self.queue.same_id_mask(anchor_ids, exclude=self.curr_batch_idx)  # (Ba, n)
+            mem_indices = remove_same_id_pairs(mem_indices, same)
         loss = self.loss(embeddings, labels, mem_indices, E_mem, L_mem)
         if self.add_batch_loss:
             loss = loss + self._batch_loss(embeddings, labels, indices_tuple)
         return loss
+
+    def _warmup_loss(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        emb_for_queue: Tensor,
+        labels_for_queue: Tensor,
+        indices_tuple: Optional[Tuple[Tensor, ...]],
+        enqueue_mask: Optional[Tensor],
+    ) -> Tensor:
+        """The loss without the memory: PML's ``CrossBatchMemory`` with a memory holding only this call's rows.
+
+        Without ``enqueue_mask`` that is the plain batch loss (a row's comparison with its own copy
+        removed, the other rows of the batch as references). With it, the anchors (rows not enqueued)
+        against the enqueued rows, detached as PML's memory is.
+        """
+        if enqueue_mask is None:
+            return self._batch_loss(embeddings, labels, indices_tuple)
+        ref, ref_labels = emb_for_queue.detach(), labels_for_queue  # (Bq, D), (Bq,)
+        mem_indices = self.create_indices_tuple(embeddings, labels, ref, ref_labels, indices_tuple, False)
+        return self.loss(embeddings, labels, mem_indices, ref, ref_labels)
 
     def _batch_loss(
         self, embeddings: Tensor, labels: Tensor, input_indices_tuple: Optional[Tuple[Tensor, ...]]

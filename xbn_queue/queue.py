@@ -87,7 +87,8 @@ class AdaptiveQueue(nn.Module):
     Args:
         size: Number of rows the memory holds.
         dim: Embedding dimension.
-        adaptation: ``"none"``, ``"xbn"``, ``"axbn"``, or an :class:`~xbn_queue.adaptation.Adaptation`.
+        adaptation: ``"none"``, ``"xbn"``, ``"axbn"``, ``"xbn-cov"`` (full covariance,
+            :class:`~xbn_queue.adaptation.XBNCov`), or an :class:`~xbn_queue.adaptation.Adaptation`.
         eps: Added to the memory's standard deviation before dividing (Eq. 6).
         kalman_p0: AXBN initial estimation variance.
         kalman_q: AXBN process noise (relative to the measurement noise when ``kalman_r="auto"``).
@@ -97,6 +98,9 @@ class AdaptiveQueue(nn.Module):
             every rank holds the same memory. A no-op without a process group. Every rank must
             then call the state-changing methods in lockstep.
         dtype: Storage dtype of the rows (float32 by default). Values read back are float32.
+            ``torch.float64`` keeps everything in float64: inputs are converted to float64 (not
+            float32), the statistics, the affine map and the adaptation's state (e.g. the AXBN
+            filters) are float64, and the rows are read back as float64.
             ``torch.bfloat16`` / ``torch.float16`` halve the memory; their statistics and map are
             float32 / float64, and the rows are read back as float32 (``valid_memory()`` then
             returns a materialised float32 tensor rather than a view).
@@ -114,15 +118,24 @@ class AdaptiveQueue(nn.Module):
               as ``RuntimeError: CUDA error: device-side assert triggered`` and leaves the CUDA
               context unusable (the process must restart), like any failed device assertion.
             * ``"off"``: no finiteness check (non-finite rows would then spread into the memory).
-            * ``"auto"`` (default): ``"sync"`` for a memory on the CPU, ``"device"`` otherwise.
+            * ``"auto"`` (default): ``"sync"`` for a memory on the CPU (a host read costs nothing
+              there); otherwise ``"device"`` for an adapting memory and ``"off"`` for
+              ``adaptation="none"``, whose rows are never mixed, so a non-finite row cannot spread
+              (plain XBM then costs what an upstream memory costs, with no extra kernel).
+        warmup_steps: Keep the memory out of the loss for the first this many steps (calls of
+            :meth:`update` / :meth:`adapt`; the memory still fills and adapts meanwhile). The queue only counts; losses that use it (the
+            drop-ins) read :attr:`in_warmup` and compute the plain batch loss meanwhile.
+        warmup_rows: Keep the memory out of the loss while it holds fewer rows than this (at most
+            ``size``). With both, the memory enters the loss once both are reached.
         compile: Run the O(D) bookkeeping of a steady-state step through ``torch.compile``
             (fused kernels). ``None`` (default): on for a CUDA memory, off on CPU; the
             environment variable ``XBN_QUEUE_COMPILE=0`` turns it off, ``=1`` on by default. A
             failed compilation warns and falls back to the eager kernels (same results).
 
     Raises:
-        ValueError: On a non-positive size, dim or ``stats_resync_every``, a bad adaptation or
-            an unknown ``validate``.
+        ValueError: On a non-positive size, dim or ``stats_resync_every``, a bad adaptation,
+            an unknown ``validate``, a negative ``warmup_steps`` or a ``warmup_rows`` outside
+            ``[0, size]``.
     """
 
     def __init__(
@@ -140,6 +153,8 @@ class AdaptiveQueue(nn.Module):
         stats_resync_every: int = 1000,
         validate: str = "auto",
         compile: Optional[bool] = None,
+        warmup_steps: int = 0,
+        warmup_rows: int = 0,
     ) -> None:
         super().__init__()
         if int(size) < 1 or int(dim) < 1:
@@ -150,6 +165,12 @@ class AdaptiveQueue(nn.Module):
             raise ValueError(f"stats_resync_every must be >= 1, got {stats_resync_every}")
         if validate not in _VALIDATE:
             raise ValueError(f"validate must be one of {', '.join(map(repr, _VALIDATE))}, got {validate!r}")
+        if int(warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0 <= int(warmup_rows) <= int(size):
+            raise ValueError(f"warmup_rows must be in [0, size={size}], got {warmup_rows}")
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_rows = int(warmup_rows)
         self.stats_resync_every = int(stats_resync_every)
         self.validate = validate
         self.compile_bookkeeping = compile
@@ -166,6 +187,13 @@ class AdaptiveQueue(nn.Module):
             kalman_r=kalman_r,
             kalman_gain_every=kalman_gain_every,
         )
+        if dtype == torch.float64:
+            self.adaptation.to(torch.float64)  # filter state in float64 too
+        if self.adaptation.full_covariance and dtype in _FIXED_FRAME_DTYPES:
+            raise ValueError(
+                f"adaptation={self.adaptation.name!r} needs float32 or float64 storage, got dtype={dtype} "
+                "(a bfloat16 / float16 memory keeps a per-dimension frame)"
+            )
         self.register_buffer("memory", torch.zeros(self.size, self.dim, dtype=dtype))  # (M, D)
         self.register_buffer("label_memory", torch.zeros(self.size, dtype=torch.long))  # (M,)
         self.register_buffer("id_memory", torch.zeros(self.size, dtype=torch.long))  # (M,)
@@ -173,6 +201,8 @@ class AdaptiveQueue(nn.Module):
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))  # n = min(enqueued, size)
         self.register_buffer("has_labels", torch.zeros((), dtype=torch.bool))
         self.register_buffer("has_ids", torch.zeros((), dtype=torch.bool))
+        # steps so far (warm-up), see num_steps; written from its host mirror when the state is saved
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         # Running statistics of the stored rows (in the storage frame), see the class docstring.
         f64 = torch.float64
         self.register_buffer("stat_center", torch.zeros(self.dim, dtype=f64))  # (D,) c
@@ -186,6 +216,7 @@ class AdaptiveQueue(nn.Module):
         # Host mirrors of the scalar buffers the host decides with (kept equal on every write and
         # re-read on load): reading them never waits for the device. The pointer lives on the device.
         self._n = 0  # num_filled
+        self._steps = 0  # steps
         self._has_labels = False
         self._has_ids = False
         self._age = 0  # stat_age
@@ -197,6 +228,19 @@ class AdaptiveQueue(nn.Module):
         return self._n
 
     @property
+    def in_warmup(self) -> bool:
+        """Whether the memory is still to be kept out of the loss: at most ``warmup_steps`` steps
+        done (:attr:`num_steps`), or fewer than ``warmup_rows`` rows stored. Read it after the step's :meth:`update`
+        (the first ``warmup_steps`` steps are warm-up). A host-side check: no device read."""
+        return self._steps <= self.warmup_steps and self.warmup_steps > 0 or self._n < self.warmup_rows
+
+    @property
+    def num_steps(self) -> int:
+        """Steps since the start or the last :meth:`reset`: calls of :meth:`update` or :meth:`adapt`
+        (whether or not they changed the memory); :meth:`enqueue` alone (e.g. a prefill) is not one."""
+        return self._steps
+
+    @property
     def is_full(self) -> bool:
         """Whether every row holds an enqueued embedding."""
         return len(self) == self.size
@@ -205,6 +249,12 @@ class AdaptiveQueue(nn.Module):
     def _fixed_frame(self) -> bool:
         return self.memory.dtype in _FIXED_FRAME_DTYPES
 
+    @property
+    def read_dtype(self) -> torch.dtype:
+        """The dtype rows are read back in and inputs are converted to: float64 for a float64
+        memory, float32 otherwise."""
+        return torch.float64 if self.memory.dtype == torch.float64 else torch.float32
+
     def _materialize(self, n: int) -> Tensor:
         """``(n, dim)`` float32 rows of a fixed-frame memory: ``raw * frame_scale + frame_shift``."""
         raw = self.memory[:n]  # (n, D) bf16 / fp16
@@ -212,10 +262,10 @@ class AdaptiveQueue(nn.Module):
 
     @property
     def embeddings(self) -> Tensor:
-        """``(n, dim)`` float32 copy of the valid rows, in storage order."""
+        """``(n, dim)`` copy of the valid rows, in storage order, in :attr:`read_dtype`."""
         if self._fixed_frame:
             return self._materialize(len(self))
-        return self.memory[: len(self)].to(torch.float32, copy=True)
+        return self.memory[: len(self)].to(self.read_dtype, copy=True)
 
     @property
     def labels(self) -> Optional[Tensor]:
@@ -237,17 +287,50 @@ class AdaptiveQueue(nn.Module):
         """
         if self._fixed_frame:
             return self._materialize(len(self))
-        return self.memory[: len(self)]
+        return self.memory if self._n == self.size else self.memory[: self._n]  # no slice op when full
 
     def valid_labels(self) -> Tensor:
         """``(n,)`` live view of the valid labels (zeros if labels were never given); see :meth:`valid_memory`."""
-        return self.label_memory[: len(self)]
+        return self.label_memory if self._n == self.size else self.label_memory[: self._n]
+
+    def same_id_mask(self, ids: Tensor, exclude: Optional[Tensor] = None) -> Tensor:
+        """``(B, n)`` bool: ``mask[i, j]`` is True where stored row ``j`` holds the sample ``ids[i]``.
+
+        A sample's own older embeddings in the memory are not negatives of its new embedding; a loss
+        leaves the masked rows out. Element-wise on the device: no host synchronisation.
+
+        Args:
+            ids: ``(B,)`` integer sample ids of the queries.
+            exclude: optional ``(k,)`` int64 row positions never masked, e.g. the rows the current
+                batch was just written to (:meth:`update`'s return), which hold the queries' own
+                positives rather than older copies.
+
+        Returns:
+            ``(B, n)`` bool on the memory's device, columns in storage order (as :meth:`valid_memory`).
+
+        Raises:
+            ValueError: If the stored rows carry no ids, or ``ids`` is not ``(B,)`` integers.
+        """
+        if not isinstance(ids, Tensor) or ids.ndim != 1:
+            raise ValueError(f"ids: expected a (B,) integer tensor, got {tuple(getattr(ids, 'shape', ()))}")
+        ids = self._check_index(ids, ids.shape[0], "ids")
+        if self._n > 0 and not self._has_ids:
+            raise ValueError("same_id_mask: the stored rows carry no ids; pass ids to every enqueue")
+        stored = self.id_memory if self._n == self.size else self.id_memory[: self._n]  # (n,)
+        mask = ids[:, None] == stored[None, :]  # (B, n)
+        if exclude is not None:
+            mask.index_fill_(1, exclude.to(device=mask.device, dtype=torch.long), False)
+        return mask
 
     # ------------------------------------------------------------------ checks
-    def _validate_mode(self) -> str:
+    def _validate_mode(self, device: Optional[torch.device] = None) -> str:
+        """The validation mode in force (``device``: for a memory there, default its own)."""
         if self.validate != "auto":
             return self.validate
-        return "sync" if self.memory.device.type == "cpu" else "device"
+        device = self.memory.device if device is None else torch.device(device)
+        if device.type == "cpu":
+            return "sync"
+        return "device" if self.adaptation.active else "off"
 
     def _check_embeddings(self, x: Tensor, what: str) -> Tensor:
         if not isinstance(x, Tensor):
@@ -265,10 +348,11 @@ class AdaptiveQueue(nn.Module):
                 raise ValueError(f"{what}: expected finite values, got NaN or Inf in {bad} of {x.shape[0]} rows")
         elif mode == "device":
             # The float64 sum of float32 values cannot overflow: it is finite iff every entry is,
-            # and ``sum * 0 == 0`` exactly then (NaN otherwise). Four small kernels, no host read.
+            # and ``sum * 0 == 0`` exactly then (NaN otherwise). Four small kernels, no host read
+            # (``torch.isfinite`` would be four too: it is a composite of abs / eq / mul / ne).
             ok = x.sum(dtype=torch.float64).mul_(0).eq_(0)
             torch._assert_async(ok, f"{what}: expected finite values, got NaN or Inf")
-        return x.to(device=self.memory.device, dtype=torch.float32)
+        return x.to(device=self.memory.device, dtype=self.read_dtype)
 
     def _check_index(self, x: Optional[Tensor], n: int, what: str) -> Optional[Tensor]:
         if x is None:
@@ -334,8 +418,12 @@ class AdaptiveQueue(nn.Module):
         return self._n == self.size and compile_enabled(self.memory.device, self.compile_bookkeeping)
 
     def _adapt(self, batch: Tensor) -> None:
+        self._steps += 1  # a training step (host only; written into ``steps`` when the state is saved)
         n = self._n
         if not self.adaptation.active or batch.shape[0] < 2 or n < 2:
+            return
+        if self.adaptation.full_covariance:
+            self._adapt_covariance(batch, n)
             return
         batch_mean, batch_std = F.batch_moments(batch)  # (D,), (D,)
         target = self.adaptation.target(batch_mean, batch_std, batch.shape[0])
@@ -362,6 +450,20 @@ class AdaptiveQueue(nn.Module):
             torch.addcmul(b, mem, a, out=mem)  # one fused pass over the memory
         self._age += 1
         self.stat_age.add_(1)
+
+    def _adapt_covariance(self, batch: Tensor, n: int) -> None:
+        """Full-covariance matching: memory moments by one float64 pass, then one ``(n, D) @ (D, D)`` map."""
+        batch_mean, batch_cov = F.mean_cov(batch)  # (D,), (D, D) float64
+        tgt_mean, tgt_cov = self.adaptation.target_covariance(batch_mean, batch_cov, batch.shape[0])
+        mem = self.memory if n == self.size else self.memory[:n]  # (n, D), live
+        mem_mean, mem_cov = F.mean_cov(mem)  # (D,), (D, D) float64
+        a, b = F.covariance_matching_affine(mem_mean, mem_cov, tgt_mean, tgt_cov, self.eps)
+        F.apply_linear_(mem, a, b)
+
+    @property
+    def _diagonal_sums(self) -> bool:
+        """Whether the per-dimension running sums are kept (adapting, not full-covariance)."""
+        return self.adaptation.active and not self.adaptation.full_covariance
 
     # ------------------------------------------------------------------ running statistics
     def _resync_interval(self, n: int, b: int) -> int:
@@ -475,7 +577,7 @@ class AdaptiveQueue(nn.Module):
             rows = ((emb - self.frame_shift) / self.frame_scale).to(self.memory.dtype)  # (B, D) raw
         else:
             rows = emb.to(self.memory.dtype)  # (B, D)
-        if self.adaptation.active and n_old > 0 and self._synced:
+        if self._diagonal_sums and n_old > 0 and self._synced:
             # Rows are written in order until the memory is full, so the valid rows are 0..n-1 and
             # the rows this batch overwrites are its last k positions.
             k = min(b, max(0, n_old + b - self.size))
@@ -505,9 +607,46 @@ class AdaptiveQueue(nn.Module):
         if n_new != n_old:
             self._n = n_new
             self.num_filled.fill_(n_new)
-        if self.adaptation.active and n_old == 0:
+        if self._diagonal_sums and n_old == 0:
             self._sync_stats(b)  # the first rows: exact sums, about a stored row
         return pos
+
+    @torch.no_grad()
+    def replace_rows(self, rows: Tensor) -> None:
+        """Overwrite every row of the memory (valid or not) with ``rows``, in the storage dtype.
+
+        The fill count, labels, ids and pointer stay; the running statistics are recomputed exactly
+        at the next adaptation. For integrations that expose the whole memory as an assignable
+        attribute (PML's ``embedding_memory``).
+
+        Args:
+            rows: ``(size, dim)`` floating tensor, on any device (moved to the memory's).
+
+        Raises:
+            ValueError: Wrong shape or a non-floating dtype.
+        """
+        if not isinstance(rows, Tensor) or tuple(rows.shape) != (self.size, self.dim) or not rows.is_floating_point():
+            got = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+            raise ValueError(f"rows: expected a floating tensor of shape ({self.size}, {self.dim}), got {got}")
+        rows = rows.to(device=self.memory.device)
+        if self._fixed_frame:
+            rows = (rows.to(torch.float64) - self.frame_shift) / self.frame_scale  # (M, D) raw, in the frame
+        self.memory.copy_(rows)
+        self._synced = False
+        self.stat_synced.fill_(False)
+
+    @torch.no_grad()
+    def replace_labels(self, labels: Tensor) -> None:
+        """Overwrite every stored label with ``labels`` (``(size,)`` integers); see :meth:`replace_rows`.
+
+        Raises:
+            ValueError: Wrong shape or a non-integer dtype.
+        """
+        labels = self._check_index(labels, self.size, "labels")
+        self.label_memory.copy_(labels)
+        if self._n > 0 and not self._has_labels:
+            self._has_labels = True
+            self.has_labels.fill_(True)
 
     @torch.no_grad()
     def update(self, embeddings: Tensor, labels: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> Tensor:
@@ -534,7 +673,7 @@ class AdaptiveQueue(nn.Module):
         """
         self._read_mirrors()
         self.adaptation._refresh_host_state()
-        if self.adaptation.active and self._n > 0:
+        if self._diagonal_sums and self._n > 0:
             self._resync(self._n)
 
     def _read_mirrors(self) -> None:
@@ -546,10 +685,19 @@ class AdaptiveQueue(nn.Module):
         self._synced = bool(self.stat_synced)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if prefix + "steps" not in state_dict and prefix + "num_filled" in state_dict:
+            # A checkpoint from before the step count: a memory holding rows counts as past warm-up.
+            filled = bool(torch.as_tensor(state_dict[prefix + "num_filled"]).item() > 0)
+            state_dict[prefix + "steps"] = torch.tensor(self.warmup_steps + 1 if filled else 0)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._read_mirrors()  # the adaptation (a child, loaded next) refreshes its own
+        self._steps = int(self.steps)  # (only here: between saves the host count is the truth)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.steps.fill_(self._steps)  # a host int into the buffer: no device read
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -561,6 +709,8 @@ class AdaptiveQueue(nn.Module):
         self.num_filled.zero_()
         self.has_labels.fill_(False)
         self.has_ids.fill_(False)
+        self.steps.zero_()
+        self._steps = 0
         self.stat_center.zero_()
         self.stat_sum.zero_()
         self.stat_sumsq.zero_()
@@ -599,4 +749,6 @@ class AdaptiveQueue(nn.Module):
         return (
             f"size={self.size}, dim={self.dim}, dtype={self.memory.dtype}, "
             f"gather_distributed={self.gather_distributed}, stats_resync_every={self.stats_resync_every}"
+            + (f", warmup_steps={self.warmup_steps}" if self.warmup_steps else "")
+            + (f", warmup_rows={self.warmup_rows}" if self.warmup_rows else "")
         )

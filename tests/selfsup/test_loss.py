@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from selfsup.loss import RawKeyMoCoLoss, raw_key_ntxent
-from tests.xbn_queue.reference import ref_xbn
+from tests.xbn_queue.reference import ref_mean_std, ref_xbn
 
 
 def ref_ntxent(queries, memory, positives, t):
@@ -63,8 +63,6 @@ def test_raw_mode_xbn_adapts_the_raw_rows_then_enqueues_then_compares_with_every
     k2 = torch.randn(b, dim, generator=g) * 0.5 - 3.0
     loss = crit(q2, k2)
 
-    from tests.xbn_queue.reference import ref_mean_std
-
     t_mean, t_std = ref_mean_std(_rows(k2))
     memory = ref_xbn(_rows(k1), t_mean, t_std, 1e-6)  # rows 0..3, adapted to k2's statistics
     memory += [[0.0] * dim] * (size - b)
@@ -78,18 +76,25 @@ def test_raw_mode_xbn_adapts_the_raw_rows_then_enqueues_then_compares_with_every
     assert not crit.queue.memory.requires_grad
 
 
+def _eq6_on_upstream_memory(pml, keys, eps=1e-6):
+    """Eq. 6 applied by hand, in float64, to the rows upstream's ``CrossBatchMemory`` holds (before it
+    enqueues ``keys``): the paper's wrapper, written independently of the queue."""
+    n = pml.memory_size if pml.has_been_filled else pml.queue_idx
+    if n < 2:
+        return
+    t_mean, t_std = ref_mean_std(_rows(keys))
+    adapted = ref_xbn(_rows(pml.embedding_memory[:n]), t_mean, t_std, eps)
+    pml.embedding_memory[:n] = torch.tensor(adapted, dtype=torch.float64).to(pml.embedding_memory.dtype)
+
+
 @pytest.mark.parametrize("adaptation", ["none", "xbn"])
 def test_raw_mode_equals_pml_moco_example_step_by_step(adaptation):
-    """The paper's setup: PML's CrossBatchMemory(NTXentLoss) fed [query; key] with fresh labels and an enqueue_mask."""
+    """The paper's setup: PML's CrossBatchMemory(NTXentLoss) fed [query; key] with fresh labels and an
+    enqueue_mask; for XBN the test adapts upstream's memory itself (no code of this project on that side)."""
     from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
 
-    from xbn_queue.pml import AdaptiveCrossBatchMemory
-
     size, dim, b = 20, 6, 8
-    if adaptation == "none":
-        pml = CrossBatchMemory(NTXentLoss(temperature=0.1), dim, memory_size=size)  # upstream itself
-    else:
-        pml = AdaptiveCrossBatchMemory(NTXentLoss(temperature=0.1), dim, size, adaptation=adaptation)
+    pml = CrossBatchMemory(NTXentLoss(temperature=0.1), dim, memory_size=size)  # upstream itself
     ours = RawKeyMoCoLoss(size, dim, 0.1, adaptation)
     g = torch.Generator().manual_seed(3)
     mask = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)])
@@ -98,12 +103,64 @@ def test_raw_mode_equals_pml_moco_example_step_by_step(adaptation):
         k = torch.randn(b, dim, generator=g) * 2 - 0.5
         labels = torch.arange(step * b, (step + 1) * b)  # query i and key i share a label never seen before
         q_ref = q.detach().clone().requires_grad_()
+        if adaptation == "xbn":
+            _eq6_on_upstream_memory(pml, k)
         expected = pml(torch.cat([q_ref, k]), torch.cat([labels, labels]), enqueue_mask=mask)
         got = ours(q, k)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         expected.backward()
         got.backward()
         torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def ref_ntxent_excluding(queries, memory, positives, excluded, t):
+    """``ref_ntxent`` with the rows ``excluded[i]`` left out of query i's denominator."""
+    total = 0.0
+    for i, q in enumerate(queries):
+        qn = math.sqrt(sum(x * x for x in q))
+        sims = {}
+        for j, m in enumerate(memory):
+            if j in excluded[i]:
+                continue
+            mn = math.sqrt(sum(x * x for x in m))
+            sims[j] = sum(a * b for a, b in zip(q, m)) / (qn * mn) / t
+        top = max(sims.values())
+        lse = top + math.log(sum(math.exp(v - top) for v in sims.values()))
+        total += lse - sims[positives[i]]
+    return total / len(queries)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_raw_mode_leaves_older_keys_of_the_same_image_out_of_the_negatives(mask):
+    g = torch.Generator().manual_seed(5)
+    size, dim, b, n_images = 12, 3, 4, 6
+    crit = RawKeyMoCoLoss(size, dim, 0.2, "none", mask_same_ids=mask)
+    stored = [None] * size  # sample id per row, by hand
+    ptr, total_same = 0, 0
+    for step in range(6):
+        ids = torch.randperm(n_images, generator=g)[:b]
+        q, k = torch.randn(b, dim, generator=g), torch.randn(b, dim, generator=g)
+        loss = crit(q, k, ids=ids)
+        positions = [(ptr + i) % size for i in range(b)]
+        for p, i in zip(positions, ids.tolist()):
+            stored[p] = i
+        ptr = (ptr + b) % size
+        rows = crit.queue.embeddings.double().tolist()
+        same = [{j for j, s in enumerate(stored[: len(rows)]) if s == i and j not in positions} for i in ids.tolist()]
+        total_same += sum(map(len, same))
+        assert int(crit.same_id_negatives) == sum(map(len, same))
+        excluded = same if mask else [set()] * b
+        expected = ref_ntxent_excluding(_rows(q), rows, positions, excluded, 0.2)
+        torch.testing.assert_close(loss.item(), expected, rtol=1e-6, atol=1e-6)
+    assert total_same > 4  # the stream brings images back while older keys are stored
+
+
+def test_raw_mode_mask_needs_ids_and_is_off_by_default():
+    crit = RawKeyMoCoLoss(8, 3, 0.2, "xbn", mask_same_ids=True)
+    with pytest.raises(ValueError, match="ids are required with mask_same_ids=True"):
+        crit(torch.randn(2, 3), torch.randn(2, 3))
+    assert len(crit.queue) == 0  # nothing changed
+    assert RawKeyMoCoLoss(8, 3).mask_same_ids is False
 
 
 def test_raw_mode_state_dict_round_trip_and_bad_input():

@@ -324,7 +324,7 @@ def test_fixed_frame_rebases_a_collapsed_column():
         assert torch.isfinite(q.embeddings).all()
         assert bool((q.frame_scale != 0).all())
         assert _max_col_error(q, ref) < 8 * 2.0**-8
-    assert float((q.frame_scale - 1).abs().max()) >= 0  # frame stays finite
+    assert torch.isfinite(q.frame_scale).all() and bool((q.frame_scale > 0).all())  # frame stays finite
     assert torch.isfinite(q.frame_shift).all()
 
 

@@ -1,12 +1,24 @@
 """The queue step made for the GPU, proven on the CPU: no host synchronisation, few kernels, graph-safe.
 
-A ``TorchDispatchMode`` sees every aten op a step dispatches. ``aten._local_scalar_dense`` is the op
-behind ``.item()`` / ``int()`` / ``bool()`` / ``float()`` of a tensor: on a GPU each one stalls the
-host until the device has caught up. The counter shows that a steady-state step never runs it (with
-``validate="device"``, the default for a CUDA memory) and bounds the number of ops (kernels) a
-step launches. The results of the sync-free step are checked against the float64 reference in
-``test_fastpath.py`` / ``test_queue.py``; here eager, compiled and (on CUDA) graph-replayed steps
-are compared with each other.
+A ``TorchDispatchMode`` (:class:`xbn_queue.opcount.OpCounter`) sees every aten op a step dispatches.
+"No host sync" below means that none of these ran (``OpCounter.syncs == 0``):
+
+* ``aten._local_scalar_dense``, the op behind ``.item()`` / ``int()`` / ``bool()`` / ``float()`` of a
+  tensor and ``if tensor:``;
+* the ops whose output size depends on device values: ``nonzero`` (``torch.where(mask)``),
+  ``masked_select``, indexing or assigning with a boolean mask (``x[mask]``, ``x[mask] = v``),
+  every ``torch.unique`` variant, ``repeat_interleave`` without ``output_size``, ``bincount``;
+* ops returning a Python value computed on the device: ``equal``, ``allclose``, ``is_nonzero``;
+* device-to-host copies (``_to_copy`` / ``copy_`` from a GPU tensor to the CPU), and ``.tolist()``,
+  ``.numpy()``, ``.cpu()`` called on any tensor (counted on a CPU tensor too, where they dispatch
+  nothing, since they name the host).
+
+It does not cover what a dispatch mode cannot see: an explicit ``torch.cuda.synchronize()`` or event
+wait, a pageable host-to-device copy, or the CUDA caching allocator waiting for memory. Each kind
+counted is shown to be counted in ``test_counter_counts_every_kind_of_host_sync``. The results of
+the sync-free step are checked against the float64 reference in ``test_fastpath.py`` /
+``test_queue.py``; here eager, compiled and (on CUDA) graph-replayed steps are compared with each
+other, and op counts (about one kernel each on a GPU) are bounded.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from xbn_queue import _compile
 from xbn_queue import functional as F
 from xbn_queue import queue as Q
 from xbn_queue.opcount import SYNC_OP, OpCounter, count_ops
+from xbn_queue.opcount import SYNC_OPS
 
 from .test_fastpath import PlainQueue, _stream
 
@@ -76,6 +89,46 @@ def test_filling_steps_do_not_read_the_device_either():
     q = AdaptiveQueue(size=100, dim=8, adaptation="axbn", validate="device")
     c = count(lambda: [q.update(x, y) for x, y in _batches(12, b=16, d=8)])
     assert c.syncs == 0 and len(q) == 100
+
+
+# ---------------------------------------------------------------------------------------------- the counter
+def _sync_cases():
+    x = torch.randn(6, 3)
+    m = x[:, 0] > 0
+    i = torch.tensor([2, 0, 2])
+    return {
+        ".item()": (lambda: x[0, 0].item(), SYNC_OP),
+        "bool(tensor)": (lambda: bool(m.any()), SYNC_OP),
+        "nonzero": (lambda: m.nonzero(), "aten.nonzero.default"),
+        "torch.where(mask)": (lambda: torch.where(m), "aten.nonzero.default"),
+        "masked_select": (lambda: x.masked_select(m[:, None]), "aten.masked_select.default"),
+        "x[mask]": (lambda: x[m], "aten.index.Tensor"),
+        "x[mask] = v": (lambda: x.__setitem__(m, 0.0), "aten.index_put_.default"),
+        "unique": (lambda: torch.unique(i), "aten._unique2.default"),
+        "unique_consecutive": (lambda: torch.unique_consecutive(i), "aten.unique_consecutive.default"),
+        "repeat_interleave": (lambda: torch.repeat_interleave(i), "aten.repeat_interleave.Tensor"),
+        "bincount": (lambda: torch.bincount(i), "aten.bincount.default"),
+        "equal": (lambda: torch.equal(i, i), "aten.equal.default"),
+        "tolist": (lambda: i.tolist(), "Tensor.tolist"),
+        "numpy": (lambda: i.numpy(), "Tensor.numpy"),
+        ".cpu()": (lambda: i.cpu(), "Tensor.cpu"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_sync_cases()))
+def test_counter_counts_every_kind_of_host_sync(case):
+    fn, name = _sync_cases()[case]
+    c = count(fn)
+    assert c.syncs == 1 and c.sync_ops == {name: 1}, dict(c.sync_ops)
+
+
+def test_counter_does_not_count_what_needs_no_host_read():
+    x, i = torch.randn(6, 3), torch.tensor([2, 0, 2])
+    c = count(lambda: (x[i], x[1:3], x.index_select(0, i), torch.repeat_interleave(i, i, output_size=4),
+                       x.to(x.device), x.sum(), torch.where(x > 0, x, 0.0)))
+    assert c.syncs == 0 and c.total >= 7, dict(c.sync_ops)
+    assert SYNC_OP in SYNC_OPS
+    assert torch.Tensor.tolist is torch._C.TensorBase.tolist  # the methods are restored on exit
 
 
 # ---------------------------------------------------------------------------------------------- op counts
@@ -334,6 +387,27 @@ def test_pml_dropin_forward_syncs_and_ops_against_pml(adaptation, loss_name):
     us = _steady_counts(ours, batches, call)
     assert us.syncs <= up.syncs, (us.syncs, up.syncs)
     assert us.total <= up.total + DROPIN_EXTRA_OPS[adaptation], (us.total, up.total, dict(us.ops))
+
+
+def test_plain_xbm_through_the_pml_dropin_costs_no_more_than_pml():
+    """``AdaptiveCrossBatchMemory(adaptation="none")`` against PML's ``CrossBatchMemory``: batch 64, dim 128,
+    1,024 rows, ``ContrastiveLoss``, a steady-state step, with the validation a CUDA memory gets by
+    default (``"off"`` for a memory that is never adapted: see ``AdaptiveQueue``'s ``validate``)."""
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning import losses
+
+    from xbn_queue.pml import AdaptiveCrossBatchMemory
+
+    ours = AdaptiveCrossBatchMemory(losses.ContrastiveLoss(), 128, memory_size=1024, adaptation="none")
+    cuda_default = ours.queue._validate_mode(torch.device("cuda"))
+    assert cuda_default == "off"
+    ours.queue.validate = cuda_default
+    upstream = losses.CrossBatchMemory(losses.ContrastiveLoss(), 128, memory_size=1024)
+    batches = _batches(20, b=64, d=128, seed=12)  # 1,280 rows: full and wrapped
+    up = _steady_counts(upstream, batches, lambda m, b: m(*b))
+    us = _steady_counts(ours, batches, lambda m, b: m(*b))
+    assert us.syncs <= up.syncs, (dict(us.sync_ops), dict(up.sync_ops))
+    assert us.total <= up.total, (us.total, up.total, dict(us.ops))
 
 
 @pytest.mark.parametrize("adaptation", ["none", "xbn", "axbn"])

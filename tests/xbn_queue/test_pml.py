@@ -409,15 +409,85 @@ def test_embedding_and_label_memory_are_pmls(emb_dtype, label_dtype):
         # PML's queue bookkeeping read the way PML's users read it
         assert torch.equal(ours.embedding_memory[ours.curr_batch_idx], emb)
         assert ours.queue_idx == ref.queue_idx
-    # read-only: the attribute cannot be replaced, and writing into what it returns changes nothing
-    with pytest.raises(AttributeError):
-        ours.embedding_memory = torch.zeros(MEMORY, D)
-    with pytest.raises(AttributeError):
-        ours.label_memory = torch.zeros(MEMORY, dtype=torch.long)
+    # a copy: writing into what it returns changes nothing
     before = ours.queue.embeddings.clone()
     ours.embedding_memory.zero_()
     ours.label_memory.zero_()
     assert torch.equal(ours.queue.embeddings, before) and bool(ours.queue.labels.ne(0).any())
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adaptation", ["none", "xbn"])
+def test_assigning_embedding_and_label_memory_replaces_the_rows_as_in_pml(adaptation, storage):
+    """``loss.embedding_memory = loss.embedding_memory.to(device).type(dtype)`` (PML's users and PML's own
+    tests): the assigned rows become the memory, later reads come in the assigned dtype, and the next
+    steps equal upstream's after the same assignment."""
+    kw = dict(adaptation=adaptation, dtype=storage)
+    ours = AdaptiveCrossBatchMemory(losses.ContrastiveLoss(), D, memory_size=MEMORY, **kw)
+    ref = CrossBatchMemory(losses.ContrastiveLoss(), D, memory_size=MEMORY)
+    batches = _batches(steps=8)
+    for emb, labels in batches[:3]:
+        ours(emb, labels)
+        ref(emb, labels)
+    g = torch.Generator().manual_seed(5)
+    new_rows = torch.randn(MEMORY, D, generator=g, dtype=torch.float64)
+    new_labels = torch.randint(0, 3, (MEMORY,), generator=g, dtype=torch.int32)
+    ours.embedding_memory = new_rows
+    ours.label_memory = new_labels
+    assert ours.embedding_memory.dtype == torch.float64 and ours.label_memory.dtype == torch.int32
+    n = len(ours.queue)
+    tol = dict(rtol=0, atol=0) if storage == torch.float32 else dict(rtol=0, atol=4 * 2.0**-8)  # bf16: frame rounding
+    torch.testing.assert_close(ours.queue.embeddings, new_rows[:n].float(), **tol)
+    assert torch.equal(ours.queue.labels, new_labels[:n].long())
+    if adaptation == "none" and storage == torch.float32:
+        ref.embedding_memory = new_rows.float()
+        ref.label_memory = new_labels.long()
+        for emb, labels in batches[3:]:
+            torch.testing.assert_close(ours(emb, labels), ref(emb, labels))
+    elif adaptation == "xbn":  # the running statistics follow the new rows: the next adaptation uses their moments
+        emb, labels = batches[3]
+        ours(emb, labels)
+        rows = ours.queue.embeddings[: n].double()  # rows 0..n-1 were adapted, then the batch written
+        written = set(ours.curr_batch_idx.tolist())
+        kept = [i for i in range(n) if i not in written]
+        target_mean = emb.double().mean(0)
+        adapted = (new_rows[:n] - new_rows[:n].mean(0)) / (new_rows[:n].std(0) + 1e-6) * emb.double().std(0)
+        adapted = adapted + target_mean
+        tol = 1e-4 if storage == torch.float32 else 4 * 2.0**-8
+        assert float((rows[kept] - adapted[kept]).abs().max()) < tol * float(adapted.abs().max())
+
+
+def test_assigning_a_wrong_memory_is_refused():
+    ours = AdaptiveCrossBatchMemory(losses.ContrastiveLoss(), D, memory_size=MEMORY, adaptation="xbn")
+    with pytest.raises(ValueError, match=rf"embedding_memory must be a floating tensor of shape \({MEMORY}, {D}\)"):
+        ours.embedding_memory = torch.zeros(MEMORY - 1, D)
+    with pytest.raises(ValueError, match="embedding_memory must be a floating tensor"):
+        ours.embedding_memory = torch.zeros(MEMORY, D, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"label_memory must be an integer tensor of shape \({MEMORY},\)"):
+        ours.label_memory = torch.zeros(MEMORY + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="label_memory must be an integer tensor"):
+        ours.label_memory = torch.zeros(MEMORY)
+    with pytest.raises(ValueError, match="rows: expected a floating tensor"):
+        ours.queue.replace_rows(torch.zeros(3, D))
+
+
+def test_pmls_own_self_comparison_test_runs_on_the_drop_in():
+    """pytorch-metric-learning's ``test_remove_self_comparisons``, set up as PML's test does (the memory
+    moved and cast by assignment), checked against PML's own ``lmu.remove_self_comparisons`` semantics."""
+    memory_size, batch_size = 321, 32
+    for dtype in (torch.float32, torch.float64):
+        loss = AdaptiveCrossBatchMemory(losses.ContrastiveLoss(), D, memory_size=memory_size, adaptation="none")
+        loss.embedding_memory = loss.embedding_memory.to("cpu").type(dtype)
+        loss.label_memory = loss.label_memory.to("cpu")
+        embeddings = torch.randn(batch_size, D).type(dtype)
+        labels = torch.randint(0, 10, (batch_size,))
+        for _ in range(30):
+            loss.add_to_memory(embeddings, labels, batch_size)
+            a = torch.randint(0, batch_size, (100,))
+            p = (a + loss.curr_batch_idx[0]) % memory_size  # each anchor's own row: all removed
+            kept = lmu.remove_self_comparisons((a, p, a), loss.curr_batch_idx, memory_size)
+            assert kept[0].numel() == 0
+        assert loss.embedding_memory.dtype == dtype
 
 
 def test_embedding_memory_of_an_adapted_and_a_low_precision_queue():

@@ -165,7 +165,9 @@ def test_adapt_is_a_noop(adaptation, stored, b):
     q.enqueue(torch.randn(stored, 3))
     before = copy.deepcopy(q.state_dict())
     q.adapt(torch.randn(b, 3) * 10 + 5)
-    assert _state_equal(before, q.state_dict())
+    after = q.state_dict()
+    assert int(after.pop("steps")) == int(before.pop("steps")) + 1  # a step was counted, nothing else changed
+    assert _state_equal(before, after)
 
 
 def test_adaptation_classes_and_instances():
@@ -361,3 +363,37 @@ def test_cuda_state_dict_round_trip_and_bf16_autocast():
     q.update(x, torch.arange(8, device="cuda"))
     r.update(x, torch.arange(8, device="cuda"))
     assert torch.equal(q.memory, r.memory)
+
+
+# ---------------------------------------------------------------------------------------------- float64 storage
+@pytest.mark.parametrize("adaptation", ["none", "xbn", "axbn"])
+def test_float64_storage_is_float64_throughout(adaptation):
+    """A float64 queue keeps float64 input digits, float64 filter state, and matches the float64
+    reference to float64 rounding (a float32 step anywhere would leave errors of 1e-7)."""
+    kw = dict(p0=1.0, q=0.05, r=4.0, gain_every=1)
+    batches = [(x.double() + 1e-9 * torch.arange(x.shape[1]), y) for x, y in _batches(14, 6, 4, seed=8)]
+    q = AdaptiveQueue(size=10, dim=4, adaptation=adaptation, dtype=torch.float64, kalman_p0=kw["p0"],
+                      kalman_q=kw["q"], kalman_r=kw["r"])
+    assert q.read_dtype == torch.float64
+    assert all(b.dtype in (torch.float64, torch.long, torch.bool) for b in q.buffers())
+    ref = RefQueue(10, adaptation, **kw)
+    for x, y in batches:
+        q.update(x, y)
+        rows = x.tolist()
+        ref.adapt(rows)
+        ref.enqueue(rows, y.tolist())
+    assert q.embeddings.dtype == q.valid_memory().dtype == torch.float64
+    assert_close(q.embeddings, torch.tensor(ref.valid(), dtype=torch.float64), rtol=1e-11, atol=1e-11)
+    if adaptation == "axbn":
+        assert_close(q.adaptation.mean_estimate, torch.tensor(ref.kf_mean.u, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    if adaptation == "none":  # stored as given, to the last digit
+        assert torch.equal(q.embeddings, torch.tensor(ref.valid(), dtype=torch.float64))
+    # state dict round trip keeps float64
+    b = AdaptiveQueue(size=10, dim=4, adaptation=adaptation, dtype=torch.float64, kalman_r=4.0)
+    b.load_state_dict(q.state_dict())
+    assert _state_equal(b.state_dict(), q.state_dict())
+    # .float() turns all of it to float32 (the float64 statistics stay float64, as for any queue)
+    q.float()
+    assert q.memory.dtype == torch.float32 and q.embeddings.dtype == torch.float32
+    if adaptation == "axbn":
+        assert q.adaptation.mean_estimate.dtype == torch.float32
