@@ -1,11 +1,13 @@
 """Command line: ``xbn-metric [train] [options]`` trains one run, ``xbn-metric compare [options]`` compares
-methods, ``xbn-metric sweep [options]`` sweeps batch and memory sizes (the paper's Figure 1).
+methods, ``xbn-metric sweep [options]`` sweeps training options (by default batch and memory sizes, the
+paper's Figure 1).
 
 Examples::
 
     xbn-metric --dataset digits --method xbn                          # the built-in demo
     xbn-metric compare --dataset digits --methods none,xbm,xbn,axbn --seeds 3
     xbn-metric sweep --dataset digits --split class --backbone conv4 --classes-per-batch 4 --seeds 3
+    xbn-metric sweep --dataset digits --vary lr=3e-4,1e-3,3e-3 --methods xbm,xbn,axbn --jobs 2
     xbn-metric --dataset sop --data-root /data/Stanford_Online_Products --method axbn --memory-size 0.5
     torchrun --nproc_per_node 4 -m metric --dataset inshop --data-root /data/inshop --scale-lr
 
@@ -28,8 +30,9 @@ EPILOG = f"""commands:
   {PROG} [train] [options]     train one run (this help)
   {PROG} compare [options]     train several methods x seeds and tabulate mean ± std
                                    (see {PROG} compare --help)
-  {PROG} sweep [options]       Recall@1 against batch size and memory size, per method
-                                   (the paper's Figure 1; see {PROG} sweep --help)
+  {PROG} sweep [options]       Recall@1 and the gain over XBM against any training option
+                                   (--vary lr=...; by default batch and memory size, the paper's
+                                   Figure 1; see {PROG} sweep --help)
 
 exit status: 0 finished; 2 bad input (nothing written); 130 / 143 stopped by SIGINT / SIGTERM after a
 checkpoint (the command that resumes is printed); 1 the run failed.

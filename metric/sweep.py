@@ -1,26 +1,38 @@
-"""``xbn-metric sweep``: the paper's Figure 1 as a command (Recall@1 against batch size and memory size).
+"""``xbn-metric sweep``: Recall@1 and the gain of an adapted memory against any training option.
 
-Two sweeps over the same methods and seeds (seeds ``--seed, --seed + 1, ...``):
+Each sweep varies one training option with every other at its value, over the same methods and seeds
+(seeds ``--seed, --seed + 1, ...``):
 
-* **batch size**: every ``--batch-sizes`` value with the memory size fixed at ``--memory-size`` (the
-  dataset default when not given: 50 % of the training set, 100 % for DeepFashion2, as in the paper);
-* **memory size**: every ``--memory-sizes`` value with the batch size fixed at ``--batch-size``
-  (the dataset default when not given; the paper fixes 64).
+* ``--vary OPTION=V1,V2,...`` (repeatable): any :class:`~metric.config.MetricConfig` field, e.g.
+  ``--vary lr=3e-4,1e-3,3e-3 --vary batch-size=8,16,32``; each value is checked as ``--OPTION V`` is;
+* ``--batch-sizes`` / ``--memory-sizes``: the same as ``--vary batch-size=...`` / ``--vary
+  memory-size=...``; without any ``--vary`` both run (defaults 16,32,64 and 0.1,0.25,0.5,1.0): the
+  paper's Figure 1, the memory fixed at ``--memory-size`` (the dataset default: 50 % of the training
+  set, 100 % for DeepFashion2) in the first, the batch at ``--batch-size`` in the second.
 
-Every (method, batch size, memory size, seed) is one run in ``OUTPUT_DIR/<method>-b<B>-m<M>-seed<S>/``,
-planned as a :class:`~xbn_queue.training.series.PlannedRun` and trained by
-:func:`~xbn_queue.training.series.run_series` with ``compare``'s callback
-(:func:`metric.compare.series_trainer`); a point shared by both sweeps (the fixed batch size with the
-fixed memory size) is trained once. So a sweep behaves as ``compare`` does: a folder that holds one is
-refused without ``--resume`` / ``--overwrite``; SIGINT / SIGTERM stop the whole sweep after the current
-run's checkpoint (exit 130 / 143, the resume command printed); ``--resume`` never re-runs a finished run
-and continues a cut-short one; tables count finished runs only (``sweep.md`` then starts with an
-``INCOMPLETE:`` line). Each run's score is its best evaluation by Recall@1, as in ``compare``.
+Every (method, point, seed) is one run in ``OUTPUT_DIR/<method>-<option><value>...-seed<S>/`` (``b`` and
+``m`` for batch and memory size: ``xbm-b16-m0.5-seed0``), planned as a
+:class:`~xbn_queue.training.series.PlannedRun` and trained by :func:`~xbn_queue.training.series.run_series`
+as in ``compare`` (``--jobs N``: N at a time, each in its own process); a point shared by two sweeps
+(the base point) is trained once. So a sweep behaves as ``compare`` does: a folder that holds one is
+refused without ``--resume`` / ``--overwrite``; SIGINT / SIGTERM stop the whole sweep after the running
+runs' checkpoints (exit 130 / 143, the resume command printed); ``--resume`` never re-runs a finished
+run and continues a cut-short one; tables count finished runs only (``sweep.md`` then starts with an
+``INCOMPLETE:`` line). Each run's scores are read from its ``metrics.jsonl``: the best evaluation by
+Recall@1 and the last one, as in ``compare``.
+
+With ``xbm`` among the methods, every run of another method gets its **gain over XBM**: its Recall@1
+(best and last) and MAP@R (best and last) minus those of the XBM run of the same point and seed, and
+the **staleness** of the XBM run's memory (``staleness_cosine`` of its last evaluation: the cosine of
+stored rows with fresh embeddings of the same images; lower is staler) next to its own.
 
 Outputs in ``OUTPUT_DIR``: ``sweep.json`` (every run, mean / std / n per point, the baselines),
-``sweep.md`` (Recall@1 and MAP@R tables, methods x values, mean ± std in %) and ``sweep.png`` (the
-layout of Figure 1: one panel per sweep, mean line and std band per method, the raw-pixel and
-untrained-network baselines as dashed lines).
+``sweep.csv`` (one row per run: settings, scores, gains), ``sweep.md`` (per sweep: Recall@1 and MAP@R,
+best / last epoch, methods x values, mean ± std in %; the gains over XBM and the staleness),
+``sweep.png`` (one panel per sweep, mean line and std band per method, the raw-pixel and
+untrained-network baselines as dashed lines: for batch and memory size the layout of Figure 1),
+``gain.png`` (the Recall@1 gain over XBM against each swept option) and ``gain_staleness.png`` (every
+run's gain against its XBM twin's staleness).
 
 With few training classes (a class split of 5 classes), ``--classes-per-batch K`` sets
 ``--m-per-class`` to ``B / K`` for every batch size ``B`` (the paper keeps 4 images per class, which
@@ -50,15 +62,17 @@ __all__ = ["add_sweep_args", "run_sweep", "sweep_main", "sweep_plan", "sweep_poi
 
 PROG = "xbn-metric"
 
-DESCRIPTION = """The paper's Figure 1: Recall@1 against the batch size (memory fixed at --memory-size) and
-against the memory size (batch fixed at --batch-size), for every method of --methods, --seeds seeds
-each. Every training option below is passed through to each run unchanged, except --method, --seed,
---batch-size (and --m-per-class with --classes-per-batch), --memory-size and --output-dir, which sweep
-sets per run: run <method>-b<B>-m<M>-seed<S> goes to OUTPUT_DIR/<method>-b<B>-m<M>-seed<S>/. OUTPUT_DIR
-gets sweep.md, sweep.json and sweep.png (default OUTPUT_DIR: a new folder
-runs/metric/sweep-<dataset>-<timestamp>).
+DESCRIPTION = """Recall@1 and MAP@R (best and last epoch) against any training option, for every method of
+--methods, --seeds seeds each, and the gain of every method over XBM with the staleness of the memory.
+Each --vary OPTION=V1,V2,... is one sweep of that option, the others at their values; without --vary,
+the paper's Figure 1: --batch-sizes (memory fixed at --memory-size) and --memory-sizes (batch fixed at
+--batch-size). Every training option below is passed through to each run unchanged, except --method,
+--seed, the swept options (and --m-per-class with --classes-per-batch) and --output-dir, which sweep
+sets per run: run <method>-<option><value>...-seed<S> goes to OUTPUT_DIR/<that name>/. OUTPUT_DIR gets
+sweep.md, sweep.json, sweep.csv, sweep.png, gain.png and gain_staleness.png (default OUTPUT_DIR: a new
+folder runs/metric/sweep-<dataset>-<timestamp>).
 
-Ctrl-C / SIGTERM stop the whole sweep after the current run's checkpoint (exit 130 / 143) and print
+Ctrl-C / SIGTERM stop the whole sweep after the running runs' checkpoints (exit 130 / 143) and print
 the command that finishes it (sweep --resume --output-dir OUTPUT_DIR): finished runs are never
 trained again."""
 
