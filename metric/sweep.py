@@ -50,7 +50,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from xbn_queue.training.cli import UsageError
 from xbn_queue.training.series import PlannedRun, check_series_dir, format_mean_std, incomplete_banner, mean_std, run_series
@@ -152,25 +152,18 @@ def parse_vary(text: str, base: MetricConfig) -> Axis:
     if name in _EVALUATION:
         raise UsageError(f"--vary {text}: {flag} defines the evaluation data, which every point must share; "
                          "run one sweep per value")
-    values: List[Any] = []
-    for v in (v.strip() for v in listed.split(",")):
-        if not v:
-            continue
+    def parse(v: str) -> Any:
         try:
-            value = parse_option_value(MetricConfig, name, v)
+            return parse_option_value(MetricConfig, name, v)
         except ValueError as err:
             raise UsageError(f"--vary {text}: {flag} {v}: {err}") from None
-        try:
-            check_ranges(dataclasses.replace(base, **{name: value}))
-            if name == "memory_size":
-                memory_rows(value, None)
-        except UsageError as err:
-            raise UsageError(f"--vary {text}: {err}") from None
-        values.append(value)
-    if not values:
-        raise UsageError(f"--vary {text}: expected comma-separated values")
-    if len({_key(v) for v in values}) != len(values):
-        raise UsageError(f"--vary {text}: a value is listed twice")
+
+    def check(value: Any) -> None:
+        check_ranges(dataclasses.replace(base, **{name: value}))
+        if name == "memory_size":
+            memory_rows(value, None)
+
+    values = _value_list(listed, f"--vary {text}", parse, check)
     return Axis(name, tuple(values), f"--vary {option.strip()}")
 
 
@@ -225,26 +218,38 @@ def _int_list(text: str, option: str) -> List[int]:
 
 def _memory_list(text: str) -> List[Union[int, float]]:
     """``--memory-sizes``: integers are row counts, decimals fractions (as ``--memory-size``)."""
-    values: List[Union[int, float]] = []
-    for v in (v.strip() for v in text.split(",")):
-        if not v:
-            continue
+    def parse(v: str) -> Union[int, float]:
         try:
-            value: Union[int, float] = int(v)
+            return int(v)
         except ValueError:
             try:
-                value = float(v)
+                return float(v)
             except ValueError:
                 raise UsageError(f"--memory-sizes {text}: {v!r} is neither a row count nor a fraction in (0, 1]") from None
+
+    return _value_list(text, f"--memory-sizes {text}", parse, lambda value: memory_rows(value, None))
+
+
+def _value_list(listed: str, shown: str, parse: Callable[[str], Any], check: Callable[[Any], Any]) -> List[Any]:
+    """The comma-separated values of ``listed``, each parsed and checked; messages start with ``shown``.
+
+    Raises:
+        UsageError: from ``parse``; ``check``'s error behind ``shown``; no value; a value listed twice.
+    """
+    values: List[Any] = []
+    for v in (v.strip() for v in listed.split(",")):
+        if not v:
+            continue
+        value = parse(v)
         try:
-            memory_rows(value, None)
+            check(value)
         except UsageError as err:
-            raise UsageError(f"--memory-sizes {text}: {err}") from None
+            raise UsageError(f"{shown}: {err}") from None
         values.append(value)
     if not values:
-        raise UsageError(f"--memory-sizes {text}: expected comma-separated sizes")
-    if len({str(v) for v in values}) != len(values):
-        raise UsageError(f"--memory-sizes {text}: a value is listed twice")
+        raise UsageError(f"{shown}: expected comma-separated values")
+    if len({_key(v) for v in values}) != len(values):
+        raise UsageError(f"{shown}: a value is listed twice")
     return values
 
 
@@ -495,6 +500,10 @@ def plot_sweep(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str, Any], p
         ax.set_ylabel(ylabel or key.replace("recall@", "Recall@") + " (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")
+    return _save_figure(fig, png, title)
+
+
+def _save_figure(fig: Any, png: Path, title: str) -> Path:
     fig.suptitle(title)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, format="png", dpi=100)
@@ -528,10 +537,7 @@ def plot_gain_vs_staleness(runs: Sequence[Dict[str, Any]], png: Path, title: str
     ax.set_ylabel("Recall@1 gain over XBM (points)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    fig.suptitle(title)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, format="png", dpi=100)
-    return png
+    return _save_figure(fig, png, title)
 
 
 #: Columns of ``sweep.csv`` after the run's settings.
