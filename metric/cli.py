@@ -1,12 +1,14 @@
 """Command line: ``xbn-metric [train] [options]`` trains one run, ``xbn-metric compare [options]`` compares
-methods, ``xbn-metric sweep [options]`` sweeps batch and memory sizes (the paper's Figure 1);
-``embed``, ``search`` and ``export`` use a trained run (:mod:`metric.retrieval`, :mod:`metric.export`).
+methods, ``xbn-metric sweep [options]`` sweeps training options (by default batch and memory sizes, the
+paper's Figure 1); ``embed``, ``search`` and ``export`` use a trained run (:mod:`metric.retrieval`,
+:mod:`metric.export`).
 
 Examples::
 
     xbn-metric --dataset digits --method xbn                          # the built-in demo
     xbn-metric compare --dataset digits --methods none,xbm,xbn,axbn --seeds 3
     xbn-metric sweep --dataset digits --split class --backbone conv4 --classes-per-batch 4 --seeds 3
+    xbn-metric sweep --dataset digits --vary lr=3e-4,1e-3,3e-3 --methods xbm,xbn,axbn --jobs 2
     xbn-metric --dataset sop --data-root /data/Stanford_Online_Products --method axbn --memory-size 0.5
     torchrun --nproc_per_node 4 -m metric --dataset inshop --data-root /data/inshop --scale-lr
     xbn-metric embed runs/metric/sop-axbn-X --out gallery/          # the run's test images -> a store
@@ -32,8 +34,9 @@ EPILOG = f"""commands:
   {PROG} [train] [options]     train one run (this help)
   {PROG} compare [options]     train several methods x seeds and tabulate mean ± std
                                    (see {PROG} compare --help)
-  {PROG} sweep [options]       Recall@1 against batch size and memory size, per method
-                                   (the paper's Figure 1; see {PROG} sweep --help)
+  {PROG} sweep [options]       Recall@1 and the gain over XBM against any training option
+                                   (--vary lr=...; by default batch and memory size, the paper's
+                                   Figure 1; see {PROG} sweep --help)
   {PROG} embed RUN --out DIR   embed images with a trained run into a store
   {PROG} search STORE --query IMG_OR_DIR
                                nearest gallery images (faiss), k-NN class vote, HTML / contact sheet

@@ -14,8 +14,11 @@ evaluation split (raw pixels and the untrained network, :mod:`metric.baselines`)
 the baselines as dashed lines). Seeds are ``seed, seed + 1, ...``. Running a finished comparison
 again (``--resume``) prints the same table.
 
-The runs are driven by :func:`xbn_queue.training.series.run_series`: SIGINT / SIGTERM stop the whole
-comparison after the current run's checkpoint (exit 130 / 143, the resume command printed), a table
+The runs are driven by :func:`xbn_queue.training.series.run_series`, one after the other in this
+process, or with ``--jobs N`` N at a time, each in its own ``python -m metric train`` process
+(:func:`series_command`: the cores split between them, one GPU each on a machine with several; the same
+numbers as one after the other at the same thread count). SIGINT / SIGTERM stop the whole
+comparison after the running runs' checkpoints (exit 130 / 143, the resume command printed), a table
 never counts an unfinished run (``compare.md`` then starts with an ``INCOMPLETE:`` line, and every run
 in ``compare.json`` has a ``complete`` flag), and ``compare --resume`` finishes the missing runs (a
 finished run is not trained again) and writes the full table.
@@ -59,7 +62,8 @@ Every training option below is passed through to each run unchanged, except --me
 OUTPUT_DIR gets compare.md, compare.json and compare.png (default OUTPUT_DIR: a new folder
 runs/metric/compare-<dataset>-<timestamp>).
 
-Ctrl-C / SIGTERM stop the whole comparison after the current run's checkpoint (exit 130 / 143) and
+--jobs N trains N runs side by side, each in its own process (same results as one after the other).
+Ctrl-C / SIGTERM stop the whole comparison after the running runs' checkpoints (exit 130 / 143) and
 print the command that finishes it (compare --resume --output-dir OUTPUT_DIR): finished runs are
 kept, the missing ones are trained, and then the full table is written. A table never counts an
 unfinished run."""

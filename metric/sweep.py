@@ -1,26 +1,38 @@
-"""``xbn-metric sweep``: the paper's Figure 1 as a command (Recall@1 against batch size and memory size).
+"""``xbn-metric sweep``: Recall@1 and the gain of an adapted memory against any training option.
 
-Two sweeps over the same methods and seeds (seeds ``--seed, --seed + 1, ...``):
+Each sweep varies one training option with every other at its value, over the same methods and seeds
+(seeds ``--seed, --seed + 1, ...``):
 
-* **batch size**: every ``--batch-sizes`` value with the memory size fixed at ``--memory-size`` (the
-  dataset default when not given: 50 % of the training set, 100 % for DeepFashion2, as in the paper);
-* **memory size**: every ``--memory-sizes`` value with the batch size fixed at ``--batch-size``
-  (the dataset default when not given; the paper fixes 64).
+* ``--vary OPTION=V1,V2,...`` (repeatable): any :class:`~metric.config.MetricConfig` field, e.g.
+  ``--vary lr=3e-4,1e-3,3e-3 --vary batch-size=8,16,32``; each value is checked as ``--OPTION V`` is;
+* ``--batch-sizes`` / ``--memory-sizes``: the same as ``--vary batch-size=...`` / ``--vary
+  memory-size=...``; without any ``--vary`` both run (defaults 16,32,64 and 0.1,0.25,0.5,1.0): the
+  paper's Figure 1, the memory fixed at ``--memory-size`` (the dataset default: 50 % of the training
+  set, 100 % for DeepFashion2) in the first, the batch at ``--batch-size`` in the second.
 
-Every (method, batch size, memory size, seed) is one run in ``OUTPUT_DIR/<method>-b<B>-m<M>-seed<S>/``,
-planned as a :class:`~xbn_queue.training.series.PlannedRun` and trained by
-:func:`~xbn_queue.training.series.run_series` with ``compare``'s callback
-(:func:`metric.compare.series_trainer`); a point shared by both sweeps (the fixed batch size with the
-fixed memory size) is trained once. So a sweep behaves as ``compare`` does: a folder that holds one is
-refused without ``--resume`` / ``--overwrite``; SIGINT / SIGTERM stop the whole sweep after the current
-run's checkpoint (exit 130 / 143, the resume command printed); ``--resume`` never re-runs a finished run
-and continues a cut-short one; tables count finished runs only (``sweep.md`` then starts with an
-``INCOMPLETE:`` line). Each run's score is its best evaluation by Recall@1, as in ``compare``.
+Every (method, point, seed) is one run in ``OUTPUT_DIR/<method>-<option><value>...-seed<S>/`` (``b`` and
+``m`` for batch and memory size: ``xbm-b16-m0.5-seed0``), planned as a
+:class:`~xbn_queue.training.series.PlannedRun` and trained by :func:`~xbn_queue.training.series.run_series`
+as in ``compare`` (``--jobs N``: N at a time, each in its own process); a point shared by two sweeps
+(the base point) is trained once. So a sweep behaves as ``compare`` does: a folder that holds one is
+refused without ``--resume`` / ``--overwrite``; SIGINT / SIGTERM stop the whole sweep after the running
+runs' checkpoints (exit 130 / 143, the resume command printed); ``--resume`` never re-runs a finished
+run and continues a cut-short one; tables count finished runs only (``sweep.md`` then starts with an
+``INCOMPLETE:`` line). Each run's scores are read from its ``metrics.jsonl``: the best evaluation by
+Recall@1 and the last one, as in ``compare``.
+
+With ``xbm`` among the methods, every run of another method gets its **gain over XBM**: its Recall@1
+(best and last) and MAP@R (best and last) minus those of the XBM run of the same point and seed, and
+the **staleness** of the XBM run's memory (``staleness_cosine`` of its last evaluation: the cosine of
+stored rows with fresh embeddings of the same images; lower is staler) next to its own.
 
 Outputs in ``OUTPUT_DIR``: ``sweep.json`` (every run, mean / std / n per point, the baselines),
-``sweep.md`` (Recall@1 and MAP@R tables, methods x values, mean ± std in %) and ``sweep.png`` (the
-layout of Figure 1: one panel per sweep, mean line and std band per method, the raw-pixel and
-untrained-network baselines as dashed lines).
+``sweep.csv`` (one row per run: settings, scores, gains), ``sweep.md`` (per sweep: Recall@1 and MAP@R,
+best / last epoch, methods x values, mean ± std in %; the gains over XBM and the staleness),
+``sweep.png`` (one panel per sweep, mean line and std band per method, the raw-pixel and
+untrained-network baselines as dashed lines: for batch and memory size the layout of Figure 1),
+``gain.png`` (the Recall@1 gain over XBM against each swept option) and ``gain_staleness.png`` (every
+run's gain against its XBM twin's staleness).
 
 With few training classes (a class split of 5 classes), ``--classes-per-batch K`` sets
 ``--m-per-class`` to ``B / K`` for every batch size ``B`` (the paper keeps 4 images per class, which
@@ -34,29 +46,33 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from xbn_queue.training.cli import UsageError
 from xbn_queue.training.series import PlannedRun, check_series_dir, format_mean_std, incomplete_banner, mean_std, run_series
 
 from .config import METHODS, MetricConfig, memory_rows, resolve_config
 
-__all__ = ["add_sweep_args", "run_sweep", "sweep_main", "sweep_plan", "sweep_points", "format_sweep_tables", "plot_sweep"]
+__all__ = ["add_sweep_args", "run_sweep", "sweep_main", "sweep_plan", "sweep_points", "sweep_axes", "parse_vary", "Axis",
+           "add_gains", "format_sweep_tables", "format_gain_tables", "plot_sweep", "plot_gain_vs_staleness", "write_runs_csv"]
 
 PROG = "xbn-metric"
 
-DESCRIPTION = """The paper's Figure 1: Recall@1 against the batch size (memory fixed at --memory-size) and
-against the memory size (batch fixed at --batch-size), for every method of --methods, --seeds seeds
-each. Every training option below is passed through to each run unchanged, except --method, --seed,
---batch-size (and --m-per-class with --classes-per-batch), --memory-size and --output-dir, which sweep
-sets per run: run <method>-b<B>-m<M>-seed<S> goes to OUTPUT_DIR/<method>-b<B>-m<M>-seed<S>/. OUTPUT_DIR
-gets sweep.md, sweep.json and sweep.png (default OUTPUT_DIR: a new folder
-runs/metric/sweep-<dataset>-<timestamp>).
+DESCRIPTION = """Recall@1 and MAP@R (best and last epoch) against any training option, for every method of
+--methods, --seeds seeds each, and the gain of every method over XBM with the staleness of the memory.
+Each --vary OPTION=V1,V2,... is one sweep of that option, the others at their values; without --vary,
+the paper's Figure 1: --batch-sizes (memory fixed at --memory-size) and --memory-sizes (batch fixed at
+--batch-size). Every training option below is passed through to each run unchanged, except --method,
+--seed, the swept options (and --m-per-class with --classes-per-batch) and --output-dir, which sweep
+sets per run: run <method>-<option><value>...-seed<S> goes to OUTPUT_DIR/<that name>/. OUTPUT_DIR gets
+sweep.md, sweep.json, sweep.csv, sweep.png, gain.png and gain_staleness.png (default OUTPUT_DIR: a new
+folder runs/metric/sweep-<dataset>-<timestamp>).
 
-Ctrl-C / SIGTERM stop the whole sweep after the current run's checkpoint (exit 130 / 143) and print
+Ctrl-C / SIGTERM stop the whole sweep after the running runs' checkpoints (exit 130 / 143) and print
 the command that finishes it (sweep --resume --output-dir OUTPUT_DIR): finished runs are never
 trained again."""
 
@@ -66,19 +82,126 @@ DEFAULT_METHODS = "xbm,xbn,axbn"
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     """The options of ``sweep`` that are not training options."""
+    from .compare import add_jobs_arg
+
     p = parser.add_argument_group("sweep")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated methods among {', '.join(METHODS)} (default: {DEFAULT_METHODS}; "
                         "xbm = plain memory, adaptation none)")
-    p.add_argument("--batch-sizes", default="16,32,64",
-                   help="batch sizes of the first sweep, memory fixed at --memory-size (default: 16,32,64)")
-    p.add_argument("--memory-sizes", default="0.1,0.25,0.5,1.0",
-                   help="memory sizes of the second sweep (fractions of the training set or row counts), batch "
-                        "fixed at --batch-size (default: 0.1,0.25,0.5,1.0)")
+    p.add_argument("--vary", action="append", default=[], metavar="OPTION=V1,V2,...",
+                   help="a sweep over any training option (repeatable: each --vary is its own sweep, the other "
+                        "options at their values), e.g. --vary lr=3e-4,1e-3,3e-3 --vary batch-size=8,16,32")
+    p.add_argument("--batch-sizes", default=None,
+                   help="= --vary batch-size=...: batch sizes, memory fixed at --memory-size (default without "
+                        "--vary: 16,32,64)")
+    p.add_argument("--memory-sizes", default=None,
+                   help="= --vary memory-size=...: memory sizes (fractions of the training set or row counts), batch "
+                        "fixed at --batch-size (default without --vary: 0.1,0.25,0.5,1.0)")
     p.add_argument("--seeds", type=int, default=3,
                    help="runs per point, with seeds --seed, --seed + 1, ... (default: 3) [valid: >= 1]")
     p.add_argument("--classes-per-batch", type=int, default=None,
                    help="set --m-per-class to B / K for each batch size B (default: keep --m-per-class) [valid: >= 1]")
+    add_jobs_arg(p)
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """One sweep: a training option (a :class:`~metric.config.MetricConfig` field) and its values.
+
+    Attributes:
+        name: The field (``batch_size``).
+        values: Its values, parsed.
+        option: How the user gave it, for messages (``--batch-sizes``, ``--vary lr=...``).
+    """
+
+    name: str
+    values: Tuple[Any, ...]
+    option: str
+
+
+#: Options a sweep sets itself, with the option to use instead.
+_SET_BY_SWEEP = {"method": "--methods", "seed": "--seeds", "output_dir": "--output-dir", "resume": "--resume",
+                 "overwrite": "--overwrite"}
+#: Options that define the evaluation data (every point and the baselines must score the same images).
+_EVALUATION = ("dataset", "data_root", "split", "train_fraction", "split_seed", "max_per_class", "recall_ks")
+#: Short names of options in run folder names (``xbm-b16-m0.5-seed0``).
+_SHORT = {"batch_size": "b", "memory_size": "m"}
+DEFAULT_BATCH_SIZES = "16,32,64"
+DEFAULT_MEMORY_SIZES = "0.1,0.25,0.5,1.0"
+
+
+def parse_vary(text: str, base: MetricConfig) -> Axis:
+    """``OPTION=V1,V2,...`` -> an :class:`Axis`; each value converted and range-checked as ``--OPTION V``.
+
+    Raises:
+        UsageError: no ``=``, an unknown option, one a sweep sets itself or that defines the evaluation
+            data, a value the option does not take, an empty or repeated value.
+    """
+    from xbn_queue.training.cli import check_ranges
+    from xbn_queue.training.config import parse_option_value
+
+    option, eq, listed = text.partition("=")
+    name = option.strip().lstrip("-").replace("-", "_")
+    flag = "--" + name.replace("_", "-")
+    if not eq or not name:
+        raise UsageError(f"--vary {text}: expected OPTION=V1,V2,... (e.g. --vary lr=3e-4,1e-3)")
+    if name not in {f.name for f in dataclasses.fields(MetricConfig)}:
+        raise UsageError(f"--vary {text}: unknown option {flag} (see xbn-metric --help)")
+    if name in _SET_BY_SWEEP:
+        raise UsageError(f"--vary {text}: the sweep sets {flag} itself; use {_SET_BY_SWEEP[name]}")
+    if name in _EVALUATION:
+        raise UsageError(f"--vary {text}: {flag} defines the evaluation data, which every point must share; "
+                         "run one sweep per value")
+    def parse(v: str) -> Any:
+        try:
+            return parse_option_value(MetricConfig, name, v)
+        except ValueError as err:
+            raise UsageError(f"--vary {text}: {flag} {v}: {err}") from None
+
+    def check(value: Any) -> None:
+        check_ranges(dataclasses.replace(base, **{name: value}))
+        if name == "memory_size":
+            memory_rows(value, None)
+
+    values = _value_list(listed, f"--vary {text}", parse, check)
+    return Axis(name, tuple(values), f"--vary {option.strip()}")
+
+
+def sweep_axes(base: MetricConfig, vary: Sequence[str], batch_sizes: Optional[str], memory_sizes: Optional[str]) -> List[Axis]:
+    """The sweeps: ``--batch-sizes``, ``--memory-sizes`` (without ``--vary``, both, the one not given at its
+    default: the paper's Figure 1), then every ``--vary``, in that order.
+
+    Raises:
+        UsageError: a malformed list, or an option swept twice.
+    """
+    if not vary:
+        batch_sizes = DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes
+        memory_sizes = DEFAULT_MEMORY_SIZES if memory_sizes is None else memory_sizes
+    axes: List[Axis] = []
+    if batch_sizes is not None:
+        axes.append(Axis("batch_size", tuple(_int_list(batch_sizes, "--batch-sizes")), "--batch-sizes"))
+    if memory_sizes is not None:
+        axes.append(Axis("memory_size", tuple(_memory_list(memory_sizes)), "--memory-sizes"))
+    for text in vary:
+        axis = parse_vary(text, base)
+        twice = next((a for a in axes if a.name == axis.name), None)
+        if twice is not None:
+            raise UsageError(f"{axis.option}: --{axis.name.replace('_', '-')} is already swept by {twice.option}")
+        axes.append(axis)
+    return axes
+
+
+def _key(v: Any) -> Tuple[str, str]:
+    """A value with its type: ``1`` (rows) and ``1.0`` (the whole training set) are different points."""
+    return (type(v).__name__, repr(v))
+
+
+def _same(a: Any, b: Any) -> bool:
+    return _key(a) == _key(b)
+
+
+def _slug(v: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(v))
 
 
 def _int_list(text: str, option: str) -> List[int]:
@@ -95,59 +218,84 @@ def _int_list(text: str, option: str) -> List[int]:
 
 def _memory_list(text: str) -> List[Union[int, float]]:
     """``--memory-sizes``: integers are row counts, decimals fractions (as ``--memory-size``)."""
-    values: List[Union[int, float]] = []
-    for v in (v.strip() for v in text.split(",")):
-        if not v:
-            continue
+    def parse(v: str) -> Union[int, float]:
         try:
-            value: Union[int, float] = int(v)
+            return int(v)
         except ValueError:
             try:
-                value = float(v)
+                return float(v)
             except ValueError:
                 raise UsageError(f"--memory-sizes {text}: {v!r} is neither a row count nor a fraction in (0, 1]") from None
+
+    return _value_list(text, f"--memory-sizes {text}", parse, lambda value: memory_rows(value, None))
+
+
+def _value_list(listed: str, shown: str, parse: Callable[[str], Any], check: Callable[[Any], Any]) -> List[Any]:
+    """The comma-separated values of ``listed``, each parsed and checked; messages start with ``shown``.
+
+    Raises:
+        UsageError: from ``parse``; ``check``'s error behind ``shown``; no value; a value listed twice.
+    """
+    values: List[Any] = []
+    for v in (v.strip() for v in listed.split(",")):
+        if not v:
+            continue
+        value = parse(v)
         try:
-            memory_rows(value, None)
+            check(value)
         except UsageError as err:
-            raise UsageError(f"--memory-sizes {text}: {err}") from None
+            raise UsageError(f"{shown}: {err}") from None
         values.append(value)
     if not values:
-        raise UsageError(f"--memory-sizes {text}: expected comma-separated sizes")
-    if len({str(v) for v in values}) != len(values):
-        raise UsageError(f"--memory-sizes {text}: a value is listed twice")
+        raise UsageError(f"{shown}: expected comma-separated values")
+    if len({_key(v) for v in values}) != len(values):
+        raise UsageError(f"{shown}: a value is listed twice")
     return values
 
 
-def sweep_plan(cfg: MetricConfig, methods: Sequence[str], batch_sizes: Sequence[int], memory_sizes: Sequence[Union[int, float]],
-               seeds: int, classes_per_batch: Optional[int] = None) -> Tuple[List[PlannedRun], Dict[str, Any]]:
-    """The runs of both sweeps, each once, in a stable order.
+def sweep_plan(cfg: MetricConfig, methods: Sequence[str], axes: Sequence[Axis], seeds: int,
+               classes_per_batch: Optional[int] = None) -> Tuple[List[PlannedRun], Dict[str, Any]]:
+    """The runs of every sweep, each once, in a stable order.
+
+    Each sweep varies its option with the others at the base configuration's values; a point shared
+    by two sweeps (the base point) is trained once.
 
     Args:
-        cfg: the resolved base configuration (its batch and memory sizes are the fixed values).
-        methods, batch_sizes, memory_sizes, seeds, classes_per_batch: see ``xbn-metric sweep --help``.
+        cfg: the resolved base configuration (its values of the swept options are the fixed ones).
+        methods, seeds, classes_per_batch: see ``xbn-metric sweep --help``.
+        axes: the sweeps (:func:`sweep_axes`).
 
     Returns:
-        ``(plan, fixed)``: a :class:`PlannedRun` per run, named ``<method>-b<B>-m<M>-seed<S>``, with the
-        settings ``method``, ``batch_size``, ``m_per_class``, ``memory_size``, ``seed``; and
-        ``{"batch_size": B0, "memory_size": M0}``.
+        ``(plan, fixed)``: a :class:`PlannedRun` per run, named ``<method>-<option><value>...-seed<S>``
+        (``b`` for the batch size, ``m`` for the memory size, the option's name otherwise), with the
+        settings ``method``, every swept option, ``m_per_class``, ``seed``; and ``{option: base value}``.
 
     Raises:
-        UsageError: a batch size that is not a multiple of its images per class.
+        UsageError: a batch size that is not a multiple of its images per class; ``--classes-per-batch``
+            with ``--vary m-per-class``.
     """
-    fixed = {"batch_size": cfg.batch_size, "memory_size": cfg.memory_size}
-    points = [(b, fixed["memory_size"]) for b in batch_sizes] + [(fixed["batch_size"], m) for m in memory_sizes]
-    points = list(dict.fromkeys((b, m) for b, m in points))
+    fixed = {a.name: getattr(cfg, a.name) for a in axes}
+    if classes_per_batch is not None and "m_per_class" in fixed:
+        raise UsageError("--classes-per-batch: sets --m-per-class from the batch size; it excludes --vary m-per-class")
+    points: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
+    for axis in axes:
+        for v in axis.values:
+            point = dict(fixed, **{axis.name: v})
+            points.setdefault(tuple(_key(point[a.name]) for a in axes), point)
     plan = []
     for method in methods:
-        for b, m in points:
-            m_per_class = cfg.m_per_class if classes_per_batch is None else max(1, b // classes_per_batch)
+        for point in points.values():
+            b = point.get("batch_size", cfg.batch_size)
+            m_per_class = point.get("m_per_class", cfg.m_per_class if classes_per_batch is None else max(1, b // classes_per_batch))
             if b % m_per_class != 0:
                 why = f"--m-per-class {m_per_class}" if classes_per_batch is None else f"--classes-per-batch {classes_per_batch}"
-                raise UsageError(f"--batch-sizes: {b} is not a multiple of the images per class ({why})")
+                where = next((a.option for a in axes if a.name in ("batch_size", "m_per_class")), "--batch-size")
+                raise UsageError(f"{where}: {b} is not a multiple of the images per class ({why})")
+            parts = "-".join(f"{_SHORT.get(a.name, a.name.replace('_', '-'))}{_slug(point[a.name])}" for a in axes)
             for i in range(seeds):
                 seed = cfg.seed + i
-                plan.append(PlannedRun(f"{method}-b{b}-m{m}-seed{seed}", {"method": method, "batch_size": b, "m_per_class": m_per_class,
-                                                                          "memory_size": m, "seed": seed}))
+                plan.append(PlannedRun(f"{method}-{parts}-seed{seed}",
+                                       {"method": method, **point, "m_per_class": m_per_class, "seed": seed}))
     return plan, fixed
 
 
@@ -169,28 +317,52 @@ def _check_plan(cfg: MetricConfig, plan: Sequence[PlannedRun]) -> None:
             raise UsageError(f"sweep point {run.name}: {err}") from None
 
 
-def sweep_points(runs: Sequence[Dict[str, Any]], methods: Sequence[str], batch_sizes: Sequence[int],
-                 memory_sizes: Sequence[Union[int, float]], fixed: Dict[str, Any], keys: Sequence[str]) -> Dict[str, List[Dict[str, Any]]]:
-    """Mean / std / n over the seeds of the finished runs (``complete``) for every point of both sweeps.
+#: Score keys of a sweep's points: best and last Recall@1 / MAP@R, staleness, and the gains over XBM.
+SWEEP_KEYS = ["recall@1", "last_recall@1", "map@r", "last_map@r", "staleness_cosine"]
+GAIN_KEYS = ["gain_recall@1", "gain_last_recall@1", "gain_map@r", "gain_last_map@r", "xbm_staleness_cosine"]
+
+
+def add_gains(runs: Sequence[Dict[str, Any]], axes: Sequence[Axis]) -> None:
+    """Give every finished run of a method other than ``xbm`` its gain over the ``xbm`` run of the same
+    point and seed (``gain_<key> = run[key] - xbm[key]`` for R@1 / MAP@R, best and last, fractions) and
+    that run's ``xbm_staleness_cosine``. Runs without a finished ``xbm`` twin get nothing."""
+    def where(r: Dict[str, Any]) -> Tuple[Any, ...]:
+        return tuple(_key(r.get(a.name)) for a in axes) + (r["seed"],)
+
+    xbm = {where(r): r for r in runs if r["method"] == "xbm" and r.get("complete")}
+    for r in runs:
+        twin = xbm.get(where(r))
+        if r["method"] == "xbm" or twin is None or not r.get("complete"):
+            continue
+        for k in ("recall@1", "last_recall@1", "map@r", "last_map@r"):
+            if k in r and k in twin:
+                r[f"gain_{k}"] = r[k] - twin[k]
+        if "staleness_cosine" in twin:
+            r["xbm_staleness_cosine"] = twin["staleness_cosine"]
+
+
+def sweep_points(runs: Sequence[Dict[str, Any]], methods: Sequence[str], axes: Sequence[Axis], fixed: Dict[str, Any],
+                 keys: Sequence[str]) -> Dict[str, List[Dict[str, Any]]]:
+    """Mean / std / n over the seeds of the finished runs (``complete``) for every point of every sweep.
 
     Returns:
-        ``{"batch_size": [...], "memory_size": [...]}``, each a list of ``{"method", "value", key:
-        {"mean", "std", "n"} for each metric key}`` (fractions), in the order of ``methods`` x values.
+        ``{option: [...]}`` per sweep, each a list of ``{"method", "value", key: {"mean", "std", "n"}
+        for each key the runs have}`` (fractions), in the order of ``methods`` x values.
     """
-    out: Dict[str, List[Dict[str, Any]]] = {"batch_size": [], "memory_size": []}
-    for sweep, values in (("batch_size", batch_sizes), ("memory_size", memory_sizes)):
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for axis in axes:
+        out[axis.name] = []
         for method in methods:
-            for v in values:
-                b = v if sweep == "batch_size" else fixed["batch_size"]
-                m = fixed["memory_size"] if sweep == "batch_size" else v
-                rows = [r for r in runs if r["method"] == method and r["batch_size"] == b and r["memory_size"] == m
-                        and r.get("complete", True)]
+            for v in axis.values:
+                want = dict(fixed, **{axis.name: v})
+                rows = [r for r in runs if r["method"] == method and r.get("complete", True)
+                        and all(_same(r.get(name), value) for name, value in want.items())]
                 point: Dict[str, Any] = {"method": method, "value": v}
                 for k in keys:
                     vals = [r[k] for r in rows if k in r]
                     if vals:
                         point[k] = mean_std(vals)
-                out[sweep].append(point)
+                out[axis.name].append(point)
     return out
 
 
@@ -200,33 +372,89 @@ def _value_label(sweep: str, v: Any) -> str:
     return str(v)
 
 
+def _title(sweep: str, fixed: Dict[str, Any]) -> str:
+    """``batch size (memory 50 %)``: the swept option and the values the others are fixed at."""
+    others = ", ".join(f"{_SHORT_LABEL.get(k, k.replace('_', '-'))} {_value_label(k, v)}" for k, v in fixed.items() if k != sweep)
+    return _SHORT_LABEL.get(sweep, "--" + sweep.replace("_", "-")).replace("batch", "batch size").replace(
+        "memory", "memory size") + (f" ({others})" if others else "")
+
+
+_SHORT_LABEL = {"batch_size": "batch", "memory_size": "memory"}
+
+
+def _cell(point: Dict[str, Any], key: str, last: bool = True) -> str:
+    best = format_mean_std(point.get(key))
+    return f"{best} / {format_mean_std(point.get('last_' + key))}" if last and ("last_" + key) in point else best
+
+
 def format_sweep_tables(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str, Any], key: str = "recall@1") -> str:
-    """Two Markdown tables (one per sweep): a row per method, a column per value, ``mean ± std`` in %."""
+    """One Markdown table per sweep: a row per method, a column per value, ``best / last`` epoch as
+    ``mean ± std`` in % (``best`` alone when the runs have no last evaluation)."""
     from .compare import PAPER_NAMES
 
     metric = key.replace("recall@", "R@").replace("map@r", "MAP@R")
     parts = []
-    for sweep, title in (("batch_size", f"{metric} vs batch size (memory {_value_label('memory_size', fixed['memory_size'])})"),
-                         ("memory_size", f"{metric} vs memory size (batch {fixed['batch_size']})")):
-        values = list(dict.fromkeys(p["value"] for p in points[sweep]))
-        lines = [f"**{title}**", "", "| Method | " + " | ".join(_value_label(sweep, v) for v in values) + " |",
-                 "|---|" + "---|" * len(values)]
-        for method in dict.fromkeys(p["method"] for p in points[sweep]):
-            cells = []
-            for v in values:
-                p = next(p for p in points[sweep] if p["method"] == method and p["value"] == v)
-                s = p.get(key)
-                cells.append(format_mean_std(s))
+    for sweep, pts in points.items():
+        values = list({_key(p["value"]): p["value"] for p in pts}.values())
+        last = any(("last_" + key) in p for p in pts)
+        lines = [f"**{metric}{' (best / last epoch)' if last else ''} vs {_title(sweep, fixed)}**", "",
+                 "| Method | " + " | ".join(_value_label(sweep, v) for v in values) + " |", "|---|" + "---|" * len(values)]
+        for method in dict.fromkeys(p["method"] for p in pts):
+            cells = [_cell(next(p for p in pts if p["method"] == method and _same(p["value"], v)), key, last) for v in values]
             lines.append(f"| {PAPER_NAMES.get(method, method)} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
 
-def plot_sweep(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str, Any], png: Path, title: str,
-               baselines: Optional[Dict[str, Dict[str, Dict[str, float]]]] = None, key: str = "recall@1") -> Path:
-    """``sweep.png`` in the layout of the paper's Figure 1: R@1 vs batch size (top), vs memory size (bottom).
+def _signed(stat: Optional[Dict[str, float]]) -> str:
+    text = format_mean_std(stat)
+    return text if text == "n/a" or text.startswith("-") else "+" + text
 
-    Each method is its mean line over seeds with a ± std band; baselines are dashed horizontal lines.
+
+def format_gain_tables(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str, Any]) -> str:
+    """One Markdown table per sweep: the gain over XBM (points of %, mean ± std over seeds of the paired
+    differences) of every other method, R@1 best and last and MAP@R best, and the memory staleness
+    (cosine of stored rows with fresh embeddings of the same images, last evaluation) per method."""
+    from .compare import PAPER_NAMES
+
+    parts = []
+    for sweep, pts in points.items():
+        values = list({_key(p["value"]): p["value"] for p in pts}.values())
+        lines = [f"**Gain over XBM (points of %) and memory staleness (cosine) vs {_title(sweep, fixed)}**", "",
+                 "| | " + " | ".join(_value_label(sweep, v) for v in values) + " |", "|---|" + "---|" * len(values)]
+        methods = list(dict.fromkeys(p["method"] for p in pts))
+
+        def at(method: str, v: Any) -> Dict[str, Any]:
+            return next(p for p in pts if p["method"] == method and _same(p["value"], v))
+
+        for method in (m for m in methods if m != "xbm"):
+            name = PAPER_NAMES.get(method, method)
+            for k, label in (("gain_recall@1", "R@1 best"), ("gain_last_recall@1", "R@1 last"), ("gain_map@r", "MAP@R best")):
+                if any(k in at(method, v) for v in values):
+                    lines.append(f"| {name} − XBM, {label} | " + " | ".join(_signed(at(method, v).get(k)) for v in values) + " |")
+        for method in methods:
+            if any("staleness_cosine" in at(method, v) for v in values):
+                lines.append(f"| staleness {PAPER_NAMES.get(method, method)} | " + " | ".join(
+                    format_mean_std(at(method, v).get("staleness_cosine"), scale=1.0, digits=3) for v in values) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _positions(sweep: str, values: Sequence[Any]) -> Tuple[List[float], List[str], Optional[int]]:
+    """x positions, tick labels and log base (``None``: linear) of a sweep's values."""
+    labels = [_value_label(sweep, v) for v in values]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return [float(i) for i in range(len(values))], labels, None  # categories
+    xs = [100 * float(v) if sweep == "memory_size" and all(isinstance(u, float) for u in values) else float(v) for v in values]
+    spread = min(xs) > 0 and max(xs) / min(xs) >= 8
+    return xs, labels, (2 if all(isinstance(v, int) for v in values) else 10) if spread else None
+
+
+def plot_sweep(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str, Any], png: Path, title: str,
+               baselines: Optional[Dict[str, Dict[str, Dict[str, float]]]] = None, key: str = "recall@1",
+               ylabel: Optional[str] = None, zero_line: bool = False) -> Path:
+    """One panel per sweep (the layout of the paper's Figure 1 for batch and memory size): ``key`` against
+    the swept option, a mean line over seeds with a ± std band per method; baselines as dashed lines.
 
     Raises:
         ValueError: no point has a value.
@@ -239,25 +467,21 @@ def plot_sweep(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str, Any], p
 
     if not any(key in p for ps in points.values() for p in ps):
         raise ValueError("plot_sweep: no point has a value")
-    fig = Figure(figsize=(6.5, 6.5), layout="constrained")
+    fig = Figure(figsize=(6.5, 3.25 * len(points)), layout="constrained")
     FigureCanvasAgg(fig)
-    xlabels = {"batch_size": f"batch size (memory {_value_label('memory_size', fixed['memory_size'])})",
-               "memory_size": f"memory size (batch {fixed['batch_size']})"}
-    for i, sweep in enumerate(("batch_size", "memory_size")):
-        ax = fig.add_subplot(2, 1, i + 1)
-        values = list(dict.fromkeys(p["value"] for p in points[sweep]))
-        numeric = [float(v) for v in values]
-        fractions = sweep == "memory_size" and all(isinstance(v, float) for v in values)
-        xs_all = [100 * x for x in numeric] if fractions else numeric
-        for method in dict.fromkeys(p["method"] for p in points[sweep]):
-            pts = [(x, p[key]) for x, v in zip(xs_all, values) for p in points[sweep]
-                   if p["method"] == method and p["value"] == v and key in p]
-            if not pts:
+    for i, (sweep, pts) in enumerate(points.items()):
+        ax = fig.add_subplot(len(points), 1, i + 1)
+        values = list({_key(p["value"]): p["value"] for p in pts}.values())
+        xs_all, labels, base = _positions(sweep, values)
+        for method in dict.fromkeys(p["method"] for p in pts):
+            got = [(x, p[key]) for x, v in zip(xs_all, values) for p in pts
+                   if p["method"] == method and _same(p["value"], v) and key in p]
+            if not got:
                 continue
-            xs = [x for x, _ in pts]
-            mean = [100 * s["mean"] for _, s in pts]
-            std = [100 * s["std"] for _, s in pts]
-            n = max(s["n"] for _, s in pts)
+            xs = [x for x, _ in got]
+            mean = [100 * s["mean"] for _, s in got]
+            std = [100 * s["std"] for _, s in got]
+            n = max(s["n"] for _, s in got)
             (line,) = ax.plot(xs, mean, marker="o", markersize=4, label=f"{PAPER_NAMES.get(method, method)} (n={n})")
             if n > 1:
                 ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
@@ -266,54 +490,112 @@ def plot_sweep(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str, Any], p
             if key in stats:
                 ax.axhline(100 * stats[key]["mean"], linestyle="--", linewidth=1,
                            color="grey" if name == "raw-pixels" else "black", label=BASELINES.get(name, name))
-        if sweep == "batch_size":
-            ax.set_xscale("log", base=2)
+        if zero_line:
+            ax.axhline(0.0, color="black", linewidth=0.8)
+        if base is not None:
+            ax.set_xscale("log", base=base)
         ax.set_xticks(xs_all)
-        ax.set_xticklabels([_value_label(sweep, v) for v in values])
-        ax.set_xlabel(xlabels[sweep] if sweep == "batch_size" else
-                      f"memory size, {'% of the training set' if fractions else 'rows'} (batch {fixed['batch_size']})")
-        ax.set_ylabel(key.replace("recall@", "Recall@") + " (%)")
+        ax.set_xticklabels(labels)
+        ax.set_xlabel(_title(sweep, fixed))
+        ax.set_ylabel(ylabel or key.replace("recall@", "Recall@") + " (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")
+    return _save_figure(fig, png, title)
+
+
+def _save_figure(fig: Any, png: Path, title: str) -> Path:
     fig.suptitle(title)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, format="png", dpi=100)
     return png
 
 
-def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: str, memory_sizes: str, seeds: int,
-              classes_per_batch: Optional[int] = None, resume_cmd: str = "") -> Dict[str, Any]:
-    """Run both sweeps, then print and write ``sweep.md`` / ``sweep.json`` / ``sweep.png``.
+def plot_gain_vs_staleness(runs: Sequence[Dict[str, Any]], png: Path, title: str) -> Path:
+    """Scatter of every run's Recall@1 gain over XBM (same point and seed) against the staleness of that
+    XBM run's memory (cosine of stored rows with fresh embeddings, last evaluation), one colour per method.
+
+    Raises:
+        ValueError: no run has both numbers.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .compare import PAPER_NAMES
+
+    pts = [(r["method"], r["xbm_staleness_cosine"], 100 * r["gain_recall@1"]) for r in runs
+           if "gain_recall@1" in r and "xbm_staleness_cosine" in r]
+    if not pts:
+        raise ValueError("plot_gain_vs_staleness: no run has a gain and a staleness")
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for method in dict.fromkeys(m for m, _, _ in pts):
+        ax.scatter([x for m, x, _ in pts if m == method], [y for m, _, y in pts if m == method], s=18,
+                   label=PAPER_NAMES.get(method, method))
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("XBM memory staleness: cosine of stored rows with fresh embeddings (lower = staler)")
+    ax.set_ylabel("Recall@1 gain over XBM (points)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return _save_figure(fig, png, title)
+
+
+#: Columns of ``sweep.csv`` after the run's settings.
+_CSV_SCORES = ["complete", "seconds", "best_epoch", "recall@1", "last_epoch", "last_recall@1", "map@r", "last_map@r",
+               "early_epoch", "early_recall@1", "staleness_cosine", *GAIN_KEYS]
+
+
+def write_runs_csv(runs: Sequence[Dict[str, Any]], axes: Sequence[Axis], path: Path) -> None:
+    """``sweep.csv``: one row per run (settings, scores as fractions, gains over XBM)."""
+    import csv
+
+    fields = ["method", "seed", *(a.name for a in axes if a.name != "m_per_class"), "m_per_class", *_CSV_SCORES]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(runs)
+
+
+def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: Optional[str] = None, memory_sizes: Optional[str] = None,
+              seeds: int = 3, classes_per_batch: Optional[int] = None, resume_cmd: str = "", vary: Sequence[str] = (),
+              jobs: int = 1) -> Dict[str, Any]:
+    """Run every sweep, then print and write ``sweep.md`` / ``sweep.json`` / ``sweep.csv`` / ``sweep.png``
+    / ``gain.png`` / ``gain_staleness.png``.
 
     Every option is checked (and the data read once to check each point's memory rows and classes per
     batch) before anything is written or trained.
 
     Args:
         cfg: Training options shared by all runs.
-        methods, batch_sizes, memory_sizes: comma-separated lists, as on the command line.
+        methods: comma-separated methods.
+        batch_sizes: ``--batch-sizes`` as on the command line (``None``: not given).
+        memory_sizes: ``--memory-sizes`` as on the command line (``None``: not given).
         seeds: Runs per point.
         classes_per_batch: With a value K, ``m_per_class = B / K`` for each batch size B.
         resume_cmd: The command that finishes an interrupted sweep (printed and written when one is).
+        vary: ``OPTION=V1,V2,...`` sweeps.
+        jobs: Runs side by side, each in its own process.
 
     Returns:
         The content of ``sweep.json`` plus ``"exit_code"`` (0, or 128 + the signal that stopped it).
 
     Raises:
-        UsageError: an unknown method, a malformed list, seeds < 1, a point the data cannot give, or an
-            unusable output folder.
+        UsageError: an unknown method or option, a malformed list, seeds < 1, a point the data cannot
+            give, or an unusable output folder.
     """
-    from .compare import _parse_methods, baselines_for, default_series_dir, metric_keys, run_rows, series_trainer
+    from .compare import (_parse_methods, baselines_for, check_jobs, default_series_dir, metric_keys, run_rows,
+                          run_series_of)
 
     todo = _parse_methods(methods)
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
     if classes_per_batch is not None and classes_per_batch < 1:
         raise UsageError(f"--classes-per-batch {classes_per_batch}: expected an integer >= 1")
-    bs = _int_list(batch_sizes, "--batch-sizes")
-    ms = _memory_list(memory_sizes)
-    resume = bool(cfg.resume)
+    check_jobs(jobs)
+    axes = sweep_axes(cfg, vary, batch_sizes, memory_sizes)
+    resume, threads_given = bool(cfg.resume), cfg.threads is not None
     cfg = default_series_dir(resolve_config(cfg), resume, "sweep")
-    plan, fixed = sweep_plan(cfg, todo, bs, ms, seeds, classes_per_batch)
+    plan, fixed = sweep_plan(cfg, todo, axes, seeds, classes_per_batch)
     out = Path(cfg.output_dir)
     check_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite)
     _check_plan(cfg, plan)
@@ -322,50 +604,66 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: str, memory_sizes: s
         print(f"[sweep] sweep folder: {out}; {len(plan)} runs ({len(todo)} method(s) x "
               f"{len(plan) // (len(todo) * seeds)} point(s) x {seeds} seed(s))", file=sys.stderr, flush=True)
     t0 = time.time()
-    keys = metric_keys(cfg)
     baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out, tag="sweep")
-    report = run_series(plan, out, series_trainer(cfg, resume), verbose=main, prog="sweep")
+    report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="sweep")
     runs = run_rows(report)
+    add_gains(runs, axes)
     if main:
+        from .compare import _shown
+
         for rec, entry in zip(report.records, runs):
             if rec.complete:
-                shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in entry.items() if k.startswith(("recall@", "map@r")))
-                print(f"[sweep] {rec.run.name}: {shown}", file=sys.stderr, flush=True)
-    points = sweep_points(runs, todo, bs, ms, fixed, keys)
+                print(f"[sweep] {rec.run.name}: {_shown(entry)}", file=sys.stderr, flush=True)
+    keys = list(dict.fromkeys([*metric_keys(cfg), *SWEEP_KEYS, *GAIN_KEYS]))
+    points = sweep_points(runs, todo, axes, fixed, keys)
     wall = time.time() - t0
     incomplete = report.incomplete()
-    result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds, "batch_sizes": bs, "memory_sizes": ms,
-              "fixed": fixed, "complete": not incomplete, "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
+    result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds,
+              "sweeps": {a.name: list(a.values) for a in axes}, "fixed": fixed, "complete": not incomplete,
+              "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
               "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "points": points, "baselines": baselines, "runs": runs}
+    for a in axes:  # the names of the first versions of sweep.json
+        if a.name in ("batch_size", "memory_size"):
+            result[a.name + "s"] = list(a.values)
     if main:
         base = baselines.get("summary", {})
-        spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seed(s)"
-        header = (f"{cfg.dataset}: {spread} of the best epoch (by Recall@1), in %; "
-                  f"{len(runs)} runs in {wall:.0f} s")
+        spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
+        header = f"{cfg.dataset}: {spread}; best epoch (highest Recall@1) / last epoch, in %"
         if incomplete:
             banner = incomplete_banner(incomplete, resume_cmd or None)
-            header = f"{banner}\n\n{cfg.dataset}: finished runs only, best epoch (by Recall@1), in %"
+            header = f"{banner}\n\n{cfg.dataset}: finished runs only; best epoch / last epoch, in %"
             print(banner, file=sys.stderr)
         from .baselines import BASELINES
 
         shown = "; ".join(f"{BASELINES[n]}: R@1 {format_mean_std(s.get('recall@1'))}, MAP@R {format_mean_std(s.get('map@r'))}"
                           for n, s in base.items())
+        gains = format_gain_tables(points, fixed) if "xbm" in todo and len(todo) > 1 else ""
         text = "\n\n".join([header] + ([f"Baselines (same evaluation split): {shown}"] if shown else [])
-                           + [format_sweep_tables(points, fixed, "recall@1"), format_sweep_tables(points, fixed, "map@r")])
+                            + [format_sweep_tables(points, fixed, "recall@1"), format_sweep_tables(points, fixed, "map@r")]
+                            + ([gains] if gains else []))
         if not incomplete:
             print(text)
+            print(f"[sweep] {len(runs)} runs in {wall:.0f} s", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.md").write_text(text + "\n")
         (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-        if incomplete:
-            (out / "sweep.png").unlink(missing_ok=True)
-        else:
-            try:
-                plot_sweep(points, fixed, out / "sweep.png", f"{cfg.dataset}: Recall@1, {spread}", base)
-            except ValueError:  # no evaluation recorded (e.g. runs cut short by --max-steps)
-                print("[sweep] no evaluation recorded: sweep.png not written", file=sys.stderr)
+        write_runs_csv(runs, axes, out / "sweep.csv")
+        figures = {"sweep.png": lambda png: plot_sweep(points, fixed, png, f"{cfg.dataset}: Recall@1, {spread}", base),
+                   "gain.png": lambda png: plot_sweep({k: [p for p in v if p["method"] != "xbm"] for k, v in points.items()},
+                                                      fixed, png, f"{cfg.dataset}: Recall@1 gain over XBM, {spread}",
+                                                      key="gain_recall@1", ylabel="Recall@1 gain over XBM (points)",
+                                                      zero_line=True),
+                   "gain_staleness.png": lambda png: plot_gain_vs_staleness(
+                       runs, png, f"{cfg.dataset}: gain over XBM against the XBM memory's staleness, every run")}
+        for name, draw in figures.items():
+            (out / name).unlink(missing_ok=True)
+            if not incomplete:
+                try:
+                    draw(out / name)
+                except ValueError:  # nothing to draw (no evaluation, or no xbm run to compare with)
+                    print(f"[sweep] nothing to plot: {name} not written", file=sys.stderr)
     result["exit_code"] = report.exit_code
     return result
 
@@ -382,5 +680,5 @@ def sweep_main(argv: List[str]) -> int:
     out = default_series_dir(resolve_config(cfg), bool(cfg.resume), "sweep").output_dir
     cfg = dataclasses.replace(cfg, output_dir=out)
     result = run_sweep(cfg, extras.methods, extras.batch_sizes, extras.memory_sizes, extras.seeds, extras.classes_per_batch,
-                       resume_cmd=resume_command(PROG, "metric", argv, out))
+                       resume_cmd=resume_command(PROG, "metric", argv, out), vary=extras.vary, jobs=extras.jobs)
     return int(result["exit_code"])

@@ -72,6 +72,7 @@ __all__ = [
     "config_to_argv",
     "save_config",
     "load_config",
+    "parse_option_value",
 ]
 
 T = TypeVar("T")
@@ -563,6 +564,26 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"expected a dataclass instance, got {cfg!r}")
     return {f.name: _plain(getattr(cfg, f.name), f.name) for f in dataclasses.fields(cfg) if f.init}
+
+
+def parse_option_value(cls: type, name: str, text: str) -> Any:
+    """One command-line value of the field ``name`` of the dataclass ``cls``, converted as ``--name TEXT`` is.
+
+    For a program that takes option values itself (``sweep --vary lr=1e-4,1e-3``). Ranges are not
+    checked here (:func:`xbn_queue.training.cli.check_ranges` does that on a config).
+
+    Raises:
+        KeyError: ``name`` is not a field of ``cls``.
+        ValueError: ``text`` is not a value of the field (wrong type, not one of its choices), or the
+            field is a list.
+    """
+    spec = _specs(cls)[name]
+    if spec.kind == "list":
+        raise ValueError("a list option cannot take one value")
+    value = _cli_converter(spec)(text)
+    if spec.choices is not None and value is not None and value not in spec.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, spec.choices))}")
+    return value
 
 
 def config_to_argv(cfg: Any, only_changed: bool = False) -> list[str]:

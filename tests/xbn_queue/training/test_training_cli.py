@@ -335,3 +335,17 @@ def test_parallel_series_raises_a_failed_run(tmp_path, mode, error, match):
         run_series(plan, tmp_path, None, jobs=0)
     with pytest.raises(UsageError, match="jobs > 1 needs a command"):
         run_series(plan, tmp_path, None, jobs=2)
+
+
+def test_parse_option_value_converts_as_the_command_line_does():
+    from xbn_queue.training.config import parse_option_value
+
+    assert parse_option_value(Cfg, "lr", "1e-3") == 0.001 and parse_option_value(Cfg, "lr", "none") is None
+    assert parse_option_value(Cfg, "size", "64") == 64 and isinstance(parse_option_value(Cfg, "size", "0.5"), float)
+    assert parse_option_value(Cfg, "batch_size", "16") == 16
+    with pytest.raises(ValueError, match="invalid literal"):
+        parse_option_value(Cfg, "batch_size", "x")
+    with pytest.raises(ValueError, match="a list option"):
+        parse_option_value(Cfg, "ks", "1")
+    with pytest.raises(KeyError):
+        parse_option_value(Cfg, "nope", "1")
