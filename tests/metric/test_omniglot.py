@@ -113,3 +113,20 @@ def test_cli_errors_are_one_line(tmp_path, argv, match):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and match in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_a_short_omniglot_comparison_end_to_end(tmp_path):
+    """The main job's command, shortened: the embedded data, the tensor cache, both baselines, the table."""
+    out = tmp_path / "cmp"
+    proc = run_cli(["compare", "--dataset", "omniglot", "--methods", "xbm,xbn", "--seeds", "1", "--epochs", "1",
+                    "--max-steps", "12", "--probe-size", "8", "--staleness-samples", "32", "--output-dir", str(out),
+                    "--no-progress"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "recipe: from scratch, small grayscale images (backbone conv4" in proc.stderr
+    assert "AdamW lr 0.001, batch 16 (4 per class)" in proc.stderr
+    table = (out / "compare.md").read_text()
+    for row in ("| Raw pixels |", "| Untrained net |", "| XBM |", "| XBN |"):
+        assert row in table
+    assert (out / "compare.png").is_file()
+    cfg = (out / "xbn-seed0" / "config.yaml").read_text()
+    assert "dataset: omniglot" in cfg and "tensor_cache: auto" in cfg
