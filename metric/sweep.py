@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from xbn_queue.training.cli import UsageError
-from xbn_queue.training.series import PlannedRun, check_series_dir, format_mean_std, incomplete_banner, mean_std, run_series
+from xbn_queue.training.series import PlannedRun, check_series_dir, format_mean_std, incomplete_banner, mean_std
 
 from .config import METHODS, MetricConfig, memory_rows, resolve_config
 
