@@ -1,4 +1,4 @@
-"""One GPU acceptance run (issue 10): CUDA tests, the four benchmarks and both trainers, against the targets.
+"""The GPU acceptance check: CUDA tests, the four benchmarks and both trainers, against the GPU targets.
 
 On a machine with one CUDA GPU, in at most ``--budget-s`` seconds (8 minutes by default), this runs:
 
@@ -54,7 +54,7 @@ for p in (str(ROOT), str(BENCH)):
 
 import torch  # noqa: E402
 
-#: Targets of issue 10 (on the GPU).
+#: Performance targets on the GPU (see BENCHMARKS.md).
 TARGETS = {
     "queue_overhead": 1.10,  # AdaptiveCrossBatchMemory step / PML CrossBatchMemory step, every size
     "lightly_bank": 1.5,  # AdaptiveMemoryBank forward / lightly MemoryBankModule forward

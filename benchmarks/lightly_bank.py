@@ -1,4 +1,4 @@
-"""Benchmark: the adaptive memory bank against lightly's MemoryBankModule (issue 5, item 2).
+"""Benchmark: the adaptive memory bank against lightly's MemoryBankModule.
 
 One call ``bank_module(output, update=True)`` (return the negatives, enqueue the batch) on a full bank of
 ``memory_size`` rows of dimension 128, batch 256:

@@ -1,4 +1,4 @@
-"""MoCo CIFAR input pipeline against the model step (issue 5, item 3).
+"""MoCo CIFAR input pipeline against the model step: can augmentation keep the model busy?
 
 Measures, on one device:
 

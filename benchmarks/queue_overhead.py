@@ -1,4 +1,4 @@
-"""Benchmark: the adaptive memory against pytorch-metric-learning's CrossBatchMemory (issue 5, items 1 and 5).
+"""Benchmark: the adaptive memory against pytorch-metric-learning's CrossBatchMemory, and bfloat16 storage.
 
 One training step of the loss = forward + backward of ``SupConLoss`` with ``PairMarginMiner`` against a
 full memory of ``memory_size`` rows of dimension 512, batch 64:

@@ -1,4 +1,4 @@
-"""Benchmark: chunked Recall@K + MAP@R at SOP scale (issue 5, item 4).
+"""Benchmark: chunked Recall@K + MAP@R at SOP scale (60,502 x 512).
 
 Synthetic SOP-shaped problem: 60,502 L2-normalised 512-d features in 11,316 classes of 2-12 images
 (leave-one-out, query set = gallery set), clustered so that the metrics are neither 0 nor 1.
