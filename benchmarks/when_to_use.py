@@ -50,12 +50,13 @@ def load_runs(folders: List[Path]) -> List[Dict]:
 
 
 def summary(recs: List[Dict]) -> Dict[str, float]:
-    """R@1 at epoch 1, best and last; MAP@R best; mean drift; staleness at epoch 1 and averaged."""
+    """R@1 at the first epoch after any warm-up ("epoch 1"), best and last; MAP@R best; mean drift;
+    staleness at that first epoch and averaged over the run."""
     def mean_of(key):
         vals = [r[key] for r in recs if isinstance(r.get(key), float) and not math.isnan(r[key])]
         return st.fmean(vals) if vals else math.nan
 
-    first = recs[0]
+    first = next((r for r in recs if r.get("phase", "train") == "train"), recs[0])  # the first epoch after any warm-up
     return {"r1_ep1": 100 * first["recall@1"], "r1_best": 100 * max(r["recall@1"] for r in recs),
             "r1_last": 100 * recs[-1]["recall@1"], "map_best": 100 * max(r["map@r"] for r in recs),
             "drift": mean_of("drift_mean"), "cos_ep1": first.get("staleness_cosine", math.nan),
