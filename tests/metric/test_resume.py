@@ -11,13 +11,16 @@ import time
 import pytest
 import torch
 
-from metric.train import DUMP_ENV, HANG_ENV, train
+from metric.train import train
 from xbn_queue.training.checkpoint import load_checkpoint
 from xbn_queue.training.tracking import read_metrics
 
 from tests.xbn_queue.training.test_trainer_cli import _run_many, snapshot
 
+from ._hooked_cli import HANG_LINE
 from .helpers import ROOT, env, run_cli, tiny_argv, tiny_cfg
+
+HOOKED = [sys.executable, str(ROOT / "tests" / "metric" / "_hooked_cli.py")]
 
 RUN = dict(method="axbn", epochs=2, checkpoint_every=3)  # 11 steps per epoch, 33 in all; AXBN: Kalman state too
 
@@ -31,14 +34,14 @@ def reference(tmp_path_factory):
 
 def start_and_wait_for_hang(out, step, extra=(), timeout=120, argv=None):
     argv = [*tiny_argv(out, **RUN), *extra] if argv is None else argv
-    proc = subprocess.Popen([sys.executable, "-m", "metric", *argv], cwd=ROOT,
-                            env=env(**{HANG_ENV: step}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*HOOKED, "--hang-after-step", str(step), "--", *argv], cwd=ROOT,
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
     lines = []
     while time.time() < deadline:
         line = proc.stderr.readline()
         lines.append(line)
-        if "test hook: checkpoint of step" in line:
+        if HANG_LINE in line:
             return proc
         if not line and proc.poll() is not None:
             break
@@ -113,8 +116,9 @@ def test_two_process_gloo_run_shares_the_memory(tmp_path):
     dump = tmp_path / "dump"
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "metric", *tiny_argv(out, method="xbn", device="cpu")]
-    res = subprocess.run(cmd, cwd=ROOT, env=env(**{DUMP_ENV: dump, "OMP_NUM_THREADS": 1}), capture_output=True,
+           "--master_port", str(_free_port()), HOOKED[1], "--dump-memory", str(dump), "--",
+           *tiny_argv(out, method="xbn", device="cpu")]
+    res = subprocess.run(cmd, cwd=ROOT, env=env(OMP_NUM_THREADS=1), capture_output=True,
                          text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = torch.load(dump / "queue_rank0.pt"), torch.load(dump / "queue_rank1.pt")
