@@ -274,6 +274,9 @@ class RunLoop:
         """Forward, loss (the memory is adapted and updated inside), backward, optimiser step; returns the loss."""
         raise NotImplementedError
 
+    def after_step(self, loss: float) -> None:
+        """Per-step bookkeeping after the position advanced (e.g. a step record); nothing by default."""
+
     def stop_after_step(self, end_of_epoch: bool) -> Reason:
         """Why to stop after this step (``"signal"``, ``"max_steps"``) or ``None`` to go on."""
         raise NotImplementedError
@@ -328,6 +331,7 @@ class RunLoop:
             bar.set_postfix(loss=f"{loss:.4f}")
             self.state.advance()
             self.steps_this_epoch += 1
+            self.after_step(loss)
             for cb in self.callbacks:
                 cb.on_step_end(self)
             end_of_epoch = self.state.step_in_epoch >= self.steps_per_epoch
@@ -357,18 +361,27 @@ class RunLoop:
     def resume_if_asked(self) -> None:
         """With ``--resume``: restore the run from its checkpoint (``resumed_from`` is set)."""
         path = resolve_resume(self.cfg.resume, self.out) if self.cfg.resume else None
-        if path is None:
-            if self.cfg.resume and self.ctx.is_main:
-                self.say(f"--resume: no checkpoint in {self.out}, starting a new run")
-            return
+        if path is not None:
+            self.restore(path)
+            self.resumed_from = Path(path)
+        elif self.cfg.resume and self.ctx.is_main:
+            self.say(f"--resume: no checkpoint in {self.out}, starting a new run")
+
+    def restore(self, path: Path) -> None:
+        """Model, memory, optimiser, RNG and position from the checkpoint at ``path``.
+
+        Raises:
+            CheckpointError: not a readable checkpoint of this trainer (one line).
+            ValueError: a checkpoint of an incompatible configuration (one line naming the keys).
+        """
         ckpt = load_checkpoint(path, map_location="cpu", kind=self.prog, required_keys=tuple(self.checkpoint_keys))
-        self.check_checkpoint(ckpt, path)  # an incompatible configuration: one line, exit 2
+        self.check_checkpoint(ckpt, path)
         try:
             self.load_state(ckpt)
         except (RuntimeError, KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path} is not a readable {self.prog} checkpoint (the state does not load: "
                                   f"{one_line(err)[:160]})") from None
-        self.resumed_from = self.last_checkpoint = Path(path)
+        self.last_checkpoint = Path(path)
         self._saved_step, self._saved_epoch = self.state.global_step, self.state.epoch
 
     def already_complete(self) -> RunSummary:
