@@ -146,7 +146,7 @@ def test_unreadable_image_stops_or_is_skipped_and_counted(tmp_path, capsys):
 
 
 def test_wandb_offline_logs_the_metrics(tmp_path, monkeypatch):
-    from xbn_queue.training.tracking import read_wandb_history
+    from tests.wandb_history import read_wandb_history
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -148,7 +148,7 @@ def test_pil_pipeline_is_reproducible_with_workers(tmp_path):
 
 def test_wandb_offline_run_logs_the_metrics(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from xbn_queue.training.tracking import read_wandb_history
+    from tests.wandb_history import read_wandb_history
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(tiny_config(tmp_path, max_steps=2, wandb_mode="offline", wandb_project="xbn-selfsup-test"))

@@ -45,7 +45,6 @@ _EXPORTS = {
     "seed_everything": "seeding", "resolve_device": "seeding",
     "GracefulExit": "signals",
     "RunLogger": "tracking", "plot_history": "tracking", "plot_compare": "tracking", "read_metrics": "tracking",
-    "read_wandb_history": "tracking",
 }
 
 __all__ = sorted(_EXPORTS)
