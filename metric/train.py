@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from xbn_queue.drift import feature_drift, queue_staleness
 from xbn_queue.training.checkpoint import check_compatible
-from xbn_queue.training.cli import UsageError, check_memory_fits, check_output_dir, warn
+from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
+                                    check_two_classes, warn)
 from xbn_queue.training.config import config_to_dict
 from xbn_queue.training.distributed import DistContext
 from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, RunState, any_rank, autocast,
@@ -585,9 +586,7 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
     labels = np.asarray(data.train.labels)
     classes, counts = np.unique(labels, return_counts=True)
     where = f"--dataset {cfg.dataset}" + (f" --data-root {cfg.data_root}" if cfg.data_root else "")
-    if len(classes) < 2:
-        raise UsageError(f"{where}: the training split has {len(classes)} class(es); metric learning needs at least 2 "
-                         "(one class trains to loss 0 and scores Recall 100%)")
+    check_two_classes(labels, where, "metric learning needs at least 2 (one class trains to loss 0 and scores Recall 100%)")
     rows = memory_rows(cfg.memory_size, len(data.train))
     if cfg.m_per_class > counts.max():
         raise UsageError(f"--m-per-class {cfg.m_per_class}: no training class has that many images (largest: "
@@ -596,9 +595,8 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
         raise UsageError(f"--batch-size {cfg.batch_size}: {cfg.batch_size // cfg.m_per_class} classes per batch "
                          f"(--m-per-class {cfg.m_per_class}) but the training split has {len(classes)}; expected at most "
                          f"{len(classes) * cfg.m_per_class}")
-    if cfg.method != "none" and rows < cfg.batch_size * world:
-        raise UsageError(f"--memory-size {cfg.memory_size}: {rows} rows, fewer than one global batch "
-                         f"({cfg.batch_size} x {world} processes)")
+    if cfg.method != "none":
+        check_memory_holds_a_batch("--memory-size", cfg.memory_size, rows, cfg.batch_size, world)
     q = np.asarray(data.query.labels)
     if data.query_is_gallery:
         qc, qn = np.unique(q, return_counts=True)

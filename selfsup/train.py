@@ -46,9 +46,11 @@ from selfsup.data import (
 from selfsup.knn import extract_features, knn_accuracy
 from selfsup.model import MoCoEncoder, make_key_encoder, momentum_update, shuffle_batch
 from xbn_queue.training.checkpoint import check_compatible
-from xbn_queue.training.cli import UsageError, check_memory_fits, check_output_dir
+from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
+                                    check_two_classes)
 from xbn_queue.training.config import config_to_dict
-from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, RunState, amp_dtype, broadcast_buffers,
+from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, RunState, amp_dtype, autocast,
+                                     broadcast_buffers,
                                      with_output_dir, wrap_ddp)
 from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
@@ -156,9 +158,7 @@ def check_data(cfg: SelfSupConfig, data: ImageData, world_size: int = 1) -> None
         UsageError: fewer than two training classes, or a queue larger than the training set.
     """
     where = f"--dataset {cfg.dataset} --data-root {cfg.data_root}"
-    n_classes = len(np.unique(data.train_labels))
-    if n_classes < 2:
-        raise UsageError(f"{where}: the training split has {n_classes} class(es); the k-NN monitor needs at least 2")
+    check_two_classes(data.train_labels, where, "the k-NN monitor needs at least 2")
     if cfg.queue_size > len(data.train_images):
         raise UsageError(f"--queue-size {cfg.queue_size}: larger than the {len(data.train_images)} training images "
                          f"(the queue would hold the same images several times); expected at most {len(data.train_images)}")
@@ -221,9 +221,7 @@ class Trainer(RunLoop):
             torch.set_num_threads(cfg.threads)
         check_memory_fits("--queue-size", cfg.queue_size, cfg.queue_size, cfg.embedding_dim, self.device)
         seed_everything(cfg.seed)
-        if cfg.queue_size < cfg.batch_size * world:
-            raise UsageError(f"--queue-size {cfg.queue_size}: expected at least one global batch "
-                             f"({cfg.batch_size} x {world} processes)")
+        check_memory_holds_a_batch("--queue-size", cfg.queue_size, cfg.queue_size, cfg.batch_size, world)
         if self.data is None:
             self.data = load_dataset(cfg.dataset, cfg.data_root, download=cfg.download, image_size=cfg.image_size,
                                      skip_bad_images=cfg.skip_bad_images, train_subset=cfg.train_subset,
@@ -348,7 +346,7 @@ class Trainer(RunLoop):
 
         def features(images: Tensor, idx: Tensor) -> Tensor:
             mine = idx[rank::world]
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            with autocast(self.amp, self.device):
                 f = extract_features(both, images, self.cfg.knn_batch_size, self.device, self._prepare, mine, normalize=False)
             if world > 1:  # gather every rank's share and restore the original order
                 f = self.ctx.gather_features(f)
@@ -406,12 +404,12 @@ class Trainer(RunLoop):
         """
         self.model_q.train()
         self.encoder_k.train()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+        with autocast(self.amp, self.device):
             q = self.model_q(x0)  # (B, D) queries
         with torch.no_grad():
             momentum_update(self.encoder_q, self.encoder_k, self.cfg.momentum)
             x1s, unshuffle = shuffle_batch(x1, g)  # shuffle-BN: keys normalized with other groups
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            with autocast(self.amp, self.device):
                 k = self.encoder_k(x1s)[unshuffle]  # (B, D) keys in the original order
         q, k = q.float(), k.float()
         if not (_finite(q) and _finite(k)):

@@ -184,3 +184,15 @@ def test_sigint_during_compare_publishes_no_wrong_table_and_resume_completes_it(
     assert c2 == 2 and "incompatible" in e2 and "method: saved 'xbn', now 'xbm'" in e2 and len(e2.splitlines()) == 1
     assert c3 == 0 and "already complete" in e3 and "resumed" not in e3
     assert snapshot(run_dir) == before
+
+
+def test_a_checkpoint_written_by_version_0_2_resumes_bit_identically(tmp_path, reference):
+    # tests/metric/data/checkpoint-0.2: `train(tiny_cfg(out, max_steps=11, **RUN))` run by xbn-queue 0.2
+    # (the trainer before the shared run loop), stopped at the end of the warm-up epoch
+    import shutil
+
+    shutil.copytree(ROOT / "tests" / "metric" / "data" / "checkpoint-0.2", tmp_path, dirs_exist_ok=True)
+    assert load_checkpoint(tmp_path / "last.pt")["state"]["global_step"] == 11
+    res = train(tiny_cfg(tmp_path, resume="auto", **RUN))
+    assert res["stopped"] is None and res["global_step"] == 33
+    assert_same_run(reference, tmp_path)
