@@ -15,7 +15,7 @@ from . import functional
 from .adaptation import ADAPTATIONS, AXBN, XBN, Adaptation, NoAdaptation, build_adaptation
 from .queue import AdaptiveQueue
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AdaptiveQueue",
