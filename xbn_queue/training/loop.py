@@ -5,6 +5,7 @@ A run reads top to bottom in :meth:`RunLoop.fit`::
     setup()                    # check everything (nothing written), then build data, model, memory, optimiser
     resume_if_asked()          # model, memory, optimiser, RNG and position from last.pt
     prepare_run_folder()       # the first write (rank 0), between two barriers
+    fill_memory()              # a new run's memory before the first step (nothing by default)
     for each epoch:
         start_epoch()          # per-epoch setup (a phase change, a fresh optimiser)
         train_one_epoch()      # batches() -> train_step() per batch; periodic checkpoints; stop checks
@@ -222,6 +223,8 @@ class RunLoop:
         if self.resumed_from is not None and self.finished():
             return self.already_complete()
         self.prepare_run_folder()
+        if self.resumed_from is None:
+            self.fill_memory()
         reason: Reason = None
         t_start = time.time()
         with GracefulExit(enabled=True, verbose=self.ctx.is_main) as self.stop, self.open_logger() as self.logger:
@@ -262,6 +265,12 @@ class RunLoop:
     def finished(self) -> bool:
         """True when nothing is left to train."""
         raise NotImplementedError
+
+    def fill_memory(self) -> None:
+        """A new run's memory before its first step (e.g. prefilled from training batches); nothing by default.
+
+        A resumed run restores its memory from the checkpoint instead.
+        """
 
     def start_epoch(self) -> None:
         """Per-epoch setup before the first batch (e.g. a phase change); nothing by default."""

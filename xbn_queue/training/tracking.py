@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
