@@ -111,11 +111,11 @@ def main(argv=None) -> dict:
     x0 = aug(u8[batches[0].to(device)], g).contiguous(memory_format=trainer.memory_format)
     x1 = aug(u8[batches[0].to(device)], g).contiguous(memory_format=trainer.memory_format)
     for _ in range(2):  # warm-up (cuDNN autotune, queue fill)
-        trainer.train_step(x0, x1, torch.Generator().manual_seed(1))
+        trainer.moco_step(x0, x1, torch.Generator().manual_seed(1))
     sync(device)
     t = time.perf_counter()
     for i in range(steps):
-        trainer.train_step(x0, x1, torch.Generator().manual_seed(i))
+        trainer.moco_step(x0, x1, torch.Generator().manual_seed(i))
     sync(device)
     compute = time.perf_counter() - t
     results["step_images_per_s"] = steps * B / compute
@@ -124,8 +124,8 @@ def main(argv=None) -> dict:
     # 4) full passes: each pipeline feeding the step
     t = time.perf_counter()
     for i, idx in enumerate(batches):
-        a, b, gen = trainer._views(0, i, idx, None)  # the trainer's own --gpu-augment path
-        trainer.train_step(a, b, gen)
+        a, b, gen = trainer.views(0, i, idx, None)  # the trainer's own --gpu-augment path
+        trainer.moco_step(a, b, gen)
     sync(device)
     results["tensor_epoch_s"] = time.perf_counter() - t
     loader = pil_batch_loader(ds, batches, epoch=1, workers=args.workers, pin_memory=device.type == "cuda")
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     for i, (_, a, b) in enumerate(loader):
         a = a.to(device, non_blocking=True).contiguous(memory_format=trainer.memory_format)
         b = b.to(device, non_blocking=True).contiguous(memory_format=trainer.memory_format)
-        trainer.train_step(a, b, torch.Generator().manual_seed(i))
+        trainer.moco_step(a, b, torch.Generator().manual_seed(i))
     sync(device)
     results["pil_epoch_s"] = time.perf_counter() - t
     results["tensor_epoch_over_compute"] = results["tensor_epoch_s"] / compute

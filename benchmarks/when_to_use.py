@@ -80,7 +80,7 @@ def by_option(runs: List[Dict], option: str, base: Dict) -> Dict:
     out: Dict = defaultdict(lambda: defaultdict(list))
     for r in runs:
         if all(r["cfg"].get(k) == base.get(k) for k in CELL_KEYS if k not in (option, "m_per_class")):
-            out[r["cfg"][option]][r["method"]].append(summary(r["recs"]))
+            out[r["cfg"][option]][r["method"]].append(dict(summary(r["recs"]), seed=r["seed"]))
     return out
 
 
@@ -150,25 +150,31 @@ def plot(runs: List[Dict], base: Dict, options: List[str], pr: List, out: Path) 
     for j, opt in enumerate(opts):
         data = by_option(runs, opt, base)
         xs = sorted(data, key=float)
-        for method in ("none", "xbm", "xbn"):
+        for method in ("none", "xbm", "xbn", "axbn"):
             pts = [(float(v), [s["r1_best"] for s in data[v][method]]) for v in xs if data[v].get(method)]
             if pts:
                 axes[0][j].errorbar([p[0] for p in pts], [st.fmean(p[1]) for p in pts],
                                     yerr=[st.stdev(p[1]) if len(p[1]) > 1 else 0 for p in pts], marker="o",
                                     capsize=3, color=colors[method], label={"none": "No-XBM"}.get(method, method.upper()))
-        for key, style, label in (("r1_ep1", "--", "epoch 1"), ("r1_best", "-", "best epoch")):
-            pts = []
-            for v in xs:
-                a, b = data[v].get("xbn", []), data[v].get("xbm", [])
-                if a and b:
-                    gains = [x[key] - y[key] for x, y in zip(a, b)]
-                    pts.append((float(v), st.fmean(gains), st.stdev(gains) if len(gains) > 1 else 0))
-            if pts:
-                axes[1][j].errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                                    capsize=3, linestyle=style, color="tab:green", label=f"XBN - XBM, {label}")
+        for method in ("xbn", "axbn"):
+            for key, style, label in (("r1_ep1", "--", "epoch 1"), ("r1_best", "-", "best epoch")):
+                pts = []
+                for v in xs:
+                    a, b = data[v].get(method, []), data[v].get("xbm", [])
+                    twin = {y["seed"]: y for y in b}
+                    gains = [x[key] - twin[x["seed"]][key] for x in a if x["seed"] in twin]  # paired by seed
+                    if gains:
+                        pts.append((float(v), st.fmean(gains), st.stdev(gains) if len(gains) > 1 else 0))
+                if len(pts) > 1 or (pts and method == "xbn"):
+                    axes[1][j].errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                                        capsize=3, linestyle=style, color=colors[method],
+                                        label=f"{method.upper()} - XBM, {label}")
         for ax in axes[:, j]:
             if opt in ("batch_size", "lr"):
-                ax.set_xscale("log", base=2 if opt == "batch_size" else 10)
+                ax.set_xscale("log")
+            ax.set_xticks([float(v) for v in xs])
+            ax.set_xticklabels([f"{float(v):g}" for v in xs])
+            ax.minorticks_off()
             ax.set_xlabel(opt.replace("_", "-"))
             ax.grid(alpha=0.3)
         axes[1][j].axhline(0, color="gray", lw=0.8)
@@ -188,7 +194,13 @@ def plot(runs: List[Dict], base: Dict, options: List[str], pr: List, out: Path) 
     for ax, key, label in zip(axes, ("gap_ep1", "cos_ep1", "drift"),
                               ("XBM memory's moment gap, epoch 1", "XBM stored-row cosine, epoch 1", "feature drift, XBM run")):
         xs = [b[key] for _, _, b in pr]
-        ax.scatter(xs, g1, s=18, c=["tab:green" if c["method"] == "xbn" else "tab:red" for c, _, _ in pr])
+        for ds, color in (("omniglot", "tab:green"), ("digits", "tab:gray"), ("folder", "tab:purple")):
+            for method, marker in (("xbn", "o"), ("axbn", "^")):
+                sel = [(x, g) for (c, _, _), x, g in zip(pr, xs, g1) if c["dataset"] == ds and c["method"] == method]
+                if sel:
+                    ax.scatter([p[0] for p in sel], [p[1] for p in sel], s=22, c=color, marker=marker,
+                               label=f"{ds}, {method.upper()}")
+        ax.legend(fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel("R@1 gain over XBM at epoch 1 (points)")
         ax.axhline(0, color="gray", lw=0.8)

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from xbn_queue.training.images import IMAGE_EXTENSIONS, BadImageError, digits_uint8
+
 __all__ = [
     "DataFormatError",
     "BadImageError",
@@ -62,16 +64,11 @@ __all__ = [
     "ImageDataset",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 Item = Union[str, Tuple[str, Tuple[float, float, float, float]], np.ndarray]
 
 
 class DataFormatError(ValueError):
     """A dataset file is missing or malformed; the message names the file (and line)."""
-
-
-class BadImageError(RuntimeError):
-    """An image cannot be read; the message names the file."""
 
 
 @dataclass
@@ -409,11 +406,7 @@ def load_digits(split: str = "auto", train_fraction: float = 0.5, split_seed: in
     ``split="class"``: train on digits 0-4, test on 5-9 (zero-shot).
     Test sets are queried leave-one-out.
     """
-    from sklearn.datasets import load_digits as _sk_digits
-
-    d = _sk_digits()
-    images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # (1797, 8, 8)
-    target = d.target.astype(np.int64)
+    images, target = digits_uint8()  # (1797, 8, 8) uint8, (1797,)
     if split == "class":
         tr = np.flatnonzero(target < 5)
         te = np.flatnonzero(target >= 5)

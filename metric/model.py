@@ -16,11 +16,13 @@ linear head trained from scratch on a few classes was measured to transfer worse
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from xbn_queue.training.backbones import TinyCNN
 
 __all__ = ["TinyCNN", "MetricModel", "build_model", "backbone_feature_size", "PretrainedWeightsError", "SMALL_BACKBONES",
            "HEADS"]
@@ -30,33 +32,7 @@ class PretrainedWeightsError(RuntimeError):
     """ImageNet weights could not be obtained; the message says what to do instead."""
 
 
-class TinyCNN(nn.Module):
-    """A small CNN for tiny images (the ``digits`` demo and the tests): 3 conv blocks, global pooling.
-
-    Args:
-        width: channels of the first block (doubled per block).
-
-    Attributes:
-        num_features: output feature size (4 * width).
-    """
-
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        w = int(width)
-        layers: List[nn.Module] = []
-        c_in = 3
-        for c_out, stride in ((w, 1), (2 * w, 2), (4 * w, 2)):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.num_features = 4 * w
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, num_features)."""
-        return self.features(x).mean(dim=(2, 3))
-
-
-#: Backbones built here rather than by timm (no hub weights): name -> default width.
+#: Our backbones in timm's registry (:mod:`xbn_queue.training.backbones`, no hub weights): name -> default width.
 SMALL_BACKBONES = {"tinycnn": 16, "conv4": 64, "cifar_resnet18": 64}
 #: Embedding heads: ``linear`` (features -> embedding_dim) or ``none`` (the features are the embedding).
 HEADS = ("linear", "none")
@@ -64,47 +40,40 @@ HEADS = ("linear", "none")
 
 def _create_backbone(name: str, pretrained: bool, pretrained_path: Optional[str], width: Optional[int] = None,
                      image_size: int = 32) -> nn.Module:
-    if name == "tiny_cnn":
-        name = "tinycnn"
-    if width is not None and name not in SMALL_BACKBONES:
+    import timm
+
+    import xbn_queue.training.backbones  # noqa: F401  registers conv4, cifar_resnet18 and tinycnn with timm
+
+    name = "tinycnn" if name == "tiny_cnn" else name
+    small = name in SMALL_BACKBONES
+    if width is not None and not small:
         raise ValueError(f"--width applies to the backbones {', '.join(SMALL_BACKBONES)}, not to the timm model {name!r}")
-    if name in SMALL_BACKBONES:
-        from xbn_queue.training.backbones import CifarResNet, Conv4
-
-        w = SMALL_BACKBONES[name] if width is None else int(width)
-        if pretrained and not pretrained_path:
-            raise PretrainedWeightsError(f"backbone {name!r} has no pretrained weights: use --no-pretrained or --pretrained-path FILE")
-        backbone: nn.Module
-        if name == "tinycnn":
-            backbone = TinyCNN(w)
-        elif name == "conv4":
-            backbone = Conv4(w, image_size)
-        else:
-            backbone = CifarResNet("resnet18", width=w)
-    else:
-        import timm
-
-        use_hub = bool(pretrained and not pretrained_path)
-        try:
-            backbone = timm.create_model(name, pretrained=use_hub, num_classes=0)
-        except RuntimeError as err:
-            if "Unknown model" in str(err):
-                raise ValueError(f"unknown backbone {name!r} (a timm model name, {', '.join(SMALL_BACKBONES)})") from None
-            if not use_hub:
-                raise
-            raise PretrainedWeightsError(
-                f"could not fetch ImageNet weights for backbone {name!r} ({err}). Without internet access, "
-                f"download the weights elsewhere and pass --pretrained-path FILE (a state dict of the timm "
-                f"model {name!r}), or train from scratch with --no-pretrained."
-            ) from None
-        except Exception as err:  # network / hub errors come in many types
-            if not use_hub:
-                raise
-            raise PretrainedWeightsError(
-                f"could not fetch ImageNet weights for backbone {name!r} ({type(err).__name__}: {err}). Without "
-                f"internet access, download the weights elsewhere and pass --pretrained-path FILE (a state "
-                f"dict of the timm model {name!r}), or train from scratch with --no-pretrained."
-            ) from None
+    if small and pretrained and not pretrained_path:
+        raise PretrainedWeightsError(f"backbone {name!r} has no pretrained weights: use --no-pretrained or --pretrained-path FILE")
+    kwargs = {"width": SMALL_BACKBONES[name] if width is None else int(width)} if small else {}
+    if name == "conv4":
+        kwargs["image_size"] = image_size
+    use_hub = bool(pretrained and not pretrained_path)
+    try:
+        backbone = timm.create_model(name, pretrained=use_hub, num_classes=0, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"unknown backbone {name!r} (a timm model name, {', '.join(SMALL_BACKBONES)})") from None
+        if not use_hub:
+            raise
+        raise PretrainedWeightsError(
+            f"could not fetch ImageNet weights for backbone {name!r} ({err}). Without internet access, "
+            f"download the weights elsewhere and pass --pretrained-path FILE (a state dict of the timm "
+            f"model {name!r}), or train from scratch with --no-pretrained."
+        ) from None
+    except Exception as err:  # network / hub errors come in many types
+        if not use_hub:
+            raise
+        raise PretrainedWeightsError(
+            f"could not fetch ImageNet weights for backbone {name!r} ({type(err).__name__}: {err}). Without "
+            f"internet access, download the weights elsewhere and pass --pretrained-path FILE (a state "
+            f"dict of the timm model {name!r}), or train from scratch with --no-pretrained."
+        ) from None
     if pretrained_path:
         load_backbone_weights(backbone, pretrained_path)
     return backbone

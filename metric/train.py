@@ -1,10 +1,10 @@
-"""The training loop: data -> model -> loss with memory -> evaluation -> logging and checkpoints.
+"""The metric-learning run: data -> model -> loss with memory -> evaluation -> logging and checkpoints.
 
-One run (:func:`train`) does, per epoch: ``warmup_epochs`` head-only epochs (SGD, plain batch loss,
-backbone frozen in eval mode), then ``epochs`` epochs of the method (AdamW on everything, lr x
-``lr_gamma`` every ``lr_step_epochs``); an evaluation every ``eval_every`` epochs (Recall@K, MAP@R,
-feature drift of a fixed probe batch, memory staleness), ``metrics.jsonl`` / W&B, ``last.pt`` and
-``best.pt`` (by Recall@1).
+:class:`MetricRun` is the shared :class:`~xbn_queue.training.loop.RunLoop` with the metric trainer's
+steps. Per epoch: ``warmup_epochs`` head-only epochs (SGD, plain batch loss, backbone frozen in eval
+mode), then ``epochs`` epochs of the method (AdamW on everything, lr x ``lr_gamma`` every
+``lr_step_epochs``); an evaluation every ``eval_every`` epochs (Recall@K, MAP@R, feature drift of a
+fixed probe batch, memory staleness), ``metrics.jsonl`` / W&B, ``last.pt`` and ``best.pt`` (by Recall@1).
 
 Exact resume: the batches of an epoch and every augmentation are functions of ``(seed, epoch)``
 (:mod:`metric.sampler`), and a checkpoint holds model, optimiser, scheduler, AMP scaler, memory (with
@@ -22,27 +22,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from xbn_queue.drift import feature_drift, queue_staleness
-from xbn_queue.training.checkpoint import CheckpointError, atomic_save, check_compatible, load_checkpoint, resolve_resume
-from xbn_queue.training.cli import (UsageError, check_memory_fits, check_output_dir, choose_output_dir, one_line,
-                                    prepare_output_dir, warn)
-from xbn_queue.training.config import config_to_dict, save_config
-from xbn_queue.training.distributed import DistContext, init_distributed
+from xbn_queue.training.checkpoint import check_compatible
+from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
+                                    check_two_classes, warn)
+from xbn_queue.training.config import config_to_dict
+from xbn_queue.training.distributed import DistContext
+from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, RunState, any_rank, autocast,
+                                     broadcast_buffers, with_output_dir, wrap_ddp)
 from xbn_queue.training.progress import progress
 from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
-from xbn_queue.training.signals import GracefulExit
-from xbn_queue.training.tracking import RunLogger, plot_history
+from xbn_queue.training.tracking import plot_history
 
 from .config import COMPAT_KEYS, MetricConfig, memory_rows, resolve_config, saved_config
 from .data import ImageDataset, RetrievalData, load_dataset
@@ -52,20 +51,14 @@ from .model import MetricModel, build_model
 from .recipe import recipe_summary
 from .sampler import MPerClassBatches, steps_per_epoch
 
-__all__ = ["train", "NonFiniteError", "build_transforms", "build_losses", "embed_split", "default_output_dir"]
+__all__ = ["train", "MetricRun", "MetricState", "NonFiniteError", "build_transforms", "build_losses", "embed_split",
+           "default_output_dir"]
 
 PROG = "xbn-metric"
 #: Parent of the default run folders (``runs/metric/<dataset>-<method>-<timestamp>``).
 DEFAULT_RUNS = "runs/metric"
-
-#: Test hook: after writing the checkpoint of this global step, the process waits for SIGKILL / SIGTERM.
-HANG_ENV = "XBN_METRIC_TEST_HANG_AFTER_STEP"
-#: Test hook: at the end, every rank saves its memory (and ids) to ``DIR/queue_rank{r}.pt``.
-DUMP_ENV = "XBN_METRIC_TEST_DUMP_QUEUE_DIR"
-
-
-class NonFiniteError(RuntimeError):
-    """A non-finite embedding or loss; the run stopped and the last good checkpoint is kept."""
+#: Keys every xbn-metric checkpoint has.
+CHECKPOINT_KEYS = ("config", "meta", "model", "state", "rng")
 
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -183,14 +176,7 @@ def embed_split(model: nn.Module, ds: ImageDataset, cfg: MetricConfig, ctx: Dist
 
 
 def _autocast(cfg: MetricConfig, device: torch.device):
-    if cfg.amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
-
-
-def _unwrap(m: nn.Module) -> MetricModel:
-    return m.module if hasattr(m, "module") else m  # type: ignore[return-value]
+    return autocast(cfg.amp, device)
 
 
 def _set_phase(model: MetricModel, warm: bool) -> None:
@@ -209,41 +195,19 @@ def _make_optimizer(cfg: MetricConfig, model: MetricModel, warm: bool, world: in
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr * scale, weight_decay=cfg.weight_decay)
 
 
-def _wrap_ddp(model: MetricModel, ctx: DistContext, device: torch.device) -> nn.Module:
-    if not ctx.is_distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _all_flags(ctx: DistContext, *flags: bool) -> List[bool]:
-    """Logical OR of each flag over all ranks (one collective)."""
-    if not ctx.is_distributed:
-        return list(flags)
-    import torch.distributed as dist
-
-    t = torch.tensor([float(f) for f in flags], device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
-def _fresh_acc() -> Dict[str, float]:
-    return {"loss_sum": 0.0, "loss_n": 0, "drift_mean_sum": 0.0, "drift_max_sum": 0.0, "drift_n": 0}
-
-
 # ------------------------------------------------------------------------------------------- train
-def train(cfg: MetricConfig) -> Dict[str, Any]:
+def train(cfg: MetricConfig, callbacks: Iterable[Callback] = ()) -> Dict[str, Any]:
     """Train (or resume) one run; see the module docstring.
 
     Args:
         cfg: the configuration (``None`` fields get the dataset defaults).
+        callbacks: hooks into the run (:class:`xbn_queue.training.loop.Callback`).
 
     Returns:
-        ``{"output_dir", "best": metrics of the best evaluation, "last": the last evaluation,
-        "steps", "stopped": None | "signal" | "max_steps", "signal": the signal number or None,
-        "already_complete": True when ``--resume`` found a finished run}`` (on every rank; files only
-        on rank 0).
+        :class:`xbn_queue.training.loop.RunSummary` as a dictionary: ``output_dir``, ``global_step``,
+        ``stopped`` (``None`` | ``"signal"`` | ``"max_steps"``), ``signal``, ``seconds``,
+        ``already_complete``, ``best`` (the best evaluation's record), ``last`` (the last one); on every
+        rank, files only on rank 0.
 
     Raises:
         NonFiniteError: a non-finite embedding or loss (the step is named; last.pt is left as it was).
@@ -252,12 +216,364 @@ def train(cfg: MetricConfig) -> Dict[str, Any]:
         ValueError: incompatible checkpoint.
         metric.data.DataFormatError, metric.data.BadImageError, metric.model.PretrainedWeightsError.
     """
-    cfg = default_output_dir(resolve_config(cfg))
-    ctx = init_distributed(cfg.device)
+    run = MetricRun(cfg, callbacks)
     try:
-        return _train(cfg, ctx)
+        return run.fit().to_dict()
     finally:
-        ctx.cleanup()
+        run.close()
+
+
+def default_output_dir(cfg: MetricConfig) -> MetricConfig:
+    """Fill ``output_dir`` when not given: the folder of ``--resume PATH``, else a new timestamped folder.
+
+    Raises:
+        UsageError: a bare ``--resume`` without ``--output-dir`` (there is no run to continue in a new folder).
+    """
+    return with_output_dir(cfg, DEFAULT_RUNS, cfg.dataset, cfg.method)
+
+
+@dataclasses.dataclass
+class MetricState(RunState):
+    """The metric run's position, the open epoch's running sums, the best and last evaluations.
+
+    Saved in the checkpoint as a plain dictionary (:meth:`to_checkpoint`, the layout of 0.2).
+    """
+
+    best_recall: float = -1.0
+    best_epoch: int = 0
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    drift_mean_sum: float = 0.0
+    drift_max_sum: float = 0.0
+    drift_n: int = 0
+    bad_files: List[str] = dataclasses.field(default_factory=list)
+    best: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    last: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    _SUMS = ("loss_sum", "loss_n", "drift_mean_sum", "drift_max_sum", "drift_n")
+
+    def next_epoch(self) -> None:
+        super().next_epoch()
+        for name in self._SUMS:
+            setattr(self, name, type(getattr(self, name))(0))
+
+    def to_checkpoint(self) -> Dict[str, Any]:
+        """The checkpoint's ``state`` entry."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "best_recall": self.best_recall, "best_epoch": self.best_epoch, "bad_images": len(self.bad_files),
+                "bad_files": sorted(self.bad_files), "acc": {k: getattr(self, k) for k in self._SUMS},
+                "best": self.best, "last": self.last}
+
+    @classmethod
+    def from_checkpoint(cls, st: Dict[str, Any]) -> "MetricState":
+        """Read a checkpoint's ``state`` entry (0.2 and later)."""
+        return cls(epoch=int(st["epoch"]), step_in_epoch=int(st["step_in_epoch"]), global_step=int(st["global_step"]),
+                   best_recall=float(st["best_recall"]), best_epoch=int(st["best_epoch"]),
+                   bad_files=list(st.get("bad_files", [])), best=st["best"], last=st["last"],
+                   **{k: st["acc"][k] for k in cls._SUMS})
+
+
+class MetricRun(RunLoop):
+    """One metric-learning run on the shared loop (see the module docstring).
+
+    Args:
+        cfg: the configuration (``None`` fields get the dataset defaults).
+        callbacks: hooks into the run.
+    """
+
+    prog = PROG
+    checkpoint_keys = CHECKPOINT_KEYS
+
+    def __init__(self, cfg: MetricConfig, callbacks: Iterable[Callback] = ()) -> None:
+        super().__init__(default_output_dir(resolve_config(cfg)), callbacks)
+        self.state: MetricState = MetricState()
+
+    # ------------------------------------------------------------------------- check and build
+    def check(self) -> None:
+        """Options, run folder, memory size, data; nothing is written."""
+        cfg, device = self.cfg, self.device
+        check_output_dir(self.out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+        if isinstance(cfg.memory_size, int) or str(cfg.memory_size).strip().isdigit():
+            check_memory_fits("--memory-size", cfg.memory_size, int(cfg.memory_size), cfg.embedding_dim, device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction,
+                                                cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download)
+        self.rows = _check_data(cfg, self.data, self.ctx.world_size)
+        if cfg.method != "none":
+            check_memory_fits("--memory-size", cfg.memory_size, self.rows, cfg.embedding_dim, device)
+
+    def build(self) -> None:
+        """Model, losses (the memory inside), AMP scaler, datasets, probe batch; the optimiser comes per phase."""
+        cfg, device = self.cfg, self.device
+        self.cfg_dict = config_to_dict(cfg)
+        self.meta = {"memory_rows": self.rows, "world_size": self.ctx.world_size}
+        self.model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained,
+                                 cfg.pretrained_path, cfg.width, cfg.image_size, cfg.head).to(device)
+        if cfg.channels_last and device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch_loss, self.mem_loss = build_losses(cfg, self.rows, self.ctx.is_distributed)
+        if self.mem_loss is not None:
+            self.mem_loss.to(device)
+        fp16 = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16) if device.type == "cuda" else None
+        self.total_epochs = cfg.warmup_epochs + cfg.epochs
+        self.steps_per_epoch = steps_per_epoch(len(self.data.train), cfg.batch_size, self.ctx.world_size)
+        self.build_datasets()
+        self.build_probe()
+        self.warm: Optional[bool] = None  # the phase of the current optimiser (set by start_epoch)
+        self.opt: Optional[torch.optim.Optimizer] = None
+        self.sched: Optional[torch.optim.lr_scheduler.StepLR] = None
+        self.net: nn.Module = self.model
+        self.resumed_optim: Optional[Dict[str, Any]] = None
+
+    def build_datasets(self) -> None:
+        """The training data step (the in-memory fast path or per-image loading) and the evaluation sets."""
+        cfg, data = self.cfg, self.data
+        self.cache: Optional[TensorCache] = None
+        if use_tensor_cache(cfg.tensor_cache, cfg.augment, data):  # decoded once, batches augmented on the device
+            self.cache = TensorCache.build(data, cfg.image_size, self.device)
+            self.fast_augment = TensorMildAugment(cfg.image_size, cfg.crop_min_scale, hflip=cfg.hflip, re_prob=cfg.re_prob)
+            self.train_eval_ds, self.query_ds, self.gallery_ds = self.cache.train_eval, self.cache.query, self.cache.gallery
+            return
+        train_tf, eval_tf = build_transforms(cfg)
+        skip = cfg.skip_bad_images
+        in_memory = all(isinstance(it, np.ndarray) for it in data.train.items[:1] + data.query.items[:1])
+        self.train_ds = ImageDataset(data.train, train_tf, skip_bad_images=skip)
+        self.train_eval_ds = ImageDataset(data.train, eval_tf, skip_bad_images=skip, cache=in_memory)  # probe, staleness
+        self.query_ds = ImageDataset(data.query, eval_tf, skip_bad_images=skip, cache=in_memory)
+        self.gallery_ds = self.query_ds if data.query_is_gallery else ImageDataset(data.gallery, eval_tf,
+                                                                                   skip_bad_images=skip, cache=in_memory)
+
+    def build_probe(self) -> None:
+        """The fixed probe batch of the drift diagnostic: training images under the evaluation transform."""
+        cfg = self.cfg
+        probe_idx = np.random.default_rng([cfg.seed, 0x70726F62]).permutation(len(self.data.train))[: cfg.probe_size]
+        items = [self.train_eval_ds[int(i)] for i in probe_idx]
+        self.note_bad([self.data.train.items[int(i)] for i, (_, _, _, ok) in zip(probe_idx, items) if not ok])
+        self.probe = torch.stack([p[0] for p in items]).to(self.device)  # (P, 3, H, W)
+
+    def note_bad(self, items: List[Any]) -> None:
+        """Count unreadable files once each (``--skip-bad-images``), warning on rank 0."""
+        for item in items:
+            name = str(item) if isinstance(item, (str, os.PathLike)) else f"in-memory image {id(item)}"
+            if name not in self.state.bad_files:
+                self.state.bad_files.append(name)
+                if self.ctx.is_main:
+                    warn(PROG, f"skipping unreadable image {name} (--skip-bad-images)")
+
+    def recipe(self) -> str:
+        return recipe_summary(self.cfg)
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def finished(self) -> bool:
+        st, max_steps = self.state, self.cfg.max_steps
+        return st.epoch >= self.total_epochs or (max_steps is not None and st.global_step >= max_steps)
+
+    def checkpoint_state(self) -> Dict[str, Any]:
+        return {"format": 1, "config": self.cfg_dict, "meta": self.meta, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict() if self.opt is not None else None,
+                "optimizer_phase": "warmup" if self.warm else "train",
+                "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "memory": self.mem_loss.state_dict() if self.mem_loss is not None else None,
+                "state": self.state.to_checkpoint(), "rng": get_rng_state()}
+
+    def check_checkpoint(self, ckpt: Dict[str, Any], path: Path) -> None:
+        saved = dict(saved_config(ckpt["config"]), **ckpt["meta"])
+        now = dict(saved_config(self.cfg_dict), **self.meta)
+        check_compatible(saved, now, COMPAT_KEYS + ["memory_rows", "world_size"], source=path)
+
+    def load_state(self, ckpt: Dict[str, Any]) -> None:
+        """Model, memory, position and RNG now; optimiser, scheduler and scaler when the phase starts."""
+        self.model.load_state_dict(ckpt["model"])
+        if self.mem_loss is not None:
+            self.mem_loss.load_state_dict(ckpt["memory"])
+        bad = self.state.bad_files
+        self.state = MetricState.from_checkpoint(ckpt["state"])
+        self.state.bad_files = sorted(set(self.state.bad_files) | set(bad))
+        if self.scaler is not None and ckpt.get("scaler") is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.resumed_optim = ckpt
+
+    # ------------------------------------------------------------------------------- training
+    def start_epoch(self) -> None:
+        """Warm-up -> training: a new optimiser, schedule and DDP wrapper (restored from the checkpoint on resume)."""
+        warm = self.state.epoch < self.cfg.warmup_epochs
+        if warm == self.warm:
+            return
+        self.warm = warm
+        _set_phase(self.model, warm)
+        self.opt = _make_optimizer(self.cfg, self.model, warm, self.ctx.world_size)
+        self.sched = None if warm else torch.optim.lr_scheduler.StepLR(self.opt, self.cfg.lr_step_epochs, self.cfg.lr_gamma)
+        ckpt, self.resumed_optim = self.resumed_optim, None
+        if ckpt is not None and ckpt.get("optimizer_phase") == ("warmup" if warm else "train"):
+            self.opt.load_state_dict(ckpt["optimizer"])  # else saved at the warm-up's end: a fresh AdamW, as uninterrupted
+            if self.sched is not None and ckpt.get("scheduler") is not None:
+                self.sched.load_state_dict(ckpt["scheduler"])
+        self.net = wrap_ddp(self.model, self.ctx)
+
+    def epoch_description(self) -> str:
+        return super().epoch_description() + (" (warm-up)" if self.warm else "")
+
+    def batches(self) -> Iterator[Tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``(images, labels, dataset indices, readable)`` of the epoch's m-per-class batches for this rank."""
+        cfg, st = self.cfg, self.state
+        sampler = MPerClassBatches(self.data.train.labels, cfg.batch_size, cfg.m_per_class, cfg.seed, st.epoch,
+                                   self.ctx.rank, self.ctx.world_size, start=st.step_in_epoch)
+        if self.cache is not None:
+            return iter(cached_batches(self.cache, self.data.train.labels, sampler, self.fast_augment))
+        # a private generator: creating the loader must not consume the global RNG (exact resume)
+        return iter(torch.utils.data.DataLoader(self.train_ds, batch_sampler=sampler, num_workers=cfg.workers,
+                                                pin_memory=self.device.type == "cuda",
+                                                generator=torch.Generator().manual_seed(cfg.seed + st.epoch)))
+
+    def train_step(self, batch: Tuple[Tensor, Tensor, Tensor, Tensor]) -> float:
+        """Embed, check, loss with the memory (adapt, enqueue with sample ids), optimiser step, drift probe."""
+        x, y, idx = self.readable(batch)
+        measure = self.cfg.drift_every > 0 and self.state.step_in_epoch % self.cfg.drift_every == 0 and self.ctx.is_main
+        z_before = self.embed_probe() if measure else None
+        with _autocast(self.cfg, self.device):
+            emb = self.net(x)  # (B, D) float32
+        if any_rank(self.ctx, not bool(torch.isfinite(emb).all()))[0]:
+            raise self.non_finite("embedding")
+        if self.warm or self.mem_loss is None:
+            loss = self.batch_loss(emb, y)
+        else:
+            loss = self.mem_loss(emb, y, ids=idx)  # adapt the memory, enqueue (with sample ids), loss
+        if any_rank(self.ctx, not bool(torch.isfinite(loss)))[0]:
+            raise self.non_finite("loss")
+        self.optimizer_step(loss)
+        value = float(loss.detach())
+        self.state.loss_sum += value
+        self.state.loss_n += 1
+        if z_before is not None:
+            d = feature_drift(self.embed_probe(), z_before)
+            self.state.drift_mean_sum += d["mean"]
+            self.state.drift_max_sum += d["max"]
+            self.state.drift_n += 1
+        return value
+
+    def readable(self, batch: Tuple[Tensor, Tensor, Tensor, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """The batch without unreadable images (counted once each), on the device."""
+        x, y, idx, ok = batch
+        if not bool(ok.all()):
+            self.note_bad([self.data.train.items[int(i)] for i in idx[~ok]])
+            x, y, idx = x[ok], y[ok], idx[ok]
+        x, y, idx = x.to(self.device, non_blocking=True), y.to(self.device), idx.to(self.device)
+        if self.cfg.channels_last and self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y, idx
+
+    def optimizer_step(self, loss: Tensor) -> None:
+        """Backward and step (through the AMP scaler under float16)."""
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+
+    def stop_after_step(self, end_of_epoch: bool) -> Reason:
+        """A signal or ``--max-steps`` inside an epoch; at the epoch's last step the epoch finishes first."""
+        max_steps = self.cfg.max_steps
+        want_stop = any_rank(self.ctx, self.stop.requested)[0]
+        if end_of_epoch:
+            return None
+        if want_stop:
+            return "signal"
+        return "max_steps" if max_steps is not None and self.state.global_step >= max_steps else None
+
+    def embed_probe(self) -> Tensor:
+        """``(P, D)`` embeddings of the probe batch in eval mode (the phase's train/eval modes restored)."""
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad(), _autocast(self.cfg, self.device):
+            z = self.model(self.probe).float()  # (P, D)
+        self.model.train(was)
+        if self.warm:
+            self.model.backbone.eval()
+        return z
+
+    # ----------------------------------------------------------------------------- evaluation
+    def end_epoch(self, reason: Reason) -> Reason:
+        """Schedule step; evaluation and its record when due (and at ``--max-steps``); the next epoch."""
+        st, cfg = self.state, self.cfg
+        epoch_done = st.step_in_epoch >= self.steps_per_epoch
+        if epoch_done and self.sched is not None:
+            self.sched.step()
+        if cfg.max_steps is not None and st.global_step >= cfg.max_steps:
+            reason = "max_steps"
+        last_epoch = st.epoch + 1 == self.total_epochs
+        if reason == "max_steps" or (epoch_done and ((st.epoch + 1) % cfg.eval_every == 0 or last_epoch)):
+            self.record(self.evaluate())
+            self.state = self.ctx.broadcast_object(self.state)  # every rank keeps the same bookkeeping
+        if epoch_done:
+            self.state.next_epoch()
+        return reason
+
+    def evaluate(self) -> Dict[str, Any]:
+        """Recall@K and MAP@R of the query split against the gallery, memory staleness (rank 0 computes)."""
+        broadcast_buffers(self.model, self.ctx)  # BatchNorm running stats of rank 0 everywhere: same features on every shard
+        data = self.data
+        qf, ql, bad_q = embed_split(self.model, self.query_ds, self.cfg, self.ctx, self.device, desc="query",
+                                    on_bad=lambda ids: self.note_bad([data.query.items[j] for j in ids]))
+        if data.query_is_gallery:
+            gf, gl, bad_g = qf, ql, 0
+        else:
+            gf, gl, bad_g = embed_split(self.model, self.gallery_ds, self.cfg, self.ctx, self.device, desc="gallery",
+                                        on_bad=lambda ids: self.note_bad([data.gallery.items[j] for j in ids]))
+        rec: Dict[str, Any] = {}
+        if self.ctx.is_main:
+            metrics_fn = retrieval_metrics
+            if self.cfg.eval_backend == "faiss":  # the same metrics through an exact faiss index
+                from .retrieval import faiss_retrieval_metrics as metrics_fn
+            rec = metrics_fn(qf, ql, gf, gl, ks=self.cfg.recall_ks, query_is_gallery=data.query_is_gallery,
+                             chunk_size=self.cfg.eval_chunk)
+            rec["eval_bad_images"] = bad_q + bad_g  # per evaluation; files are counted once via note_bad
+            if self.mem_loss is not None and len(self.mem_loss.queue) > 0:
+                rec.update(_staleness(self.model, self.mem_loss.queue, self.train_eval_ds, self.cfg, self.device))
+        _set_phase(self.model, bool(self.warm))
+        return rec
+
+    def record(self, rec: Dict[str, Any]) -> None:
+        """The evaluation's record: ``metrics.jsonl`` / W&B, one line, ``best.pt`` on a new best Recall@1 (rank 0)."""
+        if not self.ctx.is_main:
+            return
+        st = self.state
+        record: Dict[str, Any] = {"epoch": st.epoch + 1, "step": st.global_step, "phase": "warmup" if self.warm else "train",
+                                  "lr": self.opt.param_groups[0]["lr"], "loss": st.loss_sum / max(st.loss_n, 1)}
+        record.update({k: v for k, v in rec.items() if k.startswith(("recall@", "map@r"))})
+        if st.drift_n:
+            record["drift_mean"] = st.drift_mean_sum / st.drift_n
+            record["drift_max"] = st.drift_max_sum / st.drift_n
+        record.update({k: v for k, v in rec.items() if not k.startswith(("recall@", "map@r"))})
+        record["memory_rows"] = len(self.mem_loss.queue) if self.mem_loss is not None else 0
+        record["bad_images"] = len(st.bad_files)  # distinct files, training and evaluation
+        self.log(record)
+        _print_epoch(record, self.total_epochs, self.cfg)
+        st.last = record
+        r1 = record.get("recall@1", float("nan"))
+        if isinstance(r1, float) and not math.isnan(r1) and r1 > st.best_recall:
+            st.best_recall, st.best_epoch, st.best = r1, st.epoch + 1, record
+            self.save_checkpoint("best.pt")
+
+    # -------------------------------------------------------------------------------- summary
+    def before_finish(self) -> None:
+        broadcast_buffers(self.model, self.ctx)
+
+    def plot(self) -> None:
+        if (self.out / "metrics.jsonl").is_file():
+            plot_history(self.out / "metrics.jsonl", self.out / "recall_drift.png",
+                         panels=[("recall@1",), ("drift_mean", "drift_max")], x="epoch",
+                         title=f"{self.cfg.dataset} / {self.cfg.method}", percent=("recall@1",))
+
+    def best_and_last(self) -> tuple:
+        return self.state.best, self.state.last
 
 
 def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
@@ -273,9 +589,7 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
     labels = np.asarray(data.train.labels)
     classes, counts = np.unique(labels, return_counts=True)
     where = f"--dataset {cfg.dataset}" + (f" --data-root {cfg.data_root}" if cfg.data_root else "")
-    if len(classes) < 2:
-        raise UsageError(f"{where}: the training split has {len(classes)} class(es); metric learning needs at least 2 "
-                         "(one class trains to loss 0 and scores Recall 100%)")
+    check_two_classes(labels, where, "metric learning needs at least 2 (one class trains to loss 0 and scores Recall 100%)")
     rows = memory_rows(cfg.memory_size, len(data.train))
     if cfg.m_per_class > counts.max():
         raise UsageError(f"--m-per-class {cfg.m_per_class}: no training class has that many images (largest: "
@@ -284,9 +598,8 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
         raise UsageError(f"--batch-size {cfg.batch_size}: {cfg.batch_size // cfg.m_per_class} classes per batch "
                          f"(--m-per-class {cfg.m_per_class}) but the training split has {len(classes)}; expected at most "
                          f"{len(classes) * cfg.m_per_class}")
-    if cfg.method != "none" and rows < cfg.batch_size * world:
-        raise UsageError(f"--memory-size {cfg.memory_size}: {rows} rows, fewer than one global batch "
-                         f"({cfg.batch_size} x {world} processes)")
+    if cfg.method != "none":
+        check_memory_holds_a_batch("--memory-size", cfg.memory_size, rows, cfg.batch_size, world)
     q = np.asarray(data.query.labels)
     if data.query_is_gallery:
         qc, qn = np.unique(q, return_counts=True)
@@ -299,355 +612,12 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
     return rows
 
 
-def default_output_dir(cfg: MetricConfig) -> MetricConfig:
-    """Fill ``output_dir`` when not given: the folder of ``--resume PATH``, else a new timestamped folder.
-
-    Raises:
-        UsageError: a bare ``--resume`` without ``--output-dir`` (there is no run to continue in a new folder).
-    """
-    if cfg.output_dir:
-        return cfg
-    return dataclasses.replace(cfg, output_dir=choose_output_dir(None, cfg.resume, DEFAULT_RUNS, cfg.dataset, cfg.method))
-
-
-def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
-    device = ctx.device
-    out = Path(cfg.output_dir)
-    # ---------------------------------------------------------- checks: nothing is written before they pass
-    check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
-    if isinstance(cfg.memory_size, int) or str(cfg.memory_size).strip().isdigit():
-        check_memory_fits("--memory-size", cfg.memory_size, int(cfg.memory_size), cfg.embedding_dim, device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed,
-                                       max_per_class=cfg.max_per_class, download=cfg.download)
-    world = ctx.world_size
-    rows = _check_data(cfg, data, world)
-    if cfg.method != "none":
-        check_memory_fits("--memory-size", cfg.memory_size, rows, cfg.embedding_dim, device)
-    cfg_dict = config_to_dict(cfg)
-    meta = {"memory_rows": rows, "world_size": world}
-
-    train_tf, eval_tf = build_transforms(cfg)
-    model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path,
-                        cfg.width, cfg.image_size, cfg.head).to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    batch_loss, mem_loss = build_losses(cfg, rows, ctx.is_distributed)
-    if mem_loss is not None:
-        mem_loss.to(device)
-    use_amp = cfg.amp and device.type == "cuda"
-    fp16 = use_amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=fp16) if device.type == "cuda" else None
-
-    W = cfg.warmup_epochs
-    total_epochs = W + cfg.epochs
-    spe = steps_per_epoch(len(data.train), cfg.batch_size, world)
-    # Fixed probe batch for the drift diagnostic: training images under the evaluation transform.
-    probe_idx = np.random.default_rng([cfg.seed, 0x70726F62]).permutation(len(data.train))[: cfg.probe_size]
-    cache: Optional[TensorCache] = None
-    if use_tensor_cache(cfg.tensor_cache, cfg.augment, data):  # decoded once, batches augmented on the device
-        cache = TensorCache.build(data, cfg.image_size, device)
-        fast_augment = TensorMildAugment(cfg.image_size, cfg.crop_min_scale, hflip=cfg.hflip, re_prob=cfg.re_prob)
-        train_eval_ds, query_ds, gallery_ds = cache.train_eval, cache.query, cache.gallery
-    else:
-        train_ds = ImageDataset(data.train, train_tf, skip_bad_images=cfg.skip_bad_images)
-        in_memory = all(isinstance(it, np.ndarray) for it in data.train.items[:1] + data.query.items[:1])
-        train_eval_ds = ImageDataset(data.train, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)  # probe, staleness
-        query_ds = ImageDataset(data.query, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)
-        gallery_ds = query_ds if data.query_is_gallery else ImageDataset(data.gallery, eval_tf, skip_bad_images=cfg.skip_bad_images, cache=in_memory)
-    bad_files: Dict[str, str] = {}  # distinct unreadable files seen so far -> reason (warned about once)
-
-    def note_bad(items: List[Any]) -> None:
-        for item in items:
-            name = str(item) if isinstance(item, (str, os.PathLike)) else f"in-memory image {id(item)}"
-            if name not in bad_files:
-                bad_files[name] = "unreadable"
-                if ctx.is_main:
-                    warn(PROG, f"skipping unreadable image {name} (--skip-bad-images)")
-
-    probe_items = [train_eval_ds[int(i)] for i in probe_idx]
-    note_bad([data.train.items[int(i)] for i, (_, _, _, ok) in zip(probe_idx, probe_items) if not ok])
-    probe = torch.stack([p[0] for p in probe_items]).to(device)  # (P, 3, H, W)
-
-    # ---------------------------------------------------------------------------- state / resume
-    st: Dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_recall": -1.0, "best_epoch": 0,
-                          "bad_images": 0, "acc": _fresh_acc(), "best": {}, "last": {}}
-    ckpt_path = resolve_resume(cfg.resume, out)
-    ckpt = None
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu", kind=PROG, required_keys=("config", "meta", "model", "state", "rng"))
-        saved = dict(saved_config(ckpt["config"]), **ckpt["meta"])
-        check_compatible(saved, dict(saved_config(cfg_dict), **meta), COMPAT_KEYS + ["memory_rows", "world_size"], source=ckpt_path)
-        try:
-            model.load_state_dict(ckpt["model"])
-            if mem_loss is not None:
-                mem_loss.load_state_dict(ckpt["memory"])
-        except (RuntimeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{ckpt_path} is not a readable {PROG} checkpoint (model or memory do not load: "
-                                  f"{one_line(err)[:160]})") from None
-        st = ckpt["state"]
-        bad_files.update({name: "unreadable" for name in st.get("bad_files", [])})
-        finished = st["epoch"] >= total_epochs or (cfg.max_steps is not None and st["global_step"] >= cfg.max_steps)
-        if finished:
-            if ctx.is_main:
-                print(f"[{PROG}] {out} is already complete ({st['epoch']} of {total_epochs} epochs, step "
-                      f"{st['global_step']}): nothing to train", file=sys.stderr)
-            return {"output_dir": str(out), "best": st["best"], "last": st["last"], "steps": st["global_step"],
-                    "stopped": None, "signal": None, "seconds": 0.0, "already_complete": True}
-    elif cfg.resume and ctx.is_main:
-        print(f"[{PROG}] --resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
-    # ---------------------------------------------------------------------- every check passed: write
-    ctx.barrier()  # every rank has checked the folder before rank 0 creates anything in it
-    if ctx.is_main:
-        prepare_output_dir(out, overwrite=cfg.overwrite and ckpt is None)
-        save_config(cfg, out / "config.yaml")
-        print(f"[{PROG}] run folder: {out}", file=sys.stderr, flush=True)
-        print(f"[{PROG}] {recipe_summary(cfg)}", file=sys.stderr, flush=True)
-    ctx.barrier()
-    warm = st["epoch"] < W
-    _set_phase(model, warm)
-    opt = _make_optimizer(cfg, model, warm, world)
-    sched = None if warm else torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step_epochs, cfg.lr_gamma)
-    if ckpt is not None:
-        if ckpt.get("optimizer_phase") == ("warmup" if warm else "train"):
-            opt.load_state_dict(ckpt["optimizer"])  # else saved at the warm-up's end: a fresh AdamW, as uninterrupted
-        if sched is not None and ckpt.get("scheduler") is not None:
-            sched.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        if ctx.is_main:
-            print(f"[{PROG}] resumed from {ckpt_path} at epoch {st['epoch'] + 1}, step {st['global_step']}", file=sys.stderr)
-    net = _wrap_ddp(model, ctx, device)
-    logger = RunLogger(out, cfg_dict, project=cfg.wandb_project or "xbn-metric", mode=cfg.wandb_mode,
-                       enabled=ctx.is_main, name=cfg.wandb_name,
-                       resume_step=st["global_step"] if ckpt is not None else None)
-
-    def save(path: Path) -> None:
-        if not ctx.is_main:
-            return
-        atomic_save({
-            "format": 1, "config": cfg_dict, "meta": meta, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "optimizer_phase": "warmup" if isinstance(opt, torch.optim.SGD) else "train",
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "memory": mem_loss.state_dict() if mem_loss is not None else None,
-            "state": st, "rng": get_rng_state(),
-        }, path)
-
-    def embed_probe() -> Tensor:
-        was = model.training
-        model.eval()
-        with torch.no_grad(), _autocast(cfg, device):
-            z = model(probe).float()  # (P, D)
-        model.train(was)
-        if warm:
-            model.backbone.eval()
-        return z
-
-    def evaluate() -> Dict[str, Any]:
-        _sync_buffers(model, ctx)  # BatchNorm running stats of rank 0 everywhere: same features on every shard
-        qf, ql, bad_q = embed_split(model, query_ds, cfg, ctx, device, desc="query",
-                                    on_bad=lambda ids: note_bad([data.query.items[j] for j in ids]))
-        if data.query_is_gallery:
-            gf, gl, bad_g = qf, ql, 0
-        else:
-            gf, gl, bad_g = embed_split(model, gallery_ds, cfg, ctx, device, desc="gallery",
-                                        on_bad=lambda ids: note_bad([data.gallery.items[j] for j in ids]))
-        rec: Dict[str, Any] = {}
-        if ctx.is_main:
-            metrics_fn = retrieval_metrics
-            if cfg.eval_backend == "faiss":  # the same metrics through an exact faiss index
-                from .retrieval import faiss_retrieval_metrics as metrics_fn
-            rec = metrics_fn(qf, ql, gf, gl, ks=cfg.recall_ks, query_is_gallery=data.query_is_gallery,
-                             chunk_size=cfg.eval_chunk)
-            rec["eval_bad_images"] = bad_q + bad_g  # per evaluation; files are counted once via note_bad
-            if mem_loss is not None and len(mem_loss.queue) > 0:
-                rec.update(_staleness(model, mem_loss.queue, train_eval_ds, cfg, device))
-        _set_phase(model, warm)
-        return rec
-
-    # ------------------------------------------------------------------------------------- loop
-    hang_step = int(os.environ.get(HANG_ENV, "0") or 0)
-    stopped: Optional[str] = None
-    t_start = time.time()
-    with GracefulExit(enabled=True, verbose=ctx.is_main) as stop:
-        while st["epoch"] < total_epochs and stopped is None:
-            epoch = st["epoch"]
-            if (epoch < W) != warm:  # warm-up -> training: new optimiser, schedule and DDP wrapper
-                warm = epoch < W
-                _set_phase(model, warm)
-                opt = _make_optimizer(cfg, model, warm, world)
-                sched = None if warm else torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step_epochs, cfg.lr_gamma)
-                net = _wrap_ddp(model, ctx, device)
-            sampler = MPerClassBatches(data.train.labels, cfg.batch_size, cfg.m_per_class, cfg.seed, epoch,
-                                       ctx.rank, world, start=st["step_in_epoch"])
-            if cache is not None:
-                loader = cached_batches(cache, data.train.labels, sampler, fast_augment)
-            else:  # a private generator: creating the loader must not consume the global RNG (exact resume)
-                loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
-                                                     pin_memory=device.type == "cuda",
-                                                     generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            bar = progress(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{total_epochs}" + (" (warm-up)" if warm else ""),
-                           enabled=cfg.progress, leave=False)
-            for x, y, idx, ok in bar:
-                step = st["global_step"] + 1
-                if not bool(ok.all()):
-                    note_bad([data.train.items[int(i)] for i in idx[~ok]])
-                    st["bad_images"] = len(bad_files)
-                    st["bad_files"] = sorted(bad_files)
-                    x, y, idx = x[ok], y[ok], idx[ok]
-                x, y, idx = x.to(device, non_blocking=True), y.to(device), idx.to(device)
-                if cfg.channels_last and device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                measure = cfg.drift_every > 0 and st["step_in_epoch"] % cfg.drift_every == 0 and ctx.is_main
-                z_before = embed_probe() if measure else None
-
-                with _autocast(cfg, device):
-                    emb = net(x)  # (B, D) float32
-                bad_emb, = _all_flags(ctx, not bool(torch.isfinite(emb).all()))
-                if bad_emb:
-                    raise NonFiniteError(
-                        f"non-finite embedding at step {step} (epoch {epoch + 1}); stopped before it reached "
-                        f"the memory; the last good checkpoint is {out / 'last.pt'}")
-                if warm or mem_loss is None:
-                    loss = batch_loss(emb, y)
-                else:
-                    loss = mem_loss(emb, y, ids=idx)  # adapt the memory, enqueue (with sample ids), loss
-                bad_loss, = _all_flags(ctx, not bool(torch.isfinite(loss)))
-                if bad_loss:
-                    raise NonFiniteError(
-                        f"non-finite loss at step {step} (epoch {epoch + 1}); the run stopped and the last "
-                        f"good checkpoint is {out / 'last.pt'}")
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None and scaler.is_enabled():
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                st["global_step"] = step
-                st["step_in_epoch"] += 1
-                st["acc"]["loss_sum"] += float(loss.detach())
-                st["acc"]["loss_n"] += 1
-                if z_before is not None:
-                    d = feature_drift(embed_probe(), z_before)
-                    st["acc"]["drift_mean_sum"] += d["mean"]
-                    st["acc"]["drift_max_sum"] += d["max"]
-                    st["acc"]["drift_n"] += 1
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-                last_of_epoch = st["step_in_epoch"] >= spe
-                hit_max = cfg.max_steps is not None and step >= cfg.max_steps
-                want_stop, = _all_flags(ctx, stop.requested)
-                if not last_of_epoch and (want_stop or hit_max or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-                    save(out / "last.pt")
-                    if hang_step and step == hang_step:  # test hook (see HANG_ENV): wait for a signal
-                        print(f"[xbn-metric] test hook: checkpoint of step {step} written; waiting for a signal", file=sys.stderr, flush=True)
-                        while not stop.requested:
-                            time.sleep(0.05)
-                        want_stop = True
-                if want_stop and not last_of_epoch:
-                    stopped = "signal"
-                    break
-                if hit_max and not last_of_epoch:
-                    stopped = "max_steps"
-                    break
-            if stopped == "signal":
-                break
-            # ------------------------------------------------------------- end of epoch (or max_steps)
-            epoch_done = st["step_in_epoch"] >= spe
-            if epoch_done:
-                if sched is not None:
-                    sched.step()
-            do_eval = stopped == "max_steps" or (epoch_done and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == total_epochs))
-            if cfg.max_steps is not None and st["global_step"] >= cfg.max_steps:
-                stopped = "max_steps"
-                do_eval = True
-            if do_eval:
-                rec = evaluate()
-                if ctx.is_main:
-                    acc = st["acc"]
-                    record: Dict[str, Any] = {
-                        "epoch": epoch + 1, "step": st["global_step"], "phase": "warmup" if warm else "train",
-                        "lr": opt.param_groups[0]["lr"],
-                        "loss": acc["loss_sum"] / max(acc["loss_n"], 1),
-                    }
-                    record.update({k: v for k, v in rec.items() if k.startswith(("recall@", "map@r"))})
-                    if acc["drift_n"]:
-                        record["drift_mean"] = acc["drift_mean_sum"] / acc["drift_n"]
-                        record["drift_max"] = acc["drift_max_sum"] / acc["drift_n"]
-                    record.update({k: v for k, v in rec.items() if not k.startswith(("recall@", "map@r"))})
-                    record["memory_rows"] = len(mem_loss.queue) if mem_loss is not None else 0
-                    record["bad_images"] = len(bad_files)  # distinct files, training and evaluation
-                    logger.log(record, step=st["global_step"])
-                    _print_epoch(record, total_epochs, cfg)
-                    st["last"] = record
-                    r1 = record.get("recall@1", float("nan"))
-                    if isinstance(r1, float) and not math.isnan(r1) and r1 > st["best_recall"]:
-                        st["best_recall"], st["best_epoch"], st["best"] = r1, epoch + 1, record
-                        save(out / "best.pt")
-                    try:
-                        plot_history(out / "metrics.jsonl", out / "recall_drift.png",
-                                     panels=[("recall@1",), ("drift_mean", "drift_max")], x="epoch",
-                                     title=f"{cfg.dataset} / {cfg.method}", percent=("recall@1",))
-                    except Exception as err:  # plotting must never kill a run
-                        print(f"[xbn-metric] warning: could not plot: {err}", file=sys.stderr)
-                # every rank keeps the same bookkeeping
-                st = _broadcast_state(st, ctx)
-            if epoch_done:
-                st["epoch"] += 1
-                st["step_in_epoch"] = 0
-                st["acc"] = _fresh_acc()
-            save(out / "last.pt")
-            want_stop, = _all_flags(ctx, stop.requested)
-            if want_stop and stopped is None and st["epoch"] < total_epochs:
-                stopped = "signal"
-    _sync_buffers(model, ctx)
-    if os.environ.get(DUMP_ENV) and mem_loss is not None:
-        Path(os.environ[DUMP_ENV]).mkdir(parents=True, exist_ok=True)
-        torch.save({"memory": mem_loss.queue.embeddings.cpu(), "labels": mem_loss.queue.labels.cpu(),
-                    "ids": mem_loss.queue.ids.cpu(), "model": {k: v.cpu() for k, v in model.state_dict().items()}},
-                   Path(os.environ[DUMP_ENV]) / f"queue_rank{ctx.rank}.pt")
-    ctx.barrier()
-    logger.finish()
-    if ctx.is_main:
-        state = {"signal": "stopped by a signal", "max_steps": f"stopped at --max-steps {cfg.max_steps}"}.get(stopped or "", "finished")
-        print(f"[{PROG}] {state} at step {st['global_step']}; run folder: {out}", file=sys.stderr, flush=True)
-    return {"output_dir": str(out), "best": st["best"], "last": st["last"], "steps": st["global_step"],
-            "stopped": stopped, "signal": (stop.signum or signal.SIGTERM) if stopped == "signal" else None,
-            "seconds": time.time() - t_start}
-
-
 def _print_epoch(record: Dict[str, Any], total_epochs: int, cfg: MetricConfig) -> None:
     """One plain line per evaluation on stderr (Recall in %), e.g. for a log file."""
     shown = ", ".join(f"{k.replace('recall@', 'R@').replace('map@r', 'MAP@R')} {100 * v:.2f}%" for k, v in record.items()
                       if k.startswith(("recall@", "map@r")) and isinstance(v, float))
     print(f"[{PROG}] epoch {record['epoch']}/{total_epochs} ({record['phase']}), step {record['step']}: "
           f"loss {record['loss']:.4f}" + (f", {shown}" if shown else ""), file=sys.stderr, flush=True)
-
-
-def _sync_buffers(model: nn.Module, ctx: DistContext) -> None:
-    """Copy rank 0's buffers (BatchNorm running statistics) to every rank; no-op on one process."""
-    if not ctx.is_distributed:
-        return
-    import torch.distributed as dist
-
-    for b in model.buffers():
-        dist.broadcast(b.data, src=0)
-
-
-def _broadcast_state(st: Dict[str, Any], ctx: DistContext) -> Dict[str, Any]:
-    if not ctx.is_distributed:
-        return st
-    import torch.distributed as dist
-
-    box = [st]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @torch.no_grad()

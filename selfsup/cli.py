@@ -36,7 +36,7 @@ def _train_command(args: List[str], full_argv: List[str]) -> int:
 
     cfg = default_output_dir(cfg)
     summary = train(cfg)
-    if summary.get("stopped"):
+    if summary.get("stopped") == "signal":
         print(f"[{PROG}] to resume: {resume_command(PROG, 'selfsup', full_argv, summary['output_dir'])}", file=sys.stderr)
         return 128 + (summary.get("signal") or 15)
     return 0

@@ -239,7 +239,7 @@ def compare(
             run_cfg = replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
                               wandb_name=cfg.wandb_name and f"{cfg.wandb_name}-{name}")
             res = train(run_cfg, data)
-            return RunOutcome(complete=not res.get("stopped"), signal=res.get("signal"), result=res)
+            return RunOutcome(complete=res.get("stopped") != "signal", signal=res.get("signal"), result=res)
 
         report = run_series(plan, out, train_one, verbose=ctx.is_main)
         runs: Dict[str, Dict[int, Dict[float, float]]] = {a: {} for a in adaptations}

@@ -21,13 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from xbn_queue.training.images import IMAGE_EXTENSIONS, BadImageError, digits_uint8
+
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")
-
-
-class BadImageError(RuntimeError):
-    """An image file that cannot be decoded (the message names the file)."""
 
 
 @dataclass
@@ -185,13 +181,9 @@ def _load_folder(root: str, size: int, skip_bad: bool, train_subset: int = 0, te
 
 
 def _load_digits(size: int) -> ImageData:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = (digits.images / 16.0 * 255.0).round().clip(0, 255).astype(np.uint8)  # (1797, 8, 8)
+    images, labels = digits_uint8()  # (1797, 8, 8) uint8, (1797,)
     images = np.repeat(images[..., None], 3, axis=-1)  # (1797, 8, 8, 3)
     images = _resize_array(images, size)
-    labels = digits.target.astype(np.int64)
     # fixed split: every 5th image is a test image
     is_test = np.arange(len(labels)) % 5 == 0
     return ImageData(

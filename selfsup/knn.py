@@ -1,10 +1,10 @@
-"""Weighted k-NN monitor of InstDisc / the MoCo CIFAR demo / lightly's benchmarks.
+"""Weighted k-NN monitor of InstDisc / the MoCo CIFAR demo, computed by lightly's ``knn_predict``.
 
 The bank holds L2-normalized features of the (un-augmented) training set (the encoder output, or
 the backbone's with ``--knn-features backbone``); each test feature takes its ``k`` most
 cosine-similar bank entries, weights each by ``exp(s / t)`` and predicts the class with the largest
-summed weight. Queries are processed in chunks so that the
-similarity block stays below ``max_elements`` entries whatever the bank size.
+summed weight (:func:`lightly.utils.benchmarking.knn_predict`). Queries are processed in chunks so
+that the similarity block stays below ``max_elements`` entries whatever the bank size.
 """
 
 from typing import Callable, Optional
@@ -36,7 +36,7 @@ def knn_predict(
         max_elements: largest similarity block ``chunk x N`` held at once.
 
     Returns:
-        ``(M,)`` int64 predicted classes (ties go to the smaller class index).
+        ``(M,)`` int64 predicted classes (an exact tie of summed weights goes to either class).
 
     Raises:
         ValueError: on mismatched shapes or an empty bank.
@@ -45,19 +45,15 @@ def knn_predict(
         raise ValueError(f"expected queries (M, D) and bank (N, D), got {tuple(queries.shape)} and {tuple(bank.shape)}")
     if bank.shape[0] == 0 or bank_labels.shape[0] != bank.shape[0]:
         raise ValueError(f"bank of {bank.shape[0]} rows with {bank_labels.shape[0]} labels")
+    from lightly.utils.benchmarking import knn_predict as lightly_knn_predict
+
     k = min(k, bank.shape[0])
     chunk = max(1, max_elements // bank.shape[0])
     bank_t = bank.t().contiguous()  # (D, N)
     preds = []
     for start in range(0, queries.shape[0], chunk):
-        q = queries[start : start + chunk]
-        sim = q @ bank_t  # (b, N) cosine similarities
-        sim_w, sim_idx = sim.topk(k, dim=1)  # (b, k)
-        weights = (sim_w / t).exp()  # (b, k)
-        labels = bank_labels[sim_idx]  # (b, k)
-        scores = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=weights.dtype)
-        scores.scatter_add_(1, labels, weights)  # (b, C) summed weight per class
-        preds.append(scores.argmax(dim=1))
+        ranked = lightly_knn_predict(queries[start : start + chunk], bank_t, bank_labels, num_classes, knn_k=k, knn_t=t)
+        preds.append(ranked[:, 0])  # (b,) the class with the largest summed weight
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=queries.device)
 
 

@@ -20,12 +20,13 @@ the queue and its adaptation state), the position in the epoch and the RNG state
 continues bit-for-bit on CPU.
 """
 
+import dataclasses
 import logging
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,6 +45,16 @@ from selfsup.data import (
 )
 from selfsup.knn import extract_features, knn_accuracy
 from selfsup.model import MoCoEncoder, make_key_encoder, momentum_update, shuffle_batch
+from xbn_queue.training.checkpoint import check_compatible
+from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
+                                    check_two_classes)
+from xbn_queue.training.config import config_to_dict
+from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, RunState, amp_dtype, autocast,
+                                     broadcast_buffers,
+                                     with_output_dir, wrap_ddp)
+from xbn_queue.training.rng import get_rng_state, set_rng_state
+from xbn_queue.training.seeding import seed_everything
+from xbn_queue.training.tracking import plot_history
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +67,8 @@ DEFAULT_RUNS = "runs/selfsup"
 CHECKPOINT_KEYS = ("config", "epoch", "step_in_epoch", "global_step", "encoder_q", "encoder_k", "criterion",
                    "optimizer", "scheduler", "rng")
 
-
-class NonFiniteError(RuntimeError):
-    """A non-finite loss or embedding; the message names the step and the checkpoint that was kept."""
+__all__ = ["Trainer", "SelfSupState", "train", "NonFiniteError", "build_criterion", "criterion_queue", "check_data",
+           "recipe_summary", "default_output_dir"]
 
 
 def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.Module:
@@ -119,11 +129,7 @@ def default_output_dir(cfg: SelfSupConfig) -> SelfSupConfig:
     Raises:
         UsageError: a bare ``--resume`` without ``--output-dir``.
     """
-    from xbn_queue.training.cli import choose_output_dir
-
-    if cfg.output_dir:
-        return cfg
-    return replace(cfg, output_dir=choose_output_dir(None, cfg.resume, DEFAULT_RUNS, cfg.dataset, cfg.adaptation))
+    return with_output_dir(cfg, DEFAULT_RUNS, cfg.dataset, cfg.adaptation)
 
 
 def recipe_summary(cfg: SelfSupConfig, world_size: int = 1, steps_per_epoch: int = 0) -> str:
@@ -151,12 +157,8 @@ def check_data(cfg: SelfSupConfig, data: ImageData, world_size: int = 1) -> None
     Raises:
         UsageError: fewer than two training classes, or a queue larger than the training set.
     """
-    from xbn_queue.training.cli import UsageError
-
     where = f"--dataset {cfg.dataset} --data-root {cfg.data_root}"
-    n_classes = len(np.unique(data.train_labels))
-    if n_classes < 2:
-        raise UsageError(f"{where}: the training split has {n_classes} class(es); the k-NN monitor needs at least 2")
+    check_two_classes(data.train_labels, where, "the k-NN monitor needs at least 2")
     if cfg.queue_size > len(data.train_images):
         raise UsageError(f"--queue-size {cfg.queue_size}: larger than the {len(data.train_images)} training images "
                          f"(the queue would hold the same images several times); expected at most {len(data.train_images)}")
@@ -169,183 +171,152 @@ def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all().item())
 
 
-class Trainer:
-    """Holds the state of one MoCo run; :meth:`fit` trains, checkpoints and logs.
+@dataclasses.dataclass
+class SelfSupState(RunState):
+    """The MoCo run's position, the open epoch's loss sums, the last k-NN accuracy.
+
+    Attributes:
+        record_pending: a signal stopped the run after the last step of an epoch (or of the run),
+            before its epoch record; the resumed run writes the record first.
+    """
+
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    last_knn: Optional[float] = None
+    record_pending: bool = False
+
+    def next_epoch(self) -> None:
+        super().next_epoch()
+        self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+
+
+class Trainer(RunLoop):
+    """One MoCo run on the shared loop; checks and builds on construction, :meth:`fit` trains.
 
     Args:
         cfg: the run's configuration.
         data: an already loaded dataset (e.g. shared by ``compare``); loaded from ``cfg`` when ``None``.
+        callbacks: hooks into the run (:class:`xbn_queue.training.loop.Callback`).
     """
 
-    def __init__(self, cfg: SelfSupConfig, data: Optional[ImageData] = None) -> None:
-        from xbn_queue.training.cli import UsageError, check_memory_fits, check_output_dir
-        from xbn_queue.training.distributed import init_distributed
-        from xbn_queue.training.seeding import seed_everything
+    prog = PROG
+    checkpoint_keys = CHECKPOINT_KEYS
 
+    def __init__(self, cfg: SelfSupConfig, data: Optional[ImageData] = None, callbacks: Iterable[Callback] = ()) -> None:
         cfg.validate()
         cfg = default_output_dir(cfg)
-        # --knn-features unset: head for a new run; a resumed run takes its checkpoint's (load_checkpoint)
+        # --knn-features unset: head for a new run; a resumed run takes its checkpoint's (check_checkpoint)
         self.knn_features_given = cfg.knn_features is not None
-        cfg = replace(cfg, knn_features=cfg.knn_features or DEFAULT_KNN_FEATURES)
-        self.cfg = cfg
-        self.out = Path(cfg.output_dir)
-        # checks: nothing is written before all of them (options, folder, data, checkpoint) have passed
+        super().__init__(replace(cfg, knn_features=cfg.knn_features or DEFAULT_KNN_FEATURES), callbacks)
+        self.state: SelfSupState = SelfSupState()
+        self.data = data
+        self.setup()
+
+    # ------------------------------------------------------------------------- check and build
+    def check(self) -> None:
+        """Options, run folder, queue size, data; nothing is written."""
+        cfg, world = self.cfg, self.ctx.world_size
         check_output_dir(self.out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        self.ctx = init_distributed(cfg.device)
-        self.device = self.ctx.device
         check_memory_fits("--queue-size", cfg.queue_size, cfg.queue_size, cfg.embedding_dim, self.device)
         seed_everything(cfg.seed)
-        if cfg.queue_size < cfg.batch_size * self.ctx.world_size:
-            raise UsageError(
-                f"--queue-size {cfg.queue_size}: expected at least one global batch "
-                f"({cfg.batch_size} x {self.ctx.world_size} processes)"
-            )
-        self.data = data if data is not None else load_dataset(
-            cfg.dataset,
-            cfg.data_root,
-            download=cfg.download,
-            image_size=cfg.image_size,
-            skip_bad_images=cfg.skip_bad_images,
-            train_subset=cfg.train_subset,
-            test_subset=cfg.test_subset,
-        )
-        check_data(cfg, self.data, self.ctx.world_size)
-        self.on_gpu = self.device.type == "cuda"
+        check_memory_holds_a_batch("--queue-size", cfg.queue_size, cfg.queue_size, cfg.batch_size, world)
+        if self.data is None:
+            self.data = load_dataset(cfg.dataset, cfg.data_root, download=cfg.download, image_size=cfg.image_size,
+                                     skip_bad_images=cfg.skip_bad_images, train_subset=cfg.train_subset,
+                                     test_subset=cfg.test_subset)
+        check_data(cfg, self.data, world)
+
+    def build(self) -> None:
+        """Images as uint8 tensors, sampler, encoders, loss (the queue inside), optimiser, schedule, views."""
+        cfg, device = self.cfg, self.device
+        self.on_gpu = device.type == "cuda"
         if self.on_gpu:
             torch.backends.cudnn.benchmark = True
         self.amp = cfg.amp and self.on_gpu
-        self.amp_dtype = torch.bfloat16 if (self.on_gpu and torch.cuda.is_bf16_supported()) else torch.float16
+        self.amp_dtype = amp_dtype(device)
         self.memory_format = torch.channels_last if (cfg.channels_last and self.on_gpu) else torch.contiguous_format
-
         # images as one uint8 tensor (N, 3, S, S); on the GPU when augmenting there
         train_u8 = torch.from_numpy(self.data.train_images).permute(0, 3, 1, 2).contiguous()
-        self.train_u8 = train_u8.to(self.device) if (cfg.gpu_augment and self.on_gpu) else train_u8
+        self.train_u8 = train_u8.to(device) if (cfg.gpu_augment and self.on_gpu) else train_u8
         self.eval_train_u8 = self.train_u8
         self.test_u8 = torch.from_numpy(self.data.test_images).permute(0, 3, 1, 2).contiguous()
-        bank_idx = stratified_subset(self.data.train_labels, cfg.knn_bank_subset)
-        self.knn_bank_idx = torch.from_numpy(bank_idx)
+        self.knn_bank_idx = torch.from_numpy(stratified_subset(self.data.train_labels, cfg.knn_bank_subset))
         self.sampler = EpochBatches(len(self.train_u8), cfg.batch_size, cfg.seed, self.ctx.rank, self.ctx.world_size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_epochs = cfg.epochs
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.build_model()
+        self.tensor_aug = TensorMoCoAugment(size=cfg.image_size, scale=(cfg.crop_min_scale, 1.0))
+        self.pil_dataset = TwoViewDataset(self.data.train_images, pil_train_transform(cfg.image_size, cfg.crop_min_scale),
+                                          cfg.seed)
+        self.last_loss = float("nan")
 
-        # model, loss (with our bank inside), optimizer
+    def build_model(self) -> None:
+        """Query and key encoders, the loss with the queue, SGD with a per-step cosine schedule, AMP scaler."""
+        cfg, device = self.cfg, self.device
         self.encoder_q = MoCoEncoder(cfg.backbone, cfg.head, cfg.embedding_dim, cfg.width, cfg.split_bn)
-        self.encoder_q.to(self.device, memory_format=self.memory_format)
+        self.encoder_q.to(device, memory_format=self.memory_format)
         self.encoder_k = make_key_encoder(self.encoder_q)
-        self.criterion = build_criterion(cfg, distributed=self.ctx.is_distributed).to(self.device)
-        self.model_q: torch.nn.Module = self.encoder_q
-        if self.ctx.is_distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model_q = DDP(self.encoder_q, device_ids=[self.device.index] if self.on_gpu else None)
-        self.optimizer = torch.optim.SGD(
-            self.encoder_q.parameters(), lr=cfg.effective_lr(self.ctx.world_size), momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay
-        )
+        self.criterion = build_criterion(cfg, distributed=self.ctx.is_distributed).to(device)
+        self.model_q = wrap_ddp(self.encoder_q, self.ctx)
+        self.optimizer = torch.optim.SGD(self.encoder_q.parameters(), lr=cfg.effective_lr(self.ctx.world_size),
+                                         momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
         # cosine over the whole run (per step), as PML's example does per epoch
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=max(1, cfg.epochs * self.steps_per_epoch)
-        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
+                                                                    T_max=max(1, cfg.epochs * self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
 
-        self.tensor_aug = TensorMoCoAugment(size=cfg.image_size, scale=(cfg.crop_min_scale, 1.0))
-        self.pil_dataset = TwoViewDataset(
-            self.data.train_images, pil_train_transform(cfg.image_size, cfg.crop_min_scale), cfg.seed
-        )
-        # position: the next step to run is step `step_in_epoch` of epoch `epoch` (0-based)
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.global_step = 0
-        self.epoch_loss_sum = 0.0
-        self.epoch_loss_count = 0
-        self.last_knn: Optional[float] = None
-        self.record_pending = False  # a signal stopped the run after a step, before its epoch record
-        self.last_checkpoint: Optional[Path] = None
+    def recipe(self) -> str:
+        return recipe_summary(self.cfg, self.ctx.world_size, self.steps_per_epoch)
 
-    # ------------------------------------------------------------------------------------------
-    # checkpoints
+    # ---------------------------------------------------------------------------- checkpoints
+    def finished(self) -> bool:
+        st = self.state
+        return not (st.epoch < self.cfg.epochs and (st.global_step < self.total_steps or st.record_pending))
 
-    def state_dict(self) -> Dict[str, Any]:
-        from xbn_queue.training.config import config_to_dict
-        from xbn_queue.training.rng import get_rng_state
+    def checkpoint_state(self) -> Dict[str, Any]:
+        st = self.state
+        return {"config": config_to_dict(self.cfg), "epoch": st.epoch, "step_in_epoch": st.step_in_epoch,
+                "global_step": st.global_step, "epoch_loss_sum": st.epoch_loss_sum,
+                "epoch_loss_count": st.epoch_loss_count, "last_knn": st.last_knn, "record_pending": st.record_pending,
+                "encoder_q": self.encoder_q.state_dict(), "encoder_k": self.encoder_k.state_dict(),
+                "criterion": self.criterion.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": get_rng_state(),
+                "world_size": self.ctx.world_size}
 
-        return {
-            "config": config_to_dict(self.cfg),
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "epoch_loss_sum": self.epoch_loss_sum,
-            "epoch_loss_count": self.epoch_loss_count,
-            "last_knn": self.last_knn,
-            "record_pending": self.record_pending,
-            "encoder_q": self.encoder_q.state_dict(),
-            "encoder_k": self.encoder_k.state_dict(),
-            "criterion": self.criterion.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": get_rng_state(),
-            "world_size": self.ctx.world_size,
-        }
+    def check_checkpoint(self, ckpt: Dict[str, Any], path: Path) -> None:
+        """Refuses another configuration; without ``--knn-features`` the run takes the checkpoint's.
 
-    def save_checkpoint(self) -> Optional[Path]:
-        """Atomically writes ``last.pt`` (rank 0 only)."""
-        from xbn_queue.training.checkpoint import atomic_save
-
-        if self.ctx.is_main:
-            self.last_checkpoint = atomic_save(self.state_dict(), self.out / CHECKPOINT_NAME)
-        self.ctx.barrier()
-        return self.last_checkpoint
-
-    def load_checkpoint(self, path: Path) -> None:
-        """Restores everything from ``path``.
-
-        Without an explicit ``--knn-features`` the run takes the checkpoint's (``backbone`` for a
-        checkpoint written before the option existed), so ``knn_acc`` keeps its meaning across the resume.
+        A checkpoint written before the option existed counts as ``backbone``, so ``knn_acc`` keeps its
+        meaning across the resume.
 
         Raises:
             ValueError: when the checkpoint's configuration differs on a key of ``COMPAT_KEYS``.
         """
-        from xbn_queue.training.checkpoint import check_compatible, load_checkpoint
-        from xbn_queue.training.config import config_to_dict
-        from xbn_queue.training.rng import set_rng_state
-
-        ckpt = load_checkpoint(path, map_location="cpu", kind=PROG, required_keys=CHECKPOINT_KEYS)
         saved_cfg = {**COMPAT_DEFAULTS, **ckpt["config"]}  # keys a checkpoint from before the option lacks
         if not self.knn_features_given:
             self.cfg = replace(self.cfg, knn_features=saved_cfg["knn_features"])
         check_compatible(saved_cfg, config_to_dict(self.cfg), COMPAT_KEYS, source=path)
         if ckpt.get("world_size", 1) != self.ctx.world_size:
-            log.warning(
-                "checkpoint was written with %s processes, resuming with %s: the sampling order changes from here on",
-                ckpt.get("world_size", 1),
-                self.ctx.world_size,
-            )
-        try:
-            self.encoder_q.load_state_dict(ckpt["encoder_q"])
-            self.encoder_k.load_state_dict(ckpt["encoder_k"])
-            self.criterion.load_state_dict(ckpt["criterion"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as err:
-            from xbn_queue.training.checkpoint import CheckpointError
-            from xbn_queue.training.cli import one_line
+            log.warning("checkpoint was written with %s processes, resuming with %s: the sampling order changes "
+                        "from here on", ckpt.get("world_size", 1), self.ctx.world_size)
 
-            raise CheckpointError(f"{path} is not a readable {PROG} checkpoint (the state does not load: "
-                                  f"{one_line(err)[:160]})") from None
+    def load_state(self, ckpt: Dict[str, Any]) -> None:
+        self.encoder_q.load_state_dict(ckpt["encoder_q"])
+        self.encoder_k.load_state_dict(ckpt["encoder_k"])
+        self.criterion.load_state_dict(ckpt["criterion"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        self.epoch = int(ckpt["epoch"])
-        self.step_in_epoch = int(ckpt["step_in_epoch"])
-        self.global_step = int(ckpt["global_step"])
-        self.epoch_loss_sum = float(ckpt["epoch_loss_sum"])
-        self.epoch_loss_count = int(ckpt["epoch_loss_count"])
-        self.last_knn = ckpt.get("last_knn")
-        self.record_pending = bool(ckpt.get("record_pending", False))
-        self.last_checkpoint = Path(path)
+        self.state = SelfSupState(epoch=int(ckpt["epoch"]), step_in_epoch=int(ckpt["step_in_epoch"]),
+                                  global_step=int(ckpt["global_step"]), epoch_loss_sum=float(ckpt["epoch_loss_sum"]),
+                                  epoch_loss_count=int(ckpt["epoch_loss_count"]), last_knn=ckpt.get("last_knn"),
+                                  record_pending=bool(ckpt.get("record_pending", False)))
 
     # ------------------------------------------------------------------------------------------
     # k-NN monitor
@@ -366,12 +337,7 @@ class Trainer:
         was_training = enc.training
         enc.eval()
         rank, world = self.ctx.rank, self.ctx.world_size
-        if world > 1:
-            # DDP broadcasts rank 0's batch-norm statistics at the start of each forward, so after the
-            # last training forward every rank has updated them with its own batch: evaluate rank 0's
-            # model (the one checkpointed) on every rank.
-            for buf in enc.buffers():
-                torch.distributed.broadcast(buf, src=0)
+        broadcast_buffers(enc, self.ctx)  # evaluate rank 0's model (the one checkpointed) on every rank
 
         def both(x: Tensor) -> Tensor:
             f = enc.features(x)  # (b, F) backbone features
@@ -380,7 +346,7 @@ class Trainer:
 
         def features(images: Tensor, idx: Tensor) -> Tensor:
             mine = idx[rank::world]
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            with autocast(self.amp, self.device):
                 f = extract_features(both, images, self.cfg.knn_batch_size, self.device, self._prepare, mine, normalize=False)
             if world > 1:  # gather every rank's share and restore the original order
                 f = self.ctx.gather_features(f)
@@ -414,7 +380,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # training
 
-    def _views(self, epoch: int, step: int, idx: Tensor, batch: Optional[tuple]) -> tuple:
+    def views(self, epoch: int, step: int, idx: Tensor, batch: Optional[tuple]) -> tuple:
         """Two augmented views ``(B, 3, S, S)`` of the batch and the generator for the key shuffle."""
         g = _step_generator(self.cfg.seed, epoch, step, self.ctx.rank, 1)
         if batch is None:  # tensor pipeline on the training device
@@ -429,7 +395,7 @@ class Trainer:
         x1 = x1.contiguous(memory_format=self.memory_format)
         return x0, x1, g
 
-    def train_step(self, x0: Tensor, x1: Tensor, g: torch.Generator) -> Tensor:
+    def moco_step(self, x0: Tensor, x1: Tensor, g: torch.Generator) -> Tensor:
         """One MoCo step; returns the (detached) loss.
 
         Raises:
@@ -438,19 +404,19 @@ class Trainer:
         """
         self.model_q.train()
         self.encoder_k.train()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+        with autocast(self.amp, self.device):
             q = self.model_q(x0)  # (B, D) queries
         with torch.no_grad():
             momentum_update(self.encoder_q, self.encoder_k, self.cfg.momentum)
             x1s, unshuffle = shuffle_batch(x1, g)  # shuffle-BN: keys normalized with other groups
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            with autocast(self.amp, self.device):
                 k = self.encoder_k(x1s)[unshuffle]  # (B, D) keys in the original order
         q, k = q.float(), k.float()
         if not (_finite(q) and _finite(k)):
-            raise self._non_finite("embedding")
+            raise self.non_finite("embedding")
         loss = self.criterion(q, k)  # adapt the queue to k, negatives, enqueue k (order by --adapt-keys)
         if not _finite(loss):
-            raise self._non_finite("loss")
+            raise self.non_finite("loss")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -458,15 +424,10 @@ class Trainer:
         self.scheduler.step()
         return loss.detach()
 
-    def _non_finite(self, what: str) -> NonFiniteError:
-        ckpt = f"the last good checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint else "no checkpoint had been written yet"
-        return NonFiniteError(
-            f"non-finite {what} at step {self.global_step + 1} (epoch {self.epoch + 1}, step {self.step_in_epoch + 1} of "
-            f"{self.steps_per_epoch}); stopping: {ckpt} and the queue holds no NaN/Inf. Lower --lr or check the input data."
-        )
-
-    def _batches(self, epoch: int, start: int):
-        rows = self.sampler.batches(epoch)[start:][: max(0, self.total_steps - self.global_step)]
+    def batches(self) -> Iterator[Tuple[Tensor, Optional[tuple]]]:
+        """``(sample indices, None)`` per step on the tensor pipeline, ``(indices, PIL views)`` otherwise."""
+        epoch, start = self.state.epoch, self.state.step_in_epoch
+        rows = self.sampler.batches(epoch)[start:][: max(0, self.total_steps - self.state.global_step)]
         if self.cfg.gpu_augment:
             for row in rows:
                 yield row, None
@@ -475,187 +436,85 @@ class Trainer:
             for row, batch in zip(rows, loader):
                 yield row, batch
 
-    def fit(self) -> Dict[str, Any]:
-        """Trains until ``epochs`` (or ``max_steps``), resuming first if asked.
+    def train_step(self, batch: Tuple[Tensor, Optional[tuple]]) -> float:
+        """Two views of the batch, one MoCo step, the epoch's loss sums; returns the loss."""
+        idx, pil_views = batch
+        x0, x1, g = self.views(self.state.epoch, self.state.step_in_epoch, idx, pil_views)
+        loss = self.moco_step(x0, x1, g).item()
+        self.state.epoch_loss_sum += loss
+        self.state.epoch_loss_count += 1
+        return loss
 
-        Returns:
-            A summary: ``knn_acc`` (last k-NN accuracy), ``loss`` (last epoch mean), ``global_step``,
-            ``stopped`` (True when a signal stopped the run), ``signal`` (its number), ``output_dir``,
-            and ``already_complete`` when ``--resume`` found a finished run (nothing is trained or written).
-        """
-        from xbn_queue.training.checkpoint import resolve_resume
-        from xbn_queue.training.config import config_to_dict, save_config
-        from xbn_queue.training.progress import progress
-        from xbn_queue.training.signals import GracefulExit
-        from xbn_queue.training.tracking import RunLogger, plot_history
+    def after_step(self, loss: float) -> None:
+        """A step record every ``--log-every`` steps (the loss averaged over ranks)."""
+        st, every = self.state, self.cfg.log_every
+        if every > 0 and st.global_step % every == 0:
+            mean_loss = self.ctx.all_reduce_mean(loss)
+            self.log({"epoch": st.epoch + st.step_in_epoch / self.steps_per_epoch, "loss": mean_loss,
+                      "step_loss": mean_loss,  # only on step records (for the plot)
+                      "lr": self.optimizer.param_groups[0]["lr"]})
 
-        from xbn_queue.training.cli import prepare_output_dir
+    def stop_after_step(self, end_of_epoch: bool) -> Reason:
+        """A signal stops at once (the epoch record then waits for the resume); ``--max-steps`` inside an epoch."""
+        done = self.state.global_step >= self.total_steps
+        if self.stop_requested():
+            self.state.record_pending = end_of_epoch or done
+            return "signal"
+        return "max_steps" if done and not end_of_epoch else None
 
-        cfg = self.cfg
-        resume_path = resolve_resume(cfg.resume, self.out) if cfg.resume else None
-        if resume_path is not None:
-            self.load_checkpoint(resume_path)
-            if self.global_step >= self.total_steps and not self.record_pending:
-                if self.ctx.is_main:
-                    print(f"[{PROG}] {self.out} is already complete (epoch {self.epoch} of {cfg.epochs}, step "
-                          f"{self.global_step}): nothing to train", file=sys.stderr, flush=True)
-                return {"knn_acc": self.last_knn, "loss": float("nan"), "global_step": self.global_step,
-                        "stopped": False, "signal": None, "output_dir": str(self.out), "already_complete": True}
-        elif cfg.resume and self.ctx.is_main:
-            print(f"[{PROG}] --resume: no checkpoint in {self.out}, starting a new run", file=sys.stderr)
-        cfg = self.cfg  # resolved by the checkpoint (--knn-features)
-        # every check passed: from here on the run folder is written
-        self.ctx.barrier()  # every rank has checked the folder before rank 0 creates anything in it
-        if self.ctx.is_main:
-            prepare_output_dir(self.out, overwrite=cfg.overwrite and resume_path is None)
-            save_config(cfg, self.out / "config.yaml")
-            print(f"[{PROG}] run folder: {self.out}", file=sys.stderr, flush=True)
-            print(f"[{PROG}] {recipe_summary(cfg, self.ctx.world_size, self.steps_per_epoch)}", file=sys.stderr,
-                  flush=True)
-            if resume_path is not None:
-                print(f"[{PROG}] resumed from {resume_path} at epoch {self.epoch + 1}, step {self.global_step}",
-                      file=sys.stderr, flush=True)
-        self.ctx.barrier()
-        logger = RunLogger(
-            self.out,
-            config_to_dict(cfg),
-            project=cfg.wandb_project or "xbn-selfsup",
-            mode=cfg.wandb_mode,
-            enabled=self.ctx.is_main,
-            name=cfg.wandb_name or self.out.name,
-            resume_step=self.global_step if resume_path is not None else None,
-        )
-        bad_images = len(self.data.bad_images)
-        stopped = False
-        signum: Optional[int] = None
-        last_epoch_loss = float("nan")
-        try:
-            with GracefulExit(enabled=True, verbose=self.ctx.is_main) as stop:
-                while self.epoch < cfg.epochs and (self.global_step < self.total_steps or self.record_pending):
-                    epoch = self.epoch
-                    t0 = time.perf_counter()
-                    steps_run = 0
-                    bar = progress(
-                        self._batches(epoch, self.step_in_epoch),
-                        total=self.steps_per_epoch - self.step_in_epoch,
-                        desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                        enabled=cfg.progress,
-                        leave=False,
-                    )
-                    for idx, batch in bar:
-                        x0, x1, g = self._views(epoch, self.step_in_epoch, idx, batch)
-                        loss = self.train_step(x0, x1, g)
-                        self.global_step += 1
-                        self.step_in_epoch += 1
-                        steps_run += 1
-                        loss_value = loss.item()
-                        self.epoch_loss_sum += loss_value
-                        self.epoch_loss_count += 1
-                        if cfg.log_every > 0 and self.global_step % cfg.log_every == 0:
-                            mean_loss = self.ctx.all_reduce_mean(loss_value)
-                            logger.log(
-                                {
-                                    "epoch": epoch + self.step_in_epoch / self.steps_per_epoch,
-                                    "loss": mean_loss,
-                                    "step_loss": mean_loss,  # only on step records (for the plot)
-                                    "lr": self.optimizer.param_groups[0]["lr"],
-                                },
-                                step=self.global_step,
-                            )
-                            if hasattr(bar, "set_postfix"):
-                                bar.set_postfix(loss=f"{mean_loss:.4f}")
-                        end_of_epoch = self.step_in_epoch == self.steps_per_epoch
-                        done = self.global_step >= self.total_steps
-                        if self._stop_requested(stop):
-                            stopped = True
-                            signum = stop.signum or 15  # another rank's signal: SIGTERM (torchrun forwards it)
-                            break
-                        if done or end_of_epoch:
-                            break
-                        if cfg.checkpoint_every > 0 and self.global_step % cfg.checkpoint_every == 0:
-                            self.save_checkpoint()
-                    if hasattr(bar, "close"):
-                        bar.close()
-                    if stopped:
-                        self.record_pending = self.step_in_epoch == self.steps_per_epoch or self.global_step >= self.total_steps
-                        self.save_checkpoint()
-                        break
-                    self.record_pending = False
-                    epoch_time = time.perf_counter() - t0
-                    end_of_epoch = self.step_in_epoch == self.steps_per_epoch
-                    done = self.global_step >= self.total_steps
-                    knn_now = done or self.epoch + 1 == cfg.epochs or (
-                        end_of_epoch and cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0
-                    )
-                    record: Dict[str, Any] = {
-                        "epoch": epoch + self.step_in_epoch / self.steps_per_epoch,
-                        "loss": self.ctx.all_reduce_mean(self.epoch_loss_sum / max(1, self.epoch_loss_count)),
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "epoch_time_s": epoch_time,
-                        "images_per_s": steps_run * cfg.batch_size * self.ctx.world_size / max(epoch_time, 1e-9),
-                        "queue_fill": len(criterion_queue(self.criterion)),
-                    }
-                    record["epoch_loss"] = record["loss"]  # mean over the epoch (only on epoch records)
-                    if cfg.skip_bad_images:
-                        record["bad_images"] = bad_images
-                    if knn_now:
-                        accs = self.knn_eval_all()
-                        self.last_knn = accs[cfg.knn_features]
-                        record["knn_acc"] = self.last_knn
-                        record["knn_acc_backbone"], record["knn_acc_head"] = accs["backbone"], accs["head"]
-                    last_epoch_loss = record["loss"]
-                    if end_of_epoch:
-                        self.epoch += 1
-                        self.step_in_epoch = 0
-                        self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
-                    logger.log(record, step=self.global_step)
-                    if self.ctx.is_main:
-                        msg = f"epoch {record['epoch']:.2f} step {self.global_step}: loss {record['loss']:.4f}"
-                        if "knn_acc" in record:
-                            msg += f", k-NN {100 * record['knn_acc']:.2f}%"
-                        print(msg, file=sys.stderr, flush=True)
-                    self.save_checkpoint()
-                    if done:
-                        break
-        finally:
-            logger.finish()
-        if self.ctx.is_main and (self.out / "metrics.jsonl").is_file():
-            plot_history(
-                self.out / "metrics.jsonl",
-                self.out / PLOT_NAME,
-                panels=[("knn_acc",), ("step_loss", "epoch_loss")],
-                x="epoch",
-                title=f"MoCo {cfg.dataset}, adaptation={cfg.adaptation}",
-                percent=("knn_acc",),
-            )
-        if self.ctx.is_main:
-            state = "stopped by a signal" if stopped else "finished"
-            print(f"[{PROG}] {state} at step {self.global_step}; run folder: {self.out}", file=sys.stderr, flush=True)
-        return {
-            "knn_acc": self.last_knn,
-            "loss": last_epoch_loss,
-            "global_step": self.global_step,
-            "stopped": stopped,
-            "signal": signum,
-            "output_dir": str(self.out),
+    def end_epoch(self, reason: Reason) -> Reason:
+        """The epoch's record (k-NN accuracy when due, at the last epoch and at ``--max-steps``), the next epoch."""
+        st, cfg = self.state, self.cfg
+        st.record_pending = False
+        epoch_time = time.perf_counter() - self.epoch_started
+        end_of_epoch = st.step_in_epoch == self.steps_per_epoch
+        done = st.global_step >= self.total_steps
+        record: Dict[str, Any] = {
+            "epoch": st.epoch + st.step_in_epoch / self.steps_per_epoch,
+            "loss": self.ctx.all_reduce_mean(st.epoch_loss_sum / max(1, st.epoch_loss_count)),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_time_s": epoch_time,
+            "images_per_s": self.steps_this_epoch * cfg.batch_size * self.ctx.world_size / max(epoch_time, 1e-9),
+            "queue_fill": len(criterion_queue(self.criterion)),
         }
+        record["epoch_loss"] = record["loss"]  # mean over the epoch (only on epoch records)
+        if cfg.skip_bad_images:
+            record["bad_images"] = len(self.data.bad_images)
+        if done or st.epoch + 1 == cfg.epochs or (end_of_epoch and cfg.knn_every > 0 and (st.epoch + 1) % cfg.knn_every == 0):
+            accs = self.knn_eval_all()
+            st.last_knn = record["knn_acc"] = accs[cfg.knn_features]
+            record["knn_acc_backbone"], record["knn_acc_head"] = accs["backbone"], accs["head"]
+        self.last_loss = record["loss"]
+        if end_of_epoch:
+            st.next_epoch()
+        self.log(record)
+        if self.ctx.is_main:
+            knn = f", k-NN {100 * record['knn_acc']:.2f}%" if "knn_acc" in record else ""
+            print(f"epoch {record['epoch']:.2f} step {st.global_step}: loss {record['loss']:.4f}{knn}",
+                  file=sys.stderr, flush=True)
+        return "max_steps" if cfg.max_steps > 0 and st.global_step >= cfg.max_steps else reason
 
-    def _stop_requested(self, stop) -> bool:
-        flag = stop.requested
-        if self.ctx.is_distributed:  # every rank must stop at the same step
-            t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.ctx.backend == "nccl" else "cpu")
-            torch.distributed.all_reduce(t)
-            flag = bool(t.item() > 0)
-        return flag
+    # -------------------------------------------------------------------------------- summary
+    def plot(self) -> None:
+        if (self.out / "metrics.jsonl").is_file():
+            plot_history(self.out / "metrics.jsonl", self.out / PLOT_NAME, panels=[("knn_acc",), ("step_loss", "epoch_loss")],
+                         x="epoch", title=f"MoCo {self.cfg.dataset}, adaptation={self.cfg.adaptation}",
+                         percent=("knn_acc",))
 
-    def close(self) -> None:
-        self.ctx.cleanup()
+    def summary_values(self) -> Dict[str, Any]:
+        return {"knn_acc": self.state.last_knn, "loss": self.last_loss}
 
 
-def train(cfg: SelfSupConfig, data: Optional[ImageData] = None) -> Dict[str, Any]:
-    """Builds a :class:`Trainer`, runs it, and releases the process group."""
-    trainer = Trainer(cfg, data)
+def train(cfg: SelfSupConfig, data: Optional[ImageData] = None, callbacks: Iterable[Callback] = ()) -> Dict[str, Any]:
+    """Builds a :class:`Trainer`, runs it, and releases the process group.
+
+    Returns:
+        :class:`xbn_queue.training.loop.RunSummary` as a dictionary: ``output_dir``, ``global_step``,
+        ``stopped`` (``None`` | ``"signal"`` | ``"max_steps"``), ``signal``, ``seconds``,
+        ``already_complete``, ``knn_acc`` (the last k-NN accuracy), ``loss`` (the last epoch's mean).
+    """
+    trainer = Trainer(cfg, data, callbacks)
     try:
-        return trainer.fit()
+        return trainer.fit().to_dict()
     finally:
         trainer.close()

@@ -11,13 +11,16 @@ import time
 import pytest
 import torch
 
-from metric.train import DUMP_ENV, HANG_ENV, train
+from metric.train import train
 from xbn_queue.training.checkpoint import load_checkpoint
 from xbn_queue.training.tracking import read_metrics
 
 from tests.xbn_queue.training.test_trainer_cli import _run_many, snapshot
 
+from ._hooked_cli import HANG_LINE
 from .helpers import ROOT, env, run_cli, tiny_argv, tiny_cfg
+
+HOOKED = [sys.executable, str(ROOT / "tests" / "metric" / "_hooked_cli.py")]
 
 RUN = dict(method="axbn", epochs=2, checkpoint_every=3)  # 11 steps per epoch, 33 in all; AXBN: Kalman state too
 
@@ -31,14 +34,14 @@ def reference(tmp_path_factory):
 
 def start_and_wait_for_hang(out, step, extra=(), timeout=120, argv=None):
     argv = [*tiny_argv(out, **RUN), *extra] if argv is None else argv
-    proc = subprocess.Popen([sys.executable, "-m", "metric", *argv], cwd=ROOT,
-                            env=env(**{HANG_ENV: step}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*HOOKED, "--hang-after-step", str(step), "--", *argv], cwd=ROOT,
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
     lines = []
     while time.time() < deadline:
         line = proc.stderr.readline()
         lines.append(line)
-        if "test hook: checkpoint of step" in line:
+        if HANG_LINE in line:
             return proc
         if not line and proc.poll() is not None:
             break
@@ -113,8 +116,9 @@ def test_two_process_gloo_run_shares_the_memory(tmp_path):
     dump = tmp_path / "dump"
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "metric", *tiny_argv(out, method="xbn", device="cpu")]
-    res = subprocess.run(cmd, cwd=ROOT, env=env(**{DUMP_ENV: dump, "OMP_NUM_THREADS": 1}), capture_output=True,
+           "--master_port", str(_free_port()), HOOKED[1], "--dump-memory", str(dump), "--",
+           *tiny_argv(out, method="xbn", device="cpu")]
+    res = subprocess.run(cmd, cwd=ROOT, env=env(OMP_NUM_THREADS=1), capture_output=True,
                          text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = torch.load(dump / "queue_rank0.pt"), torch.load(dump / "queue_rank1.pt")
@@ -185,21 +189,39 @@ def test_sigint_during_compare_publishes_no_wrong_table_and_resume_completes_it(
 def test_jobs_two_equals_one_after_the_other_and_a_sigint_resumes(tmp_path):
     """compare --jobs 2: every run its own process; Ctrl-C stops both, --resume finishes them, same numbers as --jobs 1."""
     def argv(out, jobs):
-        return ["compare", *tiny_argv(out, warmup_epochs=0, checkpoint_every=4), "--methods", "xbm,xbn", "--seeds", "1",
-                "--jobs", str(jobs)]
+        return ["compare", *tiny_argv(out, warmup_epochs=0, epochs=3, checkpoint_every=4), "--methods", "xbm,xbn",
+                "--seeds", "1", "--jobs", str(jobs)]
 
     seq, par = tmp_path / "seq", tmp_path / "par"
     for method in ("xbm", "xbn"):  # the runs one after the other, in this process
-        train(tiny_cfg(seq / f"{method}-seed0", method=method, warmup_epochs=0, checkpoint_every=4))
-    proc = start_and_wait_for_hang(par, step=4, argv=argv(par, 2))  # both runs stop at step 4 of 11
+        train(tiny_cfg(seq / f"{method}-seed0", method=method, warmup_epochs=0, epochs=3, checkpoint_every=4))
+    # the children are plain `python -m metric train` processes: watch the run folders, then Ctrl-C the parent
+    proc = subprocess.Popen([sys.executable, "-m", "metric", *argv(par, 2)], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(par.glob("*-seed0/last.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "compare ended before any checkpoint"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "finish with: python -m metric compare" in err and "--jobs 2" in err and err.rstrip().endswith("--resume")
     assert (par / "compare.md").read_text().startswith("INCOMPLETE: 2 run(s)")
     steps = [load_checkpoint(p)["state"]["global_step"] for p in par.glob("*-seed0/last.pt")]  # a run still starting
-    assert steps and all(s < 11 for s in steps)  # up when the signal came has no checkpoint yet
+    assert steps and all(s < 33 for s in steps)  # up when the signal came has no checkpoint yet
     res = run_cli(argv(par, 2) + ["--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     for run in ("xbm-seed0", "xbn-seed0"):
         assert read_metrics(par / run / "metrics.jsonl") == read_metrics(seq / run / "metrics.jsonl")
+
+
+def test_a_checkpoint_written_by_version_0_2_resumes_bit_identically(tmp_path, reference):
+    # tests/metric/data/checkpoint-0.2: `train(tiny_cfg(out, max_steps=11, **RUN))` run by xbn-queue 0.2
+    # (the trainer before the shared run loop), stopped at the end of the warm-up epoch
+    import shutil
+
+    shutil.copytree(ROOT / "tests" / "metric" / "data" / "checkpoint-0.2", tmp_path, dirs_exist_ok=True)
+    assert load_checkpoint(tmp_path / "last.pt")["state"]["global_step"] == 11
+    res = train(tiny_cfg(tmp_path, resume="auto", **RUN))
+    assert res["stopped"] is None and res["global_step"] == 33
+    assert_same_run(reference, tmp_path)

@@ -146,7 +146,7 @@ def test_unreadable_image_stops_or_is_skipped_and_counted(tmp_path, capsys):
 
 
 def test_wandb_offline_logs_the_metrics(tmp_path, monkeypatch):
-    from xbn_queue.training.tracking import read_wandb_history
+    from tests.wandb_history import read_wandb_history
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -204,3 +204,31 @@ def test_real_formats_train_end_to_end(tmp_path, dataset, maker):
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
     expected_queries = {"sop": 15, "inshop": 4, "deepfashion2": 3}[dataset]
     assert recs[-1]["num_queries"] == expected_queries and 0.0 <= recs[-1]["recall@1"] <= recs[-1]["recall@2"] <= 1.0
+
+
+def test_callbacks_see_every_step_checkpoint_and_the_summary(tmp_path):
+    from xbn_queue.training.loop import Callback
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.steps, self.checkpoints, self.summaries = [], [], []
+
+        def on_step_end(self, loop):
+            self.steps.append((loop.state.epoch, loop.state.step_in_epoch, loop.state.global_step))
+
+        def on_checkpoint(self, loop, path):
+            assert path.is_file()  # written before the callback
+            self.checkpoints.append((path.name, loop.state.global_step))
+
+        def on_run_end(self, loop, summary):
+            self.summaries.append(summary)
+
+    rec = Recorder()
+    res = train(tiny_cfg(tmp_path, method="xbn", checkpoint_every=4), callbacks=[rec])  # 2 epochs of 11 steps
+    assert rec.steps == [(e, s, 11 * e + s) for e in (0, 1) for s in range(1, 12)]
+    last = [step for name, step in rec.checkpoints if name == "last.pt"]
+    assert last == [4, 8, 11, 12, 16, 20, 22]  # every 4th step inside an epoch, and each epoch's end
+    assert {name for name, _ in rec.checkpoints} == {"last.pt", "best.pt"}
+    (summary,) = rec.summaries
+    assert summary.to_dict() == res and res["global_step"] == 22 and res["stopped"] is None
+    assert res["best"]["recall@1"] == max(r["recall@1"] for r in read_metrics(tmp_path / "metrics.jsonl"))

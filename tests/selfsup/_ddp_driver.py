@@ -16,7 +16,7 @@ if __name__ == "__main__":
     cfg = parse_config(SelfSupConfig, sys.argv[1:])
     trainer = Trainer(cfg)
     try:
-        summary = trainer.fit()
+        summary = trainer.fit().to_dict()
         queue = criterion_queue(trainer.criterion).state_dict()
         torch.save({"queue": queue, "summary": summary, "world_size": trainer.ctx.world_size},
                    Path(cfg.output_dir) / f"queue_rank{trainer.ctx.rank}.pt")

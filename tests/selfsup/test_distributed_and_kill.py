@@ -59,7 +59,7 @@ def test_two_process_gloo_run_has_identical_queues_and_rank0_writes(tmp_path):
     # the gathered k-NN features give what one process computes from the same checkpoint
     single = Trainer(tiny_config(tmp_path / "single", batch_size=16, train_subset=128, epochs=1, adaptation="xbn",
                                  resume=str(out / "last.pt")))
-    single.load_checkpoint(out / "last.pt")
+    single.restore(out / "last.pt")
     assert single.knn_eval() == pytest.approx(knn, abs=1e-6)
 
 

@@ -29,14 +29,14 @@ def test_what_the_queue_stores_in_each_key_mode(tmp_path, adapt_keys):
     cfg = tiny_config(tmp_path, adapt_keys=adapt_keys, adaptation="none")
     trainer = Trainer(cfg)
     assert isinstance(trainer.criterion, RawKeyMoCoLoss) == (adapt_keys == "raw")
-    x0, x1, g = trainer._views(0, 0, trainer.sampler.batches(0)[0], None)
+    x0, x1, g = trainer.views(0, 0, trainer.sampler.batches(0)[0], None)
     # the step's keys, recomputed independently from a copy of the key encoder
     enc_k = copy.deepcopy(trainer.encoder_k)
     momentum_update(trainer.encoder_q, enc_k, cfg.momentum)
     x1s, unshuffle = shuffle_batch(x1, torch.Generator().set_state(g.get_state()))
     with torch.no_grad():
         keys = enc_k.train()(x1s)[unshuffle]  # (32, 128)
-    trainer.train_step(x0, x1, g)
+    trainer.moco_step(x0, x1, g)
     queue = criterion_queue(trainer.criterion)
     rows = (int(queue.ptr) - keys.shape[0] + torch.arange(keys.shape[0])) % queue.size  # (32,) just written
     stored = queue.embeddings[rows]  # (32, 128)

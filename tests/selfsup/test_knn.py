@@ -65,3 +65,15 @@ def test_extract_features_normalizes_and_respects_indices():
     idx = torch.tensor([7, 2, 5])
     f = extract_features(encode, images, batch_size=2, device=torch.device("cpu"), prepare=prepare, indices=idx)
     torch.testing.assert_close(f, F.normalize(images[idx].float().flatten(1)[:, :5], dim=1))
+
+
+def test_knn_is_lightlys_and_matches_the_float64_reference_on_a_larger_bank():
+    from lightly.utils.benchmarking import knn_predict as lightly_knn_predict
+
+    g = torch.Generator().manual_seed(3)
+    bank = F.normalize(torch.randn(400, 16, generator=g), dim=1)
+    labels = torch.randint(0, 10, (400,), generator=g)
+    queries = F.normalize(torch.randn(60, 16, generator=g), dim=1)
+    ours = knn_predict(queries, bank, labels, 10, k=50, t=0.07, max_elements=400 * 7)  # ragged chunks
+    torch.testing.assert_close(ours, lightly_knn_predict(queries, bank.t(), labels, 10, knn_k=50, knn_t=0.07)[:, 0])
+    torch.testing.assert_close(ours, reference_knn(queries, bank, labels, 10, 50, 0.07))

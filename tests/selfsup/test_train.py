@@ -92,8 +92,8 @@ def test_bank_inside_the_lightly_loss_is_ours_and_holds_the_adapted_keys(tmp_pat
 
     bank.forward = spy
     idx = trainer.sampler.batches(0)[2]
-    x0, x1, g = trainer._views(0, 2, idx, None)
-    loss = trainer.train_step(x0, x1, g)
+    x0, x1, g = trainer.views(0, 2, idx, None)
+    loss = trainer.moco_step(x0, x1, g)
     del bank.forward
 
     k = F.normalize(seen["keys"].double(), dim=1)  # lightly normalizes keys before the bank sees them
@@ -110,15 +110,15 @@ def test_bank_inside_the_lightly_loss_is_ours_and_holds_the_adapted_keys(tmp_pat
 
 def test_non_finite_embedding_stops_naming_the_step_and_keeps_a_clean_checkpoint(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, adaptation="xbn", checkpoint_every=1, max_steps=6))
-    views = trainer._views
+    views = trainer.views
 
     def poisoned(epoch, step, idx, batch):
         x0, x1, g = views(epoch, step, idx, batch)
-        if trainer.global_step == 2:
+        if trainer.state.global_step == 2:
             x1 = x1 * float("nan")
         return x0, x1, g
 
-    trainer._views = poisoned
+    trainer.views = poisoned
     before = None
     with pytest.raises(NonFiniteError, match=r"non-finite embedding at step 3 .*last good checkpoint .*last.pt is kept"):
         try:
@@ -148,7 +148,7 @@ def test_pil_pipeline_is_reproducible_with_workers(tmp_path):
 
 def test_wandb_offline_run_logs_the_metrics(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from xbn_queue.training.tracking import read_wandb_history
+    from tests.wandb_history import read_wandb_history
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(tiny_config(tmp_path, max_steps=2, wandb_mode="offline", wandb_project="xbn-selfsup-test"))
@@ -193,8 +193,8 @@ def test_every_adaptation_starts_from_the_same_empty_memory(tmp_path, adapt_keys
         queue = criterion_queue(trainer.criterion)
         start = {k: v.clone() for k, v in queue.state_dict().items() if k in ("memory", "ptr", "num_filled")}
         rng = torch.get_rng_state()
-        x0, x1, g = trainer._views(0, 0, trainer.sampler.batches(0)[0], None)
-        loss = trainer.train_step(x0, x1, g)
+        x0, x1, g = trainer.views(0, 0, trainer.sampler.batches(0)[0], None)
+        loss = trainer.moco_step(x0, x1, g)
         arms[adaptation] = (start, rng, len(queue), loss, queue.embeddings)
     ref_start, ref_rng, ref_fill, ref_loss, ref_rows = arms["none"]
     assert int(ref_start["num_filled"]) == 0 and int(ref_start["ptr"]) == 0
@@ -218,7 +218,7 @@ def test_a_run_started_with_random_rows_resumes_with_its_memory(tmp_path):
     ckpt["criterion"]["memory_bank.queue.num_filled"].fill_(96)
     torch.save(ckpt, tmp_path / "last.pt")
     trainer = Trainer(replace(cfg, max_steps=0, resume="auto"))
-    trainer.load_checkpoint(tmp_path / "last.pt")
+    trainer.restore(tmp_path / "last.pt")
     queue = criterion_queue(trainer.criterion)
     assert len(queue) == 96 and int(queue.ptr) == 32
     torch.testing.assert_close(queue.embeddings, rows, rtol=0, atol=0)

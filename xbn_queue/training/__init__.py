@@ -4,6 +4,9 @@ Small, independent modules; none of them is imported by ``xbn_queue`` itself, an
 they use (PyYAML, NumPy, tqdm, matplotlib, wandb) are imported only when needed, with an ``ImportError``
 that names the extra to install (``pip install "xbn-queue[train]"`` or ``"xbn-queue[wandb]"``).
 
+- :mod:`~xbn_queue.training.loop`: ``RunLoop`` (the run both trainers share, in named steps), ``RunState``,
+  ``RunSummary``, ``Callback`` (``on_step_end``, ``on_checkpoint``, ``on_run_end``), ``NonFiniteError``.
+- :mod:`~xbn_queue.training.images`: ``IMAGE_EXTENSIONS``, ``BadImageError``, ``digits_uint8``.
 - :mod:`~xbn_queue.training.config`: dataclass <-> command line / YAML (``parse_config``, ``save_config``,
   ``load_config``, ``config_to_dict``, ``build_parser``).
 - :mod:`~xbn_queue.training.checkpoint`: ``atomic_save``, ``load_checkpoint``, ``resolve_resume``,
@@ -44,8 +47,8 @@ _EXPORTS = {
     "get_rng_state": "rng", "set_rng_state": "rng",
     "seed_everything": "seeding", "resolve_device": "seeding",
     "GracefulExit": "signals",
+    "RunLoop": "loop", "RunState": "loop", "RunSummary": "loop", "Callback": "loop", "NonFiniteError": "loop",
     "RunLogger": "tracking", "plot_history": "tracking", "plot_compare": "tracking", "read_metrics": "tracking",
-    "read_wandb_history": "tracking",
 }
 
 __all__ = sorted(_EXPORTS)

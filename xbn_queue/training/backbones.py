@@ -10,18 +10,23 @@
 * :class:`Conv4`: the Conv-4 network of the few-shot and metric-learning literature (matching /
   prototypical networks): four blocks of [3x3 conv, BatchNorm, ReLU, 2x2 max-pool], flattened (not
   globally pooled, so the spatial layout survives). ``xbn-metric --backbone conv4``.
+* :class:`TinyCNN`: three conv blocks and global pooling for tiny images (the ``digits`` demo, tests).
 
 Every backbone maps ``(B, 3, H, W)`` images to ``(B, num_features)`` features.
+
+When timm is installed, importing this module registers the three with timm's model registry, so that
+``timm.create_model("conv4", width=32, image_size=28)`` (and ``"cifar_resnet18"``, ``"tinycnn"``)
+builds them like any timm model (without pretrained weights).
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Type, Union
+from typing import Any, Callable, List, Optional, Type, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BasicBlock", "Bottleneck", "CifarResNet", "Conv4", "CIFAR_RESNET_ARCHS"]
+__all__ = ["BasicBlock", "Bottleneck", "CifarResNet", "Conv4", "TinyCNN", "CIFAR_RESNET_ARCHS"]
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -196,3 +201,64 @@ class Conv4(nn.Module):
         """``(B, 3, H, W)`` -> ``(B, width * (H // 16) * (W // 16))``."""
         f = self.features(x)  # (B, w, H // 16, W // 16)
         return torch.flatten(f, 1)
+
+
+class TinyCNN(nn.Module):
+    """A small CNN for tiny images (the ``digits`` demo and the tests): 3 conv blocks, global pooling.
+
+    Args:
+        width: channels of the first block (doubled per block).
+
+    Attributes:
+        num_features: output feature size (4 * width).
+    """
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        w = int(width)
+        layers: List[nn.Module] = []
+        c_in = 3
+        for c_out, stride in ((w, 1), (2 * w, 2), (4 * w, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.num_features = 4 * w
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, num_features)."""
+        return self.features(x).mean(dim=(2, 3))
+
+
+# ------------------------------------------------------------------------------- timm's registry
+def _no_weights(name: str, pretrained: bool) -> None:
+    if pretrained:
+        raise ValueError(f"backbone {name!r} has no pretrained weights")
+
+
+def tinycnn(pretrained: bool = False, width: int = 16, **_: Any) -> TinyCNN:
+    """timm entry point of :class:`TinyCNN` (timm's own keyword arguments, e.g. ``num_classes``, are ignored)."""
+    _no_weights("tinycnn", pretrained)
+    return TinyCNN(width)
+
+
+def conv4(pretrained: bool = False, width: int = 64, image_size: int = 84, **_: Any) -> Conv4:
+    """timm entry point of :class:`Conv4` (timm's own keyword arguments, e.g. ``num_classes``, are ignored)."""
+    _no_weights("conv4", pretrained)
+    return Conv4(width, image_size)
+
+
+def cifar_resnet18(pretrained: bool = False, width: int = 64, norm_layer: NormLayer = nn.BatchNorm2d,
+                   **_: Any) -> CifarResNet:
+    """timm entry point of the CIFAR ResNet-18 (timm's own keyword arguments, e.g. ``num_classes``, are ignored)."""
+    _no_weights("cifar_resnet18", pretrained)
+    return CifarResNet("resnet18", width=width, norm_layer=norm_layer)
+
+
+try:
+    from timm.models import register_model
+except ImportError:  # timm is optional here: the classes work without it
+    pass
+else:
+    for _entry in (tinycnn, conv4, cifar_resnet18):
+        register_model(_entry)

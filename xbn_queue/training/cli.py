@@ -390,6 +390,33 @@ def check_memory_fits(option: str, value: Any, rows: int, dim: int, device: Any,
     return need
 
 
+def check_memory_holds_a_batch(option: str, value: Any, rows: int, batch_size: int, world_size: int) -> None:
+    """Refuse a memory smaller than one global batch (each step would overwrite its own rows).
+
+    Raises:
+        UsageError: naming the option, its value, the rows and the global batch.
+    """
+    if rows < batch_size * world_size:
+        raise UsageError(f"{option} {value}: {rows} rows, fewer than one global batch "
+                         f"({batch_size} x {world_size} processes)")
+
+
+def check_two_classes(labels: Sequence[Any], where: str, why: str) -> None:
+    """Refuse a training split with fewer than two classes.
+
+    Args:
+        labels: the training labels.
+        where: the options naming the data (``--dataset X --data-root Y``).
+        why: what needs two classes (``"metric learning"``, ``"the k-NN monitor"``), and why.
+
+    Raises:
+        UsageError: ``"<where>: the training split has N class(es); <why> needs at least 2..."``.
+    """
+    n = len(set(int(y) for y in labels))
+    if n < 2:
+        raise UsageError(f"{where}: the training split has {n} class(es); {why}")
+
+
 # -------------------------------------------------------------------------------------- main
 def one_line(err: BaseException) -> str:
     """An exception's message on one line (``FileNotFoundError``'s ``[Errno 2]`` form kept short)."""

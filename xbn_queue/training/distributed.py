@@ -18,7 +18,7 @@ every collective below is a no-op, so the same training code runs with ``python 
 
 The module-level functions (``gather_features``, ``all_reduce_mean``, ``all_gather_object``,
 ``broadcast_object``, ``barrier``, ``get_rank``, ``get_world_size``, ``is_main_process``) do the same on whatever default process group exists, and
-are safe without one.
+are safe without one; the rank queries and the gather itself are :mod:`xbn_queue.distributed`'s.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any, Optional, Union, overload
 import torch
 import torch.distributed as dist
 
+from xbn_queue.distributed import all_gather_list, comm_device, get_rank, get_world_size, has_process_group
 from xbn_queue.training.seeding import resolve_device
 
 __all__ = [
@@ -48,20 +49,6 @@ __all__ = [
 ]
 
 
-def _active() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    """Rank in the default process group, 0 without one."""
-    return dist.get_rank() if _active() else 0
-
-
-def get_world_size() -> int:
-    """Size of the default process group, 1 without one."""
-    return dist.get_world_size() if _active() else 1
-
-
 def is_main_process() -> bool:
     """True on rank 0 (and without a process group)."""
     return get_rank() == 0
@@ -69,15 +56,8 @@ def is_main_process() -> bool:
 
 def barrier() -> None:
     """Synchronize all ranks; no-op at world size 1."""
-    if _active() and dist.get_world_size() > 1:
+    if has_process_group() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def _comm_device(t_device: torch.device) -> torch.device:
-    """Device on which collectives must run for the current backend."""
-    if dist.get_backend() == "nccl":
-        return t_device if t_device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu") if t_device.type == "cuda" and dist.get_backend() == "gloo" else t_device
 
 
 def gather_features(t: torch.Tensor, keep_local_grad: bool = False) -> torch.Tensor:
@@ -100,27 +80,9 @@ def gather_features(t: torch.Tensor, keep_local_grad: bool = False) -> torch.Ten
     """
     if t.dim() == 0:
         raise ValueError("gather_features needs a tensor with at least one dimension (rows along dim 0)")
-    world = get_world_size()
-    if world == 1:
+    if get_world_size() == 1:
         return t if keep_local_grad else t.detach()
-    comm = _comm_device(t.device)
-    local = t.detach().to(comm)
-    is_bool = local.dtype == torch.bool
-    if is_bool:  # not every backend reduces/gathers bool
-        local = local.to(torch.uint8)
-    size = torch.tensor([local.shape[0]], dtype=torch.int64, device=comm)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    longest = max(counts)
-    if local.shape[0] < longest:
-        pad = local.new_zeros((longest - local.shape[0], *local.shape[1:]))
-        local = torch.cat([local, pad], dim=0)  # (longest, ...)
-    chunks = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(chunks, local.contiguous())
-    parts = [c[:n].to(t.device) for c, n in zip(chunks, counts)]  # trim padding
-    if is_bool:
-        parts = [p.bool() for p in parts]
+    parts = all_gather_list(t)
     if keep_local_grad:
         parts[get_rank()] = t
     return torch.cat(parts, dim=0)  # (sum_r B_r, ...)
@@ -144,7 +106,7 @@ def all_reduce_mean(x: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]
     if isinstance(x, torch.Tensor):
         if world == 1:
             return x.detach().clone()
-        comm = _comm_device(x.device)
+        comm = comm_device(x.device)
         dtype = x.dtype if x.is_floating_point() else torch.float64
         buf = x.detach().to(device=comm, dtype=dtype).clone()
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
@@ -152,7 +114,7 @@ def all_reduce_mean(x: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]
     value = float(x)
     if world == 1:
         return value
-    comm = _comm_device(torch.device("cpu"))
+    comm = comm_device(torch.device("cpu"))
     buf = torch.tensor([value], dtype=torch.float64, device=comm)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return float(buf.item()) / world
@@ -194,7 +156,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def cleanup() -> None:
     """Destroy the default process group if one exists."""
-    if _active():
+    if has_process_group():
         dist.destroy_process_group()
 
 
@@ -292,7 +254,7 @@ def init_distributed(
             has no matching CUDA device.
     """
     dev = resolve_device(device)
-    if _active():
+    if has_process_group():
         rank, world, owns = dist.get_rank(), dist.get_world_size(), False
         local_rank = _env_int("LOCAL_RANK", rank)
         backend = dist.get_backend()

@@ -20,8 +20,7 @@ kept in ``output_dir/wandb-run-id.txt`` so that a resumed run continues the same
 
 ``wandb`` is imported only when a W&B mode is requested (``pip install "xbn-queue[wandb]"``);
 ``plot_history`` needs matplotlib (``pip install "xbn-queue[train]"``) and never touches pyplot's global
-state. ``read_wandb_history(run_dir)`` reads the logged rows back from an offline run's ``.wandb`` file
-(for tests).
+state.
 """
 
 from __future__ import annotations
@@ -30,8 +29,6 @@ import json
 import math
 import os
 import re
-import struct
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,7 +36,7 @@ from typing import Any, Optional, Union
 
 from xbn_queue.training._optional import require
 
-__all__ = ["RunLogger", "plot_history", "plot_compare", "curve_stats", "read_metrics", "read_wandb_history", "to_plain"]
+__all__ = ["RunLogger", "plot_history", "plot_compare", "curve_stats", "read_metrics", "to_plain"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 WANDB_MODES = ("online", "offline", "disabled")
@@ -426,82 +423,3 @@ def plot_compare(
             ax.axhline(y, linestyle="--", linewidth=1, color=("grey", "black", "brown", "olive")[j % 4], label=label)
         _style(ax, xlabel, ylabel)
     return _save(fig, png_path, title)
-
-
-def _wandb_records(path: Path) -> list[Any]:
-    """Decode every protobuf ``Record`` in a ``.wandb`` file (complete records only)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    if len(data) >= 4 and data[:4] != b":W&B":
-        raise ValueError(f"{path} is not a W&B run log")
-    block, header = 32768, 7
-    pos, pending, payloads = header, b"", []
-    while pos + header <= len(data):
-        left = block - pos % block
-        if left < header:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + header])
-        if pos + header + length > len(data):  # record still being written
-            break
-        chunk = data[pos + header:pos + header + length]
-        pos += header + length
-        if kind == 1:  # full record
-            payloads.append(chunk)
-        elif kind == 2:  # first fragment
-            pending = chunk
-        elif kind == 3:  # middle fragment
-            pending += chunk
-        elif kind == 4:  # last fragment
-            payloads.append(pending + chunk)
-            pending = b""
-    records = []
-    for payload in payloads:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        records.append(record)
-    return records
-
-
-def read_wandb_history(run_dir: PathLike, timeout: float = 30.0) -> list[dict[str, Any]]:
-    """Read the rows logged to an offline W&B run back from its ``.wandb`` file.
-
-    The file is W&B's LevelDB-style log (a 7-byte ``:W&B`` header, then 32 KiB blocks of
-    checksum/length/type-framed protobuf ``Record`` messages); this decodes the ``history`` records.
-    W&B's service process writes the file asynchronously, even after ``finish()`` has returned, so
-    this waits (up to ``timeout`` seconds) for the run's final ``exit`` record. Meant for tests that
-    check what was sent to W&B without network access.
-
-    Args:
-        run_dir: The run folder (``.../wandb/offline-run-*``), or the ``.wandb`` file itself.
-        timeout: Seconds to wait for the run to be completely written.
-
-    Returns:
-        One dict per ``log`` call, including W&B's ``_step``, ``_runtime`` and ``_timestamp``.
-
-    Raises:
-        FileNotFoundError: If no ``.wandb`` file is found.
-        ValueError: If the file is not a W&B log.
-        TimeoutError: If the run's ``exit`` record does not appear within ``timeout``.
-    """
-    require("wandb", "read_wandb_history")
-    path = Path(run_dir)
-    if path.is_dir():
-        files = sorted(path.glob("*.wandb"))
-        if not files:
-            raise FileNotFoundError(f"no .wandb file in {str(path)!r}")
-        path = files[0]
-    deadline = time.monotonic() + timeout
-    while True:
-        records = _wandb_records(path)
-        if any(r.WhichOneof("record_type") == "exit" for r in records):
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path}: the W&B run was not finished (no exit record) within {timeout} s")
-        time.sleep(0.05)
-    return [
-        {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in r.history.item}
-        for r in records
-        if r.WhichOneof("record_type") == "history"
-    ]

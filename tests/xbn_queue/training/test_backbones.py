@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbn_queue.training.backbones import CifarResNet, Conv4
+from xbn_queue.training.backbones import CifarResNet, Conv4, TinyCNN
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -116,3 +116,21 @@ def test_selfsup_and_metric_share_one_cifar_resnet() -> None:
     enc = selfsup.model.MoCoEncoder(width=4, embedding_dim=8)
     # the MoCo encoder's backbone and metric's are the same module tree: one's weights load into the other
     m.backbone.load_state_dict(enc.backbone.state_dict())
+
+
+@pytest.mark.parametrize("name,kwargs,build", [
+    ("conv4", dict(width=8, image_size=28), lambda: Conv4(8, 28)),
+    ("cifar_resnet18", dict(width=8), lambda: CifarResNet("resnet18", width=8)),
+    ("tinycnn", dict(width=4), lambda: TinyCNN(4)),
+])
+def test_timm_registry_builds_our_backbones(name, kwargs, build):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ours = build()
+    torch.manual_seed(0)
+    theirs = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    assert type(theirs) is type(ours) and theirs.num_features == ours.num_features
+    for (ka, a), (kb, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert ka == kb and torch.equal(a, b), ka
+    with pytest.raises(ValueError, match=f"backbone '{name}' has no pretrained weights"):
+        timm.create_model(name, pretrained=True, **kwargs)

@@ -349,3 +349,18 @@ def test_parse_option_value_converts_as_the_command_line_does():
         parse_option_value(Cfg, "ks", "1")
     with pytest.raises(KeyError):
         parse_option_value(Cfg, "nope", "1")
+
+def test_memory_smaller_than_one_global_batch_is_refused():
+    from xbn_queue.training.cli import check_memory_holds_a_batch
+
+    check_memory_holds_a_batch("--memory-size", "64", 64, 16, 4)  # exactly one global batch: fine
+    with pytest.raises(UsageError, match=r"^--memory-size 0.1: 63 rows, fewer than one global batch \(16 x 4 processes\)$"):
+        check_memory_holds_a_batch("--memory-size", "0.1", 63, 16, 4)
+
+
+def test_a_training_split_with_one_class_is_refused():
+    from xbn_queue.training.cli import check_two_classes
+
+    check_two_classes([3, 1, 3], "--dataset x", "k-NN needs at least 2")
+    with pytest.raises(UsageError, match=r"^--dataset x: the training split has 1 class\(es\); k-NN needs at least 2$"):
+        check_two_classes(torch.tensor([5, 5, 5]), "--dataset x", "k-NN needs at least 2")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-MODULES = ["config", "checkpoint", "distributed", "rng", "seeding", "signals", "tracking", "progress"]
+MODULES = ["config", "checkpoint", "distributed", "rng", "seeding", "signals", "tracking", "progress", "loop", "images"]
 OPTIONAL = ["yaml", "wandb", "matplotlib", "tqdm"]
 
 

@@ -18,9 +18,10 @@ from xbn_queue.training.tracking import (
     plot_compare,
     plot_history,
     read_metrics,
-    read_wandb_history,
     to_plain,
 )
+
+from tests.wandb_history import read_wandb_history
 
 
 def test_to_plain_converts_tensors_and_numpy() -> None:
