@@ -49,6 +49,7 @@ from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import retrieval_metrics
 from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
 from .model import MetricModel, build_model
+from .prefill import prefill_memory
 from .recipe import recipe_summary
 from .sampler import MPerClassBatches, steps_per_epoch
 
@@ -121,7 +122,8 @@ def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     if cfg.method == "none":
         return batch_loss, None
     adaptation = {"xbm": "none", "xbm-batch": "none", "xbn": "xbn", "axbn": "axbn", "xbn-cov": "xbn-cov"}[cfg.method]
-    kw: Dict[str, Any] = {"gather_distributed": distributed}  # sample ids are stored with the rows (staleness)
+    kw: Dict[str, Any] = {"gather_distributed": distributed,  # sample ids are stored with the rows (staleness)
+                          "warmup_steps": cfg.memory_warmup_steps}
     if adaptation == "axbn":
         kw.update(kalman_p0=cfg.kalman_p0, kalman_q=cfg.kalman_q, kalman_gain_every=cfg.kalman_gain_every,
                   kalman_r="auto" if cfg.kalman_r == "auto" else float(cfg.kalman_r))
@@ -373,7 +375,7 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
 
     # ---------------------------------------------------------------------------- state / resume
     st: Dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_recall": -1.0, "best_epoch": 0,
-                          "bad_images": 0, "acc": _fresh_acc(), "best": {}, "last": {}}
+                          "bad_images": 0, "acc": _fresh_acc(), "best": {}, "last": {}, "prefilled": False}
     ckpt_path = resolve_resume(cfg.resume, out)
     ckpt = None
     if ckpt_path is not None:
@@ -494,6 +496,8 @@ def _train(cfg: MetricConfig, ctx: DistContext) -> Dict[str, Any]:
                            enabled=cfg.progress, leave=False)
             for x, y, idx, ok in bar:
                 step = st["global_step"] + 1
+                if cfg.prefill and not warm and not st.get("prefilled") and mem_loss.queue.num_steps == cfg.memory_warmup_steps:
+                    st["prefilled"] = prefill_memory(model, mem_loss, train_eval_ds, cfg, ctx, device)
                 if not bool(ok.all()):
                     note_bad([data.train.items[int(i)] for i in idx[~ok]])
                     st["bad_images"] = len(bad_files)
