@@ -44,6 +44,7 @@ from selfsup.data import (
 )
 from selfsup.knn import extract_features, knn_accuracy
 from selfsup.model import MoCoEncoder, make_key_encoder, momentum_update, shuffle_batch
+from selfsup.prefill import prefill_queue
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,9 @@ def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.M
     In both modes and for every adaptation the queue starts empty, so that every arm of a
     comparison starts from the same memory.
     """
-    kw: Dict[str, Any] = {}
+    kw: Dict[str, Any] = {"warmup_steps": cfg.memory_warmup_steps}
     if cfg.adaptation == "axbn":
-        kw = dict(
+        kw.update(
             kalman_p0=cfg.kalman_p0,
             kalman_q=cfg.kalman_q,
             kalman_r=cfg.kalman_r_value(),
@@ -85,19 +86,21 @@ def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.M
         from selfsup.loss import RawKeyMoCoLoss
 
         return RawKeyMoCoLoss(
-            cfg.queue_size, cfg.embedding_dim, cfg.temperature, cfg.adaptation, gather_distributed=distributed, **kw
+            cfg.queue_size, cfg.embedding_dim, cfg.temperature, cfg.adaptation, gather_distributed=distributed,
+            mask_same_ids=cfg.mask_same_ids, **kw
         )
     from lightly.loss import NTXentLoss
 
-    from xbn_queue.lightly import AdaptiveMemoryBank
+    from xbn_queue.lightly import AdaptiveMemoryBank, AdaptiveNTXentLoss
 
-    criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=(cfg.queue_size, cfg.embedding_dim))
+    loss_class = AdaptiveNTXentLoss if cfg.mask_same_ids else NTXentLoss  # (lightly's loss, taking sample ids)
+    criterion = loss_class(temperature=cfg.temperature, memory_bank_size=(cfg.queue_size, cfg.embedding_dim))
     # init="empty" for every adaptation: the arms of a comparison start from the same (empty) memory,
     # as the raw mode does (lightly's own bank, and AdaptiveMemoryBank's default for "none", start
     # with random unit rows instead)
     criterion.memory_bank = AdaptiveMemoryBank(
         size=(cfg.queue_size, cfg.embedding_dim), adaptation=cfg.adaptation, gather_distributed=distributed,
-        init="empty", **kw
+        init="empty", mask_same_ids=cfg.mask_same_ids, **kw
     )
     return criterion
 
@@ -264,6 +267,8 @@ class Trainer:
         self.last_knn: Optional[float] = None
         self.record_pending = False  # a signal stopped the run after a step, before its epoch record
         self.last_checkpoint: Optional[Path] = None
+        self.prefilled = False  # --prefill: done once per run (kept in the checkpoint)
+        self.same_id_sum, self.same_id_steps = 0.0, 0  # this epoch: fractions of same-sample negatives
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -281,6 +286,9 @@ class Trainer:
             "epoch_loss_count": self.epoch_loss_count,
             "last_knn": self.last_knn,
             "record_pending": self.record_pending,
+            "prefilled": self.prefilled,
+            "same_id_sum": self.same_id_sum,
+            "same_id_steps": self.same_id_steps,
             "encoder_q": self.encoder_q.state_dict(),
             "encoder_k": self.encoder_k.state_dict(),
             "criterion": self.criterion.state_dict(),
@@ -345,6 +353,8 @@ class Trainer:
         self.epoch_loss_count = int(ckpt["epoch_loss_count"])
         self.last_knn = ckpt.get("last_knn")
         self.record_pending = bool(ckpt.get("record_pending", False))
+        self.prefilled = bool(ckpt.get("prefilled", False))
+        self.same_id_sum, self.same_id_steps = float(ckpt.get("same_id_sum", 0.0)), int(ckpt.get("same_id_steps", 0))
         self.last_checkpoint = Path(path)
 
     # ------------------------------------------------------------------------------------------
@@ -429,8 +439,8 @@ class Trainer:
         x1 = x1.contiguous(memory_format=self.memory_format)
         return x0, x1, g
 
-    def train_step(self, x0: Tensor, x1: Tensor, g: torch.Generator) -> Tensor:
-        """One MoCo step; returns the (detached) loss.
+    def train_step(self, x0: Tensor, x1: Tensor, g: torch.Generator, ids: Optional[Tensor] = None) -> Tensor:
+        """One MoCo step; returns the (detached) loss. ``ids``: ``(B,)`` sample ids of the batch, stored with the keys.
 
         Raises:
             NonFiniteError: before the queue is touched when a query or key is not finite, or after
@@ -448,7 +458,9 @@ class Trainer:
         q, k = q.float(), k.float()
         if not (_finite(q) and _finite(k)):
             raise self._non_finite("embedding")
-        loss = self.criterion(q, k)  # adapt the queue to k, negatives, enqueue k (order by --adapt-keys)
+        # adapt the queue to k, negatives, enqueue k (order by --adapt-keys)
+        loss = self.criterion(q, k) if ids is None else self.criterion(q, k, ids=ids)
+        self._count_same_id_negatives(q.shape[0])
         if not _finite(loss):
             raise self._non_finite("loss")
         self.optimizer.zero_grad(set_to_none=True)
@@ -457,6 +469,24 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return loss.detach()
+
+    def _count_same_id_negatives(self, batch: int) -> None:
+        """Add this step's fraction of negatives that were older keys of the query's own sample (masked or not).
+
+        Known where the loss reports it: ``--adapt-keys raw`` with ids (the count over ``B x (n - 1)``
+        negatives, the positive left out), or ``--mask-same-ids`` in lightly's loss (the mask over the
+        ``B x n`` bank rows). Steps whose loss leaves the queue out (warm-up) add nothing.
+        """
+        count = getattr(self.criterion, "same_id_negatives", None)
+        if count is not None:
+            n = len(criterion_queue(self.criterion))
+            self.same_id_sum += float(count) / (batch * max(n - 1, 1))
+            self.same_id_steps += 1
+            return
+        mask = getattr(getattr(self.criterion, "memory_bank", None), "negative_mask", None)
+        if mask is not None and mask.numel() > 0:
+            self.same_id_sum += float(mask.float().mean())
+            self.same_id_steps += 1
 
     def _non_finite(self, what: str) -> NonFiniteError:
         ckpt = f"the last good checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint else "no checkpoint had been written yet"
@@ -504,6 +534,8 @@ class Trainer:
         elif cfg.resume and self.ctx.is_main:
             print(f"[{PROG}] --resume: no checkpoint in {self.out}, starting a new run", file=sys.stderr)
         cfg = self.cfg  # resolved by the checkpoint (--knn-features)
+        queue = criterion_queue(self.criterion)  # sample ids go with the keys (raw: counted; masked: needed), unless
+        self.pass_ids = cfg.mask_same_ids or (cfg.adapt_keys == "raw" and (len(queue) == 0 or queue.ids is not None))
         # every check passed: from here on the run folder is written
         self.ctx.barrier()  # every rank has checked the folder before rank 0 creates anything in it
         if self.ctx.is_main:
@@ -543,8 +575,11 @@ class Trainer:
                         leave=False,
                     )
                     for idx, batch in bar:
+                        if cfg.prefill and not self.prefilled and queue.num_steps == cfg.memory_warmup_steps:
+                            self.prefilled = prefill_queue(self.encoder_k, self.criterion, self.eval_train_u8, self._prepare, cfg, self.ctx, self.device, self.pass_ids)
                         x0, x1, g = self._views(epoch, self.step_in_epoch, idx, batch)
-                        loss = self.train_step(x0, x1, g)
+                        ids = torch.as_tensor(idx, dtype=torch.long).to(self.device) if self.pass_ids else None
+                        loss = self.train_step(x0, x1, g, ids)
                         self.global_step += 1
                         self.step_in_epoch += 1
                         steps_run += 1
@@ -596,6 +631,8 @@ class Trainer:
                         "queue_fill": len(criterion_queue(self.criterion)),
                     }
                     record["epoch_loss"] = record["loss"]  # mean over the epoch (only on epoch records)
+                    if self.same_id_steps:
+                        record["same_id_negatives_frac"] = self.ctx.all_reduce_mean(self.same_id_sum / self.same_id_steps)
                     if cfg.skip_bad_images:
                         record["bad_images"] = bad_images
                     if knn_now:
@@ -608,6 +645,7 @@ class Trainer:
                         self.epoch += 1
                         self.step_in_epoch = 0
                         self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+                        self.same_id_sum, self.same_id_steps = 0.0, 0
                     logger.log(record, step=self.global_step)
                     if self.ctx.is_main:
                         msg = f"epoch {record['epoch']:.2f} step {self.global_step}: loss {record['loss']:.4f}"
