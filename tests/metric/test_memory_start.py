@@ -157,3 +157,30 @@ def test_resume_with_other_memory_start_options_is_refused(tmp_path):
     train(tiny_cfg(tmp_path, method="xbm", max_steps=3))
     with pytest.raises(ValueError, match=r"memory_warmup_steps: saved 0, now 5; prefill: saved False, now True"):
         train(tiny_cfg(tmp_path, method="xbm", memory_warmup_steps=5, prefill=True, resume="auto"))
+
+
+def test_two_process_prefill_fills_one_shared_memory_with_each_chosen_image_once(tmp_path):
+    import subprocess
+    import sys
+
+    from metric.train import DUMP_ENV
+
+    from .helpers import ROOT, env
+    from .test_resume import _free_port
+
+    dump, out = tmp_path / "dump", tmp_path / "run"
+    # 5 global steps of 2 x 16 per epoch: a head epoch, then 4 memory warm-up steps, the prefill
+    # (64 rows: 32 chosen images per rank, gathered), and 1 step that overwrites rows 0-31
+    argv = tiny_argv(out, method="xbm", device="cpu", memory_warmup_steps=4, prefill=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "metric", *argv]
+    res = subprocess.run(cmd, cwd=ROOT, env=env(**{DUMP_ENV: dump, "OMP_NUM_THREADS": 1}), capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = torch.load(dump / "queue_rank0.pt"), torch.load(dump / "queue_rank1.pt")
+    assert torch.equal(r0["memory"], r1["memory"]) and torch.equal(r0["ids"], r1["ids"])
+    chosen = set(np.concatenate([b for r in range(2) for b in prefill_batches(179, 64, 0, 512, r, 2)]).tolist())
+    assert len(chosen) == 64
+    kept = r0["ids"][32:].tolist()  # rows 32-63 still hold the prefill: rank 1's share, each image once
+    assert len(set(kept)) == 32 and set(kept) <= chosen
+    assert set(kept) == set(np.concatenate(prefill_batches(179, 64, 0, 512, 1, 2)).tolist())
