@@ -534,7 +534,9 @@ class Trainer:
         elif cfg.resume and self.ctx.is_main:
             print(f"[{PROG}] --resume: no checkpoint in {self.out}, starting a new run", file=sys.stderr)
         cfg = self.cfg  # resolved by the checkpoint (--knn-features)
-        queue = criterion_queue(self.criterion)  # sample ids go with the keys (raw: counted; masked: needed), unless
+        # sample ids go with the keys (raw keys: to count same-sample negatives; --mask-same-ids: to mask them),
+        # unless the run resumes a queue whose keys were stored without ids
+        queue = criterion_queue(self.criterion)
         self.pass_ids = cfg.mask_same_ids or (cfg.adapt_keys == "raw" and (len(queue) == 0 or queue.ids is not None))
         # every check passed: from here on the run folder is written
         self.ctx.barrier()  # every rank has checked the folder before rank 0 creates anything in it
@@ -576,7 +578,8 @@ class Trainer:
                     )
                     for idx, batch in bar:
                         if cfg.prefill and not self.prefilled and queue.num_steps == cfg.memory_warmup_steps:
-                            self.prefilled = prefill_queue(self.encoder_k, self.criterion, self.eval_train_u8, self._prepare, cfg, self.ctx, self.device, self.pass_ids)
+                            self.prefilled = prefill_queue(self.encoder_k, self.criterion, self.eval_train_u8,
+                                                           self._prepare, cfg, self.ctx, self.device, self.pass_ids)
                         x0, x1, g = self._views(epoch, self.step_in_epoch, idx, batch)
                         ids = torch.as_tensor(idx, dtype=torch.long).to(self.device) if self.pass_ids else None
                         loss = self.train_step(x0, x1, g, ids)
