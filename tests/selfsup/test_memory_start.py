@@ -151,3 +151,14 @@ def test_resume_with_other_memory_options_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"memory_warmup_steps: saved 0, now 4; prefill: saved False, now True; "
                                          r"mask_same_ids: saved False, now True"):
         train(replace(cfg, memory_warmup_steps=4, prefill=True, mask_same_ids=True, max_steps=0, resume="auto"))
+
+
+def test_a_checkpoint_whose_queue_holds_no_ids_resumes_without_them(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=2, **SMALL)
+    train(cfg)
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert bool(ck["criterion"]["queue.has_ids"])  # raw keys: ids are stored with the keys
+    ck["criterion"]["queue.has_ids"] = torch.tensor(False)  # as a checkpoint written before ids were passed
+    torch.save(ck, tmp_path / "last.pt")
+    assert train(replace(cfg, max_steps=0, resume="auto"))["global_step"] == 8
+    assert not bool(torch.load(tmp_path / "last.pt", weights_only=True)["criterion"]["queue.has_ids"])
