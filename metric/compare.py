@@ -41,7 +41,7 @@ from xbn_queue.training.config import config_to_argv
 from xbn_queue.training.series import (JobSlot, PlannedRun, RunOutcome, SeriesReport, check_series_dir, format_mean_std,
                                        incomplete_banner, mean_std, run_series)
 
-from .config import METHODS, MetricConfig, resolve_config
+from .config import METHODS, MetricConfig, resolve_config, validate_config
 
 __all__ = ["add_compare_args", "run_compare", "compare_main", "format_table", "table_columns", "plan_runs", "series_trainer",
            "run_rows", "run_records", "run_scores", "summarize_runs", "metric_keys", "baselines_for", "early_epoch_of"]
@@ -395,6 +395,8 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
     check_jobs(jobs)
     resume, threads_given = bool(cfg.resume), cfg.threads is not None
     cfg = default_series_dir(resolve_config(cfg), resume)
+    for method in todo:  # options that some method refuses (--prefill with none): before anything is written
+        validate_config(dataclasses.replace(cfg, method=method))
     early = early_epoch_of(cfg, early_epoch)
     out = Path(cfg.output_dir)
     plan = plan_runs(todo, cfg.seed, seeds)

@@ -20,9 +20,11 @@ METHODS = ("none", "xbm", "xbm-batch", "xbn", "axbn", "xbn-cov")
 
 #: Options a checkpoint must agree on to be resumed.
 COMPAT_KEYS = ["dataset", "method", "backbone", "width", "head", "embedding_dim", "embedding_norm", "memory_size",
-               "batch_size", "m_per_class", "image_size", "split", "train_fraction", "split_seed", "max_per_class"]
+               "batch_size", "m_per_class", "image_size", "split", "train_fraction", "split_seed", "max_per_class",
+               "memory_warmup_steps", "prefill"]
 #: Values of options added after checkpoints were first written (a checkpoint without them had these).
-COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None, "head": "linear"}
+COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None, "head": "linear", "memory_warmup_steps": 0,
+                                   "prefill": False}
 
 
 def saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
@@ -106,6 +108,8 @@ class MetricConfig:
     # method and memory
     method: str = field(default="xbn", metadata=_h("none (batch loss), xbm (memory loss), xbm-batch (XBM*: memory + batch), xbn, axbn, xbn-cov (full covariance)", choices=list(METHODS), group="memory"))
     memory_size: Optional[Union[int, float]] = field(default=None, metadata=_h("memory rows N (an integer >= 1, at most the training set), or a fraction of the training set in (0, 1] like 0.5 (default 0.5; deepfashion2 1.0)", group="memory"))
+    memory_warmup_steps: int = field(default=0, metadata=_h("keep the memory out of the loss for the first N steps of the method (after the head-only warm-up): the loss is the plain batch loss while the memory fills and adapts", group="memory", range=at_least(0)))
+    prefill: bool = field(default=False, metadata=_h("fill the memory with the current model's embeddings (eval mode, evaluation transform) of distinct training images right before the first step that uses it (after the head-only warm-up and --memory-warmup-steps)", group="memory"))
     kalman_r: Union[float, str] = field(default=0.01, metadata=_h("AXBN measurement noise r > 0 (per batch: r/B), or 'auto' (default 0.01)", group="memory"))
     kalman_q: float = field(default=1.0, metadata=_h("AXBN process noise q", group="memory", range=at_least(0)))
     kalman_p0: float = field(default=1.0, metadata=_h("AXBN initial estimate variance p0", group="memory", range=above(0)))
@@ -170,6 +174,10 @@ def validate_config(cfg: MetricConfig) -> None:
         raise UsageError(f"--kalman-r {cfg.kalman_r}: expected a number > 0 or 'auto'")
     if cfg.memory_size is not None:
         memory_rows(cfg.memory_size, None)
+    if cfg.method == "none" and (cfg.memory_warmup_steps or cfg.prefill):
+        option = f"--memory-warmup-steps {cfg.memory_warmup_steps}" if cfg.memory_warmup_steps else "--prefill"
+        raise UsageError(f"{option}: --method none has no memory; use a method with one (xbm, xbm-batch, xbn, "
+                         "axbn, xbn-cov)")
     if cfg.download and cfg.dataset != "omniglot":
         raise UsageError(f"--download: applies to --dataset omniglot only, not {cfg.dataset}")
     if cfg.download and not cfg.data_root:

@@ -48,6 +48,7 @@ from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import retrieval_metrics
 from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
 from .model import MetricModel, build_model
+from .prefill import prefill_memory
 from .recipe import recipe_summary
 from .sampler import MPerClassBatches, steps_per_epoch
 
@@ -114,7 +115,8 @@ def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     if cfg.method == "none":
         return batch_loss, None
     adaptation = {"xbm": "none", "xbm-batch": "none", "xbn": "xbn", "axbn": "axbn", "xbn-cov": "xbn-cov"}[cfg.method]
-    kw: Dict[str, Any] = {"gather_distributed": distributed}  # sample ids are stored with the rows (staleness)
+    kw: Dict[str, Any] = {"gather_distributed": distributed,  # sample ids are stored with the rows (staleness)
+                          "warmup_steps": cfg.memory_warmup_steps}
     if adaptation == "axbn":
         kw.update(kalman_p0=cfg.kalman_p0, kalman_q=cfg.kalman_q, kalman_gain_every=cfg.kalman_gain_every,
                   kalman_r="auto" if cfg.kalman_r == "auto" else float(cfg.kalman_r))
@@ -247,6 +249,7 @@ class MetricState(RunState):
     drift_max_sum: float = 0.0
     drift_n: int = 0
     bad_files: List[str] = dataclasses.field(default_factory=list)
+    prefilled: bool = False
     best: Dict[str, Any] = dataclasses.field(default_factory=dict)
     last: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -262,7 +265,7 @@ class MetricState(RunState):
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "best_recall": self.best_recall, "best_epoch": self.best_epoch, "bad_images": len(self.bad_files),
                 "bad_files": sorted(self.bad_files), "acc": {k: getattr(self, k) for k in self._SUMS},
-                "best": self.best, "last": self.last}
+                "best": self.best, "last": self.last, "prefilled": self.prefilled}
 
     @classmethod
     def from_checkpoint(cls, st: Dict[str, Any]) -> "MetricState":
@@ -270,6 +273,7 @@ class MetricState(RunState):
         return cls(epoch=int(st["epoch"]), step_in_epoch=int(st["step_in_epoch"]), global_step=int(st["global_step"]),
                    best_recall=float(st["best_recall"]), best_epoch=int(st["best_epoch"]),
                    bad_files=list(st.get("bad_files", [])), best=st["best"], last=st["last"],
+                   prefilled=bool(st.get("prefilled", False)),
                    **{k: st["acc"][k] for k in cls._SUMS})
 
 
@@ -433,6 +437,7 @@ class MetricRun(RunLoop):
     def train_step(self, batch: Tuple[Tensor, Tensor, Tensor, Tensor]) -> float:
         """Embed, check, loss with the memory (adapt, enqueue with sample ids), optimiser step, drift probe."""
         x, y, idx = self.readable(batch)
+        self.prefill_if_due()
         measure = self.cfg.drift_every > 0 and self.state.step_in_epoch % self.cfg.drift_every == 0 and self.ctx.is_main
         z_before = self.embed_probe() if measure else None
         with _autocast(self.cfg, self.device):
@@ -455,6 +460,14 @@ class MetricRun(RunLoop):
             self.state.drift_max_sum += d["max"]
             self.state.drift_n += 1
         return value
+
+    def prefill_if_due(self) -> None:
+        """``--prefill``: fill the memory right before the first step whose loss uses it (after any head-only
+        warm-up and ``--memory-warmup-steps``), once per run (recorded in the checkpoint)."""
+        cfg, st = self.cfg, self.state
+        if (cfg.prefill and not self.warm and not st.prefilled and self.mem_loss is not None
+                and self.mem_loss.queue.num_steps == cfg.memory_warmup_steps):
+            st.prefilled = prefill_memory(self.model, self.mem_loss, self.train_eval_ds, cfg, self.ctx, self.device)
 
     def readable(self, batch: Tuple[Tensor, Tensor, Tensor, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         """The batch without unreadable images (counted once each), on the device."""

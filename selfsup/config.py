@@ -34,12 +34,18 @@ COMPAT_KEYS: List[str] = [
     "split_bn",
     "seed",
     "knn_features",  # knn_acc of the epochs so far was measured on these features
+    "memory_warmup_steps",
+    "prefill",
+    "mask_same_ids",
 ]
 
 # Values of COMPAT_KEYS that checkpoints written before the option existed were trained with.
 COMPAT_DEFAULTS: Dict[str, Any] = {
     "adapt_keys": "normalized",  # before --adapt-keys: lightly's loss, normalised keys
     "knn_features": "backbone",  # before --knn-features: the monitor used the backbone's features
+    "memory_warmup_steps": 0,
+    "prefill": False,
+    "mask_same_ids": False,
 }
 
 
@@ -88,6 +94,9 @@ class SelfSupConfig:
     )
     queue_size: int = _opt(4096, "number of keys in the queue", range=at_least(1))
     temperature: float = _opt(0.1, "temperature of the NT-Xent loss", range=above(0))
+    memory_warmup_steps: int = _opt(0, "keep the queue out of the loss for the first N steps (it still fills and adapts): the other keys of the batch are the negatives", range=at_least(0))
+    prefill: bool = _opt(False, "fill the queue with the key encoder's keys (eval mode, no augmentation) of distinct training images right before the first step that uses it (after --memory-warmup-steps)")
+    mask_same_ids: bool = _opt(False, "leave out of each query's negatives the stored keys of its own image (older keys of the same sample); the fraction of such negatives is logged as same_id_negatives_frac either way with --adapt-keys raw")
     kalman_p0: float = _opt(1.0, "AXBN: initial error covariance", range=above(0))
     kalman_q: float = _opt(1.0, "AXBN: process noise", range=at_least(0))
     kalman_r: Union[float, str] = _opt(0.01, "AXBN: measurement noise (a float > 0, or 'auto' to estimate it from each batch) (default 0.01)")

@@ -144,15 +144,17 @@ class RawKeyMoCoLoss(nn.Module):
             if self.gather_distributed and xdist.is_distributed():  # this rank's keys follow the lower ranks'
                 offset = sum(xdist.all_gather_sizes(key.shape[0], key.device)[: xdist.get_rank()])
                 pos = pos[offset : offset + key.shape[0]]  # (B,)
-            if self.queue.in_warmup:  # the memory stays out: this step's keys are the only references
+            warmup = self.queue.in_warmup
+            same = None
+            if warmup:  # the memory stays out: this step's keys are the only references
                 keys = self.queue.valid_memory().index_select(0, written)  # (B * world, D)
                 own = torch.arange(offset, offset + key.shape[0], device=query.device)  # (B,) positives
                 self.same_id_negatives = None
-                return raw_key_ntxent(query, keys.to(query.device), own, self.temperature)
-            same = None
-            if ids is not None:  # older keys of the same samples; this step's keys are positives, not older copies
+            elif ids is not None:  # older keys of the same samples; this step's keys are positives, not older copies
                 same = self.queue.same_id_mask(ids, exclude=written)  # (B, n)
                 self.same_id_negatives = same.sum()
+        if warmup:  # outside no_grad: the queries' gradient flows
+            return raw_key_ntxent(query, keys.to(query.device), own, self.temperature)
         memory = self.queue.valid_memory()  # (n, D) live view, read once right here
         exclude = same.to(query.device) if self.mask_same_ids else None
         return raw_key_ntxent(query, memory, pos.to(query.device), self.temperature, exclude)

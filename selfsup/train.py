@@ -45,6 +45,7 @@ from selfsup.data import (
 )
 from selfsup.knn import extract_features, knn_accuracy
 from selfsup.model import MoCoEncoder, make_key_encoder, momentum_update, shuffle_batch
+from selfsup.prefill import prefill_queue
 from xbn_queue.training.checkpoint import check_compatible
 from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
                                     check_two_classes)
@@ -83,9 +84,9 @@ def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.M
     In both modes and for every adaptation the queue starts empty, so that every arm of a
     comparison starts from the same memory.
     """
-    kw: Dict[str, Any] = {}
+    kw: Dict[str, Any] = {"warmup_steps": cfg.memory_warmup_steps}
     if cfg.adaptation == "axbn":
-        kw = dict(
+        kw.update(
             kalman_p0=cfg.kalman_p0,
             kalman_q=cfg.kalman_q,
             kalman_r=cfg.kalman_r_value(),
@@ -95,19 +96,21 @@ def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.M
         from selfsup.loss import RawKeyMoCoLoss
 
         return RawKeyMoCoLoss(
-            cfg.queue_size, cfg.embedding_dim, cfg.temperature, cfg.adaptation, gather_distributed=distributed, **kw
+            cfg.queue_size, cfg.embedding_dim, cfg.temperature, cfg.adaptation, gather_distributed=distributed,
+            mask_same_ids=cfg.mask_same_ids, **kw
         )
     from lightly.loss import NTXentLoss
 
-    from xbn_queue.lightly import AdaptiveMemoryBank
+    from xbn_queue.lightly import AdaptiveMemoryBank, AdaptiveNTXentLoss
 
-    criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=(cfg.queue_size, cfg.embedding_dim))
+    loss_class = AdaptiveNTXentLoss if cfg.mask_same_ids else NTXentLoss  # (lightly's loss, taking sample ids)
+    criterion = loss_class(temperature=cfg.temperature, memory_bank_size=(cfg.queue_size, cfg.embedding_dim))
     # init="empty" for every adaptation: the arms of a comparison start from the same (empty) memory,
     # as the raw mode does (lightly's own bank, and AdaptiveMemoryBank's default for "none", start
     # with random unit rows instead)
     criterion.memory_bank = AdaptiveMemoryBank(
         size=(cfg.queue_size, cfg.embedding_dim), adaptation=cfg.adaptation, gather_distributed=distributed,
-        init="empty", **kw
+        init="empty", mask_same_ids=cfg.mask_same_ids, **kw
     )
     return criterion
 
@@ -184,10 +187,14 @@ class SelfSupState(RunState):
     epoch_loss_count: int = 0
     last_knn: Optional[float] = None
     record_pending: bool = False
+    prefilled: bool = False  # --prefill: done once per run
+    same_id_sum: float = 0.0  # this epoch: the steps' fractions of same-sample negatives, and their count
+    same_id_steps: int = 0
 
     def next_epoch(self) -> None:
         super().next_epoch()
         self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+        self.same_id_sum, self.same_id_steps = 0.0, 0
 
 
 class Trainer(RunLoop):
@@ -209,6 +216,7 @@ class Trainer(RunLoop):
         self.knn_features_given = cfg.knn_features is not None
         super().__init__(replace(cfg, knn_features=cfg.knn_features or DEFAULT_KNN_FEATURES), callbacks)
         self.state: SelfSupState = SelfSupState()
+        self._pass_ids: Optional[bool] = None  # decided at the first step, after any resume
         self.data = data
         self.setup()
 
@@ -283,6 +291,7 @@ class Trainer(RunLoop):
         return {"config": config_to_dict(self.cfg), "epoch": st.epoch, "step_in_epoch": st.step_in_epoch,
                 "global_step": st.global_step, "epoch_loss_sum": st.epoch_loss_sum,
                 "epoch_loss_count": st.epoch_loss_count, "last_knn": st.last_knn, "record_pending": st.record_pending,
+                "prefilled": st.prefilled, "same_id_sum": st.same_id_sum, "same_id_steps": st.same_id_steps,
                 "encoder_q": self.encoder_q.state_dict(), "encoder_k": self.encoder_k.state_dict(),
                 "criterion": self.criterion.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": get_rng_state(),
@@ -316,7 +325,10 @@ class Trainer(RunLoop):
         self.state = SelfSupState(epoch=int(ckpt["epoch"]), step_in_epoch=int(ckpt["step_in_epoch"]),
                                   global_step=int(ckpt["global_step"]), epoch_loss_sum=float(ckpt["epoch_loss_sum"]),
                                   epoch_loss_count=int(ckpt["epoch_loss_count"]), last_knn=ckpt.get("last_knn"),
-                                  record_pending=bool(ckpt.get("record_pending", False)))
+                                  record_pending=bool(ckpt.get("record_pending", False)),
+                                  prefilled=bool(ckpt.get("prefilled", False)),
+                                  same_id_sum=float(ckpt.get("same_id_sum", 0.0)),
+                                  same_id_steps=int(ckpt.get("same_id_steps", 0)))
 
     # ------------------------------------------------------------------------------------------
     # k-NN monitor
@@ -395,8 +407,8 @@ class Trainer(RunLoop):
         x1 = x1.contiguous(memory_format=self.memory_format)
         return x0, x1, g
 
-    def moco_step(self, x0: Tensor, x1: Tensor, g: torch.Generator) -> Tensor:
-        """One MoCo step; returns the (detached) loss.
+    def moco_step(self, x0: Tensor, x1: Tensor, g: torch.Generator, ids: Optional[Tensor] = None) -> Tensor:
+        """One MoCo step; returns the (detached) loss. ``ids``: ``(B,)`` sample ids of the batch, stored with the keys.
 
         Raises:
             NonFiniteError: before the queue is touched when a query or key is not finite, or after
@@ -414,7 +426,9 @@ class Trainer(RunLoop):
         q, k = q.float(), k.float()
         if not (_finite(q) and _finite(k)):
             raise self.non_finite("embedding")
-        loss = self.criterion(q, k)  # adapt the queue to k, negatives, enqueue k (order by --adapt-keys)
+        # adapt the queue to k, negatives, enqueue k (order by --adapt-keys)
+        loss = self.criterion(q, k) if ids is None else self.criterion(q, k, ids=ids)
+        self.count_same_id_negatives(q.shape[0])
         if not _finite(loss):
             raise self.non_finite("loss")
         self.optimizer.zero_grad(set_to_none=True)
@@ -423,6 +437,25 @@ class Trainer(RunLoop):
         self.scaler.update()
         self.scheduler.step()
         return loss.detach()
+
+    def count_same_id_negatives(self, batch: int) -> None:
+        """Add this step's fraction of negatives that were older keys of the query's own sample (masked or not).
+
+        Known where the loss reports it: ``--adapt-keys raw`` with ids (the count over ``B x (n - 1)``
+        negatives, the positive left out), or ``--mask-same-ids`` in lightly's loss (the mask over the
+        ``B x n`` bank rows). Steps whose loss leaves the queue out (warm-up) add nothing.
+        """
+        st = self.state
+        count = getattr(self.criterion, "same_id_negatives", None)
+        if count is not None:
+            n = len(criterion_queue(self.criterion))
+            st.same_id_sum += float(count) / (batch * max(n - 1, 1))
+            st.same_id_steps += 1
+            return
+        mask = getattr(getattr(self.criterion, "memory_bank", None), "negative_mask", None)
+        if mask is not None and mask.numel() > 0:
+            st.same_id_sum += float(mask.float().mean())
+            st.same_id_steps += 1
 
     def batches(self) -> Iterator[Tuple[Tensor, Optional[tuple]]]:
         """``(sample indices, None)`` per step on the tensor pipeline, ``(indices, PIL views)`` otherwise."""
@@ -439,11 +472,30 @@ class Trainer(RunLoop):
     def train_step(self, batch: Tuple[Tensor, Optional[tuple]]) -> float:
         """Two views of the batch, one MoCo step, the epoch's loss sums; returns the loss."""
         idx, pil_views = batch
+        self.prefill_if_due()
         x0, x1, g = self.views(self.state.epoch, self.state.step_in_epoch, idx, pil_views)
-        loss = self.moco_step(x0, x1, g).item()
+        ids = torch.as_tensor(idx, dtype=torch.long).to(self.device) if self.pass_ids() else None
+        loss = self.moco_step(x0, x1, g, ids).item()
         self.state.epoch_loss_sum += loss
         self.state.epoch_loss_count += 1
         return loss
+
+    def pass_ids(self) -> bool:
+        """Sample ids go with the keys (raw keys: to count same-sample negatives; ``--mask-same-ids``: to mask
+        them), unless the run resumed a queue whose keys were stored without ids."""
+        if self._pass_ids is None:
+            queue = criterion_queue(self.criterion)
+            self._pass_ids = self.cfg.mask_same_ids or (
+                self.cfg.adapt_keys == "raw" and (len(queue) == 0 or queue.ids is not None))
+        return self._pass_ids
+
+    def prefill_if_due(self) -> None:
+        """``--prefill``: fill the queue right before the first step whose loss uses it (after
+        ``--memory-warmup-steps``), once per run (recorded in the checkpoint)."""
+        cfg, st = self.cfg, self.state
+        if cfg.prefill and not st.prefilled and criterion_queue(self.criterion).num_steps == cfg.memory_warmup_steps:
+            st.prefilled = prefill_queue(self.encoder_k, self.criterion, self.eval_train_u8, self._prepare, cfg,
+                                         self.ctx, self.device, self.pass_ids())
 
     def after_step(self, loss: float) -> None:
         """A step record every ``--log-every`` steps (the loss averaged over ranks)."""
@@ -478,6 +530,8 @@ class Trainer(RunLoop):
             "queue_fill": len(criterion_queue(self.criterion)),
         }
         record["epoch_loss"] = record["loss"]  # mean over the epoch (only on epoch records)
+        if st.same_id_steps:
+            record["same_id_negatives_frac"] = self.ctx.all_reduce_mean(st.same_id_sum / st.same_id_steps)
         if cfg.skip_bad_images:
             record["bad_images"] = len(self.data.bad_images)
         if done or st.epoch + 1 == cfg.epochs or (end_of_epoch and cfg.knn_every > 0 and (st.epoch + 1) % cfg.knn_every == 0):

@@ -262,8 +262,9 @@ class AdaptiveMemoryBank(MemoryBankModule):
     # ------------------------------------------------------------------ ours
     @torch.no_grad()
     def enqueue(self, embeddings: Tensor, labels: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> None:
-        """Store ``embeddings`` (B, D) without adapting, with lightly's write rule (e.g. for
-        :func:`xbn_queue.prefill`); ``labels`` are ignored as lightly ignores them, ``ids`` are kept.
+        """Store ``embeddings`` (B, D) without adapting, every row (e.g. for :func:`xbn_queue.prefill`):
+        rows that reach the end of the ring continue at row 0 (lightly's write rule, used by
+        ``forward``, drops them); ``labels`` are ignored as lightly ignores them, ``ids`` are kept.
 
         Raises:
             ValueError: on a disabled bank, or what the queue refuses (shapes, non-finite values).
@@ -277,7 +278,13 @@ class AdaptiveMemoryBank(MemoryBankModule):
         if self.gather_distributed and xdist.is_distributed():
             batch = xdist.all_gather_cat(batch)
             batch_ids = None if batch_ids is None else xdist.all_gather_cat(batch_ids)
-        self._write(batch, checked=True, ids=batch_ids)
+        done = 0
+        while done < batch.shape[0]:  # in pieces that end at the ring's end: lightly's rule keeps each whole
+            ptr = self._ptr if self._ptr is not None else int(self.queue.ptr)  # a sync only after a load
+            k = min(batch.shape[0] - done, self.size[0] - ptr)
+            self._write(batch[done : done + k], checked=True,
+                        ids=None if batch_ids is None else batch_ids[done : done + k])
+            done += k
 
     def reset(self) -> None:
         """Back to the initial state: the adaptation state forgotten, the rows random or empty per ``init``."""
@@ -425,9 +432,12 @@ class AdaptiveNTXentLoss(NTXentLoss):
         """
         if ids is None or self.memory_bank.queue is None:
             return super().forward(out0, out1)  # lightly's computation
+        given0, given1 = out0, out1
         out0 = torch.nn.functional.normalize(out0, dim=1)  # (B, D)
         out1 = torch.nn.functional.normalize(out1, dim=1)  # (B, D)
         out1, negatives = self.memory_bank(out1, update=out0.requires_grad, ids=ids)  # negatives: (D, n)
+        if negatives is None:  # warm-up (the keys are stored): lightly's loss without a bank
+            return self._loss_without_bank(given0, given1)
         sim_pos = torch.einsum("nc,nc->n", out0, out1).unsqueeze(-1)  # (B, 1)
         sim_neg = torch.einsum("nc,ck->nk", out0, negatives.to(out0.device, out0.dtype))  # (B, n)
         mask = self.memory_bank.negative_mask
@@ -436,6 +446,23 @@ class AdaptiveNTXentLoss(NTXentLoss):
         logits = torch.cat([sim_pos, sim_neg], dim=1) / self.temperature  # (B, 1 + n)
         labels = torch.zeros(logits.shape[0], device=out0.device, dtype=torch.long)  # the positive is column 0
         return self.cross_entropy(logits, labels)
+
+
+    def _loss_without_bank(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """lightly's loss with the other samples of the batch as negatives (its branch for no bank)."""
+        bank = self.memory_bank
+        self._modules["memory_bank"] = _NoBank()  # lightly asks its bank once; this one answers "none"
+        try:
+            return super().forward(out0, out1)
+        finally:
+            self._modules["memory_bank"] = bank
+
+
+class _NoBank(torch.nn.Module):
+    """A bank that returns the batch and no negatives, as lightly's bank of size 0 does."""
+
+    def forward(self, output: Tensor, update: bool = False) -> Tuple[Tensor, None]:
+        return output, None
 
 
 def _forget_host_ptr(module: AdaptiveMemoryBank, incompatible_keys: Any) -> None:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xbn_queue import AdaptiveQueue, prefill
@@ -196,6 +197,14 @@ def test_raw_key_loss_warmup_compares_with_this_steps_keys_only():
         if step < 2:
             expected = ref_ntxent(q.double().tolist(), k.double().tolist(), [0, 1, 2, 3], 0.2)
             torch.testing.assert_close(got.item(), expected, rtol=1e-6, atol=1e-6)
+            # the queries get the gradient of that loss (the warm-up loss is a training loss)
+            q_grad = q.clone().requires_grad_()
+            warm_grad = RawKeyMoCoLoss(12, 3, 0.2, "xbn", warmup_steps=2)
+            warm_grad(q_grad, k).backward()
+            q64 = q.double().requires_grad_()
+            logits = F.normalize(q64, dim=1) @ F.normalize(k.double(), dim=1).t() / 0.2  # (4, 4)
+            F.cross_entropy(logits, torch.arange(4)).backward()
+            torch.testing.assert_close(q_grad.grad.double(), q64.grad, rtol=1e-5, atol=1e-6)
         else:
             torch.testing.assert_close(got, with_memory)
 
@@ -264,3 +273,43 @@ def test_prefill_errors():
         prefill(object(), net, _loader())
     assert prefill(q, net, _loader(n_batches=1)) == 3  # the loader ended first
     assert math.isfinite(float(q.embeddings.sum()))
+
+
+def test_adaptive_ntxent_with_ids_warms_up_as_lightlys_loss_without_a_bank():
+    pytest.importorskip("lightly")
+    from lightly.loss import NTXentLoss
+
+    from xbn_queue.lightly import AdaptiveNTXentLoss
+
+    crit = AdaptiveNTXentLoss(temperature=0.2, memory_bank_size=(16, 4), mask_same_ids=True, warmup_steps=2)
+    no_bank = NTXentLoss(temperature=0.2)
+    for step, (x, _) in enumerate(_stream(3, b=4, seed=5)):
+        q, q_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        k, ids = x + 0.3, torch.arange(4) + 4 * (step % 2)
+        got = crit(q, k, ids=ids)
+        if step < 2:  # the batch's other samples are the negatives; the keys and ids are stored meanwhile
+            expected = no_bank(q_ref, k)
+            torch.testing.assert_close(got, expected)
+            got.backward()
+            expected.backward()
+            torch.testing.assert_close(q.grad, q_ref.grad)
+            assert len(crit.memory_bank.queue) == 4 * (step + 1)
+        else:  # the bank is back: its 8 rows are the negatives, the 4 of ids 0-3 masked out
+            assert crit.memory_bank.negative_mask.sum() == 4 and torch.isfinite(got)
+    assert torch.equal(crit.memory_bank.queue.ids, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]))
+
+
+def test_prefill_of_a_lightly_bank_whose_pointer_is_not_at_row_0_keeps_every_row():
+    pytest.importorskip("lightly")
+    from xbn_queue.lightly import AdaptiveMemoryBank
+
+    bank = AdaptiveMemoryBank(size=(8, 4), adaptation="none", init="empty")
+    bank(torch.nn.functional.normalize(torch.randn(5, 4), dim=1), update=True, ids=torch.arange(5))  # lightly's rule: pointer at 5
+    assert int(bank.bank_ptr) == 5
+    rows = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
+    ids = torch.arange(10, 18)
+    assert prefill(bank, nn.Identity(), [(rows, None, ids)], progress=False) == 8
+    # rows 5, 6, 7 then 0..4: all 8 written (lightly's rule would have kept 3), the pointer back at 5
+    order = (torch.arange(8) - 5) % 8  # memory row r holds prefill row order[r]
+    torch.testing.assert_close(bank.queue.embeddings, rows[order])
+    assert torch.equal(bank.queue.ids, ids[order]) and int(bank.bank_ptr) == 5

@@ -22,6 +22,8 @@ that names the extra to install (``pip install "xbn-queue[train]"`` or ``"xbn-qu
   ranges (``at_least``, ``between``, ``check_ranges``), run folders (``check_output_dir``,
   ``prepare_output_dir``, ``default_run_dir``), ``resume_command``, ``check_memory_fits``, ``run_main``
   (exit 0 / 2 / 128 + N, one-line errors).
+- :mod:`~xbn_queue.training.prefill`: ``prefill_batches`` (which training images a ``--prefill`` embeds,
+  split over ranks).
 - :mod:`~xbn_queue.training.series`: ``run_series`` (``compare`` and sweeps: a signal stops the whole
   series, per-run ``complete`` flags, ``--resume`` finishes only the missing runs), ``mean_std``,
   ``format_mean_std``, ``incomplete_banner``.
@@ -48,6 +50,7 @@ _EXPORTS = {
     "seed_everything": "seeding", "resolve_device": "seeding",
     "GracefulExit": "signals",
     "RunLoop": "loop", "RunState": "loop", "RunSummary": "loop", "Callback": "loop", "NonFiniteError": "loop",
+    "prefill_batches": "prefill",
     "RunLogger": "tracking", "plot_history": "tracking", "plot_compare": "tracking", "read_metrics": "tracking",
 }
 
