@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xbn_queue.training.backbones import TinyCNN
+from xbn_queue.training.checkpoint import load_error_reason
 
 __all__ = ["TinyCNN", "MetricModel", "build_model", "backbone_feature_size", "PretrainedWeightsError", "SMALL_BACKBONES",
            "HEADS"]
@@ -84,15 +85,23 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: backbone weights are missing from the file or have other shapes.
+        ValueError: the file is not a readable state dict (``torch.load`` fails, or it holds something
+            other than a dict of tensors), or backbone weights are missing from it or have other shapes.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"--pretrained-path {str(p)!r} not found")
-    sd = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
+        raise ValueError(f"--pretrained-path {p}: not a readable PyTorch state dict "
+                         f"({load_error_reason(err)})") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"--pretrained-path {p}: expected a state dict (a dict of tensors), "
+                         f"got {type(sd).__name__}" + (" with non-tensor values" if isinstance(sd, dict) else ""))
     own = backbone.state_dict()
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if mismatched:

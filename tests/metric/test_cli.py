@@ -139,6 +139,32 @@ def test_pretrained_path_loads_a_local_state_dict(tmp_path):
         build_model("resnet10t", 8, pretrained_path=str(tmp_path / "nope.pth"))
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"dataset: omniglot\n", "not a readable PyTorch state dict"),  # a YAML file, not a torch file
+    (b"\x00" * 10, "not a readable PyTorch state dict"),
+    (torch.zeros(3), "expected a state dict .a dict of tensors., got Tensor"),
+    ({"conv1.0.weight": 1}, "got dict with non-tensor values"),
+])
+def test_pretrained_path_that_is_not_a_state_dict_is_refused_in_one_line(tmp_path, content, message):
+    path = tmp_path / "w.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match=message):
+        build_model("tinycnn", 8, pretrained_path=str(path))
+
+
+def test_cli_refuses_a_pretrained_path_that_is_not_a_state_dict(tmp_path, capsys):
+    (tmp_path / "w.pth").write_text("dataset: omniglot\n")
+    code = main(["--dataset", "digits", "--backbone", "tinycnn", "--pretrained-path", str(tmp_path / "w.pth"),
+                 "--epochs", "1", "--max-steps", "1", "--no-progress", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("xbn-metric: error: --pretrained-path") and "not a readable PyTorch state dict" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_default_workers_never_exceed_the_cores(monkeypatch):
     import metric.config as mc
     from metric.config import resolve_config

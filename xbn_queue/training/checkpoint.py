@@ -30,7 +30,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ["atomic_save", "load_checkpoint", "resolve_resume", "check_compatible", "LAST_CHECKPOINT", "CheckpointError"]
+__all__ = ["atomic_save", "load_checkpoint", "resolve_resume", "check_compatible", "LAST_CHECKPOINT", "CheckpointError",
+           "load_error_reason"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -48,8 +49,15 @@ class CheckpointError(ValueError, RuntimeError):
     """
 
 
-def _reason(err: BaseException) -> str:
-    """A short reason for a failed ``torch.load``: the first line of the message, trimmed."""
+def load_error_reason(err: BaseException) -> str:
+    """A short reason for a failed ``torch.load``: the first line of the message, trimmed.
+
+    Args:
+        err: The exception ``torch.load`` raised.
+
+    Returns:
+        ``"TypeName: first sentence"`` (at most 120 characters of message), or the type name alone.
+    """
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
     first = first.split(". ")[0].rstrip(".")
     if len(first) > 120:
@@ -143,7 +151,7 @@ def load_checkpoint(
         obj = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
         if kind is not None:
-            raise CheckpointError(f"{path} is not a readable {kind} checkpoint ({_reason(err)})") from None
+            raise CheckpointError(f"{path} is not a readable {kind} checkpoint ({load_error_reason(err)})") from None
         hint = (
             " If it holds Python objects other than tensors and plain containers and you trust the file,"
             " load it with weights_only=False."
