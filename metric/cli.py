@@ -39,9 +39,9 @@ EPILOG = f"""commands:
                                    Figure 1; see {PROG} sweep --help)
   {PROG} embed RUN --out DIR   embed images with a trained run into a store
   {PROG} search STORE --query IMG_OR_DIR
-                               nearest gallery images (faiss), k-NN class vote, HTML / contact sheet
+                                   nearest gallery images (faiss), k-NN class vote, HTML / contact sheet
   {PROG} export RUN --format torchscript|onnx --out FILE
-                               the embedding model as a file that runs without this package
+                                   the embedding model as a file that runs without this package
 
 exit status: 0 finished; 2 bad input (nothing written); 130 / 143 stopped by SIGINT / SIGTERM after a
 checkpoint (the command that resumes is printed); 1 the run failed.

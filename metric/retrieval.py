@@ -170,7 +170,8 @@ def _relative(item: Any, root: Optional[Path]) -> str:
     return key if box is None else key + "#" + ",".join(f"{v:g}" for v in box)
 
 
-def list_items(dataset: str, data_root: Optional[PathLike], split: str = "test", rule: Optional[Dict[str, Any]] = None
+def list_items(dataset: str, data_root: Optional[PathLike], split: str = "test", rule: Optional[Dict[str, Any]] = None,
+               option: str = "--data-root"
                ) -> Tuple[List[str], List[str], List[Any]]:
     """The images ``embed`` would embed: their keys, labels and openable items.
 
@@ -197,10 +198,10 @@ def list_items(dataset: str, data_root: Optional[PathLike], split: str = "test",
     if dataset == "images":
         root = Path(data_root or "")
         if not data_root or not root.is_dir():
-            raise UsageError(f"--data-root {data_root}: not a folder (needed with --dataset images)")
+            raise UsageError(f"{option} {data_root}: not a folder (needed with --dataset images)")
         files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise UsageError(f"--data-root {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder or below")
+            raise UsageError(f"{option} {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder or below")
         keys = [f.relative_to(root).as_posix() for f in files]
         labels = [k.split("/")[0] if "/" in k else "" for k in keys]
         return keys, labels, [str(f) for f in files]
@@ -739,7 +740,7 @@ def search_store(store: PathLike, query: PathLike, k: int = 10, index: str = "fl
         _check_same_model(gallery, lm, "STORE")
         qp = Path(query)
         if qp.is_dir():
-            q_keys, q_labels, q_items = list_items("images", qp)
+            q_keys, q_labels, q_items = list_items("images", qp, option="--query")
         elif qp.is_file():
             q_keys, q_labels, q_items = [qp.name], [""], [str(qp)]
         else:

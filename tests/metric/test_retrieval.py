@@ -204,6 +204,12 @@ def test_empty_folder_refused(run, tmp_path, capsys):
     _one_line_error(capsys, "not an embedding store")
 
 
+def test_an_empty_query_folder_names_the_query_option(digits_store, tmp_path, capsys):
+    (tmp_path / "noimg").mkdir()
+    assert _exit_code(["search", digits_store, "--query", tmp_path / "noimg"]) == 2
+    _one_line_error(capsys, "--query", "no images")
+
+
 def _other_checkpoint(run, tmp_path):
     """A copy of the run's checkpoint with one weight changed: another model of the same architecture."""
     ckpt = torch.load(run[0] / "best.pt", map_location="cpu", weights_only=True)
