@@ -26,10 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from xbn_queue.training.progress import progress
 
 from .config import MetricConfig, resolve_config
 
@@ -121,14 +123,15 @@ def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List
         model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path,
                             cfg.width, cfg.image_size, cfg.head).to(device)
         if not (cfg.pretrained or cfg.pretrained_path):
-            recompute_batchnorm(model, sets[0], cfg.eval_batch_size, device)
+            recompute_batchnorm(model, sets[0], cfg.eval_batch_size, device, cfg.progress)
         q, ql, g, gl = embed_all(model, sets, cfg)  # (Q, D), ...
         out["untrained"].append(score(q, ql, g, gl))
     return out
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: torch.nn.Module, dataset, batch_size: int, device: torch.device) -> int:
+def recompute_batchnorm(model: torch.nn.Module, dataset, batch_size: int, device: torch.device,
+                        show_progress: Optional[bool] = None) -> int:
     """Re-estimate every BatchNorm layer's running mean and variance on ``dataset``; no weight changes.
 
     The statistics are reset and accumulated as a cumulative average over all batches (``momentum=None``)
@@ -140,6 +143,7 @@ def recompute_batchnorm(model: torch.nn.Module, dataset, batch_size: int, device
         dataset: items ``(image, label, index, ok)`` (:class:`metric.data.ImageDataset` or a cached split).
         batch_size: images per forward pass.
         device: where the model lives.
+        show_progress: a progress bar (``None``: only on a terminal).
 
     Returns:
         The number of BatchNorm layers updated (0: nothing to do).
@@ -153,7 +157,7 @@ def recompute_batchnorm(model: torch.nn.Module, dataset, batch_size: int, device
         m.momentum = None
     model.train()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for x, _, _, ok in loader:
+    for x, _, _, ok in progress(loader, desc="baseline BatchNorm statistics", enabled=show_progress, leave=False):
         if int(ok.sum()) >= 2:  # BatchNorm in train mode needs two values per channel
             model(x[ok].to(device))
     for m, mom in zip(norms, momenta):

@@ -437,7 +437,6 @@ class MetricRun(RunLoop):
     def train_step(self, batch: Tuple[Tensor, Tensor, Tensor, Tensor]) -> float:
         """Embed, check, loss with the memory (adapt, enqueue with sample ids), optimiser step, drift probe."""
         x, y, idx = self.readable(batch)
-        self.prefill_if_due()
         measure = self.cfg.drift_every > 0 and self.state.step_in_epoch % self.cfg.drift_every == 0 and self.ctx.is_main
         z_before = self.embed_probe() if measure else None
         with _autocast(self.cfg, self.device):
@@ -461,7 +460,7 @@ class MetricRun(RunLoop):
             self.state.drift_n += 1
         return value
 
-    def prefill_if_due(self) -> None:
+    def fill_memory_if_due(self) -> None:
         """``--prefill``: fill the memory right before the first step whose loss uses it (after any head-only
         warm-up and ``--memory-warmup-steps``), once per run (recorded in the checkpoint)."""
         cfg, st = self.cfg, self.state

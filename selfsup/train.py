@@ -472,7 +472,6 @@ class Trainer(RunLoop):
     def train_step(self, batch: Tuple[Tensor, Optional[tuple]]) -> float:
         """Two views of the batch, one MoCo step, the epoch's loss sums; returns the loss."""
         idx, pil_views = batch
-        self.prefill_if_due()
         x0, x1, g = self.views(self.state.epoch, self.state.step_in_epoch, idx, pil_views)
         ids = torch.as_tensor(idx, dtype=torch.long).to(self.device) if self.pass_ids() else None
         loss = self.moco_step(x0, x1, g, ids).item()
@@ -489,7 +488,7 @@ class Trainer(RunLoop):
                 self.cfg.adapt_keys == "raw" and (len(queue) == 0 or queue.ids is not None))
         return self._pass_ids
 
-    def prefill_if_due(self) -> None:
+    def fill_memory_if_due(self) -> None:
         """``--prefill``: fill the queue right before the first step whose loss uses it (after
         ``--memory-warmup-steps``), once per run (recorded in the checkpoint)."""
         cfg, st = self.cfg, self.state

@@ -5,10 +5,9 @@ A run reads top to bottom in :meth:`RunLoop.fit`::
     setup()                    # check everything (nothing written), then build data, model, memory, optimiser
     resume_if_asked()          # model, memory, optimiser, RNG and position from last.pt
     prepare_run_folder()       # the first write (rank 0), between two barriers
-    fill_memory()              # a new run's memory before the first step (nothing by default)
     for each epoch:
         start_epoch()          # per-epoch setup (a phase change, a fresh optimiser)
-        train_one_epoch()      # batches() -> train_step() per batch; periodic checkpoints; stop checks
+        train_one_epoch()      # per batch: fill_memory_if_due(), train_step(); periodic checkpoints; stop checks
         end_epoch()            # evaluation when due, the epoch's record, best checkpoint
         save_checkpoint()      # last.pt
     finish()                   # the final line, the plot; returns a RunSummary
@@ -223,8 +222,6 @@ class RunLoop:
         if self.resumed_from is not None and self.finished():
             return self.already_complete()
         self.prepare_run_folder()
-        if self.resumed_from is None:
-            self.fill_memory()
         reason: Reason = None
         t_start = time.time()
         with GracefulExit(enabled=True, verbose=self.ctx.is_main) as self.stop, self.open_logger() as self.logger:
@@ -266,11 +263,10 @@ class RunLoop:
         """True when nothing is left to train."""
         raise NotImplementedError
 
-    def fill_memory(self) -> None:
-        """A new run's memory before its first step (e.g. prefilled from training batches); nothing by default.
-
-        A resumed run restores its memory from the checkpoint instead.
-        """
+    def fill_memory_if_due(self) -> None:
+        """Before every step: fill the memory when it is due (``--prefill``: once, right before the first step
+        whose loss uses the memory); nothing by default. A trainer records the fill in its run state, so
+        that a resumed run does not fill again."""
 
     def start_epoch(self) -> None:
         """Per-epoch setup before the first batch (e.g. a phase change); nothing by default."""
@@ -336,6 +332,7 @@ class RunLoop:
         bar = progress(self.batches(), total=self.steps_per_epoch - self.state.step_in_epoch,
                        desc=self.epoch_description(), enabled=self.cfg.progress, leave=False)
         for batch in bar:
+            self.fill_memory_if_due()
             loss = self.train_step(batch)
             bar.set_postfix(loss=f"{loss:.4f}")
             self.state.advance()
