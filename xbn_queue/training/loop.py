@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from xbn_queue.training.checkpoint import CheckpointError, atomic_save, load_checkpoint, resolve_resume
-from xbn_queue.training.cli import choose_output_dir, one_line, prepare_output_dir
+from xbn_queue.training.cli import choose_output_dir, mark_started, one_line, prepare_output_dir
 from xbn_queue.training.config import config_to_dict, save_config
 from xbn_queue.training.distributed import DistContext, init_distributed
 from xbn_queue.training.progress import progress
@@ -240,18 +240,31 @@ class RunLoop:
         if self.resumed_from is not None and self.finished():
             return self.already_complete()
         self.prepare_run_folder()
-        reason: Reason = None
-        t_start = time.time()
-        with GracefulExit(enabled=True, verbose=self.ctx.is_main) as self.stop, self.open_logger() as self.logger:
-            while reason is None and not self.finished():
-                self.start_epoch()
-                reason = self.train_one_epoch()
-                if reason != "signal":
-                    reason = self.end_epoch(reason)
-                self.save_checkpoint(unless_current=reason == "signal")  # a periodic one may hold this very step
-                if reason is None and not self.finished() and self.stop_requested():
-                    reason = "signal"
-        return self.finish(reason, time.time() - t_start)
+        try:
+            reason: Reason = None
+            t_start = time.time()
+            with GracefulExit(enabled=True, verbose=self.ctx.is_main) as self.stop, self.open_logger() as self.logger:
+                while reason is None and not self.finished():
+                    self.start_epoch()
+                    reason = self.train_one_epoch()
+                    if reason != "signal":
+                        reason = self.end_epoch(reason)
+                    self.save_checkpoint(unless_current=reason == "signal")  # a periodic one may hold this very step
+                    if reason is None and not self.finished() and self.stop_requested():
+                        reason = "signal"
+            return self.finish(reason, time.time() - t_start)
+        except NonFiniteError:  # its message names the step and the checkpoint kept
+            raise
+        except Exception as err:  # the folder is written: never "bad input, nothing written" (exit 2)
+            mark_started(err, self.where_stopped())
+            raise
+
+    def where_stopped(self) -> str:
+        """What a failed run left: its folder, the step, the checkpoint and how to continue."""
+        kept = (f"{self.last_checkpoint} holds step {self._saved_step}" if self.last_checkpoint
+                else "no checkpoint was written yet")
+        return (f"the run in {self.out} stopped after step {self.state.global_step} ({kept}): continue it with "
+                f"--resume once fixed")
 
     def setup(self) -> None:
         """Check everything (nothing is written), then build; runs once."""
