@@ -787,7 +787,7 @@ class AdaptiveQueue(nn.Module):
         ar = self._cached(("arange", b, dev), lambda: torch.arange(b, device=dev))  # (B,)
         pos = (self.ptr + ar).remainder_(self.size)  # (B,) as _enqueue computes it
         n = min(self._n + b, self.size)
-        return PendingWrite(emb, labels, ids, pos, n, self._in_warmup(n), self._version)
+        return PendingWrite(emb.detach(), labels, ids, pos, n, self._in_warmup(n), self._version)
 
     @torch.no_grad()
     def commit(self, pending: PendingWrite) -> Tensor:
@@ -802,12 +802,13 @@ class AdaptiveQueue(nn.Module):
         self._check_pending(pending)
         return self._enqueue(pending.embeddings, pending.labels, pending.ids, pending.positions)
 
+    @torch.no_grad()
     def preview(self, pending: PendingWrite) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """The valid rows, labels and ids as they will read once ``pending`` is committed; writes nothing.
 
         Rows are what :meth:`valid_memory` returns after :meth:`commit` (the same values, bit for
-        bit), as a new tensor: one copy of the valid rows, the price of keeping the batch out of the
-        memory until it is checked.
+        bit), as a new tensor without gradient (the batch's rows are detached copies, as stored): one
+        copy of the valid rows, the price of keeping the batch out of the memory until it is checked.
 
         Returns:
             ``(n', D)`` rows (storage dtype; float32 for a fixed-frame memory), ``(n',)`` int64 labels

@@ -48,3 +48,25 @@ def test_a_nan_loss_with_finite_embeddings_never_reaches_the_memory(tmp_path, mo
     assert not (live.memory[:, None, :] == bad[None]).all(-1).any()  # no row of the bad batch
     if method == "xbm":  # no adaptation either: the memory is last.pt's, bit for bit
         assert torch.equal(live.memory, saved.memory)
+
+
+def test_holding_the_batch_back_changes_no_number_of_a_normal_run(tmp_path, monkeypatch):
+    import contextlib
+
+    from metric.train import train
+    from xbn_queue.pml import AdaptiveCrossBatchMemory
+    from xbn_queue.training.tracking import read_metrics
+
+    def run(name):
+        cfg = tiny_cfg(tmp_path / name, method="xbn", max_steps=16, drift_every=0)
+        train(cfg)
+        records = [{k: v for k, v in r.items() if not k.endswith(("_s", "time"))} for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+        return records, memory_of(tmp_path / name, cfg)[0].state_dict()
+
+    held = run("held")
+    monkeypatch.setattr(AdaptiveCrossBatchMemory, "deferred_enqueue", lambda self: contextlib.nullcontext())
+    plain = run("plain")  # the old order: the batch written inside the forward, the loss checked after
+    assert held[0] == plain[0]  # every loss and metric, bit for bit
+    assert held[1].keys() == plain[1].keys()
+    for key in held[1]:
+        assert torch.equal(held[1][key], plain[1][key]), key

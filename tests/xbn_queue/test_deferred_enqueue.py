@@ -95,12 +95,16 @@ def test_a_deferred_step_gives_the_same_loss_and_memory_bit_for_bit(make):
     deferred.load_state_dict(plain.state_dict())
     for x, y, i in batches(7, 5, 8):
         second = x.flip(0) * 0.5 + 0.1  # the keys (MoCo) or unused
-        args = (x, y) if isinstance(plain, AdaptiveCrossBatchMemory) else (x.requires_grad_(), second)
-        loss_a = plain(*args, ids=i)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        pml_style = isinstance(plain, AdaptiveCrossBatchMemory)
+        loss_a = plain(*((xa, y) if pml_style else (xa, second)), ids=i)
         with deferred.deferred_enqueue() if not isinstance(deferred, AdaptiveNTXentLoss) else \
                 deferred.memory_bank.deferred_enqueue():
-            loss_b = deferred(*args, ids=i)
+            loss_b = deferred(*((xb, y) if pml_style else (xb, second)), ids=i)
+        loss_a.backward()
+        loss_b.backward()
         assert torch.equal(loss_a, loss_b)
+        assert torch.equal(xa.grad, xb.grad)  # the stored rows carry no gradient in either
         assert_same_state(state(plain), state(deferred))
 
 
