@@ -73,3 +73,28 @@ def test_a_nan_on_rank_1_only_stops_both_ranks_before_the_queue(tmp_path, what):
         if what == "embedding":  # stopped before the adaptation too: the memory of the last checkpoint
             assert torch.equal(q["memory"], q_saved["memory"])
     assert torch.equal(ranks[0]["queue"]["memory"], ranks[1]["queue"]["memory"])
+
+
+@pytest.mark.parametrize("adapt_keys", ["normalized", "raw"])
+def test_holding_the_keys_back_changes_no_number_of_a_normal_run(tmp_path, monkeypatch, adapt_keys):
+    import contextlib
+
+    from selfsup.loss import RawKeyMoCoLoss
+    from selfsup.train import train
+    from tests.selfsup.test_distributed_and_kill import read_jsonl, strip_timing
+    from xbn_queue.lightly import AdaptiveMemoryBank
+
+    def run(name):
+        cfg = tiny_config(tmp_path / name, adaptation="xbn", adapt_keys=adapt_keys, train_subset=128, max_steps=6,
+                          knn_every=0)
+        train(cfg)
+        return strip_timing(read_jsonl(tmp_path / name / "metrics.jsonl")), queue_of(tmp_path / name / "last.pt")
+
+    held = run("held")
+    for cls in (RawKeyMoCoLoss, AdaptiveMemoryBank):  # the old order: the keys written inside the forward
+        monkeypatch.setattr(cls, "deferred_enqueue", lambda self: contextlib.nullcontext())
+    plain = run("plain")
+    assert held[0] == plain[0]  # every loss, bit for bit
+    assert held[1].keys() == plain[1].keys()
+    for key in held[1]:
+        assert torch.equal(held[1][key], plain[1][key]), key
