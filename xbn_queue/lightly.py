@@ -33,6 +33,10 @@ and, with ``mask_same_ids=True``, those rows are left out of that query's negati
     criterion = AdaptiveNTXentLoss(temperature=0.2, memory_bank_size=(4096, 128), mask_same_ids=True)
     loss = criterion(query, key, ids=sample_ids)
 
+Inside ``with bank.deferred_enqueue():`` (:class:`~xbn_queue.queue.DeferredEnqueue`) a ``forward`` with
+``update=True`` adapts and returns the bank as usual, and the batch is written when the block ends
+without an exception (dropped when it raises), so a loss can be checked before its keys are stored.
+
 Unlike lightly's bank (non-persistent buffers) all state is in registered, persistent buffers of
 ``queue``, so ``state_dict()`` checkpoints the bank. A lightly checkpoint, which has no bank keys,
 still loads with ``strict=True``: the bank then starts fresh, with a warning.

@@ -17,6 +17,11 @@ selects no rows while the memory is not yet full, PML marks its memory filled an
 ``memory_size`` rows (the never-written ones are zero vectors with label 0) until it is really full;
 here only the rows written are compared against.
 
+Inside ``with loss_fn.deferred_enqueue():`` (an extension, see :class:`~xbn_queue.queue.DeferredEnqueue`)
+the loss is the same, computed against the memory as it will be, but the batch is written only when
+the block ends without an exception: check the loss inside the block and a bad batch never reaches
+the memory. Outside such a block a call writes at once, as PML's.
+
 PML's attributes ``embedding_memory`` / ``label_memory`` (read-only copies), ``queue_idx``,
 ``has_been_filled`` and ``curr_batch_idx`` are provided, the memory follows the embeddings' device as
 PML's does, and a PML state dict loads into this class (see ``_load_from_state_dict``).
