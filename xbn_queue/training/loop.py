@@ -15,8 +15,10 @@ A run reads top to bottom in :meth:`RunLoop.fit`::
 A trainer is a subclass that supplies only what differs: :meth:`check`, :meth:`build`,
 :meth:`batches`, :meth:`train_step`, :meth:`end_epoch` and its checkpoint contents
 (:meth:`checkpoint_state` / :meth:`load_state`). Everything a rank must agree on (the stop flag, the
-BatchNorm statistics before an evaluation) and everything written (run folder, checkpoints, the final
-line) is done here once.
+finiteness of a step's embeddings and loss, :meth:`check_finite`; the BatchNorm statistics before an
+evaluation) and everything written (run folder, checkpoints, the final line) is done here once. An
+error after the run folder was written is marked (:func:`~xbn_queue.training.cli.mark_started`), so
+that the command line never reports it as bad input.
 
 Tests and users reach into a run through :class:`Callback` (``on_step_end``, ``on_checkpoint``,
 ``on_run_end``), never through environment variables.
