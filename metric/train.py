@@ -435,20 +435,20 @@ class MetricRun(RunLoop):
                                                 generator=torch.Generator().manual_seed(cfg.seed + st.epoch)))
 
     def train_step(self, batch: Tuple[Tensor, Tensor, Tensor, Tensor]) -> float:
-        """Embed, check, loss with the memory (adapt, enqueue with sample ids), optimiser step, drift probe."""
+        """Embed, check, loss with the memory (adapt; the batch held back), check, enqueue, optimiser step, drift probe."""
         x, y, idx = self.readable(batch)
         measure = self.cfg.drift_every > 0 and self.state.step_in_epoch % self.cfg.drift_every == 0 and self.ctx.is_main
         z_before = self.embed_probe() if measure else None
         with _autocast(self.cfg, self.device):
             emb = self.net(x)  # (B, D) float32
-        if any_rank(self.ctx, not bool(torch.isfinite(emb).all()))[0]:
-            raise self.non_finite("embedding")
+        self.check_finite("embedding", emb)  # every rank, before the memory is adapted
         if self.warm or self.mem_loss is None:
             loss = self.batch_loss(emb, y)
+            self.check_finite("loss", loss)
         else:
-            loss = self.mem_loss(emb, y, ids=idx)  # adapt the memory, enqueue (with sample ids), loss
-        if any_rank(self.ctx, not bool(torch.isfinite(loss)))[0]:
-            raise self.non_finite("loss")
+            with self.mem_loss.deferred_enqueue():  # the batch (with sample ids) is written at the block's end
+                loss = self.mem_loss(emb, y, ids=idx)  # adapt the memory, loss against it and the batch
+                self.check_finite("loss", loss)  # raises: the batch never reaches the memory
         self.optimizer_step(loss)
         value = float(loss.detach())
         self.state.loss_sum += value
