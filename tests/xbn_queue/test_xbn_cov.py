@@ -276,9 +276,13 @@ def test_a_prefilled_memory_keeps_full_rank_under_rank_deficient_batches(dim, si
 
 @pytest.mark.parametrize("dim", [64, 256])
 def test_rank_deficient_batches_from_an_empty_memory_give_a_well_conditioned_memory(dim):
-    """No prefill: the memory fills from batches of 16 (rank 15) in 64 or 256 dimensions. Same threshold
-    as above; the unshrunk filter (``shrinkage=0``) is below it (its eigenvalues spread as those of a
-    sample covariance of about 190 rows)."""
+    """No prefill: the memory fills from batches of 16 (rank 15) in 64 or 256 dimensions.
+
+    Threshold 0.2 on the smallest / largest eigenvalue of the adapted rows (their covariance is the
+    target): the truth is I; the shrunk target is about its diagonal, entries 1 +- 3 sqrt(2 v) with
+    v about 1 / 192, so a ratio above 0.5. The unshrunk filter (``shrinkage=0``) spreads as a sample
+    covariance of about 192 rows, ((1 - r) / (1 + r))^2 with r = sqrt(D / 192): 0.07 for D 64 (0.10
+    measured), 0 for D 256 (rank-deficient: 0.005 measured)."""
     ratios = {}
     for shrinkage in ("auto", 0.0):
         g = torch.Generator().manual_seed(3)
@@ -286,7 +290,7 @@ def test_rank_deficient_batches_from_an_empty_memory_give_a_well_conditioned_mem
         for _ in range(80):
             q.update(torch.randn(16, dim, generator=g))
         ratios[shrinkage] = _eig_ratio(q.embeddings[:-16])  # the adapted rows (the last batch is fresh)
-    assert ratios["auto"] > 0.1 > ratios[0.0], ratios
+    assert ratios["auto"] > 0.2 > ratios[0.0], ratios
 
 
 def test_target_error_at_small_batches_is_within_the_stated_error():
