@@ -425,3 +425,21 @@ def test_pml_dropin_and_lightly_bank_adapt_their_memory_as_the_reference_does():
         want = torch.nn.functional.normalize(torch.tensor(ref.adapted, dtype=torch.float64), dim=1).t()  # (D, n)
         assert neg.shape == want.shape and bank.normalize
         assert_close(neg.double(), want, rtol=2e-4, atol=2e-4)
+
+
+def test_cov_cost_benchmark_runs_on_a_tiny_problem(tmp_path, monkeypatch):
+    """``benchmarks/cov_cost.py`` (the cost numbers in BENCHMARKS.md): one round on a tiny problem
+    writes every column, the unshrunk 0.3.0 target included."""
+    import importlib
+    import json
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    for name in ("common", "cov_cost"):
+        sys.modules.pop(name, None)
+    cov_cost = importlib.import_module("cov_cost")
+    out = tmp_path / "cc.json"
+    cov_cost.main(["--dims", "8", "--sizes", "64", "--batch", "8", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert set(cov_cost.COLUMNS) <= set(row) and row["unshrunk_ms"] > 0 and row["shrink_ratio"] > 0
