@@ -82,7 +82,8 @@ class AdaptiveQueue(nn.Module):
     ``adapt`` / ``enqueue`` / ``update`` never read a device value on the host (with the
     ``validate`` mode the memory's device gets by default), so a step on CUDA never stalls the
     stream, and a steady-state ``update`` (full memory, fixed batch size) can be captured in a
-    CUDA graph. The O(D) bookkeeping is compiled into a few fused kernels on CUDA (``compile``).
+    CUDA graph. The exception is ``adaptation="xbn-cov"``: its two ``torch.linalg.eigh`` per step
+    synchronise a CUDA device with the host (:class:`~xbn_queue.adaptation.XBNCov`). The O(D) bookkeeping is compiled into a few fused kernels on CUDA (``compile``).
 
     Args:
         size: Number of rows the memory holds.
