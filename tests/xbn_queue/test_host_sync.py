@@ -9,6 +9,9 @@ A ``TorchDispatchMode`` (:class:`xbn_queue.opcount.OpCounter`) sees every aten o
   ``masked_select``, indexing or assigning with a boolean mask (``x[mask]``, ``x[mask] = v``),
   every ``torch.unique`` variant, ``repeat_interleave`` without ``output_size``, ``bincount``;
 * ops returning a Python value computed on the device: ``equal``, ``allclose``, ``is_nonzero``;
+* the linear-algebra ops that synchronise on CUDA (``eigh``, ``eig``, ``svd``, ``pinv``, the error
+  check of ``cholesky`` / ``inv`` / ``solve`` / ``lu_factor``, ``_ex`` variants with
+  ``check_errors=True``): ``"xbn-cov"`` makes exactly two per step, in ``eigh``, and nothing else;
 * device-to-host copies (``_to_copy`` / ``copy_`` from a GPU tensor to the CPU), and ``.tolist()``,
   ``.numpy()``, ``.cpu()`` called on any tensor (counted on a CPU tensor too, where they dispatch
   nothing, since they name the host).
