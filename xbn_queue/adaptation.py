@@ -277,7 +277,9 @@ class XBNCov(_StepCounted, Adaptation):
        entries are then pulled towards 0 by the weight ``lam`` (``cov_intensity``) that minimises the
        expected squared Frobenius error. Its expected error, stated in that function, is
        ``v sum_i 2 Sigma_ii^2 + (1 - lam) v sum_{i != j} (Sigma_ij^2 + Sigma_ii Sigma_jj)`` against
-       ``v (tr(Sigma^2) + tr(Sigma)^2)`` for ``T`` alone; the shrunk target is positive definite.
+       ``v (tr(Sigma^2) + tr(Sigma)^2)`` for ``T`` alone. Since ``lam >= v / (1 + v) > 0``, the
+       target's smallest eigenvalue is at least ``v / (1 + v) min_i T_ii``: positive definite
+       however few rows the batches have.
        ``v`` counts sampling noise only: under drift ``T`` also lags the truth, which ``q`` trades off.
 
     ``shrinkage="auto"`` (the default) uses that weight; a number ``a`` in ``[0, 1]`` fixes it
