@@ -229,6 +229,13 @@ def test_shrink_to_diagonal_matches_the_plain_formula():
     out, lam = F.shrink_to_diagonal(diag, torch.tensor(0.1, dtype=torch.float64))
     assert float(lam) == 1.0 and torch.equal(out, diag)
     assert abs(float(F.wishart_noise(c, 7)) - ref_noise(c.tolist(), 7)) < 1e-12
+    # one batch of 4 rows in 10 dimensions (rank 3): the shrunk estimate is positive definite, its
+    # smallest eigenvalue at least v / (1 + v) times the smallest diagonal entry (numpy's eigvalsh)
+    x = torch.randn(4, 10, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, 10, dtype=torch.float64)
+    c = F.mean_cov(x)[1]
+    out, lam = F.shrink_to_diagonal(c, torch.tensor(1 / 3, dtype=torch.float64))
+    smallest = np.linalg.eigvalsh(np.array(out.tolist()))[0]
+    assert smallest >= 0.25 * min(c[i, i].item() for i in range(10)) * (1 - 1e-12) and float(lam) >= 0.25
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
