@@ -157,7 +157,8 @@ class AdaptiveQueue(nn.Module):
     ``adapt`` / ``enqueue`` / ``update`` never read a device value on the host (with the
     ``validate`` mode the memory's device gets by default), so a step on CUDA never stalls the
     stream, and a steady-state ``update`` (full memory, fixed batch size) can be captured in a
-    CUDA graph. The O(D) bookkeeping is compiled into a few fused kernels on CUDA (``compile``).
+    CUDA graph. The exception is ``adaptation="xbn-cov"``: its two ``torch.linalg.eigh`` per step
+    synchronise a CUDA device with the host (:class:`~xbn_queue.adaptation.XBNCov`). The O(D) bookkeeping is compiled into a few fused kernels on CUDA (``compile``).
 
     Args:
         size: Number of rows the memory holds.
@@ -545,9 +546,11 @@ class AdaptiveQueue(nn.Module):
     def _adapt_covariance(self, batch: Tensor, n: int) -> None:
         """Full-covariance matching: memory moments by one float64 pass, then one ``(n, D) @ (D, D)`` map."""
         batch_mean, batch_cov = F.mean_cov(batch)  # (D,), (D, D) float64
-        tgt_mean, tgt_cov = self.adaptation.target_covariance(batch_mean, batch_cov, batch.shape[0])
         mem = self.memory if n == self.size else self.memory[:n]  # (n, D), live
         mem_mean, mem_cov = F.mean_cov(mem)  # (D,), (D, D) float64
+        tgt_mean, tgt_cov = self.adaptation.target_covariance(
+            batch_mean, batch_cov, batch.shape[0], memory_cov=mem_cov, memory_rows=n
+        )
         a, b = F.covariance_matching_affine(mem_mean, mem_cov, tgt_mean, tgt_cov, self.eps)
         F.apply_linear_(mem, a, b)
 
