@@ -8,6 +8,7 @@ sets always win. The resolved configuration is what ``config.yaml`` in the run f
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -107,7 +108,7 @@ class MetricConfig:
     embedding_norm: str = field(default="l2", metadata=_h("l2, or l2 followed by bn / ln (Appendix A)", choices=["l2", "bn", "ln"], group="model"))
     # method and memory
     method: str = field(default="xbn", metadata=_h("none (batch loss), xbm (memory loss), xbm-batch (XBM*: memory + batch), xbn, axbn, xbn-cov (full covariance)", choices=list(METHODS), group="memory"))
-    memory_size: Optional[Union[int, float]] = field(default=None, metadata=_h("memory rows N (an integer >= 1, at most the training set), or a fraction of the training set in (0, 1] like 0.5 (default 0.5; deepfashion2 1.0)", group="memory"))
+    memory_size: Optional[Union[int, float]] = field(default=None, metadata=_h("memory rows N (an integer >= 1), or a multiple of the training set (of an epoch), a decimal like 0.5 or 2.0 (default 0.5; deepfashion2 1.0). A memory larger than the training set (above 1.0) holds older copies of the same images: same label, so they are positives of their anchors", group="memory"))
     memory_warmup_steps: int = field(default=0, metadata=_h("keep the memory out of the loss for the first N steps of the method (after the head-only warm-up): the loss is the plain batch loss while the memory fills and adapts", group="memory", range=at_least(0)))
     prefill: bool = field(default=False, metadata=_h("fill the memory with the current model's embeddings (eval mode, evaluation transform) of distinct training images right before the first step that uses it (after the head-only warm-up and --memory-warmup-steps)", group="memory"))
     kalman_r: Union[float, str] = field(default=0.01, metadata=_h("AXBN measurement noise r > 0 (per batch: r/B), or 'auto' (default 0.01)", group="memory"))
@@ -247,23 +248,25 @@ def _head_none_dim(cfg: MetricConfig, explicit: Optional[int]) -> int:
 
 
 def memory_rows(memory_size: Union[int, float, str], num_train: Optional[int]) -> int:
-    """Number of memory rows: an integer is a row count, a float (``0.5``, ``1.0``, ``5e-1``; also as a
-    string) a fraction of the ``num_train`` training images (rounded, at least 1).
+    """Number of memory rows: an integer is a row count, a float (``0.5``, ``2.0``, ``5e-1``; also as a
+    string) a multiple of the ``num_train`` training images, i.e. of an epoch (rounded, at least 1).
 
-    A count larger than the training set is refused (a memory that big would hold the same images
-    several times, which XBM never intends): use at most ``num_train`` rows or the fraction ``1.0``.
+    A memory may hold more than an epoch (``2.0``, or a count above ``num_train``): it then keeps
+    older copies of the same images, which have the same label and so are positives of their
+    anchors (a row's own copy written in the same step is removed, as in PML's ``CrossBatchMemory``).
+    Only the device's memory bounds it (checked by the trainer against the resolved rows).
 
     Args:
         memory_size: The ``--memory-size`` value.
         num_train: Training images, or ``None`` to check the value alone (returns 0 for a fraction).
 
     Raises:
-        UsageError: unparsable value, a fraction outside (0, 1], a count < 1 or larger than the
-            training set.
+        UsageError: unparsable value, a fraction that is not a finite number > 0, a count < 1.
     """
     value: Union[int, float]
+    expected = "expected a row count >= 1 or a fraction of the training set > 0 (like 0.5 or 2.0)"
     if isinstance(memory_size, bool):
-        raise UsageError(f"--memory-size {memory_size}: expected a row count or a fraction in (0, 1]")
+        raise UsageError(f"--memory-size {memory_size}: {expected}")
     if isinstance(memory_size, (int, float)):
         value = memory_size
     else:
@@ -274,15 +277,11 @@ def memory_rows(memory_size: Union[int, float, str], num_train: Optional[int]) -
             try:
                 value = float(text)
             except ValueError:
-                raise UsageError(f"--memory-size {memory_size}: expected a row count or a fraction in (0, 1]") from None
+                raise UsageError(f"--memory-size {memory_size}: {expected}") from None
     if isinstance(value, float):
-        if not 0.0 < value <= 1.0:
-            hint = f" (for {int(value)} rows, write the integer)" if value > 1 and value.is_integer() else ""
-            raise UsageError(f"--memory-size {memory_size}: a fraction must be in (0, 1]{hint}")
+        if not (math.isfinite(value) and value > 0.0):
+            raise UsageError(f"--memory-size {memory_size}: a fraction of the training set must be a finite number > 0")
         return 0 if num_train is None else max(1, int(round(value * num_train)))
     if value < 1:
-        raise UsageError(f"--memory-size {memory_size}: expected a row count >= 1 or a fraction in (0, 1]")
-    if num_train is not None and value > num_train:
-        raise UsageError(f"--memory-size {memory_size}: more rows than the {num_train} training images; "
-                         f"use at most {num_train} (or the fraction 1.0)")
+        raise UsageError(f"--memory-size {memory_size}: {expected}")
     return value

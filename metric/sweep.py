@@ -95,7 +95,7 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
                    help="= --vary batch-size=...: batch sizes, memory fixed at --memory-size (default without "
                         "--vary: 16,32,64)")
     p.add_argument("--memory-sizes", default=None,
-                   help="= --vary memory-size=...: memory sizes (fractions of the training set or row counts), batch "
+                   help="= --vary memory-size=...: memory sizes (fractions of the training set, above 1.0 more than an epoch, or row counts), batch "
                         "fixed at --batch-size (default without --vary: 0.1,0.25,0.5,1.0)")
     p.add_argument("--seeds", type=int, default=3,
                    help="runs per point, with seeds --seed, --seed + 1, ... (default: 3) [valid: >= 1]")
@@ -225,7 +225,7 @@ def _memory_list(text: str) -> List[Union[int, float]]:
             try:
                 return float(v)
             except ValueError:
-                raise UsageError(f"--memory-sizes {text}: {v!r} is neither a row count nor a fraction in (0, 1]") from None
+                raise UsageError(f"--memory-sizes {text}: {v!r} is neither a row count nor a fraction of the training set") from None
 
     return _value_list(text, f"--memory-sizes {text}", parse, lambda value: memory_rows(value, None))
 

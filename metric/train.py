@@ -596,7 +596,8 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
 
     Raises:
         UsageError: fewer than two training classes, no class with ``m_per_class`` images, fewer classes
-            than a batch needs, a memory smaller than one global batch, or no query with a positive.
+            than a batch needs, a memory smaller than one global batch, ``--prefill`` with a memory larger
+            than the training set, or no query with a positive.
     """
     labels = np.asarray(data.train.labels)
     classes, counts = np.unique(labels, return_counts=True)
@@ -612,6 +613,10 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
                          f"{len(classes) * cfg.m_per_class}")
     if cfg.method != "none":
         check_memory_holds_a_batch("--memory-size", cfg.memory_size, rows, cfg.batch_size, world)
+        if cfg.prefill and rows > len(labels):
+            raise UsageError(f"--prefill: fills the memory with distinct training images, but --memory-size "
+                             f"{cfg.memory_size} is {rows} rows, more than the {len(labels)} training images; use "
+                             "a memory of at most the training set (1.0) with --prefill")
     q = np.asarray(data.query.labels)
     if data.query_is_gallery:
         qc, qn = np.unique(q, return_counts=True)
