@@ -49,8 +49,8 @@ __all__ = ["add_compare_args", "run_compare", "compare_main", "format_table", "t
 PROG = "xbn-metric"
 
 #: The paper's names of the methods.
-PAPER_NAMES = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN", "axbn": "AXBN",
-               "raw-pixels": "Raw pixels", "untrained": "Untrained net"}
+PAPER_NAMES = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN", "xbn-batch": "XBN*", "axbn": "AXBN",
+               "axbn-batch": "AXBN*", "xbn-cov-batch": "xbn-cov*", "raw-pixels": "Raw pixels", "untrained": "Untrained net"}
 
 DESCRIPTION = f"""Train every method of --methods with --seeds seeds each (seeds --seed, --seed + 1, ...) and
 tabulate, per method, mean ± std over seeds of Recall@1 at an early epoch (--early-epoch), at the best
@@ -73,7 +73,8 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     """The options of ``compare`` that are not training options."""
     g = p.add_argument_group("compare")
     g.add_argument("--methods", default="none,xbm,xbn,axbn",
-                   help=f"comma-separated methods to compare, among {', '.join(METHODS)} (default: none,xbm,xbn,axbn)")
+                   help=f"comma-separated methods to compare, among {', '.join(METHODS)} (default: none,xbm,xbn,axbn); "
+                        "the table names them No-XBM, XBM, XBM* (xbm-batch), XBN, XBN* (xbn-batch), AXBN, AXBN* (axbn-batch)")
     g.add_argument("--seeds", type=int, default=3,
                    help="runs per method, with seeds --seed, --seed + 1, ... (default: 3) [valid: >= 1]")
     add_jobs_arg(g)

@@ -10,14 +10,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from xbn_queue.training.cli import UsageError, above, at_least, available_cores, between, check_ranges
 
-__all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS", "COMPAT_KEYS",
-           "COMPAT_DEFAULTS", "saved_config"]
+__all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS",
+           "MEMORY_METHODS", "method_memory", "COMPAT_KEYS", "COMPAT_DEFAULTS", "saved_config"]
 
-METHODS = ("none", "xbm", "xbm-batch", "xbn", "axbn", "xbn-cov")
+#: The memory methods (``none``: no memory) and, for each, its ``-batch`` variant: the memory loss plus the
+#: plain batch loss (the paper's XBM* for ``xbm-batch``; XBN*, AXBN* for ``xbn-batch``, ``axbn-batch``).
+MEMORY_METHODS = ("xbm", "xbn", "axbn", "xbn-cov")
+METHODS = ("none", "xbm", "xbm-batch", "xbn", "xbn-batch", "axbn", "axbn-batch", "xbn-cov", "xbn-cov-batch")
+#: The memory's adaptation of each memory method (:class:`xbn_queue.AdaptiveQueue`'s ``adaptation``).
+_ADAPTATION = {"xbm": "none", "xbn": "xbn", "axbn": "axbn", "xbn-cov": "xbn-cov"}
 
 #: Options a checkpoint must agree on to be resumed.
 COMPAT_KEYS = ["dataset", "method", "backbone", "width", "head", "embedding_dim", "embedding_norm", "memory_size",
@@ -26,6 +31,24 @@ COMPAT_KEYS = ["dataset", "method", "backbone", "width", "head", "embedding_dim"
 #: Values of options added after checkpoints were first written (a checkpoint without them had these).
 COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None, "head": "linear", "memory_warmup_steps": 0,
                                    "prefill": False}
+
+
+def method_memory(method: str) -> Tuple[Optional[str], bool]:
+    """``(adaptation, batch_loss)`` of a ``--method``: the memory's adaptation (``None`` for ``none``, no
+    memory) and whether the plain batch loss is added to the memory loss (the ``-batch`` methods).
+
+    >>> method_memory("xbm-batch"), method_memory("axbn"), method_memory("none")
+    (('none', True), ('axbn', False), (None, False))
+
+    Raises:
+        UsageError: an unknown method.
+    """
+    if method not in METHODS:
+        raise UsageError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    if method == "none":
+        return None, False
+    base = method[: -len("-batch")] if method.endswith("-batch") else method
+    return _ADAPTATION[base], base != method
 
 
 def saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
@@ -107,7 +130,7 @@ class MetricConfig:
     embedding_dim: Optional[int] = field(default=None, metadata=_h("embedding size (default 512; digits 64; --head none: the backbone's feature size)", group="model", range=at_least(1)))
     embedding_norm: str = field(default="l2", metadata=_h("l2, or l2 followed by bn / ln (Appendix A)", choices=["l2", "bn", "ln"], group="model"))
     # method and memory
-    method: str = field(default="xbn", metadata=_h("none (batch loss), xbm (memory loss), xbm-batch (XBM*: memory + batch), xbn, axbn, xbn-cov (full covariance)", choices=list(METHODS), group="memory"))
+    method: str = field(default="xbn", metadata=_h("none (No-XBM: the batch loss alone); a memory with its loss: xbm (XBM, not adapted), xbn (XBN, Eq. 6), axbn (AXBN, Kalman, Eq. 18-23), xbn-cov (full covariance); each memory method with -batch (xbm-batch = XBM*, xbn-batch = XBN*, axbn-batch = AXBN*, xbn-cov-batch) adds the plain batch loss to the memory loss", choices=list(METHODS), group="memory"))
     memory_size: Optional[Union[int, float]] = field(default=None, metadata=_h("memory rows N (an integer >= 1), or a multiple of the training set (of an epoch), a decimal like 0.5 or 2.0 (default 0.5; deepfashion2 1.0). A memory larger than the training set (above 1.0) holds older copies of the same images: same label, so they are positives of their anchors", group="memory"))
     memory_warmup_steps: int = field(default=0, metadata=_h("keep the memory out of the loss for the first N steps of the method (after the head-only warm-up): the loss is the plain batch loss while the memory fills and adapts", group="memory", range=at_least(0)))
     prefill: bool = field(default=False, metadata=_h("fill the memory with the current model's embeddings (eval mode, evaluation transform) of distinct training images right before the first step that uses it (after the head-only warm-up and --memory-warmup-steps)", group="memory"))
@@ -177,8 +200,8 @@ def validate_config(cfg: MetricConfig) -> None:
         memory_rows(cfg.memory_size, None)
     if cfg.method == "none" and (cfg.memory_warmup_steps or cfg.prefill):
         option = f"--memory-warmup-steps {cfg.memory_warmup_steps}" if cfg.memory_warmup_steps else "--prefill"
-        raise UsageError(f"{option}: --method none has no memory; use a method with one (xbm, xbm-batch, xbn, "
-                         "axbn, xbn-cov)")
+        raise UsageError(f"{option}: --method none has no memory; use a method with one "
+                         f"({', '.join(m for m in METHODS if m != 'none')})")
     if cfg.download and cfg.dataset != "omniglot":
         raise UsageError(f"--download: applies to --dataset omniglot only, not {cfg.dataset}")
     if cfg.download and not cfg.data_root:

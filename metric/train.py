@@ -43,7 +43,7 @@ from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.tracking import plot_history
 
-from .config import COMPAT_KEYS, MetricConfig, memory_rows, resolve_config, saved_config
+from .config import COMPAT_KEYS, MetricConfig, memory_rows, method_memory, resolve_config, saved_config
 from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import retrieval_metrics
 from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
@@ -96,8 +96,9 @@ def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     """The batch loss and (unless method is ``none``) the memory loss.
 
     Both use PML's ``SupConLoss`` with ``PairMarginMiner(pos_margin=0.2, neg_margin=0.8)``; the memory
-    loss is :class:`xbn_queue.pml.AdaptiveCrossBatchMemory` with adaptation ``none`` (xbm, xbm-batch),
-    ``xbn`` or ``axbn``, plus the batch loss for ``xbm-batch`` (XBM*).
+    loss is :class:`xbn_queue.pml.AdaptiveCrossBatchMemory` with the method's adaptation (``none`` for
+    xbm, ``xbn``, ``axbn``, ``xbn-cov``), plus the batch loss (``add_batch_loss``) for the ``-batch``
+    methods (XBM*, XBN*, AXBN*); see :func:`metric.config.method_memory`.
 
     Returns:
         ``(batch_loss_fn(emb, labels) -> loss, memory_loss or None)``.
@@ -112,16 +113,16 @@ def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     def batch_loss(emb: Tensor, labels: Tensor) -> Tensor:
         return base(emb, labels, miner(emb, labels))
 
-    if cfg.method == "none":
+    adaptation, add_batch_loss = method_memory(cfg.method)
+    if adaptation is None:
         return batch_loss, None
-    adaptation = {"xbm": "none", "xbm-batch": "none", "xbn": "xbn", "axbn": "axbn", "xbn-cov": "xbn-cov"}[cfg.method]
     kw: Dict[str, Any] = {"gather_distributed": distributed,  # sample ids are stored with the rows (staleness)
                           "warmup_steps": cfg.memory_warmup_steps}
     if adaptation == "axbn":
         kw.update(kalman_p0=cfg.kalman_p0, kalman_q=cfg.kalman_q, kalman_gain_every=cfg.kalman_gain_every,
                   kalman_r="auto" if cfg.kalman_r == "auto" else float(cfg.kalman_r))
     mem = AdaptiveCrossBatchMemory(base, embedding_size=cfg.embedding_dim, memory_size=rows, miner=miner,
-                                   adaptation=adaptation, add_batch_loss=cfg.method == "xbm-batch", **kw)
+                                   adaptation=adaptation, add_batch_loss=add_batch_loss, **kw)
     return batch_loss, mem
 
 
