@@ -27,10 +27,10 @@ _ADAPTATION = {"xbm": "none", "xbn": "xbn", "axbn": "axbn", "xbn-cov": "xbn-cov"
 #: Options a checkpoint must agree on to be resumed.
 COMPAT_KEYS = ["dataset", "method", "backbone", "width", "head", "embedding_dim", "embedding_norm", "memory_size",
                "batch_size", "m_per_class", "image_size", "split", "train_fraction", "split_seed", "max_per_class",
-               "memory_warmup_steps", "prefill"]
+               "memory_warmup_steps", "prefill", "omniglot_rotations"]
 #: Values of options added after checkpoints were first written (a checkpoint without them had these).
 COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None, "head": "linear", "memory_warmup_steps": 0,
-                                   "prefill": False}
+                                   "prefill": False, "omniglot_rotations": 1}
 
 
 def method_memory(method: str) -> Tuple[Optional[str], bool]:
@@ -109,6 +109,7 @@ class MetricConfig:
     dataset: str = field(default="digits", metadata=_h("dataset", choices=["sop", "inshop", "deepfashion2", "folder", "digits", "omniglot"], group="data"))
     data_root: Optional[str] = field(default=None, metadata=_h("dataset root folder (not needed for digits; omniglot without it: the embedded subset)", group="data"))
     download: bool = field(default=False, metadata=_h("omniglot: fetch the full dataset into --data-root with torchvision first", group="data"))
+    omniglot_rotations: int = field(default=1, metadata=_h("omniglot: 4 makes every character rotated by 90, 180 and 270 degrees a class of its own, in training and in retrieval (Vinyals et al. 2016; Santoro et al. 2016): four times the classes from the same images; 1: the characters as drawn", choices=[1, 4], group="data"))
     split: str = field(default="auto", metadata=_h("folder/digits split: auto (folder: train/test folders or class split; digits: instance), class (disjoint classes) or instance", choices=["auto", "class", "instance"], group="data"))
     train_fraction: float = field(default=0.5, metadata=_h("fraction of classes (class split) or images (instance split) used for training", group="data", range=between(0, 1, lo_open=True, hi_open=True)))
     split_seed: int = field(default=0, metadata=_h("seed of the folder/digits split rule", group="data"))
@@ -204,6 +205,8 @@ def validate_config(cfg: MetricConfig) -> None:
                          f"({', '.join(m for m in METHODS if m != 'none')})")
     if cfg.download and cfg.dataset != "omniglot":
         raise UsageError(f"--download: applies to --dataset omniglot only, not {cfg.dataset}")
+    if cfg.omniglot_rotations != 1 and cfg.dataset != "omniglot":
+        raise UsageError(f"--omniglot-rotations {cfg.omniglot_rotations}: applies to --dataset omniglot only, not {cfg.dataset}")
     if cfg.download and not cfg.data_root:
         raise UsageError("--download: needs --data-root DIR, the folder the full Omniglot is stored in")
     if cfg.eval_backend == "faiss":

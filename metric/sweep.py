@@ -123,7 +123,8 @@ class Axis:
 _SET_BY_SWEEP = {"method": "--methods", "seed": "--seeds", "output_dir": "--output-dir", "resume": "--resume",
                  "overwrite": "--overwrite"}
 #: Options that define the evaluation data (every point and the baselines must score the same images).
-_EVALUATION = ("dataset", "data_root", "split", "train_fraction", "split_seed", "max_per_class", "recall_ks")
+_EVALUATION = ("dataset", "data_root", "split", "train_fraction", "split_seed", "max_per_class", "recall_ks",
+               "omniglot_rotations")
 #: Short names of options in run folder names (``xbm-b16-m0.5-seed0``).
 _SHORT = {"batch_size": "b", "memory_size": "m"}
 DEFAULT_BATCH_SIZES = "16,32,64"
@@ -308,7 +309,8 @@ def _check_plan(cfg: MetricConfig, plan: Sequence[PlannedRun]) -> None:
     from .data import load_dataset
     from .train import _check_data
 
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed, max_per_class=cfg.max_per_class)
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed, max_per_class=cfg.max_per_class,
+                        omniglot_rotations=cfg.omniglot_rotations)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     for run in plan:
         try:

@@ -304,7 +304,8 @@ class MetricRun(RunLoop):
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction,
-                                                cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download)
+                                                cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download,
+                                                omniglot_rotations=cfg.omniglot_rotations)
         self.rows = _check_data(cfg, self.data, self.ctx.world_size)
         if cfg.method != "none":
             check_memory_fits("--memory-size", cfg.memory_size, self.rows, cfg.embedding_dim, device)
