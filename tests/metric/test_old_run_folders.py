@@ -12,7 +12,7 @@ from .helpers import tiny_argv
 
 
 #: Options of issue 23, named here so that a missing COMPAT_DEFAULTS entry fails this test.
-NEW_KEYS = {"omniglot_rotations"}
+NEW_KEYS = {"omniglot_rotations", "loss", "loss_args", "miner", "miner_args"}
 
 
 def _as_written_before(folder) -> None:
