@@ -43,7 +43,7 @@ from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.tracking import plot_history
 
-from .config import COMPAT_KEYS, MetricConfig, memory_rows, resolve_config, saved_config
+from .config import COMPAT_KEYS, MetricConfig, memory_rows, method_memory, resolve_config, saved_config
 from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import retrieval_metrics
 from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
@@ -95,33 +95,35 @@ def build_transforms(cfg: MetricConfig):
 def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     """The batch loss and (unless method is ``none``) the memory loss.
 
-    Both use PML's ``SupConLoss`` with ``PairMarginMiner(pos_margin=0.2, neg_margin=0.8)``; the memory
-    loss is :class:`xbn_queue.pml.AdaptiveCrossBatchMemory` with adaptation ``none`` (xbm, xbm-batch),
-    ``xbn`` or ``axbn``, plus the batch loss for ``xbm-batch`` (XBM*).
+    Both use the PML loss and miner of ``--loss`` / ``--miner`` with their arguments (default the paper's
+    ``SupConLoss()`` with ``PairMarginMiner(pos_margin=0.2, neg_margin=0.8)``, :mod:`metric.losses`); the memory
+    loss is :class:`xbn_queue.pml.AdaptiveCrossBatchMemory` with the method's adaptation (``none`` for
+    xbm, ``xbn``, ``axbn``, ``xbn-cov``), plus the batch loss (``add_batch_loss``) for the ``-batch``
+    methods (XBM*, XBN*, AXBN*); see :func:`metric.config.method_memory`.
 
     Returns:
         ``(batch_loss_fn(emb, labels) -> loss, memory_loss or None)``.
     """
-    from pytorch_metric_learning import losses, miners
-
     from xbn_queue.pml import AdaptiveCrossBatchMemory
 
-    base = losses.SupConLoss()
-    miner = miners.PairMarginMiner(pos_margin=0.2, neg_margin=0.8)
+    from .losses import build_loss, build_miner, resolve_miner_args
+
+    base = build_loss(cfg.loss, cfg.loss_args)
+    miner = build_miner(cfg.miner, resolve_miner_args(cfg.miner, cfg.miner_args))
 
     def batch_loss(emb: Tensor, labels: Tensor) -> Tensor:
-        return base(emb, labels, miner(emb, labels))
+        return base(emb, labels, miner(emb, labels) if miner is not None else None)
 
-    if cfg.method == "none":
+    adaptation, add_batch_loss = method_memory(cfg.method)
+    if adaptation is None:
         return batch_loss, None
-    adaptation = {"xbm": "none", "xbm-batch": "none", "xbn": "xbn", "axbn": "axbn", "xbn-cov": "xbn-cov"}[cfg.method]
     kw: Dict[str, Any] = {"gather_distributed": distributed,  # sample ids are stored with the rows (staleness)
                           "warmup_steps": cfg.memory_warmup_steps}
     if adaptation == "axbn":
         kw.update(kalman_p0=cfg.kalman_p0, kalman_q=cfg.kalman_q, kalman_gain_every=cfg.kalman_gain_every,
                   kalman_r="auto" if cfg.kalman_r == "auto" else float(cfg.kalman_r))
     mem = AdaptiveCrossBatchMemory(base, embedding_size=cfg.embedding_dim, memory_size=rows, miner=miner,
-                                   adaptation=adaptation, add_batch_loss=cfg.method == "xbm-batch", **kw)
+                                   adaptation=adaptation, add_batch_loss=add_batch_loss, **kw)
     return batch_loss, mem
 
 
@@ -303,7 +305,8 @@ class MetricRun(RunLoop):
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction,
-                                                cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download)
+                                                cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download,
+                                                omniglot_rotations=cfg.omniglot_rotations)
         self.rows = _check_data(cfg, self.data, self.ctx.world_size)
         if cfg.method != "none":
             check_memory_fits("--memory-size", cfg.memory_size, self.rows, cfg.embedding_dim, device)
@@ -596,7 +599,8 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
 
     Raises:
         UsageError: fewer than two training classes, no class with ``m_per_class`` images, fewer classes
-            than a batch needs, a memory smaller than one global batch, or no query with a positive.
+            than a batch needs, a memory smaller than one global batch, ``--prefill`` with a memory larger
+            than the training set, or no query with a positive.
     """
     labels = np.asarray(data.train.labels)
     classes, counts = np.unique(labels, return_counts=True)
@@ -612,6 +616,10 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
                          f"{len(classes) * cfg.m_per_class}")
     if cfg.method != "none":
         check_memory_holds_a_batch("--memory-size", cfg.memory_size, rows, cfg.batch_size, world)
+        if cfg.prefill and rows > len(labels):
+            raise UsageError(f"--prefill: fills the memory with distinct training images, but --memory-size "
+                             f"{cfg.memory_size} is {rows} rows, more than the {len(labels)} training images; use "
+                             "a memory of at most the training set (1.0) with --prefill")
     q = np.asarray(data.query.labels)
     if data.query_is_gallery:
         qc, qn = np.unique(q, return_counts=True)

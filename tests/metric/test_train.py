@@ -27,7 +27,7 @@ def memory_of(out, cfg):
     return mem.queue, ck
 
 
-@pytest.mark.parametrize("method", ["none", "xbm", "xbm-batch", "xbn", "axbn"])
+@pytest.mark.parametrize("method", ["none", "xbm", "xbm-batch", "xbn", "xbn-batch", "axbn", "axbn-batch"])
 def test_each_method_trains_and_writes_its_files(tmp_path, method):
     res = train(tiny_cfg(tmp_path, method=method))
     recs = read_metrics(tmp_path / "metrics.jsonl")
