@@ -460,6 +460,45 @@ def embed(run: PathLike, out: PathLike, data_root: Optional[PathLike] = None, da
     new_labels = [labels[todo[j]] for j in kept]
     if old is None and not new_keys:
         raise UsageError(f"--data-root {root}: none of the {len(keys)} images could be read")
+    with _lock_store(out, old, overwrite):
+        _write_embedded(out, run, lm, old, emb, new_keys, new_labels, skipped, dataset, root, split, rule, overwrite,
+                        indexes if old is not None else [])
+    count = len(new_keys) + (len(old) if old is not None else 0)
+    print(f"[{PROG}] {out}: {len(new_keys)} image(s) embedded" + (f", {len(skipped)} skipped" if skipped else "")
+          + f"; {count} rows of dimension {cfg.embedding_dim}", file=sys.stderr)
+    return {"store": str(out), "count": count, "added": len(new_keys), "skipped": skipped}
+
+
+def _lock_store(out: Path, old: Optional[Store], overwrite: bool):
+    """Lock the store folder before its first write, and check it again under the lock.
+
+    Raises:
+        UsageError: another process writes into it (naming it), it holds a store now (without ``--overwrite``),
+            or the store ``--update`` read has changed since.
+    """
+    from xbn_queue.training.cli import FolderLock
+
+    lock = FolderLock(out, "--out", what=f"an {PROG} embed", prog=PROG).acquire()
+    try:
+        if old is None and is_store(out) and not overwrite:
+            raise UsageError(f"--out {out} already holds a store: add new images with --update, replace it with "
+                             "--overwrite, or choose another folder")
+        if old is not None:
+            now = json.loads((out / META).read_text()) if is_store(out) else {}
+            if any(now.get(k) != old.meta.get(k) for k in ("id", "count", "updated")):
+                raise UsageError(f"--update: the store {out} changed while its new images were embedded (another "
+                                 "process wrote into it); run --update again")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _write_embedded(out: Path, run: PathLike, lm: LoadedModel, old: Optional[Store], emb: np.ndarray,
+                    new_keys: List[str], new_labels: List[str], skipped: List[str], dataset: str, root: Optional[str],
+                    split: str, rule: Any, overwrite: bool, indexes: list) -> None:
+    """Write a new store, or append to ``old`` (extending the indexes saved beside it)."""
+    cfg = lm.config
     now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     if old is None:
         meta = {"format": STORE_FORMAT, "kind": f"{PROG} embedding store", "id": uuid.uuid4().hex,
@@ -482,9 +521,6 @@ def embed(run: PathLike, out: PathLike, data_root: Optional[PathLike] = None, da
             index.add(emb)
             _save_index(out, kind, index, meta)
         _write_store(out, all_emb, old.items + new_keys, old.labels + new_labels, meta)
-    print(f"[{PROG}] {out}: {len(new_keys)} image(s) embedded" + (f", {len(skipped)} skipped" if skipped else "")
-          + f"; {meta['count']} rows of dimension {meta['embedding_dim']}", file=sys.stderr)
-    return {"store": str(out), "count": meta["count"], "added": len(new_keys), "skipped": skipped}
 
 
 def _check_same_model(store: Store, lm: LoadedModel, option: str) -> None:
