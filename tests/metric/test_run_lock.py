@@ -2,6 +2,7 @@
 left by a killed run does not block its ``--resume``."""
 
 import json
+import os
 import re
 import signal
 import socket
@@ -77,13 +78,13 @@ def test_a_series_folder_and_a_store_in_use_are_refused(tmp_path, trained_run):
         before = snapshot(series)
         res = run_cli(["compare", *tiny_argv(series, max_steps=1), "--methods", "none", "--seeds", "1"])
         assert res.returncode == 2, res.stderr
-        assert re.match(_in_use("--output-dir", series, "an xbn-metric compare", __import__("os").getpid()),
+        assert re.match(_in_use("--output-dir", series, "an xbn-metric compare", os.getpid()),
                         _one_error_line(res.stderr))
         assert snapshot(series) == before
     store = tmp_path / "store"
     with FolderLock(store, "--out", what="an xbn-metric embed"):
         res = run_cli(["embed", str(trained_run[0]), "--out", str(store)])
         assert res.returncode == 2, res.stderr
-        assert re.match(_in_use("--out", store, "an xbn-metric embed", __import__("os").getpid()),
+        assert re.match(_in_use("--out", store, "an xbn-metric embed", os.getpid()),
                         _one_error_line(res.stderr))
         assert sorted(p.name for p in store.iterdir()) == [LOCK_FILE]
