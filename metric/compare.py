@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from xbn_queue.training.config import config_to_argv
 from xbn_queue.training.series import (JobSlot, PlannedRun, RunOutcome, SeriesReport, check_series_dir, format_mean_std,
-                                       incomplete_banner, mean_std, run_series)
+                                       incomplete_banner, lock_series_dir, mean_std, run_series)
 
 from .config import METHODS, MetricConfig, resolve_config, validate_config
 
@@ -475,53 +475,57 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
     plan = plan_runs(todo, cfg.seed, seeds)
     check_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite)
     main = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun rank (each run sets up its own process group)
-    if main:
-        print(f"[compare] comparison folder: {out}", file=sys.stderr, flush=True)
-    t0 = time.time()
+    lock = lock_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite, what=f"an {PROG} compare", enabled=main)
+    try:
+        if main:
+            print(f"[compare] comparison folder: {out}", file=sys.stderr, flush=True)
+        t0 = time.time()
 
-    baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out)
-    report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="compare")
-    runs = run_rows(report, early)
-    curves: Dict[str, List[Dict[str, Dict[float, float]]]] = {}
-    for rec, entry in zip(report.records, runs):
-        if rec.complete and main:
-            curves.setdefault(entry["method"], []).append(_curves(run_records(rec.output_dir)))
-            print(f"[compare] {rec.run.name}: {_shown(entry)}", file=sys.stderr, flush=True)
-    summary = summarize_runs(runs, todo)
-    wall = time.time() - t0
-    base = baselines.get("summary", {})
-    label = early_label(runs, early)
-    table = format_table({**base, **summary}, table_columns(label))
-    gains = paired_gains(runs, todo, [k for k, _ in gain_columns(label)])
-    if gains:
-        table += "\n\n" + gain_header(seeds) + "\n\n" + format_gain_table(gains, gain_columns(label))
-    incomplete = report.incomplete()
-    result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds, "early_epoch": early, "complete": not incomplete,
-              "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
-              "machine": f"{platform.machine()} {platform.processor()}".strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "summary": summary, "gains": gains, "baselines": baselines, "runs": runs}
-    if main:
-        spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
-        what = ("Recall@1 at an early epoch, at the best epoch (highest Recall@1 on the evaluation split) and at "
-                "the last epoch, MAP@R at the best and the last, in %")
-        if incomplete:
-            banner = incomplete_banner(incomplete, resume_cmd or None)
-            header = f"{banner}\n\n{cfg.dataset}: finished runs only; {what}"
-            print(banner, file=sys.stderr)
-        else:
-            header = f"{cfg.dataset}: {spread}; {what}"
-            print(header)
-            print(table)
-            print(f"[compare] {len(runs)} runs in {wall:.0f} s", file=sys.stderr)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.md").write_text(f"{header}\n\n{table}\n")
-        (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-        if incomplete:
-            (out / "compare.png").unlink(missing_ok=True)
-        else:
-            _plot(curves, out / "compare.png", f"{cfg.dataset}: mean ± std over {seeds} seed(s)", base)
-    result["exit_code"] = report.exit_code
-    return result
+        baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out)
+        report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="compare")
+        runs = run_rows(report, early)
+        curves: Dict[str, List[Dict[str, Dict[float, float]]]] = {}
+        for rec, entry in zip(report.records, runs):
+            if rec.complete and main:
+                curves.setdefault(entry["method"], []).append(_curves(run_records(rec.output_dir)))
+                print(f"[compare] {rec.run.name}: {_shown(entry)}", file=sys.stderr, flush=True)
+        summary = summarize_runs(runs, todo)
+        wall = time.time() - t0
+        base = baselines.get("summary", {})
+        label = early_label(runs, early)
+        table = format_table({**base, **summary}, table_columns(label))
+        gains = paired_gains(runs, todo, [k for k, _ in gain_columns(label)])
+        if gains:
+            table += "\n\n" + gain_header(seeds) + "\n\n" + format_gain_table(gains, gain_columns(label))
+        incomplete = report.incomplete()
+        result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds, "early_epoch": early, "complete": not incomplete,
+                  "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
+                  "machine": f"{platform.machine()} {platform.processor()}".strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "summary": summary, "gains": gains, "baselines": baselines, "runs": runs}
+        if main:
+            spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
+            what = ("Recall@1 at an early epoch, at the best epoch (highest Recall@1 on the evaluation split) and at "
+                    "the last epoch, MAP@R at the best and the last, in %")
+            if incomplete:
+                banner = incomplete_banner(incomplete, resume_cmd or None)
+                header = f"{banner}\n\n{cfg.dataset}: finished runs only; {what}"
+                print(banner, file=sys.stderr)
+            else:
+                header = f"{cfg.dataset}: {spread}; {what}"
+                print(header)
+                print(table)
+                print(f"[compare] {len(runs)} runs in {wall:.0f} s", file=sys.stderr)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "compare.md").write_text(f"{header}\n\n{table}\n")
+            (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+            if incomplete:
+                (out / "compare.png").unlink(missing_ok=True)
+            else:
+                _plot(curves, out / "compare.png", f"{cfg.dataset}: mean ± std over {seeds} seed(s)", base)
+        result["exit_code"] = report.exit_code
+        return result
+    finally:
+        lock.release()
 
 
 def compare_main(argv: List[str]) -> int:

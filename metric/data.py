@@ -63,6 +63,7 @@ __all__ = [
     "load_digits",
     "load_omniglot",
     "rotated_classes",
+    "download_omniglot",
     "ImageDataset",
 ]
 
@@ -533,6 +534,52 @@ def rotated_classes(split: Split, rotations: int, num_labels: int) -> Split:
     return Split(items, np.concatenate(labels))
 
 
+def download_omniglot(root: Path) -> None:
+    """Fetch the full Omniglot into ``root/omniglot-py/`` with ``torchvision.datasets.Omniglot``.
+
+    When a download fails (no network, a corrupt file), every folder and file this call created is
+    removed again (nothing that was there before is touched) and the error says which file could not
+    be fetched and how to lay out a copy made by hand.
+
+    Raises:
+        DataFormatError: the download failed (one line: the URL, the reason, the manual layout).
+    """
+    import shutil
+
+    from torchvision.datasets import Omniglot
+
+    from xbn_queue.training.cli import one_line
+
+    top = root.absolute()
+    while not top.parent.exists() and top != top.parent:  # the highest folder this call will create
+        top = top.parent
+    made_top = not top.exists()
+    folder = root / "omniglot-py"
+    had_folder = folder.exists()
+    before = set(folder.rglob("*")) if had_folder else set()
+    url = ""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for background in (True, False):
+            url = f"{Omniglot.download_url_prefix}/images_{'background' if background else 'evaluation'}.zip"
+            Omniglot(str(root), background=background, download=True)
+    except BaseException as err:
+        if made_top:
+            shutil.rmtree(top, ignore_errors=True)
+        elif not had_folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            for p in sorted(set(folder.rglob("*")) - before, key=lambda q: len(q.parts), reverse=True):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        if not isinstance(err, Exception):
+            raise
+        raise DataFormatError(
+            f"--download: could not fetch {url} ({one_line(err)}); nothing was kept. To install Omniglot by hand, "
+            f"fetch images_background.zip and images_evaluation.zip from {Omniglot.download_url_prefix}/ and unzip "
+            f"both into {folder}/ (giving images_background/<Alphabet>/<character>/<image>.png and "
+            "images_evaluation/...), then run without --download") from None
+
+
 def load_omniglot(root: Optional[Union[str, Path]] = None, download: bool = False, rotations: int = 1) -> RetrievalData:
     """Omniglot (Lake et al., 2015) split by alphabet: retrieval of characters never seen in training.
 
@@ -550,7 +597,8 @@ def load_omniglot(root: Optional[Union[str, Path]] = None, download: bool = Fals
     degrees, each a class of its own, in both splits (:func:`rotated_classes`; ``info["rotations"]``).
 
     Raises:
-        DataFormatError: a missing, unreadable or empty zip or folder, or ``download`` without ``root``.
+        DataFormatError: a missing, unreadable or empty zip or folder, ``download`` without ``root``, or a
+            download that failed (:func:`download_omniglot`).
         ValueError: ``rotations`` not 1 or 4.
     """
     if rotations not in OMNIGLOT_ROTATIONS:
@@ -558,11 +606,7 @@ def load_omniglot(root: Optional[Union[str, Path]] = None, download: bool = Fals
     if download:
         if root is None or str(root) == "":
             raise DataFormatError("--download needs --data-root DIR (where the full Omniglot is stored)")
-        from torchvision.datasets import Omniglot
-
-        Path(root).expanduser().mkdir(parents=True, exist_ok=True)
-        for background in (True, False):
-            Omniglot(str(Path(root).expanduser()), background=background, download=True)
+        download_omniglot(Path(root).expanduser())
     mapping: Dict[Hashable, int] = {}
     if root is None or str(root) == "":
         if not OMNIGLOT_EMBEDDED.is_file():

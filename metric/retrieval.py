@@ -25,6 +25,16 @@ searches itself, leave-one-out) is clamped to the gallery's size with a note on 
 k-NN vote (``predict``): each of the k neighbours with a label votes for it; the prediction is the
 label with the most votes, a tie going to the label of the better-ranked neighbour; the confidence
 is votes / (neighbours with a label).
+
+Top-1 accuracy (labelled queries, labelled gallery): computed by the rules of Recall@1 in
+:mod:`metric.evaluate`, so that a store searching itself reports the run's Recall@1. Only queries
+with at least one gallery item of their label (leaving the query itself out) count; the others are
+reported as ``queries_without_positive``. Ties count against the query: a hit needs every gallery
+item with the top similarity to share the query's label (faiss's order among equal similarities
+does not decide it; when all k neighbours tie, the query is searched again with a larger k until
+the tie ends). With the exact ``flat`` index this equals Recall@1 up to the float rounding of
+similarities that differ in the last bits; ``ivf`` / ``hnsw`` may miss the best neighbour. The k-NN
+vote's accuracy is over every labelled query (one whose label the gallery lacks is a miss).
 """
 
 from __future__ import annotations
@@ -452,6 +462,45 @@ def embed(run: PathLike, out: PathLike, data_root: Optional[PathLike] = None, da
     new_labels = [labels[todo[j]] for j in kept]
     if old is None and not new_keys:
         raise UsageError(f"--data-root {root}: none of the {len(keys)} images could be read")
+    with _lock_store(out, old, overwrite):
+        _write_embedded(out, run, lm, old, emb, new_keys, new_labels, skipped, dataset, root, split, rule, overwrite,
+                        indexes if old is not None else [])
+    count = len(new_keys) + (len(old) if old is not None else 0)
+    print(f"[{PROG}] {out}: {len(new_keys)} image(s) embedded" + (f", {len(skipped)} skipped" if skipped else "")
+          + f"; {count} rows of dimension {cfg.embedding_dim}", file=sys.stderr)
+    return {"store": str(out), "count": count, "added": len(new_keys), "skipped": skipped}
+
+
+def _lock_store(out: Path, old: Optional[Store], overwrite: bool):
+    """Lock the store folder before its first write, and check it again under the lock.
+
+    Raises:
+        UsageError: another process writes into it (naming it), it holds a store now (without ``--overwrite``),
+            or the store ``--update`` read has changed since.
+    """
+    from xbn_queue.training.cli import FolderLock
+
+    lock = FolderLock(out, "--out", what=f"an {PROG} embed", prog=PROG).acquire()
+    try:
+        if old is None and is_store(out) and not overwrite:
+            raise UsageError(f"--out {out} already holds a store: add new images with --update, replace it with "
+                             "--overwrite, or choose another folder")
+        if old is not None:
+            now = json.loads((out / META).read_text()) if is_store(out) else {}
+            if any(now.get(k) != old.meta.get(k) for k in ("id", "count", "updated")):
+                raise UsageError(f"--update: the store {out} changed while its new images were embedded (another "
+                                 "process wrote into it); run --update again")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _write_embedded(out: Path, run: PathLike, lm: LoadedModel, old: Optional[Store], emb: np.ndarray,
+                    new_keys: List[str], new_labels: List[str], skipped: List[str], dataset: str, root: Optional[str],
+                    split: str, rule: Any, overwrite: bool, indexes: list) -> None:
+    """Write a new store, or append to ``old`` (extending the indexes saved beside it)."""
+    cfg = lm.config
     now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     if old is None:
         meta = {"format": STORE_FORMAT, "kind": f"{PROG} embedding store", "id": uuid.uuid4().hex,
@@ -474,9 +523,6 @@ def embed(run: PathLike, out: PathLike, data_root: Optional[PathLike] = None, da
             index.add(emb)
             _save_index(out, kind, index, meta)
         _write_store(out, all_emb, old.items + new_keys, old.labels + new_labels, meta)
-    print(f"[{PROG}] {out}: {len(new_keys)} image(s) embedded" + (f", {len(skipped)} skipped" if skipped else "")
-          + f"; {meta['count']} rows of dimension {meta['embedding_dim']}", file=sys.stderr)
-    return {"store": str(out), "count": meta["count"], "added": len(new_keys), "skipped": skipped}
 
 
 def _check_same_model(store: Store, lm: LoadedModel, option: str) -> None:
@@ -700,7 +746,10 @@ def search_store(store: PathLike, query: PathLike, k: int = 10, index: str = "fl
     Returns:
         ``{"k", "index", "results": [{"query", "query_label", "neighbours": [{"rank", "item", "label",
         "score"}], "prediction"?: {"label", "confidence", "votes"}}], "top1_accuracy"?,
-        "knn_accuracy"?}`` (accuracies over queries with a known label, when the gallery has labels).
+        "queries_without_positive"?, "knn_accuracy"?}`` (when the gallery has labels and some query a
+        known label: ``top1_accuracy`` by the rules of Recall@1, over the labelled queries with a
+        positive, ties against the query, see the module docstring; ``knn_accuracy`` over every
+        labelled query).
 
     Raises:
         UsageError: bad ``k``, a query store or model of another model or dimension, an index that does
@@ -761,7 +810,10 @@ def search_store(store: PathLike, query: PathLike, k: int = 10, index: str = "fl
     idx = load_index(gallery, index)
     res = search(idx, q_emb, k, exclude, nprobe=nprobe, ef_search=ef_search)
     results = []
-    top1 = knn = n_known = 0
+    top1 = knn = n_known = n_pos = 0
+    label_count: Dict[str, int] = {}
+    for lab in gallery.labels:
+        label_count[lab] = label_count.get(lab, 0) + 1
     for qi, (key, qlab) in enumerate(zip(q_keys, q_labels)):
         nbrs = [{"rank": r + 1, "item": gallery.items[g], "label": gallery.labels[g], "score": float(s)}
                 for r, (g, s) in enumerate(zip(res.rows[qi].tolist(), res.scores[qi].tolist())) if g >= 0]
@@ -771,15 +823,19 @@ def search_store(store: PathLike, query: PathLike, k: int = 10, index: str = "fl
             entry["prediction"] = {"label": lab, "confidence": conf, "votes": votes}
         if qlab and gallery.has_labels:
             n_known += 1
-            top1 += bool(nbrs) and nbrs[0]["label"] == qlab
             knn += predict and entry["prediction"]["label"] == qlab
+            if label_count.get(qlab, 0) - (1 if exclude is not None else 0) > 0:  # has a positive, as Recall@1 asks
+                n_pos += 1
+                top1 += _top1_hit(idx, q_emb, qi, res, exclude, gallery.labels, qlab, avail, nprobe, ef_search)
         results.append(entry)
     summary: Dict[str, Any] = {"store": str(gallery.path), "query": str(query), "k": res.k, "index": index,
                                "similarity": gallery.meta.get("similarity"), "leave_one_out": exclude is not None,
                                "results": results}
     if n_known:
-        summary["top1_accuracy"] = top1 / n_known
-        line = f"[{PROG}] {n_known} labelled queries: top-1 neighbour of the same label {100 * top1 / n_known:.2f}%"
+        summary["top1_accuracy"] = top1 / n_pos if n_pos else float("nan")
+        summary["queries_without_positive"] = n_known - n_pos
+        line = (f"[{PROG}] {n_known} labelled queries: top-1 neighbour of the same label (Recall@1: over the {n_pos} "
+                f"with a positive, ties against the query) {100 * top1 / max(n_pos, 1):.2f}%")
         if predict:
             summary["knn_accuracy"] = knn / n_known
             line += f", k-NN vote (k={res.k}) accuracy {100 * knn / n_known:.2f}%"
@@ -802,6 +858,27 @@ def search_store(store: PathLike, query: PathLike, k: int = 10, index: str = "fl
             for n in entry["neighbours"]:
                 print(f"  {n['rank']:>3}  {n['score']:+.4f}  {n['item']}" + (f"  [{n['label']}]" if n["label"] else ""))
     return summary
+
+
+def _top1_hit(index, q_emb: np.ndarray, qi: int, res: SearchResult, exclude: Optional[np.ndarray],
+              labels: Sequence[str], qlab: str, avail: int, nprobe: int, ef_search: int) -> bool:
+    """Whether query ``qi`` is a Recall@1 hit: every gallery item at the top similarity has its label.
+
+    A tie between a positive and a negative at the top counts against the query, as in
+    :mod:`metric.evaluate`. When all returned neighbours share the top similarity the tie may go on
+    past them, so the query is searched again with twice the k until it ends (or the gallery does).
+    """
+    rows, scores = res.rows[qi], res.scores[qi]  # (k,), (k,)
+    k = res.k
+    while k > 0 and k < avail and bool(np.all(scores == scores[0])):
+        k = min(2 * k, avail)
+        again = search(index, q_emb[qi : qi + 1], k, None if exclude is None else exclude[qi : qi + 1],
+                       nprobe=nprobe, ef_search=ef_search)
+        rows, scores = again.rows[0], again.scores[0]
+    if k == 0 or rows[0] < 0:
+        return False
+    top = rows[(scores == scores[0]) & (rows >= 0)]  # gallery rows at the top similarity
+    return all(labels[g] == qlab for g in top.tolist())
 
 
 def _write_results(path: Path, summary: Dict[str, Any]) -> None:

@@ -57,7 +57,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from xbn_queue.training.cli import UsageError
-from xbn_queue.training.series import PlannedRun, check_series_dir, format_mean_std, incomplete_banner, mean_std
+from xbn_queue.training.series import (PlannedRun, check_series_dir, format_mean_std, incomplete_banner, lock_series_dir,
+                                       mean_std)
 
 from .config import METHODS, MetricConfig, memory_rows, resolve_config
 
@@ -635,74 +636,78 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: Optional[str] = None
     check_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite)
     _check_plan(cfg, plan)
     main = int(os.environ.get("RANK", "0") or 0) == 0
-    if main:
-        print(f"[sweep] sweep folder: {out}; {len(plan)} runs ({len(todo)} method(s) x "
-              f"{len(plan) // (len(todo) * seeds)} point(s) x {seeds} seed(s))", file=sys.stderr, flush=True)
-    t0 = time.time()
-    baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out, tag="sweep")
-    report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="sweep")
-    early = early_epoch_of(cfg, None)  # as compare: the first epoch after the warm-up
-    runs = run_rows(report, early)
-    add_gains(runs, axes)
-    if main:
-        from .compare import _shown
+    lock = lock_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite, what=f"an {PROG} sweep", enabled=main)
+    try:
+        if main:
+            print(f"[sweep] sweep folder: {out}; {len(plan)} runs ({len(todo)} method(s) x "
+                  f"{len(plan) // (len(todo) * seeds)} point(s) x {seeds} seed(s))", file=sys.stderr, flush=True)
+        t0 = time.time()
+        baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out, tag="sweep")
+        report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="sweep")
+        early = early_epoch_of(cfg, None)  # as compare: the first epoch after the warm-up
+        runs = run_rows(report, early)
+        add_gains(runs, axes)
+        if main:
+            from .compare import _shown
 
-        for rec, entry in zip(report.records, runs):
-            if rec.complete:
-                print(f"[sweep] {rec.run.name}: {_shown(entry)}", file=sys.stderr, flush=True)
-    keys = list(dict.fromkeys([*metric_keys(cfg), *SWEEP_KEYS, *GAIN_KEYS]))
-    points = sweep_points(runs, todo, axes, fixed, keys)
-    wall = time.time() - t0
-    incomplete = report.incomplete()
-    result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds,
-              "sweeps": {a.name: list(a.values) for a in axes}, "fixed": fixed, "complete": not incomplete,
-              "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
-              "machine": f"{platform.machine()} {platform.processor()}".strip(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "points": points, "baselines": baselines, "runs": runs}
-    for a in axes:  # the names of the first versions of sweep.json
-        if a.name in ("batch_size", "memory_size"):
-            result[a.name + "s"] = list(a.values)
-    if main:
-        base = baselines.get("summary", {})
-        spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
-        header = f"{cfg.dataset}: {spread}; best epoch (highest Recall@1) / last epoch, in %"
-        if incomplete:
-            banner = incomplete_banner(incomplete, resume_cmd or None)
-            header = f"{banner}\n\n{cfg.dataset}: finished runs only; best epoch / last epoch, in %"
-            print(banner, file=sys.stderr)
-        from .baselines import BASELINES
+            for rec, entry in zip(report.records, runs):
+                if rec.complete:
+                    print(f"[sweep] {rec.run.name}: {_shown(entry)}", file=sys.stderr, flush=True)
+        keys = list(dict.fromkeys([*metric_keys(cfg), *SWEEP_KEYS, *GAIN_KEYS]))
+        points = sweep_points(runs, todo, axes, fixed, keys)
+        wall = time.time() - t0
+        incomplete = report.incomplete()
+        result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds,
+                  "sweeps": {a.name: list(a.values) for a in axes}, "fixed": fixed, "complete": not incomplete,
+                  "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
+                  "machine": f"{platform.machine()} {platform.processor()}".strip(),
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "points": points, "baselines": baselines, "runs": runs}
+        for a in axes:  # the names of the first versions of sweep.json
+            if a.name in ("batch_size", "memory_size"):
+                result[a.name + "s"] = list(a.values)
+        if main:
+            base = baselines.get("summary", {})
+            spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
+            header = f"{cfg.dataset}: {spread}; best epoch (highest Recall@1) / last epoch, in %"
+            if incomplete:
+                banner = incomplete_banner(incomplete, resume_cmd or None)
+                header = f"{banner}\n\n{cfg.dataset}: finished runs only; best epoch / last epoch, in %"
+                print(banner, file=sys.stderr)
+            from .baselines import BASELINES
 
-        shown = "; ".join(f"{BASELINES[n]}: R@1 {format_mean_std(s.get('recall@1'))}, MAP@R {format_mean_std(s.get('map@r'))}"
-                          for n, s in base.items())
-        has_baseline = any(b in todo for b in GAIN_BASELINES) and len(todo) > 1
-        gains = format_gain_tables(points, fixed, early_label(runs, early)) if has_baseline else ""
-        text = "\n\n".join([header] + ([f"Baselines (same evaluation split): {shown}"] if shown else [])
-                            + [format_sweep_tables(points, fixed, "recall@1"), format_sweep_tables(points, fixed, "map@r")]
-                            + ([gains] if gains else []))
-        if not incomplete:
-            print(text)
-            print(f"[sweep] {len(runs)} runs in {wall:.0f} s", file=sys.stderr)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep.md").write_text(text + "\n")
-        (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_runs_csv(runs, axes, out / "sweep.csv")
-        figures = {"sweep.png": lambda png: plot_sweep(points, fixed, png, f"{cfg.dataset}: Recall@1, {spread}", base),
-                   "gain.png": lambda png: plot_sweep({k: [p for p in v if p["method"] != "xbm"] for k, v in points.items()},
-                                                      fixed, png, f"{cfg.dataset}: Recall@1 gain over XBM, {spread}",
-                                                      key="gain_recall@1", ylabel="Recall@1 gain over XBM (points)",
-                                                      zero_line=True),
-                   "gain_staleness.png": lambda png: plot_gain_vs_staleness(
-                       runs, png, f"{cfg.dataset}: gain over XBM against the XBM memory's staleness, every run")}
-        for name, draw in figures.items():
-            (out / name).unlink(missing_ok=True)
+            shown = "; ".join(f"{BASELINES[n]}: R@1 {format_mean_std(s.get('recall@1'))}, MAP@R {format_mean_std(s.get('map@r'))}"
+                              for n, s in base.items())
+            has_baseline = any(b in todo for b in GAIN_BASELINES) and len(todo) > 1
+            gains = format_gain_tables(points, fixed, early_label(runs, early)) if has_baseline else ""
+            text = "\n\n".join([header] + ([f"Baselines (same evaluation split): {shown}"] if shown else [])
+                                + [format_sweep_tables(points, fixed, "recall@1"), format_sweep_tables(points, fixed, "map@r")]
+                                + ([gains] if gains else []))
             if not incomplete:
-                try:
-                    draw(out / name)
-                except ValueError:  # nothing to draw (no evaluation, or no xbm run to compare with)
-                    print(f"[sweep] nothing to plot: {name} not written", file=sys.stderr)
-    result["exit_code"] = report.exit_code
-    return result
+                print(text)
+                print(f"[sweep] {len(runs)} runs in {wall:.0f} s", file=sys.stderr)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "sweep.md").write_text(text + "\n")
+            (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+            write_runs_csv(runs, axes, out / "sweep.csv")
+            figures = {"sweep.png": lambda png: plot_sweep(points, fixed, png, f"{cfg.dataset}: Recall@1, {spread}", base),
+                       "gain.png": lambda png: plot_sweep({k: [p for p in v if p["method"] != "xbm"] for k, v in points.items()},
+                                                          fixed, png, f"{cfg.dataset}: Recall@1 gain over XBM, {spread}",
+                                                          key="gain_recall@1", ylabel="Recall@1 gain over XBM (points)",
+                                                          zero_line=True),
+                       "gain_staleness.png": lambda png: plot_gain_vs_staleness(
+                           runs, png, f"{cfg.dataset}: gain over XBM against the XBM memory's staleness, every run")}
+            for name, draw in figures.items():
+                (out / name).unlink(missing_ok=True)
+                if not incomplete:
+                    try:
+                        draw(out / name)
+                    except ValueError:  # nothing to draw (no evaluation, or no xbm run to compare with)
+                        print(f"[sweep] nothing to plot: {name} not written", file=sys.stderr)
+        result["exit_code"] = report.exit_code
+        return result
+    finally:
+        lock.release()
 
 
 def sweep_main(argv: List[str]) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from xbn_queue.training.series import (PlannedRun, RunOutcome, check_series_dir, format_mean_std, incomplete_banner,
-                                       mean_std, run_series)
+                                       lock_series_dir, mean_std, run_series)
 
 from selfsup.config import ADAPTATIONS, SelfSupConfig
 from selfsup.data import ImageData, load_dataset
@@ -207,8 +207,9 @@ def compare(
     Raises:
         UsageError: unknown adaptation, ``seeds < 1``, bad options, an unusable output folder or data.
     """
-    from xbn_queue.training.cli import UsageError, parse_choices
+    from xbn_queue.training.cli import FolderLock, UsageError, parse_choices
     from xbn_queue.training.distributed import init_distributed
+    from xbn_queue.training.loop import any_rank
 
     from selfsup.train import check_data, train
 
@@ -224,6 +225,7 @@ def compare(
     check_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite)
     cfg = replace(cfg, knn_features=series_knn_features(cfg, out, plan, resume))
     ctx = init_distributed(cfg.device)  # one process group for all runs
+    lock = FolderLock(out)  # held by rank 0 from its first write to its last
     try:
         if data is None:
             data = load_dataset(
@@ -231,6 +233,14 @@ def compare(
                 skip_bad_images=cfg.skip_bad_images, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
             )
         check_data(cfg, data, ctx.world_size)
+        lock_error: Optional[UsageError] = None
+        if ctx.is_main:  # rank 0 locks the folder (each run locks its own below it); every rank stops if it cannot
+            try:
+                lock = lock_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite, what="an xbn-selfsup compare")
+            except UsageError as err:
+                lock_error = err
+        if any_rank(ctx, lock_error is not None)[0]:
+            raise lock_error or UsageError(f"--output-dir {out}: refused on rank 0 (see its message)")
         if ctx.is_main:
             print(f"[compare] comparison folder: {out}", file=sys.stderr, flush=True)
 
@@ -281,6 +291,7 @@ def compare(
         result["exit_code"] = report.exit_code
         return result
     finally:
+        lock.release()
         ctx.cleanup()
 
 

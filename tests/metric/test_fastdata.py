@@ -43,9 +43,18 @@ def neutral(n):
             "flip": torch.zeros(n, dtype=torch.bool), "erase": torch.zeros(n, 4, dtype=torch.long)}
 
 
-@pytest.mark.parametrize("part, tol", [("none", 1e-6), ("flip", 1e-6), ("translate", 1e-6), ("angle", 2e-4),
-                                       ("crop", 3e-3)])  # crop: neighbours outside the crop enter at its edge
-def test_each_operation_equals_torchvision(batch, part, tol):
+def _foreground_diff(a, b):
+    """|a - b| over the pixels where either image is >= 1/255 (a character is mostly black background)."""
+    fg = (a >= 1 / 255) | (b >= 1 / 255)
+    return (a - b).abs()[fg]
+
+
+@pytest.mark.parametrize("part, tol_mean, tol_max", [("none", 1e-6, 1e-6), ("flip", 1e-6, 1e-6), ("translate", 1e-6, 1e-6),
+                                                     ("angle", 1e-5, 1e-5),
+                                                     ("crop", 2e-3, 0.15)])  # crop: neighbours outside the crop enter at its edge
+def test_the_grid_reproduces_each_torchvision_op_on_the_cached_image(batch, part, tol_mean, tol_max):
+    """The geometry of one grid_sample: each op alone, on the 32-px cached image, against torchvision's tensor op
+    (bilinear, no antialiasing). This is not the PIL pipeline of a non-cached run: see the next test."""
     aug = TensorMildAugment(S, 0.6, hflip=0.5, mean=(0, 0, 0), std=(1, 1, 1))
     drawn = aug.sample_params(len(batch), S, S, torch.Generator().manual_seed(3))
     p = neutral(len(batch))
@@ -54,20 +63,67 @@ def test_each_operation_equals_torchvision(batch, part, tol):
     if part == "flip":
         assert 0 < int(p["flip"].sum()) < len(batch)
     ours = aug.apply(batch, p)[:, :1].double()  # (B, 1, S, S)
-    for i in range(len(batch)):
-        err = (ours[i:i + 1] - reference(batch, p, i)).abs().mean().item()
-        assert err < tol, (part, i, err)
+    ref = torch.cat([reference(batch, p, i) for i in range(len(batch))])  # (B, 1, S, S)
+    d = _foreground_diff(ours, ref)
+    assert d.mean().item() < tol_mean and d.max().item() < tol_max, (part, d.mean().item(), d.max().item())
 
 
-def test_composition_close_to_torchvision(batch):
-    # one resampling instead of two: small differences, far below what a wrong sign or order gives
-    aug = TensorMildAugment(S, 0.6, hflip=0.5, mean=(0, 0, 0), std=(1, 1, 1))
-    p = aug.sample_params(len(batch), S, S, torch.Generator().manual_seed(4))
-    ours = aug.apply(batch, p)[:, :1].double()
-    errs = [(ours[i:i + 1] - reference(batch, p, i)).abs().mean().item() for i in range(len(batch))]
-    flipped = dict(p, angle=-p["angle"])
-    wrong = [(ours[i:i + 1] - reference(batch, flipped, i)).abs().mean().item() for i in range(len(batch))]
-    assert np.mean(errs) < 0.02 and np.mean(wrong) > 2 * np.mean(errs)
+def _pil_mild(items, crops, angles, shifts):
+    """The non-cached --augment mild pipeline of a run (metric.train.build_transforms) with fixed parameters:
+    RandomResizedCrop(32, bicubic) of the 105-px original, RandomAffine (nearest, fill 0), ToTensor."""
+    from torchvision.transforms import functional as F1
+
+    from metric.train import build_transforms
+
+    from metric.config import MetricConfig, resolve_config
+
+    cfg = resolve_config(MetricConfig(dataset="omniglot"))  # the defaults of --dataset omniglot
+    assert (cfg.augment, cfg.image_size, cfg.hflip) == ("mild", S, 0.0)
+    tf, _ = build_transforms(cfg)
+    kinds = [type(t).__name__ for t in tf.transforms]
+    assert kinds[:4] == ["RandomResizedCrop", "RandomAffine", "RandomHorizontalFlip", "ToTensor"]
+    rrc, aff = tf.transforms[0], tf.transforms[1]
+    out = []
+    for item, (t, l, h, w), a, (tx, ty) in zip(items, crops.tolist(), angles.tolist(), shifts.tolist()):
+        img = F1.resized_crop(open_image(item), t, l, h, w, [S, S], interpolation=rrc.interpolation)
+        img = F1.affine(img, angle=a, translate=[int(tx), int(ty)], scale=1.0, shear=[0.0, 0.0],
+                        interpolation=aff.interpolation, fill=aff.fill)
+        out.append(F1.to_tensor(img)[:1].double())
+    return torch.stack(out)  # (n, 1, S, S)
+
+
+@pytest.mark.parametrize("area", [0.6, 0.8])
+def test_the_cache_against_the_pil_pipeline_of_a_non_cached_run(omniglot, area):
+    """docs/metric.md's numbers: the cache (32-px bilinear copy, one grid_sample) against the PIL pipeline on the
+    105-px originals, same crop region, angle and shift. benchmarks/fastdata_vs_pil.py measured over 512 images a
+    mean |difference| over non-background pixels of 0.14 (60 %) / 0.13 (80 %), max 0.65 / 0.64; a rotation of the
+    wrong sign gives 0.27 / 0.25. Bounds: those plus a margin for this smaller sample."""
+    items = list(omniglot.train.items[::37][:48])
+    n, side = len(items), items[0].shape[0]
+    g = torch.Generator().manual_seed(5)
+    ratio = torch.exp(torch.empty(n).uniform_(np.log(3 / 4), np.log(4 / 3), generator=g))
+    w = torch.round(torch.sqrt(area * side * side * ratio)).clamp(1, side).long()
+    h = torch.round(torch.sqrt(area * side * side / ratio)).clamp(1, side).long()
+    top = (torch.rand(n, generator=g) * (side - h + 1)).floor().long()
+    left = (torch.rand(n, generator=g) * (side - w + 1)).floor().long()
+    crops = torch.stack([top, left, h, w], dim=1)  # (n, 4) in 105-px pixels
+    angles = torch.empty(n).uniform_(-10.0, 10.0, generator=g)
+    shifts = torch.round(torch.empty(n, 2).uniform_(-0.05 * S, 0.05 * S, generator=g))
+    ref = _pil_mild(items, crops, angles, shifts)
+
+    cache = _resize(to_uint8_batch(items), (S, S), "bilinear")  # as TensorCache.build
+    aug = TensorMildAugment(S, area, mean=(0, 0, 0), std=(1, 1, 1))
+
+    def cached(angle):
+        p = {"crop": crops.double() * (S / side), "angle": angle, "translate": shifts,
+             "flip": torch.zeros(n, dtype=torch.bool), "erase": torch.zeros(n, 4, dtype=torch.long)}
+        return aug.apply(cache, p)[:, :1].double()
+
+    d = _foreground_diff(cached(angles), ref)
+    wrong = _foreground_diff(cached(-angles), ref)
+    print(f"area {area}: mean {d.mean().item():.4f} max {d.max().item():.3f}; wrong sign {wrong.mean().item():.4f}")
+    assert d.mean().item() < 0.16 and d.max().item() < 0.75
+    assert wrong.mean().item() > 1.6 * d.mean().item()
 
 
 def test_parameters_follow_torchvision_ranges():

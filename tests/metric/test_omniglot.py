@@ -193,3 +193,64 @@ def test_rotations_cli_errors_are_one_line(tmp_path, argv, match):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and match in lines[0], proc.stderr
     assert not out.exists()
+def _no_network(monkeypatch):
+    """Every URL open fails as it does without network (nothing is ever fetched)."""
+    import urllib.error
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+@pytest.mark.parametrize("where", ["new", "existing"])
+def test_download_without_network_is_one_line_exit_2_and_leaves_nothing(tmp_path, monkeypatch, capsys, where):
+    from metric.cli import main
+
+    _no_network(monkeypatch)
+    keep = tmp_path / "data" / "mine.txt"
+    if where == "existing":  # a --data-root the user already has: only what this call made goes
+        keep.parent.mkdir()
+        keep.write_text("kept")
+    root = tmp_path / "data" / "omniglot" if where == "new" else tmp_path / "data"
+    out = tmp_path / "run"
+    before = sorted(tmp_path.rglob("*"))
+    code = main(["--dataset", "omniglot", "--download", "--data-root", str(root), "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("xbn-metric: error: --download: could not fetch "
+                               "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_background.zip "
+                               "(<urlopen error [Errno -2] Name or service not known>); nothing was kept.")
+    assert f"unzip both into {root / 'omniglot-py'}/ (giving images_background/<Alphabet>/<character>/<image>.png" in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before  # no DIR/omniglot-py/, no DIR created, no run folder
+
+
+def test_a_failed_download_removes_only_the_files_it_created(tmp_path, monkeypatch):
+    """The first zip arrives, the second fails half-way: both go, the user's file in omniglot-py/ stays."""
+    import urllib.error
+
+    import torchvision.datasets.omniglot as tvo
+
+    folder = tmp_path / "omniglot-py"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+
+    def fake(url, root, filename=None, md5=None):
+        if "background" in url:
+            (Path(root) / "images_background" / "Greek" / "c1").mkdir(parents=True)
+            (Path(root) / "images_background" / "Greek" / "c1" / "a.png").write_bytes(b"png")
+            (Path(root) / filename).write_bytes(b"zip")
+            return
+        (Path(root) / filename).write_bytes(b"half a zi")
+        raise urllib.error.URLError("timed out")
+
+    monkeypatch.setattr(tvo, "download_and_extract_archive", fake)
+    monkeypatch.setattr(tvo.Omniglot, "_check_integrity",  # no md5 of the fake zips: "there" once unpacked
+                        lambda self: (Path(self.root) / self._get_target_folder()).is_dir())
+    with pytest.raises(DataFormatError, match=r"^--download: could not fetch \S+/images_evaluation.zip \(<urlopen error "
+                                              r"timed out>\); nothing was kept"):
+        load_omniglot(tmp_path, download=True)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["omniglot-py",
+                                                                                      "omniglot-py/notes.txt"]

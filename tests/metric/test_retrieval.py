@@ -83,6 +83,65 @@ def test_search_top1_is_the_runs_recall_at_1_and_predict_is_plain_knn(run, digit
     print(f"top-1 {got['top1_accuracy']:.4f} = run Recall@1 {best['recall@1']:.4f}; 5-NN accuracy {got['knn_accuracy']:.4f}")
 
 
+def _plain_recall_at_1(emb: np.ndarray, labels):
+    """Leave-one-out Recall@1 written plainly (float64): queries without a positive left out, ties against the query."""
+    e = emb.astype(np.float64)
+    hits = valid = 0
+    for i in range(len(e)):
+        pos = [float(e[i] @ e[j]) for j in range(len(e)) if j != i and labels[j] == labels[i]]
+        if not pos:
+            continue
+        valid += 1
+        neg = [float(e[i] @ e[j]) for j in range(len(e)) if labels[j] != labels[i]]
+        hits += max(pos) > max(neg)
+    return hits / valid, len(e) - valid
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_search_top1_follows_recall_at_1_with_a_query_without_positive_and_an_exact_tie(digits_store, tmp_path, k):
+    """A store changed so that one query has no positive and three rows are the same vector (2 of one label, 1 of another)."""
+    import csv
+
+    from metric.evaluate import retrieval_metrics
+
+    store = tmp_path / "store"
+    shutil.copytree(digits_store, store, ignore=shutil.ignore_patterns("index-*"))
+    emb = np.array(np.load(store / "embeddings.npy"))  # (899, D)
+    with open(store / "items.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    labels = [r["label"] for r in rows]
+    # Two triples of equal rows, two of a label and one of another: one negative after its positives, one before
+    # them, so that faiss (whatever its order among equal scores) lists a positive first for some tied query.
+    p = next(i for i in range(1, len(labels)) if labels[i] == labels[0])
+    n = next(i for i in range(p + 1, len(labels)) if labels[i] != labels[0])
+    m = next(i for i in range(n + 1, len(labels)) if labels[i] != labels[0])
+    x = next(i for i in range(m + 1, len(labels)) if labels[i] not in (labels[0], labels[m]))
+    y = next(i for i in range(x + 1, len(labels)) if labels[i] == labels[x])
+    emb[p] = emb[n] = emb[0]  # rows 0, p (label a) and n (label b): the same similarities to every row
+    emb[x] = emb[y] = emb[m]  # rows x, y (label c) and m before them (label d)
+    lone = next(i for i in range(len(labels)) if i not in (0, p, n, m, x, y))
+    labels[lone] = rows[lone]["label"] = "only-one"  # a labelled query without a positive
+    np.save(store / "embeddings.npy", emb)
+    with open(store / "items.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "item", "label"])
+        w.writerows([r["row"], r["item"], r["label"]] for r in rows)
+
+    results = tmp_path / "res.json"
+    assert main(["search", str(store), "--query", str(store), "--k", str(k), "--out", str(results)]) == 0
+    got = json.loads(results.read_text())
+    ref, without = _plain_recall_at_1(emb, labels)
+    ids = {lab: i for i, lab in enumerate(sorted(set(labels)))}
+    lab_t = torch.tensor([ids[lab] for lab in labels])
+    evaluated = retrieval_metrics(torch.from_numpy(emb), lab_t, ks=(1,), map_at_r=False)  # the trainer's Recall@1
+    assert without == evaluated["queries_without_positive"] == got["queries_without_positive"] == 1
+    assert evaluated["recall@1"] == pytest.approx(ref, abs=1e-12)
+    assert got["top1_accuracy"] == pytest.approx(ref, abs=1e-12)
+    # the tied rows are misses (the references say so) although faiss lists a positive first for some of them
+    top1_of = {e["query"]: e["neighbours"][0]["label"] for e in got["results"]}
+    assert sum(top1_of[rows[i]["item"]] == labels[i] for i in (0, p, x, y)) >= 1
+
+
 def test_knn_vote_majority_tie_to_better_rank_unlabelled_ignored():
     assert knn_vote(["a", "b", "b", "a", "c"]) == ("a", 0.4, 2)  # a and b tie at 2: a is ranked first
     assert knn_vote(["c", "b", "b"]) == ("b", pytest.approx(2 / 3), 2)

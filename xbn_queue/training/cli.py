@@ -42,7 +42,7 @@ from typing import Any, Optional, Union
 
 __all__ = [
     "UsageError", "RunError", "Range", "at_least", "above", "between", "check_ranges", "range_of",
-    "check_output_dir", "holds_run", "prepare_output_dir", "default_run_dir", "choose_output_dir", "series_output_dir",
+    "check_output_dir", "holds_run", "prepare_output_dir", "FolderLock", "LOCK_FILE", "default_run_dir", "choose_output_dir", "series_output_dir",
     "resume_command", "parse_choices",
     "check_memory_fits", "device_capacity", "format_bytes", "one_line", "run_main", "mark_started", "warn",
     "available_cores",
@@ -211,6 +211,118 @@ def prepare_output_dir(path: Union[str, os.PathLike], overwrite: bool = False,
                 target.unlink()
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+#: The lock file a run, a series or a store holds in its folder while it writes there.
+LOCK_FILE = ".xbn-queue.lock"
+#: File descriptors of the locks this process holds; a forked child (a DataLoader worker) closes its copies, so
+#: that the lock ends with the process that took it, not with the last of its workers.
+_HELD_LOCK_FDS: set = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+class FolderLock:
+    """An exclusive lock on a folder that results are written into (a run, a ``compare`` / ``sweep``
+    series, an embedding store), so that two processes never write into one folder at once.
+
+    :meth:`acquire` creates the folder if needed and takes ``fcntl.flock`` on ``<folder>/.xbn-queue.lock``
+    without waiting; the file then names the holder (what, pid, host, since when). :meth:`release`
+    removes the file and drops the lock. The kernel drops a flock when its process dies, so a lock
+    left by a crash (SIGKILL, power loss) is stale: the next run takes it (and rewrites the file); a
+    forked child (a DataLoader worker) closes its copy, so it does not keep the lock alive. On a
+    filesystem without flock the folder is used unlocked, with a warning.
+
+    Args:
+        path: The folder.
+        option: The option that named it, for the message (``--output-dir``, ``--out``).
+        what: What holds it, written into the file (``"an xbn-metric run"``).
+        prog: The command, for the warning.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], option: str = "--output-dir", what: str = "a run",
+                 prog: str = "xbn-queue") -> None:
+        self.path, self.option, self.what, self.prog = Path(path), option, what, prog
+        self.file = self.path / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        """True between :meth:`acquire` and :meth:`release`."""
+        return self._fd is not None
+
+    def acquire(self) -> "FolderLock":
+        """Take the lock (creating the folder if needed).
+
+        Raises:
+            UsageError: another live process holds it (one line naming the folder and the holder).
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            warn(self.prog, f"{self.option} {self.path}: no file locking on this platform; the folder is not locked")
+            return self
+        import errno
+        import socket
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    warn(self.prog, f"{self.option} {self.path}: cannot lock it ({one_line(err)}); the folder is not locked")
+                    return self
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise UsageError(f"{self.option} {self.path}: in use by {' '.join(holder.split())}; wait until it "
+                                 "has finished, or choose another folder") from None
+            try:  # the file locked must still be the one at the path (a holder that let go removes it)
+                same = os.path.samestat(os.fstat(fd), os.stat(self.file))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:  # pragma: no cover - 100 holders in a row let go between open and flock
+            raise RunError(f"{self.option} {self.path}: could not lock {self.file}")
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{self.what} (pid {os.getpid()} on {socket.gethostname()}, since {since})\n".encode())
+        self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (nothing when not held)."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.file)  # while still locked: no other process can hold this file now
+        except FileNotFoundError:
+            pass
+        _HELD_LOCK_FDS.discard(self._fd)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self if self.held else self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def _launch_stamp() -> str:

@@ -4,7 +4,7 @@ A run reads top to bottom in :meth:`RunLoop.fit`::
 
     setup()                    # check everything (nothing written), then build data, model, memory, optimiser
     resume_if_asked()          # model, memory, optimiser, RNG and position from last.pt
-    prepare_run_folder()       # the first write (rank 0), between two barriers
+    prepare_run_folder()       # the first write (rank 0), between two barriers: lock the folder, config.yaml
     for each epoch:
         start_epoch()          # per-epoch setup (a phase change, a fresh optimiser)
         train_one_epoch()      # per batch: fill_memory_if_due(), train_step(); periodic checkpoints; stop checks
@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from xbn_queue.training.checkpoint import CheckpointError, atomic_save, load_checkpoint, resolve_resume
-from xbn_queue.training.cli import choose_output_dir, mark_started, one_line, prepare_output_dir
+from xbn_queue.training.cli import (FolderLock, UsageError, check_output_dir, choose_output_dir, mark_started,
+                                   one_line, prepare_output_dir)
 from xbn_queue.training.config import config_to_dict, save_config
 from xbn_queue.training.distributed import DistContext, init_distributed
 from xbn_queue.training.progress import progress
@@ -127,6 +128,15 @@ class Callback:
 
     def on_run_end(self, loop: "RunLoop", summary: RunSummary) -> None:
         """After the last checkpoint, before the process group is released."""
+
+
+def _file_stamp(path: Path) -> Optional[tuple]:
+    """``(size, mtime_ns, inode)`` of a file, ``None`` when it is gone: whether it was rewritten since."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def with_output_dir(cfg: Any, runs_dir: str, *parts: str) -> Any:
@@ -230,6 +240,9 @@ class RunLoop:
         self.logger: Optional[RunLogger] = None
         self._ready = False
         self._saved_step = self._saved_epoch = -1
+        self._resumed_stamp: Optional[tuple] = None
+        #: Held by rank 0 from :meth:`prepare_run_folder` to the end of :meth:`fit`.
+        self.folder_lock = FolderLock(self.out, "--output-dir", what=f"an {self.prog} run", prog=self.prog)
         #: Set by :meth:`build`: optimiser steps per epoch and the number of epochs.
         self.steps_per_epoch = 0
         self.total_epochs = 0
@@ -241,25 +254,32 @@ class RunLoop:
         self.resume_if_asked()
         if self.resumed_from is not None and self.finished():
             return self.already_complete()
-        self.prepare_run_folder()
         try:
-            reason: Reason = None
-            t_start = time.time()
-            with GracefulExit(enabled=True, verbose=self.ctx.is_main) as self.stop, self.open_logger() as self.logger:
-                while reason is None and not self.finished():
-                    self.start_epoch()
-                    reason = self.train_one_epoch()
-                    if reason != "signal":
-                        reason = self.end_epoch(reason)
-                    self.save_checkpoint(unless_current=reason == "signal")  # a periodic one may hold this very step
-                    if reason is None and not self.finished() and self.stop_requested():
-                        reason = "signal"
-            return self.finish(reason, time.time() - t_start)
-        except NonFiniteError:  # its message names the step and the checkpoint kept
-            raise
-        except Exception as err:  # the folder is written: never "bad input, nothing written" (exit 2)
-            mark_started(err, self.where_stopped())
-            raise
+            self.prepare_run_folder()  # takes the folder's lock; a refusal there is bad input (exit 2)
+            try:
+                return self.run_epochs()
+            except NonFiniteError:  # its message names the step and the checkpoint kept
+                raise
+            except Exception as err:  # the folder is written: never "bad input, nothing written" (exit 2)
+                mark_started(err, self.where_stopped())
+                raise
+        finally:
+            self.folder_lock.release()
+
+    def run_epochs(self) -> RunSummary:
+        """The epochs, from where the state stands to the end, a signal or ``--max-steps``."""
+        reason: Reason = None
+        t_start = time.time()
+        with GracefulExit(enabled=True, verbose=self.ctx.is_main) as self.stop, self.open_logger() as self.logger:
+            while reason is None and not self.finished():
+                self.start_epoch()
+                reason = self.train_one_epoch()
+                if reason != "signal":
+                    reason = self.end_epoch(reason)
+                self.save_checkpoint(unless_current=reason == "signal")  # a periodic one may hold this very step
+                if reason is None and not self.finished() and self.stop_requested():
+                    reason = "signal"
+        return self.finish(reason, time.time() - t_start)
 
     def where_stopped(self) -> str:
         """What a failed run left: its folder, the step, the checkpoint and how to continue."""
@@ -424,6 +444,7 @@ class RunLoop:
                                   f"{one_line(err)[:160]})") from None
         self.last_checkpoint = Path(path)
         self._saved_step, self._saved_epoch = self.state.global_step, self.state.epoch
+        self._resumed_stamp = _file_stamp(Path(path))
 
     def already_complete(self) -> RunSummary:
         """``--resume`` found a finished run: say so, write nothing."""
@@ -434,9 +455,32 @@ class RunLoop:
         return RunSummary(str(self.out), self.state.global_step, already_complete=True, best=best, last=last,
                           values=self.summary_values())
 
+    def lock_run_folder(self) -> None:
+        """Rank 0 takes the run folder's lock (:class:`~xbn_queue.training.cli.FolderLock`) and checks the folder
+        again under it: another run may have written into it since :meth:`check`. Every rank raises when it fails.
+
+        Raises:
+            UsageError: the folder is in use by another process (naming it), or now holds a run (a new run
+                without ``--overwrite``), or its checkpoint changed since ``--resume`` read it.
+        """
+        error: Optional[UsageError] = None
+        if self.ctx.is_main:
+            try:
+                self.folder_lock.acquire()
+                check_output_dir(self.out, resume=bool(self.cfg.resume), overwrite=self.cfg.overwrite)
+                if self.resumed_from is not None and _file_stamp(self.resumed_from) != self._resumed_stamp:
+                    raise UsageError(f"--resume: {self.resumed_from} changed since it was read (another run wrote "
+                                     "into this folder); resume again")
+            except UsageError as err:
+                self.folder_lock.release()
+                error = err
+        if any_rank(self.ctx, error is not None)[0]:
+            raise error or UsageError(f"--output-dir {self.out}: refused on rank 0 (see its message)")
+
     def prepare_run_folder(self) -> None:
-        """The first write: the folder (emptied with ``--overwrite``), ``config.yaml``, the opening lines."""
+        """The first write: the lock, the folder (emptied with ``--overwrite``), ``config.yaml``, the opening lines."""
         self.ctx.barrier()  # every rank has checked the folder before rank 0 creates anything in it
+        self.lock_run_folder()
         if self.ctx.is_main:
             prepare_output_dir(self.out, overwrite=self.cfg.overwrite and self.resumed_from is None)
             save_config(self.cfg, self.out / "config.yaml")

@@ -23,9 +23,10 @@ naming incomplete runs. Use::
         res = train(replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else ""))
         return RunOutcome(complete=res["stopped"] != "signal", signal=res.get("signal"), result=res)
 
-    report = run_series(plan, out, train_one)
-    done = report.completed()                                    # only these go into a table
-    ...
+    with lock_series_dir(out, plan, resume=..., overwrite=...):  # the first write; each run locks its own folder
+        report = run_series(plan, out, train_one)
+        done = report.completed()                                # only these go into a table
+        ...                                                      # the table, written under the lock
     return report.exit_code                                      # 0, or 130 / 143
 """
 
@@ -46,10 +47,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Optional, Union
 
-from xbn_queue.training.cli import RunError, UsageError, available_cores, check_output_dir, holds_run
+from xbn_queue.training.cli import FolderLock, RunError, UsageError, available_cores, check_output_dir, holds_run
 
 __all__ = ["PlannedRun", "RunOutcome", "RunRecord", "SeriesReport", "JobSlot", "job_slots", "visible_gpus", "run_series",
-           "check_series_dir", "holds_series", "mean_std", "format_mean_std", "incomplete_banner", "paired_differences"]
+           "check_series_dir", "lock_series_dir", "holds_series", "mean_std", "format_mean_std", "incomplete_banner",
+           "paired_differences"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +146,35 @@ def check_series_dir(path: Union[str, os.PathLike], plan: Sequence[PlannedRun], 
     if len(set(names)) != len(names):
         raise UsageError(f"the series has duplicate runs: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
     check_output_dir(path, resume=resume, overwrite=overwrite, holds=lambda p: holds_series(p, plan))
+
+
+def lock_series_dir(path: Union[str, os.PathLike], plan: Sequence[PlannedRun], resume: bool, overwrite: bool,
+                    what: str = "a series", enabled: bool = True) -> FolderLock:
+    """Lock a series folder before its first write (its runs lock their own folders below it), then check it
+    again under the lock (another series may have written there since :func:`check_series_dir`).
+
+    Args:
+        path: The series folder.
+        plan, resume, overwrite: As for :func:`check_series_dir`.
+        what: What holds it, for another process's message (``"an xbn-metric compare"``).
+        enabled: ``False`` on the ranks other than 0 of a ``torchrun`` series: nothing is locked.
+
+    Returns:
+        The held lock (release it when the series has written its last file), or an unheld one.
+
+    Raises:
+        UsageError: the folder is in use by another process (naming it), or holds results now.
+    """
+    lock = FolderLock(path, "--output-dir", what=what)
+    if not enabled:
+        return lock
+    lock.acquire()
+    try:
+        check_series_dir(path, plan, resume=resume, overwrite=overwrite)
+    except UsageError:
+        lock.release()
+        raise
+    return lock
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,13 @@
 """Runs many trainer command lines, each in its own forked process, after importing everything once.
 
-``python _cli_forker.py CASES.json RESULTS.json``: ``CASES.json`` is a list of ``[module, argv]``
+``python _cli_forker.py CASES.json RESULTS.json [--together]``: ``CASES.json`` is a list of ``[module, argv]``
 (``module`` is ``metric`` or ``selfsup``). For each case a child process is forked; it sets
 ``sys.argv``, redirects its stdout and stderr to files, runs ``sys.exit(main(argv))`` exactly as the
 console script does, and exits with that status (an uncaught exception prints its traceback and exits
 1, as Python would). The parent records ``[returncode, stdout, stderr]`` per case. Importing torch and
 the trainers once instead of once per case keeps a battery of dozens of command lines to seconds on a
 small machine, while every case is still a separate process with its own exit status and streams.
+With ``--together`` every case is forked at once and then waited for (processes racing for one folder).
 """
 
 import json
@@ -51,16 +52,23 @@ def main() -> None:
     import metric.train  # noqa: F401
     import selfsup.train  # noqa: F401
 
+    together = "--together" in sys.argv[3:]  # fork every case at once, then wait for all (a race)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        paths = [(os.path.join(tmp, f"{i}.out"), os.path.join(tmp, f"{i}.err")) for i in range(len(cases))]
+        pids, statuses = [], {}
         for i, (module, argv) in enumerate(cases):
-            out_path, err_path = os.path.join(tmp, f"{i}.out"), os.path.join(tmp, f"{i}.err")
             pid = os.fork()
             if pid == 0:
-                _child(module, argv, out_path, err_path)
-            _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-            results.append([code, open(out_path).read(), open(err_path).read()])
+                _child(module, argv, *paths[i])
+            pids.append(pid)
+            if not together:
+                statuses[pid] = os.waitpid(pid, 0)[1]
+        for pid in pids:
+            if pid not in statuses:
+                statuses[pid] = os.waitpid(pid, 0)[1]
+        for i, pid in enumerate(pids):
+            results.append([os.waitstatus_to_exitcode(statuses[pid]), open(paths[i][0]).read(), open(paths[i][1]).read()])
     json.dump(results, open(sys.argv[2], "w"))
 
 
