@@ -85,6 +85,15 @@ def test_fifty_steady_state_steps_never_read_the_device(adaptation, dtype):
         assert q.adaptation._t == int(q.adaptation.step) == 20 - 1 + 50
 
 
+@pytest.mark.parametrize("kalman_r", ["auto", "sampling"])
+def test_axbn_noise_models_never_read_the_device(kalman_r):
+    q = _steady_queue("axbn", torch.float32, size=256, dim=32, b=16, kalman_r=kalman_r, kalman_gain_every=3)
+    batches = _batches(20, b=16, d=32, seed=3)
+    c = count(lambda: [q.update(x, y) for x, y in batches])
+    assert c.syncs == 0, dict(c.ops)
+    assert q.adaptation._t == int(q.adaptation.step) == 20 - 1 + 20
+
+
 def test_filling_steps_do_not_read_the_device_either():
     q = AdaptiveQueue(size=100, dim=8, adaptation="axbn", validate="device")
     c = count(lambda: [q.update(x, y) for x, y in _batches(12, b=16, d=8)])
