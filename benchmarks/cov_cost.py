@@ -4,7 +4,8 @@ For each embedding dimension and memory size, a full queue of each kind takes th
 the two updates are timed interleaved in one run and the ratio is the median of the per-round ratios.
 XBN's step is O(B d) bookkeeping plus one element-wise pass over the memory; xbn-cov's is a float64
 covariance of the memory (O(n d^2)), two d x d float64 eigendecompositions and an (n, d) @ (d, d)
-product over the memory.
+product over the memory. A third queue, ``XBNCov(d, shrinkage=0.0)`` (the unshrunk target of 0.3.0),
+measures what the default shrinkage towards the diagonal adds (``shrink_ratio``: default / unshrunk).
 
     python benchmarks/cov_cost.py --threads 1 --clock cpu                       # d 64,128,512; 4k-100k rows
     python benchmarks/cov_cost.py --dims 64 --sizes 4096 --json cov.json
@@ -25,7 +26,10 @@ from common import (  # noqa: E402
     resolve_device, resolve_timing_args, write_json,
 )
 
-from xbn_queue import AdaptiveQueue  # noqa: E402
+from xbn_queue import AdaptiveQueue, XBNCov  # noqa: E402
+
+
+COLUMNS = ["dim", "rows", "xbn_ms", "cov_ms", "ratio", "unshrunk_ms", "shrink_ratio"]
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
@@ -46,6 +50,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
         for size in parse_sizes(args.sizes):
             queues = {name: AdaptiveQueue(size=size, dim=d, adaptation=name, validate="off").to(device)
                       for name in ("xbn", "xbn-cov")}
+            queues["unshrunk"] = AdaptiveQueue(size=size, dim=d, adaptation=XBNCov(d, shrinkage=0.0),
+                                               validate="off").to(device)
             fill = torch.randn(size, d, generator=g) @ mix
             for q in queues.values():
                 q.enqueue(fill.to(device))
@@ -59,12 +65,14 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
             times = interleaved({name: (lambda q=q: step(q)) for name, q in queues.items()}, device,
                                 args.repeats, args.warmup, args.clock)
             row = {"dim": d, "rows": size, "xbn_ms": median(times["xbn"]), "cov_ms": median(times["xbn-cov"]),
-                   "ratio": paired_ratio(times["xbn-cov"], times["xbn"])}
+                   "ratio": paired_ratio(times["xbn-cov"], times["xbn"]),
+                   "unshrunk_ms": median(times["unshrunk"]),
+                   "shrink_ratio": paired_ratio(times["xbn-cov"], times["unshrunk"])}
             rows.append(row)
-            print_table([row], ["dim", "rows", "xbn_ms", "cov_ms", "ratio"])
+            print_table([row], COLUMNS)
             del queues, fill
     print()
-    print_table(rows, ["dim", "rows", "xbn_ms", "cov_ms", "ratio"])
+    print_table(rows, COLUMNS)
     info = machine_info(device)
     print(info)
     if args.json:

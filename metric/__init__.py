@@ -1,5 +1,6 @@
 """Supervised metric-learning trainer (SOP, In-shop, DeepFashion2, image folders, digits) with an
-adaptive cross-batch memory: ``none`` / ``xbm`` / ``xbm-batch`` (XBM*) / ``xbn`` / ``axbn``.
+adaptive cross-batch memory: ``none`` / ``xbm`` / ``xbn`` / ``axbn`` / ``xbn-cov``, each memory method also
+with the batch loss added (``xbm-batch`` = XBM*, ``xbn-batch`` = XBN*, ``axbn-batch`` = AXBN*, ``xbn-cov-batch``).
 
 Layout: :mod:`metric.config` (options), :mod:`metric.data` (datasets), :mod:`metric.sampler`
 (m-per-class batches), :mod:`metric.model` (embedding network), :mod:`metric.train` (loop),

@@ -83,7 +83,8 @@ def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List
     else:
         device = torch.device("cpu")
     ctx = DistContext(device=device)
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download)
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed, max_per_class=cfg.max_per_class,
+                        download=cfg.download, omniglot_rotations=cfg.omniglot_rotations)
 
     def score(q: torch.Tensor, ql: torch.Tensor, g: torch.Tensor, gl: torch.Tensor) -> Dict[str, float]:
         rec = retrieval_metrics(q, ql, None if data.query_is_gallery else g, None if data.query_is_gallery else gl,
@@ -175,7 +176,10 @@ def _settings(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, Any]:
     from xbn_queue.training.config import config_to_dict
 
     d = config_to_dict(resolve_config(cfg))
-    return dict({k: d[k] for k in _KEYS}, seeds=[int(s) for s in seeds], untrained_bn=UNTRAINED_BN)
+    out = dict({k: d[k] for k in _KEYS}, seeds=[int(s) for s in seeds], untrained_bn=UNTRAINED_BN)
+    if d.get("omniglot_rotations", 1) != 1:  # only then: caches written before the option existed stay valid
+        out["omniglot_rotations"] = d["omniglot_rotations"]
+    return out
 
 
 def load_or_compute_baselines(cfg: MetricConfig, seeds: Sequence[int], out_dir: Path) -> Dict[str, List[Dict[str, float]]]:

@@ -8,23 +8,50 @@ sets always win. The resolved configuration is what ``config.yaml`` in the run f
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from xbn_queue.training.cli import UsageError, above, at_least, available_cores, between, check_ranges
 
-__all__ = ["MetricConfig", "kalman_r_value", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS", "COMPAT_KEYS",
-           "COMPAT_DEFAULTS", "saved_config"]
+from .losses import DEFAULT_LOSS, DEFAULT_MINER, DEFAULT_MINER_ARGS
 
-METHODS = ("none", "xbm", "xbm-batch", "xbn", "axbn", "xbn-cov")
+__all__ = ["MetricConfig", "kalman_r_value", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS",
+           "MEMORY_METHODS", "method_memory", "COMPAT_KEYS", "COMPAT_DEFAULTS", "saved_config"]
+
+#: The memory methods (``none``: no memory) and, for each, its ``-batch`` variant: the memory loss plus the
+#: plain batch loss (the paper's XBM* for ``xbm-batch``; XBN*, AXBN* for ``xbn-batch``, ``axbn-batch``).
+MEMORY_METHODS = ("xbm", "xbn", "axbn", "xbn-cov")
+METHODS = ("none", "xbm", "xbm-batch", "xbn", "xbn-batch", "axbn", "axbn-batch", "xbn-cov", "xbn-cov-batch")
+#: The memory's adaptation of each memory method (:class:`xbn_queue.AdaptiveQueue`'s ``adaptation``).
+_ADAPTATION = {"xbm": "none", "xbn": "xbn", "axbn": "axbn", "xbn-cov": "xbn-cov"}
 
 #: Options a checkpoint must agree on to be resumed.
 COMPAT_KEYS = ["dataset", "method", "backbone", "width", "head", "embedding_dim", "embedding_norm", "memory_size",
                "batch_size", "m_per_class", "image_size", "split", "train_fraction", "split_seed", "max_per_class",
-               "memory_warmup_steps", "prefill"]
+               "memory_warmup_steps", "prefill", "omniglot_rotations", "loss", "loss_args", "miner", "miner_args"]
 #: Values of options added after checkpoints were first written (a checkpoint without them had these).
 COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None, "head": "linear", "memory_warmup_steps": 0,
-                                   "prefill": False}
+                                   "prefill": False, "omniglot_rotations": 1, "loss": DEFAULT_LOSS, "loss_args": "",
+                                   "miner": DEFAULT_MINER, "miner_args": DEFAULT_MINER_ARGS}
+
+
+def method_memory(method: str) -> Tuple[Optional[str], bool]:
+    """``(adaptation, batch_loss)`` of a ``--method``: the memory's adaptation (``None`` for ``none``, no
+    memory) and whether the plain batch loss is added to the memory loss (the ``-batch`` methods).
+
+    >>> method_memory("xbm-batch"), method_memory("axbn"), method_memory("none")
+    (('none', True), ('axbn', False), (None, False))
+
+    Raises:
+        UsageError: an unknown method.
+    """
+    if method not in METHODS:
+        raise UsageError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    if method == "none":
+        return None, False
+    base = method[: -len("-batch")] if method.endswith("-batch") else method
+    return _ADAPTATION[base], base != method
 
 
 def saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
@@ -85,6 +112,7 @@ class MetricConfig:
     dataset: str = field(default="digits", metadata=_h("dataset", choices=["sop", "inshop", "deepfashion2", "folder", "digits", "omniglot"], group="data"))
     data_root: Optional[str] = field(default=None, metadata=_h("dataset root folder (not needed for digits; omniglot without it: the embedded subset)", group="data"))
     download: bool = field(default=False, metadata=_h("omniglot: fetch the full dataset into --data-root with torchvision first", group="data"))
+    omniglot_rotations: int = field(default=1, metadata=_h("omniglot: 4 makes every character rotated by 90, 180 and 270 degrees a class of its own, in training and in retrieval (Vinyals et al. 2016; Santoro et al. 2016): four times the classes from the same images; 1: the characters as drawn", choices=[1, 4], group="data"))
     split: str = field(default="auto", metadata=_h("folder/digits split: auto (folder: train/test folders or class split; digits: instance), class (disjoint classes) or instance", choices=["auto", "class", "instance"], group="data"))
     train_fraction: float = field(default=0.5, metadata=_h("fraction of classes (class split) or images (instance split) used for training", group="data", range=between(0, 1, lo_open=True, hi_open=True)))
     split_seed: int = field(default=0, metadata=_h("seed of the folder/digits split rule", group="data"))
@@ -106,14 +134,19 @@ class MetricConfig:
     embedding_dim: Optional[int] = field(default=None, metadata=_h("embedding size (default 512; digits 64; --head none: the backbone's feature size)", group="model", range=at_least(1)))
     embedding_norm: str = field(default="l2", metadata=_h("l2, or l2 followed by bn / ln (Appendix A)", choices=["l2", "bn", "ln"], group="model"))
     # method and memory
-    method: str = field(default="xbn", metadata=_h("none (batch loss), xbm (memory loss), xbm-batch (XBM*: memory + batch), xbn, axbn, xbn-cov (full covariance)", choices=list(METHODS), group="memory"))
-    memory_size: Optional[Union[int, float]] = field(default=None, metadata=_h("memory rows N (an integer >= 1, at most the training set), or a fraction of the training set in (0, 1] like 0.5 (default 0.5; deepfashion2 1.0)", group="memory"))
+    method: str = field(default="xbn", metadata=_h("none (No-XBM: the batch loss alone); a memory with its loss: xbm (XBM, not adapted), xbn (XBN, Eq. 6), axbn (AXBN, Kalman, Eq. 18-23), xbn-cov (full covariance); each memory method with -batch (xbm-batch = XBM*, xbn-batch = XBN*, axbn-batch = AXBN*, xbn-cov-batch) adds the plain batch loss to the memory loss", choices=list(METHODS), group="memory"))
+    memory_size: Optional[Union[int, float]] = field(default=None, metadata=_h("memory rows N (an integer >= 1), or a multiple of the training set (of an epoch), a decimal like 0.5 or 2.0 (default 0.5; deepfashion2 1.0). A memory larger than the training set (above 1.0) holds older copies of the same images: same label, so they are positives of their anchors", group="memory"))
     memory_warmup_steps: int = field(default=0, metadata=_h("keep the memory out of the loss for the first N steps of the method (after the head-only warm-up): the loss is the plain batch loss while the memory fills and adapts", group="memory", range=at_least(0)))
     prefill: bool = field(default=False, metadata=_h("fill the memory with the current model's embeddings (eval mode, evaluation transform) of distinct training images right before the first step that uses it (after the head-only warm-up and --memory-warmup-steps)", group="memory"))
     kalman_r: Union[float, str] = field(default=0.01, metadata=_h("AXBN measurement noise r > 0 (per batch: r/B; the paper's 0.01 gives a Kalman gain >= 0.9987, i.e. XBN), 'auto' (per-dimension noise from the batch, Q = q R) or 'sampling' (noises in units of the population variance: R = 1/B, Q = q; gain 0.25 at batch 8, 0.54 at 64) (default 0.01)", group="memory"))
     kalman_q: Optional[float] = field(default=None, metadata=_h("AXBN process noise q (default 1; --kalman-r sampling: 0.01)", group="memory", range=at_least(0)))
     kalman_p0: float = field(default=1.0, metadata=_h("AXBN initial estimate variance p0", group="memory", range=above(0)))
     kalman_gain_every: Optional[int] = field(default=None, metadata=_h("AXBN: recompute the Kalman gain every N steps (default 100; deepfashion2, digits 10)", group="memory", range=at_least(1)))
+    # loss
+    loss: str = field(default=DEFAULT_LOSS, metadata=_h("the loss, a class of pytorch_metric_learning.losses by name, e.g. ContrastiveLoss, MultiSimilarityLoss, TripletMarginLoss, NTXentLoss (default SupConLoss: the paper's); with a memory, one PML's CrossBatchMemory supports", group="loss"))
+    loss_args: str = field(default="", metadata=_h("keyword arguments of --loss, NAME=VALUE,... e.g. pos_margin=0,neg_margin=0.5 (default: none, PML's defaults)", metavar="NAME=VALUE,...", group="loss"))
+    miner: str = field(default=DEFAULT_MINER, metadata=_h("the miner, a class of pytorch_metric_learning.miners by name, e.g. MultiSimilarityMiner, TripletMarginMiner, or none (all pairs) (default PairMarginMiner: the paper's)", group="loss"))
+    miner_args: Optional[str] = field(default=None, metadata=_h("keyword arguments of --miner, NAME=VALUE,... (default: pos_margin=0.2,neg_margin=0.8 for PairMarginMiner, the paper's; none for other miners)", metavar="NAME=VALUE,...", group="loss"))
     # optimisation
     epochs: Optional[int] = field(default=None, metadata=_h("training epochs after the warm-up (default 50; digits 12)", group="optimisation", range=at_least(1)))
     warmup_epochs: Optional[int] = field(default=None, metadata=_h("head-only pre-warm-up epochs with SGD and the batch loss (default 2; not pretrained: 0; digits 1)", group="optimisation", range=at_least(0)))
@@ -181,12 +214,18 @@ def validate_config(cfg: MetricConfig) -> None:
         raise UsageError(f"--kalman-r {cfg.kalman_r}: expected a number > 0, 'auto' or 'sampling'")
     if cfg.memory_size is not None:
         memory_rows(cfg.memory_size, None)
+    from .losses import check_loss_and_miner, resolve_miner_args
+
+    check_loss_and_miner(cfg.loss, cfg.loss_args, cfg.miner, resolve_miner_args(cfg.miner, cfg.miner_args),
+                         memory=method_memory(cfg.method)[0] is not None)
     if cfg.method == "none" and (cfg.memory_warmup_steps or cfg.prefill):
         option = f"--memory-warmup-steps {cfg.memory_warmup_steps}" if cfg.memory_warmup_steps else "--prefill"
-        raise UsageError(f"{option}: --method none has no memory; use a method with one (xbm, xbm-batch, xbn, "
-                         "axbn, xbn-cov)")
+        raise UsageError(f"{option}: --method none has no memory; use a method with one "
+                         f"({', '.join(m for m in METHODS if m != 'none')})")
     if cfg.download and cfg.dataset != "omniglot":
         raise UsageError(f"--download: applies to --dataset omniglot only, not {cfg.dataset}")
+    if cfg.omniglot_rotations != 1 and cfg.dataset != "omniglot":
+        raise UsageError(f"--omniglot-rotations {cfg.omniglot_rotations}: applies to --dataset omniglot only, not {cfg.dataset}")
     if cfg.download and not cfg.data_root:
         raise UsageError("--download: needs --data-root DIR, the folder the full Omniglot is stored in")
     if cfg.eval_backend == "faiss":
@@ -237,9 +276,20 @@ def resolve_config(cfg: MetricConfig) -> MetricConfig:
     if out.head is None:
         out = dataclasses.replace(out, head="none" if out.backbone == "conv4" else "linear")
     validate_config(out)
+    out = _canonical_loss_args(out)
     if out.head == "none":
         out = dataclasses.replace(out, embedding_dim=_head_none_dim(out, explicit=cfg.embedding_dim))
     return out
+
+
+def _canonical_loss_args(cfg: MetricConfig) -> MetricConfig:
+    """``--loss-args`` / ``--miner-args`` in their canonical form (sorted ``NAME=VALUE``), the miner's default
+    arguments filled in: what ``config.yaml`` and a checkpoint hold, so that equal options compare equal."""
+    from .losses import format_kwargs, parse_kwargs, resolve_miner_args
+
+    miner_args = resolve_miner_args(cfg.miner, cfg.miner_args)
+    return dataclasses.replace(cfg, loss_args=format_kwargs(parse_kwargs(cfg.loss_args, "--loss-args")),
+                               miner_args=format_kwargs(parse_kwargs(miner_args, "--miner-args")))
 
 
 def _head_none_dim(cfg: MetricConfig, explicit: Optional[int]) -> int:
@@ -258,23 +308,25 @@ def _head_none_dim(cfg: MetricConfig, explicit: Optional[int]) -> int:
 
 
 def memory_rows(memory_size: Union[int, float, str], num_train: Optional[int]) -> int:
-    """Number of memory rows: an integer is a row count, a float (``0.5``, ``1.0``, ``5e-1``; also as a
-    string) a fraction of the ``num_train`` training images (rounded, at least 1).
+    """Number of memory rows: an integer is a row count, a float (``0.5``, ``2.0``, ``5e-1``; also as a
+    string) a multiple of the ``num_train`` training images, i.e. of an epoch (rounded, at least 1).
 
-    A count larger than the training set is refused (a memory that big would hold the same images
-    several times, which XBM never intends): use at most ``num_train`` rows or the fraction ``1.0``.
+    A memory may hold more than an epoch (``2.0``, or a count above ``num_train``): it then keeps
+    older copies of the same images, which have the same label and so are positives of their
+    anchors (a row's own copy written in the same step is removed, as in PML's ``CrossBatchMemory``).
+    Only the device's memory bounds it (checked by the trainer against the resolved rows).
 
     Args:
         memory_size: The ``--memory-size`` value.
         num_train: Training images, or ``None`` to check the value alone (returns 0 for a fraction).
 
     Raises:
-        UsageError: unparsable value, a fraction outside (0, 1], a count < 1 or larger than the
-            training set.
+        UsageError: unparsable value, a fraction that is not a finite number > 0, a count < 1.
     """
     value: Union[int, float]
+    expected = "expected a row count >= 1 or a fraction of the training set > 0 (like 0.5 or 2.0)"
     if isinstance(memory_size, bool):
-        raise UsageError(f"--memory-size {memory_size}: expected a row count or a fraction in (0, 1]")
+        raise UsageError(f"--memory-size {memory_size}: {expected}")
     if isinstance(memory_size, (int, float)):
         value = memory_size
     else:
@@ -285,15 +337,11 @@ def memory_rows(memory_size: Union[int, float, str], num_train: Optional[int]) -
             try:
                 value = float(text)
             except ValueError:
-                raise UsageError(f"--memory-size {memory_size}: expected a row count or a fraction in (0, 1]") from None
+                raise UsageError(f"--memory-size {memory_size}: {expected}") from None
     if isinstance(value, float):
-        if not 0.0 < value <= 1.0:
-            hint = f" (for {int(value)} rows, write the integer)" if value > 1 and value.is_integer() else ""
-            raise UsageError(f"--memory-size {memory_size}: a fraction must be in (0, 1]{hint}")
+        if not (math.isfinite(value) and value > 0.0):
+            raise UsageError(f"--memory-size {memory_size}: a fraction of the training set must be a finite number > 0")
         return 0 if num_train is None else max(1, int(round(value * num_train)))
     if value < 1:
-        raise UsageError(f"--memory-size {memory_size}: expected a row count >= 1 or a fraction in (0, 1]")
-    if num_train is not None and value > num_train:
-        raise UsageError(f"--memory-size {memory_size}: more rows than the {num_train} training images; "
-                         f"use at most {num_train} (or the fraction 1.0)")
+        raise UsageError(f"--memory-size {memory_size}: {expected}")
     return value

@@ -23,7 +23,8 @@ Protocols (``../shared/FORMATS.md``):
   ten digits, test leave-one-out); ``--split class`` trains on digits 0-4 and tests on 5-9 (zero-shot).
 * ``omniglot``: handwritten characters split by alphabet (:func:`load_omniglot`): the embedded
   ``images_background_small1`` subset (no download), or the full dataset's standard split under
-  ``--data-root``; test leave-one-out.
+  ``--data-root``; test leave-one-out. ``rotations=4`` makes every character rotated by 90, 180 and
+  270 degrees a class of its own (:func:`rotated_classes`), in training and in retrieval.
 
 Seeded split rule (``split_seed``, ``train_fraction``): class split = the classes sorted by name,
 permuted by ``numpy.random.default_rng(split_seed)``, the first ``round(train_fraction * C)`` (at
@@ -61,6 +62,7 @@ __all__ = [
     "load_folder",
     "load_digits",
     "load_omniglot",
+    "rotated_classes",
     "ImageDataset",
 ]
 
@@ -496,7 +498,42 @@ def _find_standard(root: Path, kind: str) -> List[Path]:
     return found
 
 
-def load_omniglot(root: Optional[Union[str, Path]] = None, download: bool = False) -> RetrievalData:
+#: ``--omniglot-rotations``: 1 (the characters as drawn) or 4 (each rotation by 90 degrees a new class).
+OMNIGLOT_ROTATIONS = (1, 4)
+
+
+def rotated_classes(split: Split, rotations: int, num_labels: int) -> Split:
+    """``split`` with each image also rotated by 90, 180, ... degrees, every rotation of a class a class of its own.
+
+    The practice of the few-shot literature on Omniglot (Vinyals et al., 2016; Santoro et al., 2016):
+    a character turned by 90 degrees is another character, so ``rotations=4`` gives four times the
+    classes from the same images. The rotations are counter-clockwise (:func:`numpy.rot90`, as
+    ``torch.rot90(image, k)``).
+
+    Args:
+        split: N items, ``(H, W)`` uint8 arrays, with their labels in ``[0, num_labels)``.
+        rotations: 1 (``split`` as it is) or 4.
+        num_labels: L, the number of labels of every split of the dataset (so the rotated classes of
+            the training and the evaluation split stay apart).
+
+    Returns:
+        ``rotations x N`` items: the N originals first (same order, same labels), then rotation ``k``
+        of item ``i`` at position ``k * N + i`` with label ``label_i + k * L``.
+
+    Raises:
+        ValueError: ``rotations`` not in :data:`OMNIGLOT_ROTATIONS`.
+    """
+    if rotations not in OMNIGLOT_ROTATIONS:
+        raise ValueError(f"rotations must be one of {OMNIGLOT_ROTATIONS}, got {rotations!r}")
+    items: List[Item] = list(split.items)
+    labels = [np.asarray(split.labels, dtype=np.int64)]
+    for k in range(1, rotations):
+        items += [np.ascontiguousarray(np.rot90(img, k)) for img in split.items]
+        labels.append(labels[0] + k * num_labels)
+    return Split(items, np.concatenate(labels))
+
+
+def load_omniglot(root: Optional[Union[str, Path]] = None, download: bool = False, rotations: int = 1) -> RetrievalData:
     """Omniglot (Lake et al., 2015) split by alphabet: retrieval of characters never seen in training.
 
     Without ``root``: the embedded ``images_background_small1`` subset (2,720 images, no download);
@@ -509,11 +546,15 @@ def load_omniglot(root: Optional[Union[str, Path]] = None, download: bool = Fals
 
     Images are kept in memory as ``(105, 105)`` uint8 arrays, inverted to bright strokes on black so
     that the zero fill of crops and rotations is background. A character's label is
-    ``(alphabet, character)``.
+    ``(alphabet, character)``. ``rotations=4``: every character also rotated by 90, 180 and 270
+    degrees, each a class of its own, in both splits (:func:`rotated_classes`; ``info["rotations"]``).
 
     Raises:
         DataFormatError: a missing, unreadable or empty zip or folder, or ``download`` without ``root``.
+        ValueError: ``rotations`` not 1 or 4.
     """
+    if rotations not in OMNIGLOT_ROTATIONS:
+        raise ValueError(f"omniglot: rotations must be one of {OMNIGLOT_ROTATIONS}, got {rotations!r}")
     if download:
         if root is None or str(root) == "":
             raise DataFormatError("--download needs --data-root DIR (where the full Omniglot is stored)")
@@ -536,7 +577,7 @@ def load_omniglot(root: Optional[Union[str, Path]] = None, download: bool = Fals
         test = _omniglot_split(tree, test_alphabets, mapping)
         info = {"protocol": "embedded images_background_small1 split by alphabet, retrieval leave-one-out",
                 "train_alphabets": sorted(OMNIGLOT_EMBEDDED_TRAIN), "test_alphabets": sorted(test_alphabets)}
-        return RetrievalData("omniglot", train, test, test, True, info)
+        return _with_rotations(RetrievalData("omniglot", train, test, test, True, info), rotations, len(mapping))
     path = _require_root(root, "omniglot")
     background, evaluation = _find_standard(path, "background"), _find_standard(path, "evaluation")
     if not background or not evaluation:
@@ -551,7 +592,17 @@ def load_omniglot(root: Optional[Union[str, Path]] = None, download: bool = Fals
     test = _omniglot_split(trees[1], list(trees[1]), mapping)
     info = {"protocol": "standard split: background alphabets train, evaluation alphabets retrieved leave-one-out",
             "train_alphabets": sorted(trees[0]), "test_alphabets": sorted(trees[1])}
-    return RetrievalData("omniglot", train, test, test, True, info)
+    return _with_rotations(RetrievalData("omniglot", train, test, test, True, info), rotations, len(mapping))
+
+
+def _with_rotations(data: RetrievalData, rotations: int, num_labels: int) -> RetrievalData:
+    """Omniglot with every rotation of a character a class (``rotations > 1``), in training and retrieval."""
+    if rotations == 1:
+        return data
+    test = rotated_classes(data.query, rotations, num_labels)  # query is gallery (leave-one-out)
+    info = dict(data.info, rotations=rotations,
+                protocol=data.info["protocol"] + f"; each character rotated by 90-degree steps, {rotations} classes per character")
+    return RetrievalData(data.name, rotated_classes(data.train, rotations, num_labels), test, test, True, info)
 
 
 DATASETS = ("sop", "inshop", "deepfashion2", "folder", "digits", "omniglot")
@@ -559,9 +610,10 @@ DATASETS = ("sop", "inshop", "deepfashion2", "folder", "digits", "omniglot")
 
 def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str = "auto",
                  train_fraction: float = 0.5, split_seed: int = 0, check_files: bool = True,
-                 max_per_class: Optional[int] = None, download: bool = False) -> RetrievalData:
+                 max_per_class: Optional[int] = None, download: bool = False,
+                 omniglot_rotations: int = 1) -> RetrievalData:
     """Load one of :data:`DATASETS` (``max_per_class``: folder only, see :func:`load_folder`;
-    ``download``: omniglot only, see :func:`load_omniglot`).
+    ``download`` and ``omniglot_rotations``: omniglot only, see :func:`load_omniglot`).
 
     Raises:
         ValueError: unknown dataset name.
@@ -578,7 +630,7 @@ def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str 
     if name == "digits":
         return load_digits(split, train_fraction, split_seed)
     if name == "omniglot":
-        return load_omniglot(root, download)
+        return load_omniglot(root, download, omniglot_rotations)
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
 

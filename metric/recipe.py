@@ -67,6 +67,10 @@ def recipe_summary(cfg: Any) -> str:
     else:
         aug = f"timm ({aa}, crop {cfg.crop_min_scale:g}-1 of the area, hflip {cfg.hflip:g}, erasing {cfg.re_prob:g})"
     head = "no head (features are the embedding)" if cfg.head == "none" else "linear head"
+    rotations = getattr(cfg, "omniglot_rotations", 1)
+    data = (f"; data: every character also rotated by 90, 180 and 270 degrees, each rotation a class "
+            f"({rotations}x the classes, --omniglot-rotations {rotations})" if rotations > 1 else "")
     return (f"recipe: {label} (backbone {cfg.backbone}, {state}, {head}, {cfg.embedding_dim}-d): "
             f"{cfg.warmup_epochs} head-only warm-up epoch(s), AdamW lr {cfg.lr:g}, batch {cfg.batch_size} "
-            f"({cfg.m_per_class} per class), augmentation {aug}; options you set win (--warmup-epochs, --lr, --augment, ...)")
+            f"({cfg.m_per_class} per class), augmentation {aug}{data}; options you set win (--warmup-epochs, --lr, "
+            "--augment, ...)")

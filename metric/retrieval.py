@@ -229,8 +229,10 @@ def split_rule(run_config: Any, dataset: str) -> Optional[Dict[str, Any]]:
     """The run's split rule when ``dataset`` is the run's dataset (so ``test`` is its held-out set), else ``None``."""
     if run_config.dataset != dataset:
         return None
-    return dict(split=run_config.split, train_fraction=run_config.train_fraction, split_seed=run_config.split_seed,
+    rule = dict(split=run_config.split, train_fraction=run_config.train_fraction, split_seed=run_config.split_seed,
                 max_per_class=run_config.max_per_class)
+    rotations = getattr(run_config, "omniglot_rotations", 1)  # a run saved before the option: 1
+    return rule if rotations == 1 else dict(rule, omniglot_rotations=rotations)
 
 
 # ------------------------------------------------------------------------------------------ store

@@ -43,7 +43,8 @@ from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.tracking import kalman_gain_record, plot_history
 
-from .config import COMPAT_KEYS, MetricConfig, kalman_r_value, memory_rows, resolve_config, saved_config
+from .config import (COMPAT_KEYS, MetricConfig, kalman_r_value, memory_rows, method_memory, resolve_config,
+                     saved_config)
 from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import retrieval_metrics
 from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
@@ -95,33 +96,35 @@ def build_transforms(cfg: MetricConfig):
 def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     """The batch loss and (unless method is ``none``) the memory loss.
 
-    Both use PML's ``SupConLoss`` with ``PairMarginMiner(pos_margin=0.2, neg_margin=0.8)``; the memory
-    loss is :class:`xbn_queue.pml.AdaptiveCrossBatchMemory` with adaptation ``none`` (xbm, xbm-batch),
-    ``xbn`` or ``axbn``, plus the batch loss for ``xbm-batch`` (XBM*).
+    Both use the PML loss and miner of ``--loss`` / ``--miner`` with their arguments (default the paper's
+    ``SupConLoss()`` with ``PairMarginMiner(pos_margin=0.2, neg_margin=0.8)``, :mod:`metric.losses`); the memory
+    loss is :class:`xbn_queue.pml.AdaptiveCrossBatchMemory` with the method's adaptation (``none`` for
+    xbm, ``xbn``, ``axbn``, ``xbn-cov``), plus the batch loss (``add_batch_loss``) for the ``-batch``
+    methods (XBM*, XBN*, AXBN*); see :func:`metric.config.method_memory`.
 
     Returns:
         ``(batch_loss_fn(emb, labels) -> loss, memory_loss or None)``.
     """
-    from pytorch_metric_learning import losses, miners
-
     from xbn_queue.pml import AdaptiveCrossBatchMemory
 
-    base = losses.SupConLoss()
-    miner = miners.PairMarginMiner(pos_margin=0.2, neg_margin=0.8)
+    from .losses import build_loss, build_miner, resolve_miner_args
+
+    base = build_loss(cfg.loss, cfg.loss_args)
+    miner = build_miner(cfg.miner, resolve_miner_args(cfg.miner, cfg.miner_args))
 
     def batch_loss(emb: Tensor, labels: Tensor) -> Tensor:
-        return base(emb, labels, miner(emb, labels))
+        return base(emb, labels, miner(emb, labels) if miner is not None else None)
 
-    if cfg.method == "none":
+    adaptation, add_batch_loss = method_memory(cfg.method)
+    if adaptation is None:
         return batch_loss, None
-    adaptation = {"xbm": "none", "xbm-batch": "none", "xbn": "xbn", "axbn": "axbn", "xbn-cov": "xbn-cov"}[cfg.method]
     kw: Dict[str, Any] = {"gather_distributed": distributed,  # sample ids are stored with the rows (staleness)
                           "warmup_steps": cfg.memory_warmup_steps}
     if adaptation == "axbn":
         kw.update(kalman_p0=cfg.kalman_p0, kalman_q=cfg.kalman_q, kalman_gain_every=cfg.kalman_gain_every,
                   kalman_r=kalman_r_value(cfg.kalman_r))
     mem = AdaptiveCrossBatchMemory(base, embedding_size=cfg.embedding_dim, memory_size=rows, miner=miner,
-                                   adaptation=adaptation, add_batch_loss=cfg.method == "xbm-batch", **kw)
+                                   adaptation=adaptation, add_batch_loss=add_batch_loss, **kw)
     return batch_loss, mem
 
 
@@ -303,7 +306,8 @@ class MetricRun(RunLoop):
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction,
-                                                cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download)
+                                                cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download,
+                                                omniglot_rotations=cfg.omniglot_rotations)
         self.rows = _check_data(cfg, self.data, self.ctx.world_size)
         if cfg.method != "none":
             check_memory_fits("--memory-size", cfg.memory_size, self.rows, cfg.embedding_dim, device)
@@ -435,20 +439,20 @@ class MetricRun(RunLoop):
                                                 generator=torch.Generator().manual_seed(cfg.seed + st.epoch)))
 
     def train_step(self, batch: Tuple[Tensor, Tensor, Tensor, Tensor]) -> float:
-        """Embed, check, loss with the memory (adapt, enqueue with sample ids), optimiser step, drift probe."""
+        """Embed, check, loss with the memory (adapt; the batch held back), check, enqueue, optimiser step, drift probe."""
         x, y, idx = self.readable(batch)
         measure = self.cfg.drift_every > 0 and self.state.step_in_epoch % self.cfg.drift_every == 0 and self.ctx.is_main
         z_before = self.embed_probe() if measure else None
         with _autocast(self.cfg, self.device):
             emb = self.net(x)  # (B, D) float32
-        if any_rank(self.ctx, not bool(torch.isfinite(emb).all()))[0]:
-            raise self.non_finite("embedding")
+        self.check_finite("embedding", emb)  # every rank, before the memory is adapted
         if self.warm or self.mem_loss is None:
             loss = self.batch_loss(emb, y)
+            self.check_finite("loss", loss)
         else:
-            loss = self.mem_loss(emb, y, ids=idx)  # adapt the memory, enqueue (with sample ids), loss
-        if any_rank(self.ctx, not bool(torch.isfinite(loss)))[0]:
-            raise self.non_finite("loss")
+            with self.mem_loss.deferred_enqueue():  # the batch (with sample ids) is written at the block's end
+                loss = self.mem_loss(emb, y, ids=idx)  # adapt the memory, loss against it and the batch
+                self.check_finite("loss", loss)  # raises: the batch never reaches the memory
         self.optimizer_step(loss)
         value = float(loss.detach())
         self.state.loss_sum += value
@@ -598,7 +602,8 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
 
     Raises:
         UsageError: fewer than two training classes, no class with ``m_per_class`` images, fewer classes
-            than a batch needs, a memory smaller than one global batch, or no query with a positive.
+            than a batch needs, a memory smaller than one global batch, ``--prefill`` with a memory larger
+            than the training set, or no query with a positive.
     """
     labels = np.asarray(data.train.labels)
     classes, counts = np.unique(labels, return_counts=True)
@@ -614,6 +619,10 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
                          f"{len(classes) * cfg.m_per_class}")
     if cfg.method != "none":
         check_memory_holds_a_batch("--memory-size", cfg.memory_size, rows, cfg.batch_size, world)
+        if cfg.prefill and rows > len(labels):
+            raise UsageError(f"--prefill: fills the memory with distinct training images, but --memory-size "
+                             f"{cfg.memory_size} is {rows} rows, more than the {len(labels)} training images; use "
+                             "a memory of at most the training set (1.0) with --prefill")
     q = np.asarray(data.query.labels)
     if data.query_is_gallery:
         qc, qn = np.unique(q, return_counts=True)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xbn_queue import distributed as xdist
-from xbn_queue.queue import AdaptiveQueue
+from xbn_queue.queue import AdaptiveQueue, DeferredEnqueue, PendingWrite
 
 __all__ = ["RawKeyMoCoLoss", "raw_key_ntxent"]
 
@@ -67,12 +67,15 @@ def raw_key_ntxent(
     return F.cross_entropy(logits, positives)
 
 
-class RawKeyMoCoLoss(nn.Module):
+class RawKeyMoCoLoss(DeferredEnqueue, nn.Module):
     """MoCo loss whose queue stores and adapts raw key-encoder outputs (PML ``CrossBatchMemory`` order).
 
     ``loss = criterion(query, key)``: the stored keys are adapted to ``key``'s statistics (XBN /
     AXBN; nothing for ``"none"``), ``key`` is enqueued, and :func:`raw_key_ntxent` compares the
     queries with every stored row (this batch's keys included, the own key being the positive).
+    Inside ``with criterion.deferred_enqueue():`` the loss is the same, computed against the memory
+    as it will be, and the keys are written when the block ends without an exception
+    (:class:`~xbn_queue.queue.DeferredEnqueue`).
 
     Args:
         queue_size: N, stored keys (the current batch included, as in PML's ``memory_size``).
@@ -138,26 +141,39 @@ class RawKeyMoCoLoss(nn.Module):
             raise ValueError(f"query and key must both be (B, D), got {tuple(query.shape)} and {tuple(key.shape)}")
         if self.mask_same_ids and ids is None:
             raise ValueError("ids are required with mask_same_ids=True: pass forward(query, key, ids=sample_ids)")
+        self._check_can_hold()
         with torch.no_grad():
-            written = self.queue.update(key.detach(), ids=ids)  # (B * world,) rows, gathered batch in rank order
+            pending = None
+            if self._deferring:  # the keys are held until the block ends: the loss reads the memory as it will be
+                pending = self.queue.stage(key.detach(), ids=ids)
+                self._hold(pending)
+                written, warmup = pending.positions, pending.in_warmup  # (B * world,)
+                memory = self.queue.preview(pending)[0]  # (n, D) a new tensor, the keys at their rows
+            else:
+                written = self.queue.update(key.detach(), ids=ids)  # (B * world,) rows, gathered batch in rank order
+                warmup = self.queue.in_warmup
+                memory = self.queue.valid_memory()  # (n, D) live view, read once right here
             pos, offset = written, 0
             if self.gather_distributed and xdist.is_distributed():  # this rank's keys follow the lower ranks'
                 offset = sum(xdist.all_gather_sizes(key.shape[0], key.device)[: xdist.get_rank()])
                 pos = pos[offset : offset + key.shape[0]]  # (B,)
-            warmup = self.queue.in_warmup
             same = None
             if warmup:  # the memory stays out: this step's keys are the only references
-                keys = self.queue.valid_memory().index_select(0, written)  # (B * world, D)
+                keys = memory.index_select(0, written)  # (B * world, D)
                 own = torch.arange(offset, offset + key.shape[0], device=query.device)  # (B,) positives
                 self.same_id_negatives = None
             elif ids is not None:  # older keys of the same samples; this step's keys are positives, not older copies
-                same = self.queue.same_id_mask(ids, exclude=written)  # (B, n)
+                same = self.queue.same_id_mask(ids, exclude=written, pending=pending)  # (B, n)
                 self.same_id_negatives = same.sum()
         if warmup:  # outside no_grad: the queries' gradient flows
             return raw_key_ntxent(query, keys.to(query.device), own, self.temperature)
-        memory = self.queue.valid_memory()  # (n, D) live view, read once right here
         exclude = same.to(query.device) if self.mask_same_ids else None
         return raw_key_ntxent(query, memory, pos.to(query.device), self.temperature, exclude)
+
+    @torch.no_grad()
+    def _write_held(self, pending: PendingWrite) -> None:
+        """End of a ``deferred_enqueue()`` block: write the held keys."""
+        self.queue.commit(pending)
 
     def extra_repr(self) -> str:
         return (

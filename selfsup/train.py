@@ -116,6 +116,13 @@ def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.M
     return criterion
 
 
+def criterion_memory(criterion: torch.nn.Module) -> Any:
+    """The module holding the queue inside a loss built by :func:`build_criterion` (its bank, or the loss itself),
+    with ``deferred_enqueue()``."""
+    bank = getattr(criterion, "memory_bank", None)
+    return bank if bank is not None else criterion
+
+
 def criterion_queue(criterion: torch.nn.Module) -> Any:
     """The :class:`xbn_queue.AdaptiveQueue` inside a loss built by :func:`build_criterion`."""
     bank = getattr(criterion, "memory_bank", None)
@@ -169,10 +176,6 @@ def check_data(cfg: SelfSupConfig, data: ImageData, world_size: int = 1) -> None
     if len(data.train_images) < cfg.batch_size * world_size:
         raise UsageError(f"--batch-size {cfg.batch_size}: larger than the {len(data.train_images)} training images "
                          f"(x {world_size} processes)")
-
-
-def _finite(t: Tensor) -> bool:
-    return bool(torch.isfinite(t).all().item())
 
 
 @dataclasses.dataclass
@@ -414,8 +417,9 @@ class Trainer(RunLoop):
         """One MoCo step; returns the (detached) loss. ``ids``: ``(B,)`` sample ids of the batch, stored with the keys.
 
         Raises:
-            NonFiniteError: before the queue is touched when a query or key is not finite, or after
-                the loss when it is not finite (no optimizer step is taken).
+            NonFiniteError: on every rank, before the queue is touched when a query or key is not finite
+                on any rank, or when the loss is not finite, before the keys are enqueued and before the
+                optimizer step.
         """
         self.model_q.train()
         self.encoder_k.train()
@@ -427,13 +431,12 @@ class Trainer(RunLoop):
             with autocast(self.amp, self.device):
                 k = self.encoder_k(x1s)[unshuffle]  # (B, D) keys in the original order
         q, k = q.float(), k.float()
-        if not (_finite(q) and _finite(k)):
-            raise self.non_finite("embedding")
-        # adapt the queue to k, negatives, enqueue k (order by --adapt-keys)
-        loss = self.criterion(q, k) if ids is None else self.criterion(q, k, ids=ids)
+        self.check_finite("embedding", q, k)  # every rank, before the queue is adapted
+        with criterion_memory(self.criterion).deferred_enqueue():  # k is written at the block's end
+            # adapt the queue to k, the loss against it (with k where --adapt-keys puts it)
+            loss = self.criterion(q, k) if ids is None else self.criterion(q, k, ids=ids)
+            self.check_finite("loss", loss)  # raises: k never reaches the queue
         self.count_same_id_negatives(q.shape[0])
-        if not _finite(loss):
-            raise self.non_finite("loss")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

@@ -63,13 +63,22 @@ class Adaptation(nn.Module):
         """
         raise NotImplementedError
 
-    def target_covariance(self, batch_mean: Tensor, batch_cov: Tensor, batch_size: int) -> Tuple[Tensor, Tensor]:
+    def target_covariance(
+        self,
+        batch_mean: Tensor,
+        batch_cov: Tensor,
+        batch_size: int,
+        memory_cov: Optional[Tensor] = None,
+        memory_rows: int = 0,
+    ) -> Tuple[Tensor, Tensor]:
         """Target mean and covariance for the memory (strategies with ``full_covariance = True``).
 
         Args:
             batch_mean: ``(D,)`` float64 mean of the current batch.
             batch_cov: ``(D, D)`` float64 covariance (Bessel-corrected) of the batch.
             batch_size: Number of rows ``B``.
+            memory_cov: ``(D, D)`` float64 covariance of the stored rows before the step.
+            memory_rows: Number of stored rows ``n``.
 
         Returns:
             ``(mean, cov)``: ``(D,)`` and ``(D, D)`` symmetric positive semi-definite.
@@ -291,60 +300,90 @@ class AXBN(_StepCounted, Adaptation):
 class XBNCov(_StepCounted, Adaptation):
     """Full-covariance XBN: the memory is whitened by its covariance and coloured by a target's.
 
-    The paper matches each dimension's mean and standard deviation (Eq. 6) and names higher-order
-    moments as future work; matching the covariance also follows a rotation of the embedding space.
-    The map (:func:`~xbn_queue.functional.covariance_matching_affine`) is
-    ``z -> (z - m_R) S_R^-1/2 T^1/2 + m_T``, from float64 eigendecompositions.
+    The paper matches each dimension's mean and standard deviation (Eq. 6, its solution of the moment
+    equations 8-9 under independent dimensions) and names higher-order moments as future work. This
+    strategy solves Eq. 8-9 with full covariances. The map
+    (:func:`~xbn_queue.functional.covariance_matching_affine`) is whitening-colouring,
+    ``z -> (z - m_R) S_R^-1/2 T^1/2 + m_T``, not the paper's Eq. 10 ``(T S_R^-1)^1/2``: both give the
+    memory the target's mean and covariance and differ by an orthogonal factor that second moments
+    cannot determine. So it corrects correlated scale and shear of the embedding space, not a
+    rotation (see that function for exactly which drifts it follows).
 
-    The target mean is the batch mean (as Eq. 6). The target covariance ``T`` cannot be the batch
-    covariance alone: a batch of 16-64 rows in 64-512 dimensions gives a rank-deficient estimate,
-    and colouring by it would collapse the memory onto the batch's few directions. ``T`` is the
-    AXBN Kalman filter (Eq. 18-22) extended to the covariance matrix: the state is the matrix, the
-    measurement is the batch covariance ``S_t``, and since every entry has the same noise model the
-    gain is one scalar for the whole matrix::
+    The target mean is the batch mean (as Eq. 6). The target covariance is an estimate of the
+    dataset's covariance, in two parts:
 
-        first call:  T <- S_1, P <- p0 * R_1
-        later:       P <- P + q R_t;  K <- P / (P + R_t);  T <- T + K (S_t - T);  P <- (1 - K) P
+    1. **A Kalman filter** (AXBN's Eq. 18-22 extended to the matrix): the state ``T`` is the matrix,
+       the measurement is the batch covariance ``S_t``; every entry has the same noise model, so the
+       gain is one scalar::
 
-    ``R_t`` is the measurement noise of a sample covariance (Wishart):
-    ``Var(S_ij) = (S_ij^2 + S_ii S_jj) / (B - 1)``, averaged over the entries. As in AXBN's
-    ``kalman_r="auto"``, ``q`` and ``p0`` are relative to ``R``, so ``q`` alone fixes the steady
-    gain ``K = (q + sqrt(q^2 + 4q)) / (q + sqrt(q^2 + 4q) + 2)``. ``T`` is a convex combination of
-    batch covariances, so it stays symmetric positive semi-definite, and after ``t`` steps its rank
-    grows to ``min(D, t (B - 1))``. The default ``q = 0.0246`` gives ``K = 0.145``: the weight a
-    blend ``0.05 S_t + 0.95 EMA_0.9(S)`` puts on the current batch (that blend was the promising
-    target of an exploratory run); the filter's older weights decay by ``1 - K = 0.855`` per step
-    where the blend's decay by 0.9. ``shrinkage`` additionally pulls ``T`` towards its diagonal
-    (``(1 - a) T + a diag(T)``), for very early steps.
+           first call:  T <- C_mem, P <- p0 R(C_mem, n - 1)   if the memory holds n > D rows (prefilled, loaded)
+                        T <- S_1,   P <- p0 R(S_1, B - 1)     otherwise (and no update below)
+           each call:   P <- P + q R_t;  K <- P / (P + R_t);  T <- T + K (S_t - T);  P <- (1 - K) P
+
+       ``R_t = mean_ij (S_ij^2 + S_ii S_jj) / (B - 1)`` is the Wishart noise of a sample covariance
+       (:func:`~xbn_queue.functional.wishart_noise`). As in AXBN's ``kalman_r="auto"``, ``q`` and
+       ``p0`` are relative to ``R``, so ``q`` alone fixes the steady gain
+       ``K = (q + sqrt(q^2 + 4q)) / (q + sqrt(q^2 + 4q) + 2)``: 0.145 for the default ``q = 0.0246``.
+       Starting from the memory's own covariance keeps a full-rank memory full-rank: the first
+       batch's covariance has rank at most ``B - 1``, and starting from it alone mapped a prefilled
+       memory onto ``B - 1`` directions for good (issue 22).
+    2. **Shrinkage towards the diagonal** (:func:`~xbn_queue.functional.shrink_to_diagonal`).
+       ``T = sum_s w_s S_s`` is a weighted mean of batch covariances, so each entry has the variance
+       ``v (Sigma_ij^2 + Sigma_ii Sigma_jj)`` with ``v = sum_s w_s^2 / (B_s - 1)`` for i.i.d. Gaussian
+       batches: the filter keeps ``v`` (``cov_dof_inv``; ``1 / v`` is its effective number of rows),
+       ``v <- (1 - K)^2 v + K^2 / (B - 1)``, ``v = K / ((2 - K)(B - 1))`` in the steady state. With
+       ``D`` larger than ``1 / v`` (``D = 256``, ``B = 16``: ``1 / v = 192``) ``T``'s eigenvalues
+       spread far from the truth (0.03 to 5.0 for ``Sigma = I`` after 300 steps); the off-diagonal
+       entries are then pulled towards 0 by the weight ``lam`` (``cov_intensity``) that minimises the
+       expected squared Frobenius error. Its expected error, stated in that function, is
+       ``v sum_i 2 Sigma_ii^2 + (1 - lam) v sum_{i != j} (Sigma_ij^2 + Sigma_ii Sigma_jj)`` against
+       ``v (tr(Sigma^2) + tr(Sigma)^2)`` for ``T`` alone. Since ``lam >= v / (1 + v) > 0``, the
+       target's smallest eigenvalue is at least ``v / (1 + v) min_i T_ii``: positive definite
+       however few rows the batches have.
+       ``v`` counts sampling noise only: under drift ``T`` also lags the truth, which ``q`` trades off.
+
+    ``shrinkage="auto"`` (the default) uses that weight; a number ``a`` in ``[0, 1]`` fixes it
+    (``(1 - a) T + a diag(T)``; ``0`` is the unshrunk filter of version 0.3.0).
 
     Cost: two ``D x D`` eigendecompositions (float64) and a ``(n, D) @ (D, D)`` product over the
-    memory per step, against XBN's one element-wise pass; see ``BENCHMARKS.md``.
-    Needs float32 or float64 storage (a bfloat16 / float16 memory keeps a per-dimension frame).
+    memory per step, against XBN's one element-wise pass; see ``BENCHMARKS.md``. **Host
+    synchronisation:** ``torch.linalg.eigh`` makes the host wait for a CUDA device, twice per step;
+    this is the one strategy whose steady-state step synchronises (``OpCounter`` counts it as
+    ``aten._linalg_eigh.default``). Needs float32 or float64 storage (a bfloat16 / float16 memory
+    keeps a per-dimension frame).
 
     Args:
         dim: Embedding dimension ``D``.
         eps: Added to the memory's standard deviations (square roots of eigenvalues).
         q: Relative process noise of the covariance filter.
         p0: Relative initial estimation variance.
-        shrinkage: Weight ``a`` in ``[0, 1]`` of the diagonal in the target covariance.
+        shrinkage: ``"auto"`` or a fixed weight ``a`` in ``[0, 1]`` of the diagonal in the target covariance.
 
     Raises:
-        ValueError: On a negative ``q`` / ``p0`` or a ``shrinkage`` outside ``[0, 1]``.
+        ValueError: On a negative ``q`` / ``p0`` or a ``shrinkage`` that is neither ``"auto"`` nor in ``[0, 1]``.
     """
 
     name = "xbn-cov"
     full_covariance = True
 
-    def __init__(self, dim: int, eps: float = 1e-6, q: float = 0.0246, p0: float = 1.0, shrinkage: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, eps: float = 1e-6, q: float = 0.0246, p0: float = 1.0, shrinkage: Union[float, str] = "auto"
+    ) -> None:
         super().__init__(dim, eps)
         if float(q) < 0 or float(p0) < 0:
             raise ValueError(f"q and p0 must be non-negative, got q={q}, p0={p0}")
-        if not 0.0 <= float(shrinkage) <= 1.0:
-            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
-        self.q, self.p0, self.shrinkage = float(q), float(p0), float(shrinkage)
+        if isinstance(shrinkage, str):
+            if shrinkage != "auto":
+                raise ValueError(f"shrinkage must be 'auto' or in [0, 1], got {shrinkage!r}")
+        elif not 0.0 <= float(shrinkage) <= 1.0:
+            raise ValueError(f"shrinkage must be 'auto' or in [0, 1], got {shrinkage}")
+        self.q, self.p0 = float(q), float(p0)
+        self.shrinkage: Union[float, str] = shrinkage if isinstance(shrinkage, str) else float(shrinkage)
         self.register_buffer("cov_estimate", torch.zeros(dim, dim, dtype=torch.float64))  # T
         self.register_buffer("cov_variance", torch.zeros((), dtype=torch.float64))  # P
         self.register_buffer("cov_gain", torch.zeros((), dtype=torch.float64))  # K
+        self.register_buffer("cov_dof_inv", torch.zeros((), dtype=torch.float64))  # v = sum w^2 / (B - 1)
+        self.register_buffer("cov_intensity", torch.zeros((), dtype=torch.float64))  # lam of the last target
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # t
         self._t = 0  # host mirror of ``step``
 
@@ -358,35 +397,80 @@ class XBNCov(_StepCounted, Adaptation):
                 self._buffers[name] = old.to(device=new.device, dtype=torch.float64)
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Checkpoints of version 0.3.0 lack ``cov_dof_inv`` and ``cov_intensity``: ``v`` is then
+        read from the filter's own variance, ``P / mean(T_ij^2 + T_ii T_jj)`` (``P`` counts the drift it
+        allows too, so this ``v`` is larger than the sampling part: it shrinks more, never less)."""
+        key_t, key_p = prefix + "cov_estimate", prefix + "cov_variance"
+        if prefix + "cov_dof_inv" not in state_dict and key_t in state_dict and key_p in state_dict:
+            t = state_dict[key_t].to(torch.float64)  # (D, D)
+            scale = F.wishart_noise(t, 1)  # () mean_ij (T_ij^2 + T_ii T_jj)
+            p = state_dict[key_p].to(torch.float64)
+            state_dict[prefix + "cov_dof_inv"] = torch.where(scale > 0, p / scale.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(p))
+        if prefix + "cov_intensity" not in state_dict and key_t in state_dict:
+            state_dict[prefix + "cov_intensity"] = torch.zeros((), dtype=torch.float64)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def target(self, batch_mean: Tensor, batch_std: Tensor, batch_size: int) -> None:
         raise NotImplementedError("XBNCov matches the full covariance: the queue calls target_covariance")
 
     @torch.no_grad()
-    def target_covariance(self, batch_mean: Tensor, batch_cov: Tensor, batch_size: int) -> Tuple[Tensor, Tensor]:
-        """One step of the covariance filter; returns ``(batch_mean, T)`` (``T`` live: read it before the next call)."""
+    def target_covariance(
+        self,
+        batch_mean: Tensor,
+        batch_cov: Tensor,
+        batch_size: int,
+        memory_cov: Optional[Tensor] = None,
+        memory_rows: int = 0,
+    ) -> Tuple[Tensor, Tensor]:
+        """One step of the covariance filter, then the shrinkage; returns ``(batch_mean, target)``.
+
+        Args:
+            batch_mean: ``(D,)`` float64 mean of the batch.
+            batch_cov: ``(D, D)`` float64 Bessel-corrected covariance of the batch.
+            batch_size: ``B >= 2``.
+            memory_cov: ``(D, D)`` float64 covariance of the stored rows (read on the first call only).
+            memory_rows: Number ``n`` of stored rows ``memory_cov`` came from.
+
+        Returns:
+            ``(batch_mean, target)``: ``(D,)`` and ``(D, D)`` float64 symmetric positive semi-definite
+            (a new tensor; the filter state stays in the buffers).
+        """
         s = batch_cov.to(torch.float64)  # (D, D)
-        diag = torch.diagonal(s)  # (D,)
-        r = (s.square() + diag[:, None] * diag[None, :]).mean() / max(batch_size - 1, 1)  # () Wishart noise
-        t, p, k = self.cov_estimate, self.cov_variance, self.cov_gain
-        if self._t == 0:
+        dof = max(batch_size - 1, 1)
+        r = F.wishart_noise(s, dof)  # () Wishart noise of S_t
+        t, p, k, v = self.cov_estimate, self.cov_variance, self.cov_gain, self.cov_dof_inv
+        first = self._t == 0
+        if first and memory_cov is not None and memory_rows > self.dim:  # decided on the host
+            t.copy_(memory_cov.to(torch.float64))
+            p.copy_(F.wishart_noise(t, memory_rows - 1) * self.p0)
+            v.fill_(1.0 / (memory_rows - 1))
+            first = False  # and the first batch is a measurement like any other
+        if first:
             t.copy_(s)
             p.copy_(r * self.p0)
             k.zero_()
+            v.fill_(1.0 / dof)
         else:
             p.add_(r * self.q)  # (19)
             k.copy_(torch.where(p + r > 0, p / (p + r).clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(p)))  # (20)
             t.add_(k * (s - t))  # (21)
             p.mul_(1 - k)  # (22)
+            v.copy_((1 - k).square() * v + k.square() / dof)  # sum of squared weights per degree of freedom
         self._t += 1
         self.step.add_(1)
-        if self.shrinkage > 0:
-            shrunk = t * (1 - self.shrinkage)
-            shrunk.diagonal().add_(torch.diagonal(t) * self.shrinkage)
-            return batch_mean, shrunk
-        return batch_mean, t
+        if self.shrinkage == "auto":
+            out, lam = F.shrink_to_diagonal(t, v)  # (D, D), ()
+            self.cov_intensity.copy_(lam)
+            return batch_mean, out
+        a = float(self.shrinkage)
+        out = t * (1 - a)  # (D, D)
+        out.diagonal().add_(torch.diagonal(t) * a)
+        self.cov_intensity.fill_(a)
+        return batch_mean, out
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, q={self.q}, p0={self.p0}, shrinkage={self.shrinkage}"
+        return f"{super().extra_repr()}, q={self.q}, p0={self.p0}, shrinkage={self.shrinkage!r}"
 
 
 ADAPTATIONS: Dict[str, Type[Adaptation]] = {cls.name: cls for cls in (NoAdaptation, XBN, AXBN, XBNCov)}

@@ -23,6 +23,8 @@ Everything a reader needs to check the implementation against the paper lives he
 
 * :func:`mean_cov` / :func:`covariance_matching_affine` / :func:`apply_linear_` - full-covariance
   matching (``adaptation="xbn-cov"``): whitening by the memory's covariance, colouring by a target's.
+* :func:`wishart_noise` / :func:`shrink_to_diagonal` - the measurement noise of a sample covariance
+  and the shrinkage of an estimated covariance towards its diagonal (the target of ``"xbn-cov"``).
 
 No function here keeps state or touches a module; :mod:`xbn_queue.adaptation` owns the state.
 """
@@ -56,6 +58,8 @@ __all__ = [
     "mean_cov",
     "covariance_matching_affine",
     "apply_linear_",
+    "wishart_noise",
+    "shrink_to_diagonal",
 ]
 
 #: Rows per chunk when a reduction over a large matrix is done in float64 (bounds the temporary).
@@ -560,15 +564,34 @@ def covariance_matching_affine(
 ) -> Tuple[Tensor, Tensor]:
     """The affine map ``z -> z @ A + b`` that moves rows with moments ``(src_mean, src_cov)`` to ``(tgt_mean, tgt_cov)``.
 
-    Whitening by the source covariance, colouring by the target's (both symmetric square roots,
-    from float64 eigendecompositions)::
+    Whitening by the source covariance ``S``, colouring by the target's ``T`` (both symmetric square
+    roots, from float64 eigendecompositions)::
 
         A = S^-1/2 T^1/2,   S^-1/2 = V diag(1 / (sqrt(l) + eps)) V^T,   b = tgt_mean - src_mean @ A
 
-    so that ``A^T S A = T`` up to ``eps``. With diagonal covariances this is Eq. 6 exactly (scale
-    ``t_std / (s_std + eps)``). A source direction whose variance is at most ``floor`` times the
-    largest (a rank-deficient memory, or a constant column) gets whitening 0, so those rows go to
-    the target mean there, as Eq. 6 does for a constant column.
+    so that ``A^T S A = T`` up to ``eps``: the rows get the target's mean and covariance.
+
+    **Which map.** Matching the first two moments (the paper's Eq. 8-9) does not determine ``A``:
+    every ``S^-1/2 Q T^1/2`` with ``Q`` orthogonal satisfies ``A^T S A = T``. The paper writes one
+    solution, Eq. 10, ``(T S^-1)^1/2`` (column vectors; the principal square root of a non-symmetric
+    matrix); the optimal-transport map ``S^-1/2 (S^1/2 T S^1/2)^1/2 S^-1/2`` is another (the one that
+    moves the rows least). This function takes ``Q = I`` (whitening-colouring), because it needs only
+    the two symmetric eigendecompositions of ``S`` and ``T`` taken separately, and a rank-deficient
+    ``S`` degrades gracefully (below). All three agree when ``S`` and ``T`` commute (share
+    eigenvectors), and with diagonal covariances they are Eq. 6 exactly (scale
+    ``t_std / (s_std + eps)``).
+
+    **What it can correct.** The mean and the covariance always. The rows themselves follow a true
+    drift ``z' = z M + c`` only when ``S^1/2 M`` is symmetric positive semi-definite (for example
+    ``M`` a positive diagonal with a diagonal ``S``: Eq. 6's model; or ``M`` a stretch along the
+    eigenvectors of ``S``). **It cannot correct a rotation:** second moments cannot tell a rotated
+    memory from an unrotated one when its covariance is isotropic (``M^T S M = S``, so ``A = I``),
+    and for other ``S`` the map is not the rotation either (``tests/xbn_queue/test_xbn_cov.py``
+    shows both).
+
+    A source direction whose variance is at most ``floor`` times the largest (a rank-deficient
+    memory, or a constant column) gets whitening 0, so those rows go to the target mean there, as
+    Eq. 6 does for a constant column.
 
     Args:
         src_mean: ``(D,)`` mean of the rows to adapt (the memory).
@@ -580,6 +603,10 @@ def covariance_matching_affine(
 
     Returns:
         ``(A, b)``: ``(D, D)`` and ``(D,)`` float64.
+
+    Note:
+        ``torch.linalg.eigh`` synchronises a CUDA device with the host (PyTorch's documentation):
+        this function makes two host synchronisations, counted by :class:`~xbn_queue.opcount.OpCounter`.
     """
     s_val, s_vec = torch.linalg.eigh(src_cov.to(torch.float64))  # ascending eigenvalues, (D,), (D, D)
     s_val = s_val.clamp_min(0)
@@ -609,3 +636,64 @@ def apply_linear_(z: Tensor, a: Tensor, b: Tensor) -> Tensor:
         chunk = z[start : start + _CHUNK_ROWS]  # (c, D), a view
         chunk.copy_(torch.addmm(b, chunk, a))
     return z
+
+
+def wishart_noise(cov: Tensor, dof: Union[int, float, Tensor]) -> Tensor:
+    """Mean variance of the entries of a sample covariance of Gaussian rows (the Wishart distribution).
+
+    ``Var(S_ij) = (C_ij^2 + C_ii C_jj) / dof`` for a Bessel-corrected sample covariance with ``dof``
+    degrees of freedom (``B - 1`` for ``B`` rows), ``C`` the true covariance; ``cov`` stands in for ``C``.
+
+    Args:
+        cov: ``(D, D)`` float64 covariance.
+        dof: Degrees of freedom (``> 0``).
+
+    Returns:
+        ``()`` float64: the mean over the ``D^2`` entries.
+    """
+    diag = torch.diagonal(cov)  # (D,)
+    return (cov.square() + diag[:, None] * diag[None, :]).mean() / dof  # ()
+
+
+def shrink_to_diagonal(cov: Tensor, dof_inv: Tensor) -> Tuple[Tensor, Tensor]:
+    """Shrink the off-diagonal entries of an estimated covariance towards 0, by the estimated optimal weight.
+
+    ``cov`` is an unbiased estimate ``C`` of a covariance ``Sigma`` whose entries have the Gaussian
+    (Wishart) variance ``Var(C_ij) = v (Sigma_ij^2 + Sigma_ii Sigma_jj)``, ``v = dof_inv``: ``1 / (B - 1)``
+    for one batch of ``B`` rows, ``sum_s w_s^2 / (B_s - 1)`` for a weighted mean ``sum_s w_s S_s`` of
+    independent batch covariances (what :class:`~xbn_queue.adaptation.XBNCov` keeps). The result is::
+
+        out = (1 - lam) C + lam diag(C)
+        lam = min(1, sum_{i != j} Var^(C_ij) / sum_{i != j} C_ij^2),   Var^(C_ij) = v / (1 + v) (C_ij^2 + C_ii C_jj)
+
+    the intensity that minimises the expected squared Frobenius error, ``sum Var / sum (Var + Sigma_ij^2)``
+    over ``i != j`` (Ledoit and Wolf 2004; Schaefer and Strimmer 2005, target "D"), estimated by
+    plugging in ``C`` (``E[C_ij^2] = Sigma_ij^2 + Var`` estimates the denominator without bias; the
+    ``1 / (1 + v)`` makes the numerator's plug-in nearly unbiased). At that intensity the expected error is::
+
+        E ||out - Sigma||_F^2 = v sum_i 2 Sigma_ii^2 + (1 - lam) v sum_{i != j} (Sigma_ij^2 + Sigma_ii Sigma_jj)
+
+    against ``v (tr(Sigma^2) + tr(Sigma)^2)`` without shrinkage. For ``Sigma = s^2 I`` that is
+    ``2 D v s^4`` against ``(D^2 + D) v s^4``, a factor ``(D + 1) / 2`` (and ``lam`` is then 1 up to the
+    noise of its estimate, leaving the diagonal, whose entries have relative error ``sqrt(2 v)``).
+    ``out`` is positive definite whenever ``lam > 0`` and the diagonal is positive (its smallest
+    eigenvalue is at least ``lam min_i C_ii``), however few rows ``C`` came from. No host
+    synchronisation.
+
+    Args:
+        cov: ``(D, D)`` float64 symmetric estimate ``C``.
+        dof_inv: ``()`` float64 ``v``, the inverse effective degrees of freedom of ``C``.
+
+    Returns:
+        ``(out, lam)``: ``(D, D)`` float64 and ``()`` float64 in ``[0, 1]``.
+    """
+    diag = torch.diagonal(cov)  # (D,)
+    diag_sq = diag.square().sum()  # ()
+    off_sq = cov.square().sum() - diag_sq  # () sum_{i != j} C_ij^2
+    cross = diag.sum().square() - diag_sq  # () sum_{i != j} C_ii C_jj
+    var = dof_inv / (1 + dof_inv) * (off_sq + cross)  # () sum_{i != j} Var^(C_ij)
+    tiny = torch.finfo(torch.float64).tiny
+    lam = torch.where(off_sq > tiny, var / off_sq.clamp_min(tiny), torch.ones_like(off_sq)).clamp(0, 1)  # ()
+    out = cov * (1 - lam)  # (D, D)
+    out.diagonal().add_(diag * lam)
+    return out, lam

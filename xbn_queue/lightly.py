@@ -33,6 +33,10 @@ and, with ``mask_same_ids=True``, those rows are left out of that query's negati
     criterion = AdaptiveNTXentLoss(temperature=0.2, memory_bank_size=(4096, 128), mask_same_ids=True)
     loss = criterion(query, key, ids=sample_ids)
 
+Inside ``with bank.deferred_enqueue():`` (:class:`~xbn_queue.queue.DeferredEnqueue`) a ``forward`` with
+``update=True`` adapts and returns the bank as usual, and the batch is written when the block ends
+without an exception (dropped when it raises), so a loss can be checked before its keys are stored.
+
 Unlike lightly's bank (non-persistent buffers) all state is in registered, persistent buffers of
 ``queue``, so ``state_dict()`` checkpoints the bank. A lightly checkpoint, which has no bank keys,
 still loads with ``strict=True``: the bank then starts fresh, with a warning.
@@ -57,7 +61,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from . import distributed as xdist
 from ._compat import follow_device
 from .adaptation import build_adaptation
-from .queue import AdaptiveQueue
+from .queue import AdaptiveQueue, DeferredEnqueue
 
 __all__ = ["AdaptiveMemoryBank", "AdaptiveNTXentLoss"]
 
@@ -91,7 +95,7 @@ def _check_size(size: Union[int, Sequence[int]]) -> Tuple[int, ...]:
     )
 
 
-class AdaptiveMemoryBank(MemoryBankModule):
+class AdaptiveMemoryBank(DeferredEnqueue, MemoryBankModule):
     """A lightly ``MemoryBankModule`` backed by an :class:`~xbn_queue.AdaptiveQueue` (XBM / XBN / AXBN).
 
     It subclasses lightly's ``MemoryBankModule`` (without allocating lightly's bank) so that it is
@@ -200,6 +204,8 @@ class AdaptiveMemoryBank(MemoryBankModule):
         self.negative_mask = None
         if self.queue is None:
             return output, None
+        if update:
+            self._check_can_hold()
         if ids is not None and (not isinstance(ids, Tensor) or tuple(ids.shape) != (output.shape[0],)):
             raise ValueError(f"ids must be (B={output.shape[0]},), got {tuple(getattr(ids, 'shape', ()))}")
         if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[1] != self.size[1]:
@@ -220,9 +226,14 @@ class AdaptiveMemoryBank(MemoryBankModule):
             bank = self._snapshot()  # (n, D), a copy
             if ids is not None and self.mask_same_ids:
                 self.negative_mask = self.queue.same_id_mask(ids)  # (B, n): the bank returned, before the write
-            if update:
+            in_warmup = self.queue.in_warmup
+            if update and self._deferring:  # written when the deferred_enqueue() block ends
+                self._hold((batch, batch_ids))
+                in_warmup = self.queue._in_warmup(min(len(self.queue) + self._rows_written(batch.shape[0]), self.size[0]))
+            elif update:
                 self._write(batch, checked=True, ids=batch_ids)
-        if self.queue.in_warmup:  # the memory stays out of the loss: lightly's loss without a bank
+                in_warmup = self.queue.in_warmup
+        if in_warmup:  # the memory stays out of the loss: lightly's loss without a bank
             self.negative_mask = None
             return output, None
         if self.feature_dim_first:
@@ -308,6 +319,17 @@ class AdaptiveMemoryBank(MemoryBankModule):
             no_ids = torch.full((self.size[0],), -1, dtype=torch.long, device=dev)  # no sample: id -1
             self.queue.enqueue(rows.to(dev), ids=no_ids)  # all N rows: the pointer is back at 0
         self._ptr = 0
+
+    def _rows_written(self, b: int) -> int:
+        """How many of ``b`` rows lightly's write rule stores now (those that fit before the end of the ring)."""
+        ptr = self._ptr if self._ptr is not None else int(self.queue.ptr)  # a sync only after a load
+        return min(b, self.size[0] - ptr)
+
+    @torch.no_grad()
+    def _write_held(self, held: Tuple[Tensor, Optional[Tensor]]) -> None:
+        """End of a ``deferred_enqueue()`` block: write the held batch (checked and gathered) as ``forward`` would."""
+        batch, batch_ids = held
+        self._write(batch, checked=True, ids=batch_ids)
 
     def _write(self, batch: Tensor, checked: bool = False, ids: Optional[Tensor] = None) -> None:
         """lightly's write rule: rows ``ptr .. min(ptr + B, N) - 1`` get the first rows of ``batch`` (B, D).

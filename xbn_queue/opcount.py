@@ -12,6 +12,12 @@ device has caught up (a *host synchronisation*), because the host needs a value 
   boolean index), ``torch.unique`` / ``unique_consecutive`` (every variant), ``repeat_interleave``
   with tensor repeats and no ``output_size``, ``bincount``;
 * ops that return a Python value computed on the device: ``equal``, ``allclose``, ``is_nonzero``;
+* the linear-algebra ops PyTorch's documentation says synchronise a CUDA device with the host
+  (:data:`LINALG_SYNC_OPS`): ``eigh`` / ``eigvalsh`` (``aten._linalg_eigh``), ``eig`` / ``eigvals``,
+  ``svd`` / ``svdvals`` / ``matrix_rank`` / ``cond`` / ``matrix_norm(ord=2)`` (``aten._linalg_svd``),
+  ``pinv``, and the error check (``aten._linalg_check_errors``, reading the LAPACK ``info`` on the host)
+  behind ``cholesky``, ``inv`` / ``torch.inverse``, ``solve``, ``lu_factor`` and ``ldl_factor``; their
+  ``_ex`` variants only with ``check_errors=True`` (the default ``False`` is sync-free);
 * device-to-host copies: ``aten._to_copy`` / ``copy_`` from a non-CPU tensor to the CPU (``.cpu()``,
   ``.to("cpu")`` of a GPU tensor), and the tensor methods that name the host, ``.tolist()``,
   ``.numpy()`` and ``.cpu()``. These methods are counted on a CPU tensor too (where they do not reach
@@ -40,7 +46,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SYNC_OP", "SYNC_OPS", "HOST_READ_METHODS", "OpCounter", "count_ops"]
+__all__ = ["SYNC_OP", "SYNC_OPS", "LINALG_SYNC_OPS", "HOST_READ_METHODS", "OpCounter", "count_ops"]
 
 #: The aten op behind a device-to-host read of a tensor's value.
 SYNC_OP = "aten._local_scalar_dense.default"
@@ -65,6 +71,35 @@ SYNC_OPS = frozenset(
     }
 )
 
+#: Linear-algebra ops that synchronise a CUDA device with the host whatever their arguments (the
+#: notes in ``torch.linalg``'s documentation; ``_linalg_check_errors`` is the host read of LAPACK's
+#: ``info`` that ``cholesky`` / ``inv`` / ``solve`` / ``lu_factor`` / ``ldl_factor`` dispatch).
+LINALG_SYNC_OPS = frozenset(
+    {
+        "aten._linalg_eigh.default",
+        "aten._linalg_eigh.eigenvalues",
+        "aten.linalg_eig.default",
+        "aten.linalg_eig.out",
+        "aten._linalg_svd.default",
+        "aten._linalg_svd.U",
+        "aten.linalg_pinv.default",
+        "aten.linalg_pinv.atol_rtol_tensor",
+        "aten.linalg_pinv.atol_rtol_float",
+        "aten.linalg_pinv.out",
+        "aten._linalg_check_errors.default",
+    }
+)
+
+#: ``_ex`` linear-algebra ops: a host synchronisation only when called with ``check_errors=True``.
+_CHECKED_LINALG_OPS = (
+    "aten.linalg_cholesky_ex.",
+    "aten.linalg_inv_ex.",
+    "aten._linalg_solve_ex.",
+    "aten.linalg_solve_ex.",
+    "aten.linalg_lu_factor_ex.",
+    "aten.linalg_ldl_factor_ex.",
+)
+
 #: Tensor methods that hand data to the host; counted as synchronisations on any device.
 HOST_READ_METHODS = ("tolist", "numpy", "cpu")
 
@@ -73,8 +108,10 @@ _BOOL_INDEX_OPS = ("aten.index.Tensor", "aten.index_put_.default", "aten.index_p
 
 def _is_sync(name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
     """Whether the aten op ``name`` called with ``args`` / ``kwargs`` makes the host wait for the device."""
-    if name in SYNC_OPS:
+    if name in SYNC_OPS or name in LINALG_SYNC_OPS:
         return True
+    if name.startswith(_CHECKED_LINALG_OPS):
+        return bool(kwargs.get("check_errors", False))
     if name in _BOOL_INDEX_OPS:
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)

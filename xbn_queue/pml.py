@@ -17,6 +17,11 @@ selects no rows while the memory is not yet full, PML marks its memory filled an
 ``memory_size`` rows (the never-written ones are zero vectors with label 0) until it is really full;
 here only the rows written are compared against.
 
+Inside ``with loss_fn.deferred_enqueue():`` (an extension, see :class:`~xbn_queue.queue.DeferredEnqueue`)
+the loss is the same, computed against the memory as it will be, but the batch is written only when
+the block ends without an exception: check the loss inside the block and a bad batch never reaches
+the memory. Outside such a block a call writes at once, as PML's.
+
 PML's attributes ``embedding_memory`` / ``label_memory`` (read-only copies), ``queue_idx``,
 ``has_been_filled`` and ``curr_batch_idx`` are provided, the memory follows the embeddings' device as
 PML's does, and a PML state dict loads into this class (see ``_load_from_state_dict``).
@@ -45,7 +50,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from . import distributed as xdist
 from ._compat import follow_device
-from .queue import AdaptiveQueue
+from .queue import AdaptiveQueue, DeferredEnqueue, PendingWrite
 
 __all__ = ["AdaptiveCrossBatchMemory", "remove_same_id_pairs"]
 
@@ -71,7 +76,7 @@ def remove_same_id_pairs(indices_tuple: Tuple[Tensor, ...], same: Tensor) -> Tup
     return a[keep], p[keep], n[keep]
 
 
-class AdaptiveCrossBatchMemory(CrossBatchMemory):
+class AdaptiveCrossBatchMemory(DeferredEnqueue, CrossBatchMemory):
     """PML ``CrossBatchMemory`` whose memory is an :class:`~xbn_queue.AdaptiveQueue` (XBM / XBN / AXBN).
 
     Args:
@@ -280,6 +285,7 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             raise ValueError(f"ids must be (B={embeddings.shape[0]},), got {tuple(getattr(ids, 'shape', ()))}")
         if self.mask_same_ids and ids is None:
             raise ValueError("ids are required with mask_same_ids=True: pass loss_fn(embeddings, labels, ids=sample_ids)")
+        self._check_can_hold()
         anchor_ids = ids
         self.reset_stats()
         device = embeddings.device
@@ -309,22 +315,27 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
                 f"cannot enqueue {emb_for_queue.shape[0]} rows into a memory of memory_size={self.memory_size}"
             )
 
-        self.curr_batch_idx = self._adapt_and_enqueue(emb_for_queue, labels_for_queue, ids_for_queue)  # (Bq,)
+        pending = self._adapt_and_enqueue(emb_for_queue, labels_for_queue, ids_for_queue)  # held, or None: written
         self._memory_dtype, self._label_dtype = embeddings.dtype, labels.dtype
 
-        if self.queue.in_warmup:
+        if self.queue.in_warmup if pending is None else pending.in_warmup:
             return self._warmup_loss(embeddings, labels, emb_for_queue, labels_for_queue, indices_tuple, enqueue_mask)
 
-        # Like PML, the loss reads the memory in place (a live view, cast to the loss dtype; a copy only
-        # when the dtypes differ): PML's supported losses never modify their reference embeddings.
-        E_mem = self.queue.valid_memory().to(device=device, dtype=embeddings.dtype)  # (n, D)
-        L_mem = self.queue.valid_labels().to(device=device, dtype=labels.dtype)  # (n,)
+        if pending is None:
+            # Like PML, the loss reads the memory in place (a live view, cast to the loss dtype; a copy only
+            # when the dtypes differ): PML's supported losses never modify their reference embeddings.
+            E_mem = self.queue.valid_memory().to(device=device, dtype=embeddings.dtype)  # (n, D)
+            L_mem = self.queue.valid_labels().to(device=device, dtype=labels.dtype)  # (n,)
+        else:  # the memory as it will be once the held batch is written (the same values), the batch not in it
+            rows, row_labels, _ = self.queue.preview(pending)  # (n, D), (n,)
+            E_mem = rows.to(device=device, dtype=embeddings.dtype)
+            L_mem = row_labels.to(device=device, dtype=labels.dtype)
         do_remove_self_comparisons = do_remove_self_comparisons and self.curr_batch_idx.numel() > 0
         mem_indices = self.create_indices_tuple(
             embeddings, labels, E_mem, L_mem, indices_tuple, do_remove_self_comparisons
         )
         if self.mask_same_ids:
-            same = self.queue.same_id_mask(anchor_ids, exclude=self.curr_batch_idx)  # (Ba, n)
+            same = self.queue.same_id_mask(anchor_ids, exclude=self.curr_batch_idx, pending=pending)  # (Ba, n)
             mem_indices = remove_same_id_pairs(mem_indices, same)
         loss = self.loss(embeddings, labels, mem_indices, E_mem, L_mem)
         if self.add_batch_loss:
@@ -379,8 +390,9 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
     @torch.no_grad()
     def _adapt_and_enqueue(
         self, emb_for_queue: Tensor, labels_for_queue: Tensor, ids_for_queue: Optional[Tensor] = None
-    ) -> Tensor:
-        """Adapt the memory to ``emb_for_queue``'s statistics, enqueue it, return this rank's rows.
+    ) -> Optional[PendingWrite]:
+        """Adapt the memory to ``emb_for_queue``'s statistics and enqueue it (inside :meth:`deferred_enqueue`:
+        stage it, held until the block ends); set ``curr_batch_idx`` to this rank's rows.
 
         Args:
             emb_for_queue: (Bq, D) rows to enqueue (this rank's).
@@ -388,16 +400,29 @@ class AdaptiveCrossBatchMemory(CrossBatchMemory):
             ids_for_queue: optional (Bq,) sample ids.
 
         Returns:
-            (Bq,) long memory positions written by this rank's rows. With ``gather_distributed`` the
-            queue writes the gathered batch of all ranks in rank order, so this rank's rows follow
-            those of the lower ranks.
+            The held :class:`~xbn_queue.queue.PendingWrite` inside a ``deferred_enqueue()`` block, else
+            ``None`` (written). ``curr_batch_idx``: (Bq,) long memory positions of this rank's rows. With
+            ``gather_distributed`` the queue writes the gathered batch of all ranks in rank order, so
+            this rank's rows follow those of the lower ranks.
         """
-        positions = self.queue.update(emb_for_queue, labels_for_queue, ids=ids_for_queue)  # (B_total,)
-        if not (self.queue.gather_distributed and xdist.is_distributed()):
-            return positions
-        sizes = xdist.all_gather_sizes(emb_for_queue.shape[0], emb_for_queue.device)  # one per rank
-        offset = sum(sizes[: xdist.get_rank()])
-        return positions[offset : offset + emb_for_queue.shape[0]]
+        pending = None
+        if self._deferring:
+            pending = self.queue.stage(emb_for_queue, labels_for_queue, ids=ids_for_queue)
+            self._hold(pending)
+            positions = pending.positions  # (B_total,)
+        else:
+            positions = self.queue.update(emb_for_queue, labels_for_queue, ids=ids_for_queue)  # (B_total,)
+        if self.queue.gather_distributed and xdist.is_distributed():
+            sizes = xdist.all_gather_sizes(emb_for_queue.shape[0], emb_for_queue.device)  # one per rank
+            offset = sum(sizes[: xdist.get_rank()])
+            positions = positions[offset : offset + emb_for_queue.shape[0]]
+        self.curr_batch_idx = positions
+        return pending
+
+    @torch.no_grad()
+    def _write_held(self, pending: PendingWrite) -> None:
+        """End of a ``deferred_enqueue()`` block: write the held batch."""
+        self.queue.commit(pending)
 
     def add_to_memory(self, embeddings: Tensor, labels: Tensor, batch_size: Optional[int] = None) -> None:
         """PML's method: store rows without adapting (sets ``curr_batch_idx``).

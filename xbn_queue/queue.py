@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +14,7 @@ from ._compile import Fused, compile_enabled
 from .adaptation import Adaptation, build_adaptation
 from .distributed import all_gather_cat
 
-__all__ = ["AdaptiveQueue"]
+__all__ = ["AdaptiveQueue", "PendingWrite", "DeferredEnqueue"]
 
 #: Storage dtypes kept in a fixed frame: raw rows, rounded once when written, plus a per-dimension
 #: affine map composed in float64 (re-rounding low-precision rows at every step would accumulate error).
@@ -38,6 +39,80 @@ _VALIDATE = ("auto", "sync", "device", "off")
 
 _XBN_STEP = Fused(F.xbn_step_)
 _FRAME_STEP = Fused(F.frame_step_)
+
+
+class PendingWrite(NamedTuple):
+    """A batch :meth:`AdaptiveQueue.stage` checked, gathered, adapted the memory to and placed, not yet written.
+
+    Attributes:
+        embeddings: ``(B', D)`` rows in the queue's read dtype, on the memory's device (``B'`` = B
+            times the world size when gathering).
+        labels: ``(B',)`` int64 labels, or ``None``.
+        ids: ``(B',)`` int64 sample ids, or ``None``.
+        positions: ``(B',)`` int64 memory rows :meth:`AdaptiveQueue.commit` writes them to.
+        num_filled: rows valid once written.
+        in_warmup: :attr:`AdaptiveQueue.in_warmup` as it reads once written.
+        version: the queue's change count when staged (a commit after another change is refused).
+    """
+
+    embeddings: Tensor
+    labels: Optional[Tensor]
+    ids: Optional[Tensor]
+    positions: Tensor
+    num_filled: int
+    in_warmup: bool
+    version: int
+
+
+class DeferredEnqueue:
+    """Mixin of the memory losses: ``with loss_fn.deferred_enqueue():`` holds the batch back from the memory.
+
+    Inside the block, a forward adapts the memory and computes its loss exactly as without the block
+    (against the memory as it will be once the batch is written, where the loss reads the batch from
+    the memory), but does not write the batch. When the block ends without an exception the held
+    batch is written; when it raises (e.g. a non-finite loss found by a check inside the block) the
+    batch is dropped and the memory never holds it::
+
+        with loss_fn.deferred_enqueue():
+            loss = loss_fn(embeddings, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss")   # nothing of this batch reaches the memory
+        loss.backward()
+
+    One forward per block. Outside a block a forward writes at once (the upstream behaviour).
+    """
+
+    _deferring: bool = False
+    _held: Any = None
+
+    @contextlib.contextmanager
+    def deferred_enqueue(self) -> Iterator[None]:
+        """Hold the batch of the forward inside the block; write it when the block ends without an exception.
+
+        Raises:
+            RuntimeError: on a block inside another block of the same module.
+        """
+        if self._deferring:
+            raise RuntimeError("deferred_enqueue() blocks of one module do not nest")
+        self._deferring, self._held = True, None
+        try:
+            yield
+            held = self._held
+        finally:
+            self._deferring, self._held = False, None
+        if held is not None:
+            self._write_held(held)
+
+    def _check_can_hold(self) -> None:
+        """Before a forward changes anything: inside a block, no batch may be held already."""
+        if self._deferring and self._held is not None:
+            raise RuntimeError("one forward per deferred_enqueue() block: the batch of the first is still held")
+
+    def _hold(self, held: Any) -> None:
+        self._held = held
+
+    def _write_held(self, held: Any) -> None:  # pragma: no cover - every user overrides it
+        raise NotImplementedError
 
 
 class AdaptiveQueue(nn.Module):
@@ -82,7 +157,8 @@ class AdaptiveQueue(nn.Module):
     ``adapt`` / ``enqueue`` / ``update`` never read a device value on the host (with the
     ``validate`` mode the memory's device gets by default), so a step on CUDA never stalls the
     stream, and a steady-state ``update`` (full memory, fixed batch size) can be captured in a
-    CUDA graph. The O(D) bookkeeping is compiled into a few fused kernels on CUDA (``compile``).
+    CUDA graph. The exception is ``adaptation="xbn-cov"``: its two ``torch.linalg.eigh`` per step
+    synchronise a CUDA device with the host (:class:`~xbn_queue.adaptation.XBNCov`). The O(D) bookkeeping is compiled into a few fused kernels on CUDA (``compile``).
 
     Args:
         size: Number of rows the memory holds.
@@ -223,6 +299,7 @@ class AdaptiveQueue(nn.Module):
         self._has_ids = False
         self._age = 0  # stat_age
         self._synced = False  # stat_synced
+        self._version = 0  # changes of the memory (host only): a staged write must be committed before the next
         self._cache: dict = {}  # small constant / scratch tensors per (shape, device), never state
 
     # ------------------------------------------------------------------ reading
@@ -234,7 +311,11 @@ class AdaptiveQueue(nn.Module):
         """Whether the memory is still to be kept out of the loss: at most ``warmup_steps`` steps
         done (:attr:`num_steps`), or fewer than ``warmup_rows`` rows stored. Read it after the step's :meth:`update`
         (the first ``warmup_steps`` steps are warm-up). A host-side check: no device read."""
-        return self._steps <= self.warmup_steps and self.warmup_steps > 0 or self._n < self.warmup_rows
+        return self._in_warmup(self._n)
+
+    def _in_warmup(self, n: int) -> bool:
+        """:attr:`in_warmup` with ``n`` rows stored."""
+        return self._steps <= self.warmup_steps and self.warmup_steps > 0 or n < self.warmup_rows
 
     @property
     def num_steps(self) -> int:
@@ -295,7 +376,9 @@ class AdaptiveQueue(nn.Module):
         """``(n,)`` live view of the valid labels (zeros if labels were never given); see :meth:`valid_memory`."""
         return self.label_memory if self._n == self.size else self.label_memory[: self._n]
 
-    def same_id_mask(self, ids: Tensor, exclude: Optional[Tensor] = None) -> Tensor:
+    def same_id_mask(
+        self, ids: Tensor, exclude: Optional[Tensor] = None, pending: Optional[PendingWrite] = None
+    ) -> Tensor:
         """``(B, n)`` bool: ``mask[i, j]`` is True where stored row ``j`` holds the sample ``ids[i]``.
 
         A sample's own older embeddings in the memory are not negatives of its new embedding; a loss
@@ -306,6 +389,8 @@ class AdaptiveQueue(nn.Module):
             exclude: optional ``(k,)`` int64 row positions never masked, e.g. the rows the current
                 batch was just written to (:meth:`update`'s return), which hold the queries' own
                 positives rather than older copies.
+            pending: a staged batch (:meth:`stage`): the mask over the rows as they will be once it is
+                written (as :meth:`preview` returns them), ``(B, pending.num_filled)``.
 
         Returns:
             ``(B, n)`` bool on the memory's device, columns in storage order (as :meth:`valid_memory`).
@@ -318,7 +403,13 @@ class AdaptiveQueue(nn.Module):
         ids = self._check_index(ids, ids.shape[0], "ids")
         if self._n > 0 and not self._has_ids:
             raise ValueError("same_id_mask: the stored rows carry no ids; pass ids to every enqueue")
-        stored = self.id_memory if self._n == self.size else self.id_memory[: self._n]  # (n,)
+        if pending is not None:
+            self._check_pending(pending)
+            if pending.ids is None:
+                raise ValueError("same_id_mask: the staged rows carry no ids; pass ids to stage()")
+            stored = self._preview_index(self.id_memory, pending.ids, pending)  # (n',)
+        else:
+            stored = self.id_memory if self._n == self.size else self.id_memory[: self._n]  # (n,)
         mask = ids[:, None] == stored[None, :]  # (B, n)
         if exclude is not None:
             mask.index_fill_(1, exclude.to(device=mask.device, dtype=torch.long), False)
@@ -420,6 +511,7 @@ class AdaptiveQueue(nn.Module):
         return self._n == self.size and compile_enabled(self.memory.device, self.compile_bookkeeping)
 
     def _adapt(self, batch: Tensor) -> None:
+        self._version += 1
         self._steps += 1  # a training step (host only; written into ``steps`` when the state is saved)
         n = self._n
         if not self.adaptation.active or batch.shape[0] < 2 or n < 2:
@@ -456,9 +548,11 @@ class AdaptiveQueue(nn.Module):
     def _adapt_covariance(self, batch: Tensor, n: int) -> None:
         """Full-covariance matching: memory moments by one float64 pass, then one ``(n, D) @ (D, D)`` map."""
         batch_mean, batch_cov = F.mean_cov(batch)  # (D,), (D, D) float64
-        tgt_mean, tgt_cov = self.adaptation.target_covariance(batch_mean, batch_cov, batch.shape[0])
         mem = self.memory if n == self.size else self.memory[:n]  # (n, D), live
         mem_mean, mem_cov = F.mean_cov(mem)  # (D,), (D, D) float64
+        tgt_mean, tgt_cov = self.adaptation.target_covariance(
+            batch_mean, batch_cov, batch.shape[0], memory_cov=mem_cov, memory_rows=n
+        )
         a, b = F.covariance_matching_affine(mem_mean, mem_cov, tgt_mean, tgt_cov, self.eps)
         F.apply_linear_(mem, a, b)
 
@@ -532,12 +626,17 @@ class AdaptiveQueue(nn.Module):
 
     def _start_frame(self, emb: Tensor) -> None:
         """Fixed frame for the first rows of an empty memory: their mean and std, so raw rows are centered."""
-        self.frame_shift.copy_(emb.to(torch.float64).mean(dim=0))
+        shift, scale = self._first_frame(emb)
+        self.frame_shift.copy_(shift)
+        self.frame_scale.copy_(scale)
+
+    def _first_frame(self, emb: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(shift, scale)`` float64 ``(D,)``: the fixed frame the first rows ``emb`` of an empty memory start."""
+        shift = emb.to(torch.float64).mean(dim=0)  # (D,)
         if emb.shape[0] >= 2:
             std = emb.to(torch.float64).std(dim=0)  # (D,)
-            self.frame_scale.copy_(torch.where(std > 0, std, torch.ones_like(std)))
-        else:
-            self.frame_scale.fill_(1.0)
+            return shift, torch.where(std > 0, std, torch.ones_like(std))
+        return shift, torch.ones_like(shift)
 
     def _cached(self, key: tuple, make) -> Tensor:
         t = self._cache.get(key)
@@ -567,12 +666,16 @@ class AdaptiveQueue(nn.Module):
         emb, labels, ids = self._prepare(embeddings, labels, ids)
         return self._enqueue(emb, labels, ids)
 
-    def _enqueue(self, emb: Tensor, labels: Optional[Tensor], ids: Optional[Tensor]) -> Tensor:
+    def _enqueue(
+        self, emb: Tensor, labels: Optional[Tensor], ids: Optional[Tensor], pos: Optional[Tensor] = None
+    ) -> Tensor:
         b = emb.shape[0]
         n_old = self._n
         dev = self.memory.device
-        ar = self._cached(("arange", b, dev), lambda: torch.arange(b, device=dev))  # (B,)
-        pos = (self.ptr + ar).remainder_(self.size)  # (B,) on the device: no host read of the pointer
+        self._version += 1
+        if pos is None:
+            ar = self._cached(("arange", b, dev), lambda: torch.arange(b, device=dev))  # (B,)
+            pos = (self.ptr + ar).remainder_(self.size)  # (B,) on the device: no host read of the pointer
         if self._fixed_frame:
             if n_old == 0:
                 self._start_frame(emb)
@@ -631,6 +734,7 @@ class AdaptiveQueue(nn.Module):
             got = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
             raise ValueError(f"rows: expected a floating tensor of shape ({self.size}, {self.dim}), got {got}")
         rows = rows.to(device=self.memory.device)
+        self._version += 1
         if self._fixed_frame:
             rows = (rows.to(torch.float64) - self.frame_shift) / self.frame_scale  # (M, D) raw, in the frame
         self.memory.copy_(rows)
@@ -645,6 +749,7 @@ class AdaptiveQueue(nn.Module):
             ValueError: Wrong shape or a non-integer dtype.
         """
         labels = self._check_index(labels, self.size, "labels")
+        self._version += 1
         self.label_memory.copy_(labels)
         if self._n > 0 and not self._has_labels:
             self._has_labels = True
@@ -663,6 +768,82 @@ class AdaptiveQueue(nn.Module):
         emb, labels, ids = self._prepare(embeddings, labels, ids)
         self._adapt(emb)
         return self._enqueue(emb, labels, ids)
+
+    @torch.no_grad()
+    def stage(self, embeddings: Tensor, labels: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> PendingWrite:
+        """:meth:`update` without the write: check, gather, adapt the stored rows to the batch; write nothing.
+
+        ``commit(stage(x))`` changes the queue exactly as ``update(x)`` does (the same steps, in the
+        same order, bit for bit). In between, :meth:`preview` reads the memory as it will be once the
+        batch is written, without writing it, so a caller can compute a loss, check it, and only then
+        :meth:`commit` (or drop the pending batch: the memory then never holds it; the stored rows
+        stay adapted to it, as a step of the adaptation).
+
+        Returns:
+            The :class:`PendingWrite`.
+
+        Raises:
+            ValueError: as :meth:`update`, before anything changes.
+        """
+        emb, labels, ids = self._prepare(embeddings, labels, ids)
+        self._adapt(emb)
+        b = emb.shape[0]
+        dev = self.memory.device
+        ar = self._cached(("arange", b, dev), lambda: torch.arange(b, device=dev))  # (B,)
+        pos = (self.ptr + ar).remainder_(self.size)  # (B,) as _enqueue computes it
+        n = min(self._n + b, self.size)
+        return PendingWrite(emb.detach(), labels, ids, pos, n, self._in_warmup(n), self._version)
+
+    @torch.no_grad()
+    def commit(self, pending: PendingWrite) -> Tensor:
+        """Write a batch :meth:`stage` prepared (as :meth:`update` writes it).
+
+        Returns:
+            ``(B',)`` int64 row positions written (``pending.positions``).
+
+        Raises:
+            ValueError: the queue changed since the batch was staged (written, adapted, reset, loaded).
+        """
+        self._check_pending(pending)
+        return self._enqueue(pending.embeddings, pending.labels, pending.ids, pending.positions)
+
+    @torch.no_grad()
+    def preview(self, pending: PendingWrite) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The valid rows, labels and ids as they will read once ``pending`` is committed; writes nothing.
+
+        Rows are what :meth:`valid_memory` returns after :meth:`commit` (the same values, bit for
+        bit), as a new tensor without gradient (the batch's rows are detached copies, as stored): one
+        copy of the valid rows, the price of keeping the batch out of the memory until it is checked.
+
+        Returns:
+            ``(n', D)`` rows (storage dtype; float32 for a fixed-frame memory), ``(n',)`` int64 labels
+            (zeros where none were given), ``(n',)`` int64 ids or ``None`` when the rows carry none.
+
+        Raises:
+            ValueError: the queue changed since the batch was staged.
+        """
+        self._check_pending(pending)
+        n, pos = pending.num_filled, pending.positions
+        if self._fixed_frame:
+            shift, scale = (self.frame_shift, self.frame_scale) if self._n > 0 else self._first_frame(pending.embeddings)
+            new = ((pending.embeddings - shift) / scale).to(self.memory.dtype)  # (B', D) raw, as _enqueue writes
+            raw = self.memory[:n].index_copy(0, pos, new)  # (n', D)
+            rows = torch.addcmul(shift.float(), raw, scale.float())  # (n', D) float32, as _materialize
+        else:
+            rows = self.memory[:n].index_copy(0, pos, pending.embeddings.to(self.memory.dtype))  # (n', D)
+        labels = self._preview_index(self.label_memory, pending.labels, pending)  # (n',)
+        has_ids = pending.ids is not None or (self._has_ids and self._n > 0)
+        ids = self._preview_index(self.id_memory, pending.ids, pending) if has_ids else None
+        return rows, labels, ids
+
+    def _preview_index(self, buffer: Tensor, values: Optional[Tensor], pending: PendingWrite) -> Tensor:
+        """``(n',)`` copy of ``buffer``'s valid entries once ``values`` are written at the pending positions."""
+        head = buffer[: pending.num_filled]
+        return head.clone() if values is None else head.index_copy(0, pending.positions, values)
+
+    def _check_pending(self, pending: PendingWrite) -> None:
+        if not isinstance(pending, PendingWrite) or pending.version != self._version:
+            raise ValueError("the queue changed since this batch was staged: stage() and commit() it again")
 
     @torch.no_grad()
     def resync_stats(self) -> None:
@@ -695,6 +876,7 @@ class AdaptiveQueue(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._read_mirrors()  # the adaptation (a child, loaded next) refreshes its own
+        self._version += 1
         self._steps = int(self.steps)  # (only here: between saves the host count is the truth)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -721,6 +903,7 @@ class AdaptiveQueue(nn.Module):
         self.frame_scale.fill_(1.0)
         self.frame_shift.zero_()
         self._n, self._has_labels, self._has_ids, self._age, self._synced = 0, False, False, 0, False
+        self._version += 1
         self.adaptation.reset()
 
     _FLOAT64_BUFFERS = ("stat_center", "stat_sum", "stat_sumsq", "frame_scale", "frame_shift")

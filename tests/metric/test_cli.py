@@ -119,8 +119,12 @@ def test_yaml_config_precedence(tmp_path):
 def test_memory_rows():
     assert memory_rows("0.5", 1001) == 500 and memory_rows("1.0", 7) == 7 and memory_rows("4096", 5000) == 4096
     assert memory_rows("5e-1", 10) == 5 and memory_rows(0.5, 1001) == 500 and memory_rows(64, 64) == 64
-    for bad, match in (("1.5", r"in \(0, 1\]"), ("0", ">= 1"), ("half", "row count or a fraction"),
-                       (4096.0, r"write the integer"), (11, "more rows than the 10 training images; use at most 10")):
+    # more than an epoch: a multiple of the training set, or a count above it
+    assert memory_rows("2.0", 1001) == 2002 and memory_rows(1.5, 10) == 15 and memory_rows(0.25, 10) == 2
+    assert memory_rows(11, 10) == 11 and memory_rows("4096", 10) == 4096 and memory_rows(2.0, None) == 0
+    for bad, match in (("0", ">= 1"), (-3, ">= 1"), ("half", "row count >= 1 or a fraction"), (0.0, "finite number > 0"),
+                       ("-0.5", "finite number > 0"), ("nan", "finite number > 0"), ("inf", "finite number > 0"),
+                       (True, "row count >= 1")):
         with pytest.raises(ValueError, match=match):
             memory_rows(bad, 10)
 

@@ -130,3 +130,66 @@ def test_a_short_omniglot_comparison_end_to_end(tmp_path):
     assert (out / "compare.png").is_file()
     cfg = (out / "xbn-seed0" / "config.yaml").read_text()
     assert "dataset: omniglot" in cfg and "tensor_cache: auto" in cfg
+
+
+# ------------------------------------------------------------------ --omniglot-rotations
+def test_rotations_make_four_times_the_classes_from_the_same_images():
+    import torch
+
+    plain, rot = load_omniglot(), load_omniglot(rotations=4)
+    n_labels = 88 + 48  # every character of the embedded subset
+    assert (len(rot.train), rot.train.num_classes) == (4 * 1760, 4 * 88)
+    assert (len(rot.query), rot.query.num_classes) == (4 * 960, 4 * 48)
+    assert rot.query_is_gallery and rot.query is rot.gallery and rot.info["rotations"] == 4
+    assert not set(rot.train.labels.tolist()) & set(rot.query.labels.tolist())  # still never seen in training
+    for split, orig in ((rot.train, plain.train), (rot.query, plain.query)):
+        n = len(orig)
+        assert np.bincount(split.labels)[np.unique(split.labels)].tolist() == [20] * (4 * orig.num_classes)
+        for k in range(4):
+            assert split.labels[k * n:(k + 1) * n].tolist() == (orig.labels + k * n_labels).tolist()
+            for i in (0, 7, n - 1):  # rotation k of image i sits at k * n + i: torch.rot90 of the original
+                got = torch.from_numpy(split.items[k * n + i])
+                assert torch.equal(got, torch.rot90(torch.from_numpy(orig.items[i]), k)), (k, i)
+    with pytest.raises(ValueError, match="rotations must be one of"):
+        load_omniglot(rotations=2)
+
+
+def test_rotations_on_the_standard_layout(tmp_path):
+    _standard_tree(tmp_path, "background", ["Alpha", "Beta"])
+    _standard_tree(tmp_path, "evaluation", ["Gamma"], chars=3)
+    d = md.load_dataset("omniglot", tmp_path, omniglot_rotations=4)
+    assert (len(d.train), d.train.num_classes, len(d.query), d.query.num_classes) == (48, 16, 36, 12)
+    assert d.train.labels.tolist()[:12] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert d.train.labels.tolist()[12:15] == [7, 7, 7] and d.query.labels.tolist()[9:12] == [11, 11, 11]  # + 7 labels
+
+
+def test_a_run_with_rotated_classes_uses_the_tensor_cache_and_says_so(tmp_path, capsys):
+    import yaml
+
+    from metric.config import MetricConfig
+    from metric.train import MetricRun
+
+    cfg = MetricConfig(dataset="omniglot", omniglot_rotations=4, method="xbn", epochs=1, max_steps=3, probe_size=8,
+                       staleness_samples=16, drift_every=0, progress=False, output_dir=str(tmp_path / "run"))
+    run = MetricRun(cfg)
+    try:
+        summary = run.fit()
+    finally:
+        run.close()
+    assert run.cache is not None and run.cache.train.shape[0] == 4 * 1760 and len(run.cache.query) == 4 * 960
+    assert run.rows == 4 * 1760 // 2 and summary.global_step == 3
+    assert "--omniglot-rotations 4" in capsys.readouterr().err  # the recipe line
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["omniglot_rotations"] == 4
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--dataset", "digits", "--omniglot-rotations", "4"], "--omniglot-rotations 4: applies to --dataset omniglot only"),
+    (["--dataset", "omniglot", "--omniglot-rotations", "2"], "argument --omniglot-rotations: invalid choice: 2"),
+])
+def test_rotations_cli_errors_are_one_line(tmp_path, argv, match):
+    out = tmp_path / "run"
+    proc = run_cli([*argv, "--output-dir", str(out), "--epochs", "1"], timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and match in lines[0], proc.stderr
+    assert not out.exists()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metric.cli import main
-from metric.config import DATASET_DEFAULTS, MetricConfig, resolve_config
+from metric.config import COMPAT_DEFAULTS, DATASET_DEFAULTS, MetricConfig, resolve_config
 from metric.data import load_folder
 from metric.model import PretrainedWeightsError, build_model
 from metric.recipe import SCRATCH, recipe_summary
@@ -170,8 +170,8 @@ def test_cli_head_none_trains_and_resume_checks_the_head(tmp_path, capsys):
 def test_checkpoint_written_by_an_older_version_still_resumes(tmp_path, capsys):
     assert main(tiny_argv(tmp_path, max_steps=2)) == 0
     ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
-    for key in ("width", "max_per_class", "augment", "head"):
-        del ckpt["config"][key]  # as saved before these options existed
+    for key in ("augment", *COMPAT_DEFAULTS):
+        del ckpt["config"][key]  # as saved before these options existed (0.1 - 0.3)
     ckpt["config"]["memory_size"] = "64"  # as saved before options kept their types
     torch.save(ckpt, tmp_path / "last.pt")
     assert main(tiny_argv(tmp_path, max_steps=4, resume="auto")) == 0

@@ -27,7 +27,7 @@ def memory_of(out, cfg):
     return mem.queue, ck
 
 
-@pytest.mark.parametrize("method", ["none", "xbm", "xbm-batch", "xbn", "axbn"])
+@pytest.mark.parametrize("method", ["none", "xbm", "xbm-batch", "xbn", "xbn-batch", "axbn", "axbn-batch"])
 def test_each_method_trains_and_writes_its_files(tmp_path, method):
     res = train(tiny_cfg(tmp_path, method=method))
     recs = read_metrics(tmp_path / "metrics.jsonl")
@@ -47,7 +47,7 @@ def test_each_method_trains_and_writes_its_files(tmp_path, method):
         assert recs[1]["memory_rows"] == 64
         assert 0.0 <= recs[1]["staleness_mean_l2"] <= recs[1]["staleness_max_l2"]
     assert res["best"]["recall@1"] == max(r["recall@1"] for r in recs)
-    if method == "axbn":  # the paper's noise (r = 0.01, q = 1): a gain of about 0.999, i.e. XBN
+    if method.startswith("axbn"):  # the paper's noise (r = 0.01, q = 1): a gain of about 0.999, i.e. XBN
         assert saved["kalman_q"] == 1.0 and 0.999 < recs[1]["kalman_gain"] <= 1.0
     else:
         assert all("kalman_gain" not in r for r in recs)

@@ -9,6 +9,9 @@ A ``TorchDispatchMode`` (:class:`xbn_queue.opcount.OpCounter`) sees every aten o
   ``masked_select``, indexing or assigning with a boolean mask (``x[mask]``, ``x[mask] = v``),
   every ``torch.unique`` variant, ``repeat_interleave`` without ``output_size``, ``bincount``;
 * ops returning a Python value computed on the device: ``equal``, ``allclose``, ``is_nonzero``;
+* the linear-algebra ops that synchronise on CUDA (``eigh``, ``eig``, ``svd``, ``pinv``, the error
+  check of ``cholesky`` / ``inv`` / ``solve`` / ``lu_factor``, ``_ex`` variants with
+  ``check_errors=True``): ``"xbn-cov"`` makes exactly two per step, in ``eigh``, and nothing else;
 * device-to-host copies (``_to_copy`` / ``copy_`` from a GPU tensor to the CPU), and ``.tolist()``,
   ``.numpy()``, ``.cpu()`` called on any tensor (counted on a CPU tensor too, where they dispatch
   nothing, since they name the host).
@@ -94,6 +97,17 @@ def test_axbn_noise_models_never_read_the_device(kalman_r):
     assert q.adaptation._t == int(q.adaptation.step) == 20 - 1 + 20
 
 
+def test_xbn_cov_steady_state_step_synchronises_exactly_twice_in_eigh_and_nowhere_else():
+    """The stated exception: ``"xbn-cov"`` takes two float64 eigendecompositions per step, and
+    ``torch.linalg.eigh`` makes the host wait for a CUDA device. Everything else in its step (both
+    covariances, the filter, the shrinkage, the map) stays on the device."""
+    q = _steady_queue("xbn-cov", torch.float32, size=128, dim=16, b=16)
+    batches = _batches(5, b=16, d=16, seed=2)
+    c = count(lambda: [q.update(x, y) for x, y in batches])
+    assert c.sync_ops == {"aten._linalg_eigh.default": 2 * len(batches)}, dict(c.sync_ops)
+    assert q.adaptation._t == int(q.adaptation.step) == 20 - 1 + 5
+
+
 def test_filling_steps_do_not_read_the_device_either():
     q = AdaptiveQueue(size=100, dim=8, adaptation="axbn", validate="device")
     c = count(lambda: [q.update(x, y) for x, y in _batches(12, b=16, d=8)])
@@ -105,6 +119,7 @@ def _sync_cases():
     x = torch.randn(6, 3)
     m = x[:, 0] > 0
     i = torch.tensor([2, 0, 2])
+    spd = x.t() @ x + torch.eye(3)  # (3, 3) symmetric positive definite
     return {
         ".item()": (lambda: x[0, 0].item(), SYNC_OP),
         "bool(tensor)": (lambda: bool(m.any()), SYNC_OP),
@@ -121,6 +136,20 @@ def _sync_cases():
         "tolist": (lambda: i.tolist(), "Tensor.tolist"),
         "numpy": (lambda: i.numpy(), "Tensor.numpy"),
         ".cpu()": (lambda: i.cpu(), "Tensor.cpu"),
+        "linalg.eigh": (lambda: torch.linalg.eigh(spd), "aten._linalg_eigh.default"),
+        "linalg.eigvalsh": (lambda: torch.linalg.eigvalsh(spd), "aten._linalg_eigh.default"),
+        "linalg.eig": (lambda: torch.linalg.eig(spd), "aten.linalg_eig.default"),
+        "linalg.svd": (lambda: torch.linalg.svd(spd), "aten._linalg_svd.default"),
+        "linalg.matrix_rank": (lambda: torch.linalg.matrix_rank(spd), "aten._linalg_svd.default"),
+        "linalg.pinv": (lambda: torch.linalg.pinv(spd), "aten.linalg_pinv.atol_rtol_tensor"),
+        "linalg.cholesky": (lambda: torch.linalg.cholesky(spd), "aten._linalg_check_errors.default"),
+        "linalg.inv": (lambda: torch.linalg.inv(spd), "aten._linalg_check_errors.default"),
+        "torch.inverse": (lambda: torch.inverse(spd), "aten._linalg_check_errors.default"),
+        "linalg.solve": (lambda: torch.linalg.solve(spd, spd), "aten._linalg_check_errors.default"),
+        "linalg.lu_factor": (lambda: torch.linalg.lu_factor(spd), "aten._linalg_check_errors.default"),
+        "cholesky_ex(check_errors=True)": (lambda: torch.linalg.cholesky_ex(spd, check_errors=True),
+                                           "aten.linalg_cholesky_ex.default"),
+        "inv_ex(check_errors=True)": (lambda: torch.linalg.inv_ex(spd, check_errors=True), "aten.linalg_inv_ex.default"),
     }
 
 
@@ -136,6 +165,10 @@ def test_counter_does_not_count_what_needs_no_host_read():
     c = count(lambda: (x[i], x[1:3], x.index_select(0, i), torch.repeat_interleave(i, i, output_size=4),
                        x.to(x.device), x.sum(), torch.where(x > 0, x, 0.0)))
     assert c.syncs == 0 and c.total >= 7, dict(c.sync_ops)
+    spd = x.t() @ x + torch.eye(3)  # the linalg ops that skip the host-side error check, and matmuls
+    c = count(lambda: (torch.linalg.cholesky_ex(spd), torch.linalg.inv_ex(spd), torch.linalg.solve_ex(spd, spd),
+                       torch.linalg.lu_factor_ex(spd), spd @ spd, torch.linalg.matrix_exp(spd)))
+    assert c.syncs == 0 and c.total >= 6, dict(c.sync_ops)
     assert SYNC_OP in SYNC_OPS
     assert torch.Tensor.tolist is torch._C.TensorBase.tolist  # the methods are restored on exit
 

@@ -2,11 +2,13 @@
 
 The contract (the same for ``xbn-metric`` and ``xbn-selfsup``, single runs and ``compare``):
 
-- exit status ``0`` only when everything finished; ``2`` for bad input (one line
-  ``PROG: error: ...`` naming the option or file, the value and what is expected; no traceback; nothing
-  written); ``128 + N`` when signal ``N`` stopped the work after its checkpoint (130 for SIGINT, 143
-  for SIGTERM), after printing the exact command that resumes it; ``1`` for a failure of the run
-  itself (a non-finite loss, a full disk), also as one line.
+- exit status ``0`` only when everything finished; ``2`` for bad input found before the run starts (one
+  line ``PROG: error: ...`` naming the option or file, the value and what is expected; no traceback;
+  nothing written); ``128 + N`` when signal ``N`` stopped the work after its checkpoint (130 for SIGINT,
+  143 for SIGTERM), after printing the exact command that resumes it; ``1`` for a failure of the run
+  itself (a non-finite loss, a full disk, an unreadable image met mid-run), also as one line, naming the
+  run folder and ``--resume`` when the run had written it (:func:`mark_started`). An error the loop did
+  not expect after the run started (a ``ValueError`` of a bug) is a traceback, never exit 2.
 - every numeric option declares its valid range next to its field (``metadata={"range": at_least(1)}``);
   :func:`check_ranges` enforces it and ``--help`` shows it;
 - a run folder that holds a run is never written into without ``--resume`` or ``--overwrite``
@@ -42,7 +44,8 @@ __all__ = [
     "UsageError", "RunError", "Range", "at_least", "above", "between", "check_ranges", "range_of",
     "check_output_dir", "holds_run", "prepare_output_dir", "default_run_dir", "choose_output_dir", "series_output_dir",
     "resume_command", "parse_choices",
-    "check_memory_fits", "device_capacity", "format_bytes", "one_line", "run_main", "warn", "available_cores",
+    "check_memory_fits", "device_capacity", "format_bytes", "one_line", "run_main", "mark_started", "warn",
+    "available_cores",
     "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "RUN_FILES",
 ]
 
@@ -446,6 +449,23 @@ def _loaded_types(specs: Sequence[Union[type, str]]) -> tuple[type, ...]:
     return tuple(out)
 
 
+def mark_started(err: BaseException, where: str) -> None:
+    """Record that ``err`` was raised after the run wrote its folder (the loop calls it, then re-raises).
+
+    :func:`run_main` then never reports ``err`` as bad input (exit 2, "nothing written"): an expected
+    failure (an ``OSError``, a ``UsageError`` or a declared input error met mid-run) is one line with
+    ``where`` appended (exit 1), anything else a traceback, followed by ``where`` (a note).
+
+    Args:
+        err: The exception.
+        where: What was written and how to continue, e.g. ``"the run in runs/x stopped at step 12;
+            runs/x/last.pt holds step 10: continue it with --resume once fixed"``.
+    """
+    err.run_started = where  # type: ignore[attr-defined]
+    if hasattr(err, "add_note"):  # Python >= 3.11: printed under the traceback
+        err.add_note(where)
+
+
 def run_main(prog: str, body: Callable[[], int], bad_input: Sequence[Union[type, str]] = (),
              failures: Sequence[Union[type, str]] = ()) -> int:
     """Run a command's ``body`` and turn its errors into the exit status contract.
@@ -459,6 +479,11 @@ def run_main(prog: str, body: Callable[[], int], bad_input: Sequence[Union[type,
         failures: Exception types (or ``"module:Name"``) that mean the run failed (exit 1), besides
             :class:`RunError`, ``OSError`` and ``ImportError``.
 
+    An exception :func:`mark_started` marked (raised after the run wrote its folder) is never exit 2:
+    a failure, a :class:`UsageError`, ``FileNotFoundError`` or a ``bad_input`` type is one line naming
+    the folder and ``--resume`` (exit 1); anything else (a plain ``ValueError`` of a bug) is re-raised,
+    a traceback.
+
     Returns:
         The exit status.
     """
@@ -468,12 +493,13 @@ def run_main(prog: str, body: Callable[[], int], bad_input: Sequence[Union[type,
         print(f"{prog}: interrupted (second Ctrl-C): stopped without a final checkpoint", file=sys.stderr)
         return 130
     except Exception as err:
-        usage = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, *_loaded_types(bad_input))
+        declared = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, *_loaded_types(bad_input))
         failed = (RunError, OSError, ImportError, *_loaded_types(failures))
-        if isinstance(err, usage):
+        started: Optional[str] = getattr(err, "run_started", None)
+        if started is None and isinstance(err, (ValueError, *declared)):
             print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
             return EXIT_USAGE
-        if isinstance(err, failed):
-            print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        if isinstance(err, failed) or (started is not None and isinstance(err, declared)):
+            print(f"{prog}: error: {one_line(err)}" + (f"; {started}" if started else ""), file=sys.stderr)
             return EXIT_FAILED
         raise

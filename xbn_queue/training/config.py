@@ -14,7 +14,8 @@ A trainer declares its options once, as a dataclass; every field becomes a ``--k
     cfg = parse_config(TrainConfig, argv, prog="xbn-metric")
     save_config(cfg, out / "config.yaml")                  # re-runnable with --config out/config.yaml
 
-Supported field types: ``int``, ``float``, ``str``, ``bool`` (``--x/--no-x``), ``pathlib.Path``,
+Supported field types: ``int``, ``float``, ``str``, ``bool`` (``--x``, ``--no-x``, and ``--x=true|false``
+as ``wandb agent`` passes it, see :class:`BoolAction`), ``pathlib.Path``,
 ``Optional[...]`` of those (the strings ``none``/``null`` give ``None``), ``Literal[...]`` (becomes
 ``choices``), ``list[X]`` / ``tuple[X, ...]`` (``nargs="*"``), and unions such as ``Union[int, float]``
 (members are tried most specific first: bool, int, float, other types, str). Field ``metadata`` keys: ``help``, ``choices``,
@@ -217,6 +218,66 @@ def _specs(cls: type) -> dict[str, _Spec]:
     return specs
 
 
+class _NoneOrChoices(list):
+    """The choices of an optional field: ``none`` (converted to ``None`` before argparse checks the choice)
+    is accepted too, so that ``config_to_argv``'s ``--x none`` parses back; ``--help`` lists the choices only."""
+
+    def __contains__(self, value: object) -> bool:
+        return value is None or list.__contains__(self, value)
+
+
+class BoolAction(argparse.Action):
+    """A boolean option: ``--x``, ``--no-x``, and ``--x=VALUE`` (``--x VALUE``) with VALUE one of
+    true/false, True/False, yes/no, on/off, 1/0 (what ``wandb agent`` passes: ``--x=False``).
+
+    For an ``Optional[bool]`` field ``--x=none`` gives ``None``. Any other value is a one-line error
+    naming the option (exit status 2).
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, optional: bool = False, **kwargs: Any) -> None:
+        names: list[str] = []
+        for flag in option_strings:
+            names.append(flag)
+            if flag.startswith("--"):
+                names.append("--no-" + flag[2:])
+        self.optional = optional
+        kwargs.setdefault("metavar", "true|false")
+        super().__init__(names, dest, nargs="?", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        negated = bool(option_string) and option_string.startswith("--no-")
+        if negated:
+            if values is not None:
+                parser.error(f"argument {option_string}: takes no value (write --{option_string[5:]}={values})")
+            setattr(namespace, self.dest, False)
+            return
+        if values is None:
+            setattr(namespace, self.dest, True)
+            return
+        if self.optional and values.strip().lower() in _NONE:
+            setattr(namespace, self.dest, None)
+            return
+        try:
+            setattr(namespace, self.dest, _parse_bool(values))
+        except ValueError:
+            parser.error(f"argument {option_string}: invalid boolean {values!r} (expected true or false, "
+                         "True or False, yes or no, 1 or 0)")
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--amp[=true|false], --no-amp`` for a :class:`BoolAction` in ``--help``."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, BoolAction):
+            return ", ".join(f"{flag}[={action.metavar}]" if not flag.startswith("--no-") else flag
+                             for flag in action.option_strings)
+        return super()._format_action_invocation(action)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line (``PROG: error: ...``), exit status 2."""
 
@@ -273,8 +334,7 @@ def build_parser(
     if parser is None:
         if description is None and cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
             description = cls.__doc__.strip().split("\n\n")[0]
-        parser = _OneLineParser(prog=prog, description=description, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = _OneLineParser(prog=prog, description=description, epilog=epilog, formatter_class=_HelpFormatter)
     parser.add_argument(
         "--config", metavar="FILE.yaml", default=None,
         help="YAML file of option values (keys are the option names with _ or -); "
@@ -298,11 +358,11 @@ def build_parser(
             help_text = f"{help_text} [valid: {meta['range']}]"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
         if spec.kind == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs.update(action=BoolAction, optional=spec.optional)
         else:
             kwargs["type"] = _cli_converter(spec)
             if spec.choices is not None:
-                kwargs["choices"] = spec.choices
+                kwargs["choices"] = _NoneOrChoices(spec.choices) if spec.optional else spec.choices
             if spec.kind == "list":
                 kwargs["nargs"] = meta.get("nargs", "*")
             elif "nargs" in meta:
@@ -607,8 +667,8 @@ def config_to_argv(cfg: Any, only_changed: bool = False) -> list[str]:
     argv: list[str] = []
     for name, value in config_to_dict(cfg).items():
         spec = specs[name]
-        if only_changed and spec.default is not _REQUIRED and value == _plain(spec.default, name):
-            continue
+        if (only_changed or value is None) and spec.default is not _REQUIRED and value == _plain(spec.default, name):
+            continue  # (a None default is left out always: "--head none" would be the choice "none")
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + name.replace("_", "-"))

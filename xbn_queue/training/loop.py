@@ -15,8 +15,10 @@ A run reads top to bottom in :meth:`RunLoop.fit`::
 A trainer is a subclass that supplies only what differs: :meth:`check`, :meth:`build`,
 :meth:`batches`, :meth:`train_step`, :meth:`end_epoch` and its checkpoint contents
 (:meth:`checkpoint_state` / :meth:`load_state`). Everything a rank must agree on (the stop flag, the
-BatchNorm statistics before an evaluation) and everything written (run folder, checkpoints, the final
-line) is done here once.
+finiteness of a step's embeddings and loss, :meth:`check_finite`; the BatchNorm statistics before an
+evaluation) and everything written (run folder, checkpoints, the final line) is done here once. An
+error after the run folder was written is marked (:func:`~xbn_queue.training.cli.mark_started`), so
+that the command line never reports it as bad input.
 
 Tests and users reach into a run through :class:`Callback` (``on_step_end``, ``on_checkpoint``,
 ``on_run_end``), never through environment variables.
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from xbn_queue.training.checkpoint import CheckpointError, atomic_save, load_checkpoint, resolve_resume
-from xbn_queue.training.cli import choose_output_dir, one_line, prepare_output_dir
+from xbn_queue.training.cli import choose_output_dir, mark_started, one_line, prepare_output_dir
 from xbn_queue.training.config import config_to_dict, save_config
 from xbn_queue.training.distributed import DistContext, init_distributed
 from xbn_queue.training.progress import progress
@@ -42,7 +44,7 @@ from xbn_queue.training.signals import GracefulExit
 from xbn_queue.training.tracking import RunLogger
 
 __all__ = ["RunLoop", "RunState", "RunSummary", "Callback", "NonFiniteError", "with_output_dir", "autocast",
-           "wrap_ddp", "any_rank", "broadcast_buffers", "Reason"]
+           "wrap_ddp", "any_rank", "all_finite", "broadcast_buffers", "Reason"]
 
 #: Why an epoch ended early: ``None`` (it did not), ``"signal"`` or ``"max_steps"``.
 Reason = Optional[str]
@@ -171,6 +173,24 @@ def any_rank(ctx: DistContext, *flags: bool) -> List[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def all_finite(ctx: DistContext, *tensors: torch.Tensor) -> bool:
+    """True when every value of every tensor is finite on every rank.
+
+    The flag is reduced on the device, then over the ranks by one all-reduce (none without a process
+    group), and read once on the host: every rank gets the same answer, so every rank stops together.
+    """
+    flags = [torch.isfinite(t.detach()).all().reshape(1) for t in tensors]  # (1,) bool each, on its device
+    ok = flags[0] if len(flags) == 1 else torch.cat([f.to(flags[0].device) for f in flags]).all().reshape(1)
+    if not ctx.is_distributed:
+        return bool(ok)
+    import torch.distributed as dist
+
+    device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+    bad = (~ok).to(device=device, dtype=torch.int32)  # (1,) 1 where this rank saw a NaN/Inf
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
 def broadcast_buffers(model: nn.Module, ctx: DistContext) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank (timm's ``distribute_bn``); no-op on one process.
 
@@ -222,18 +242,31 @@ class RunLoop:
         if self.resumed_from is not None and self.finished():
             return self.already_complete()
         self.prepare_run_folder()
-        reason: Reason = None
-        t_start = time.time()
-        with GracefulExit(enabled=True, verbose=self.ctx.is_main) as self.stop, self.open_logger() as self.logger:
-            while reason is None and not self.finished():
-                self.start_epoch()
-                reason = self.train_one_epoch()
-                if reason != "signal":
-                    reason = self.end_epoch(reason)
-                self.save_checkpoint(unless_current=reason == "signal")  # a periodic one may hold this very step
-                if reason is None and not self.finished() and self.stop_requested():
-                    reason = "signal"
-        return self.finish(reason, time.time() - t_start)
+        try:
+            reason: Reason = None
+            t_start = time.time()
+            with GracefulExit(enabled=True, verbose=self.ctx.is_main) as self.stop, self.open_logger() as self.logger:
+                while reason is None and not self.finished():
+                    self.start_epoch()
+                    reason = self.train_one_epoch()
+                    if reason != "signal":
+                        reason = self.end_epoch(reason)
+                    self.save_checkpoint(unless_current=reason == "signal")  # a periodic one may hold this very step
+                    if reason is None and not self.finished() and self.stop_requested():
+                        reason = "signal"
+            return self.finish(reason, time.time() - t_start)
+        except NonFiniteError:  # its message names the step and the checkpoint kept
+            raise
+        except Exception as err:  # the folder is written: never "bad input, nothing written" (exit 2)
+            mark_started(err, self.where_stopped())
+            raise
+
+    def where_stopped(self) -> str:
+        """What a failed run left: its folder, the step, the checkpoint and how to continue."""
+        kept = (f"{self.last_checkpoint} holds step {self._saved_step}" if self.last_checkpoint
+                else "no checkpoint was written yet")
+        return (f"the run in {self.out} stopped after step {self.state.global_step} ({kept}): continue it with "
+                f"--resume once fixed")
 
     def setup(self) -> None:
         """Check everything (nothing is written), then build; runs once."""
@@ -276,7 +309,9 @@ class RunLoop:
         raise NotImplementedError
 
     def train_step(self, batch: Any) -> float:
-        """Forward, loss (the memory is adapted and updated inside), backward, optimiser step; returns the loss."""
+        """One step; returns the loss. The order: embeddings, ``check_finite(embeddings)``, the loss with the
+        batch held back from the memory (adapt, loss), ``check_finite(loss)``, the batch into the memory,
+        backward and optimiser step."""
         raise NotImplementedError
 
     def after_step(self, loss: float) -> None:
@@ -443,12 +478,26 @@ class RunLoop:
             cb.on_checkpoint(self, path)
         return path
 
+    def check_finite(self, what: str, *tensors: torch.Tensor) -> None:
+        """Stop every rank when any rank's ``tensors`` hold a NaN or Inf (one all-reduce; one host read).
+
+        A trainer calls it on the embeddings before the memory is adapted and on the loss before the
+        batch is written into the memory (``deferred_enqueue()``) and before the optimiser step, so a
+        stopped run's memory holds no non-finite row and not the bad batch.
+
+        Raises:
+            NonFiniteError: on every rank, naming ``what``, the step and the checkpoint kept.
+        """
+        if not all_finite(self.ctx, *tensors):
+            raise self.non_finite(what)
+
     def non_finite(self, what: str) -> NonFiniteError:
         """The error for a non-finite ``what`` at the step being taken, naming the checkpoint kept."""
         kept = (f"the last good checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint
                 else "no checkpoint had been written yet")
-        return NonFiniteError(f"non-finite {what} at step {self.state.global_step + 1} (epoch {self.state.epoch + 1}); "
-                              f"stopping: {kept} and the memory holds no NaN/Inf. Lower --lr or check the input data.")
+        return NonFiniteError(f"non-finite {what} at step {self.state.global_step + 1} (epoch {self.state.epoch + 1}) "
+                              f"on at least one rank; stopped before the optimiser step and before the batch reached "
+                              f"the memory (it holds no NaN/Inf): {kept}. Lower --lr or check the input data.")
 
     def finish(self, reason: Reason, seconds: float) -> RunSummary:
         """Every rank agrees, the logger closes, rank 0 plots and prints the final line; callbacks run."""

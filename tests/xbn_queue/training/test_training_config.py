@@ -86,7 +86,7 @@ def test_help_lists_kebab_options_and_defaults(capsys: pytest.CaptureFixture[str
         parse_config(Cfg, ["--help"], prog="xbn-toy")
     out = capsys.readouterr().out
     assert "usage: xbn-toy" in out
-    for text in ["--memory-size", "--amp, --no-amp", "--config FILE.yaml", "dataset (100% real) (default: digits)"]:
+    for text in ["--memory-size", "--amp[=true|false], --no-amp", "--config FILE.yaml", "dataset (100% real) (default: digits)"]:
         assert text in out
 
 
