@@ -16,7 +16,7 @@ from xbn_queue.training.cli import UsageError, above, at_least, available_cores,
 
 from .losses import DEFAULT_LOSS, DEFAULT_MINER, DEFAULT_MINER_ARGS
 
-__all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS",
+__all__ = ["MetricConfig", "kalman_r_value", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS",
            "MEMORY_METHODS", "method_memory", "COMPAT_KEYS", "COMPAT_DEFAULTS", "saved_config"]
 
 #: The memory methods (``none``: no memory) and, for each, its ``-batch`` variant: the memory loss plus the
@@ -138,8 +138,8 @@ class MetricConfig:
     memory_size: Optional[Union[int, float]] = field(default=None, metadata=_h("memory rows N (an integer >= 1), or a multiple of the training set (of an epoch), a decimal like 0.5 or 2.0 (default 0.5; deepfashion2 1.0). A memory larger than the training set (above 1.0) holds older copies of the same images: same label, so they are positives of their anchors", group="memory"))
     memory_warmup_steps: int = field(default=0, metadata=_h("keep the memory out of the loss for the first N steps of the method (after the head-only warm-up): the loss is the plain batch loss while the memory fills and adapts", group="memory", range=at_least(0)))
     prefill: bool = field(default=False, metadata=_h("fill the memory with the current model's embeddings (eval mode, evaluation transform) of distinct training images right before the first step that uses it (after the head-only warm-up and --memory-warmup-steps)", group="memory"))
-    kalman_r: Union[float, str] = field(default=0.01, metadata=_h("AXBN measurement noise r > 0 (per batch: r/B), or 'auto' (default 0.01)", group="memory"))
-    kalman_q: float = field(default=1.0, metadata=_h("AXBN process noise q", group="memory", range=at_least(0)))
+    kalman_r: Union[float, str] = field(default=0.01, metadata=_h("AXBN measurement noise r > 0 (per batch: r/B; the paper's 0.01 gives a Kalman gain >= 0.9987, i.e. XBN), 'auto' (per-dimension noise from the batch, Q = q R) or 'sampling' (noises in units of the population variance: R = 1/B, Q = q; gain 0.25 at batch 8, 0.54 at 64) (default 0.01)", group="memory"))
+    kalman_q: Optional[float] = field(default=None, metadata=_h("AXBN process noise q (default 1; --kalman-r sampling: 0.01)", group="memory", range=at_least(0)))
     kalman_p0: float = field(default=1.0, metadata=_h("AXBN initial estimate variance p0", group="memory", range=above(0)))
     kalman_gain_every: Optional[int] = field(default=None, metadata=_h("AXBN: recompute the Kalman gain every N steps (default 100; deepfashion2, digits 10)", group="memory", range=at_least(1)))
     # loss
@@ -191,6 +191,18 @@ class MetricConfig:
             raise UsageError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
 
 
+def kalman_r_value(value: Union[float, str]) -> Optional[Union[float, str]]:
+    """``--kalman-r`` as AXBN takes it: a float > 0, ``"auto"`` or ``"sampling"``; ``None`` when it is none of these."""
+    text = str(value).strip().lower()
+    if text in ("auto", "sampling"):
+        return text
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
 def validate_config(cfg: MetricConfig) -> None:
     """Every check of the options alone (no data needed): ranges and the relations between options.
 
@@ -198,13 +210,8 @@ def validate_config(cfg: MetricConfig) -> None:
         UsageError: naming the option, the value and what is expected.
     """
     check_ranges(cfg)
-    if isinstance(cfg.kalman_r, str) and cfg.kalman_r.strip().lower() != "auto":
-        try:
-            float(cfg.kalman_r)
-        except ValueError:
-            raise UsageError(f"--kalman-r {cfg.kalman_r}: expected a number > 0 or 'auto'") from None
-    if cfg.kalman_r != "auto" and not float(cfg.kalman_r) > 0:
-        raise UsageError(f"--kalman-r {cfg.kalman_r}: expected a number > 0 or 'auto'")
+    if kalman_r_value(cfg.kalman_r) is None:
+        raise UsageError(f"--kalman-r {cfg.kalman_r}: expected a number > 0, 'auto' or 'sampling'")
     if cfg.memory_size is not None:
         memory_rows(cfg.memory_size, None)
     from .losses import check_loss_and_miner, resolve_miner_args
@@ -262,6 +269,10 @@ def resolve_config(cfg: MetricConfig) -> MetricConfig:
     if "workers" in updates:  # a default never starts more loader processes than there are cores
         updates["workers"] = min(updates["workers"], available_cores())
     out = dataclasses.replace(cfg, **updates)
+    if out.kalman_q is None:  # the noise model's own default, written into config.yaml (a bad --kalman-r: below)
+        from xbn_queue.adaptation import AXBN
+
+        out = dataclasses.replace(out, kalman_q=AXBN.default_q(kalman_r_value(out.kalman_r) or 0.01))
     if out.head is None:
         out = dataclasses.replace(out, head="none" if out.backbone == "conv4" else "linear")
     validate_config(out)

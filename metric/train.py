@@ -41,9 +41,10 @@ from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, 
 from xbn_queue.training.progress import progress
 from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
-from xbn_queue.training.tracking import plot_history
+from xbn_queue.training.tracking import kalman_gain_record, plot_history
 
-from .config import COMPAT_KEYS, MetricConfig, memory_rows, method_memory, resolve_config, saved_config
+from .config import (COMPAT_KEYS, MetricConfig, kalman_r_value, memory_rows, method_memory, resolve_config,
+                     saved_config)
 from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import retrieval_metrics
 from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
@@ -121,7 +122,7 @@ def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
                           "warmup_steps": cfg.memory_warmup_steps}
     if adaptation == "axbn":
         kw.update(kalman_p0=cfg.kalman_p0, kalman_q=cfg.kalman_q, kalman_gain_every=cfg.kalman_gain_every,
-                  kalman_r="auto" if cfg.kalman_r == "auto" else float(cfg.kalman_r))
+                  kalman_r=kalman_r_value(cfg.kalman_r))
     mem = AdaptiveCrossBatchMemory(base, embedding_size=cfg.embedding_dim, memory_size=rows, miner=miner,
                                    adaptation=adaptation, add_batch_loss=add_batch_loss, **kw)
     return batch_loss, mem
@@ -552,6 +553,8 @@ class MetricRun(RunLoop):
             rec["eval_bad_images"] = bad_q + bad_g  # per evaluation; files are counted once via note_bad
             if self.mem_loss is not None and len(self.mem_loss.queue) > 0:
                 rec.update(_staleness(self.model, self.mem_loss.queue, self.train_eval_ds, self.cfg, self.device))
+            if self.mem_loss is not None:
+                rec.update(kalman_gain_record(self.mem_loss.queue.adaptation))
         _set_phase(self.model, bool(self.warm))
         return rec
 

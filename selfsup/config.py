@@ -98,8 +98,8 @@ class SelfSupConfig:
     prefill: bool = _opt(False, "fill the queue with the key encoder's keys (eval mode, no augmentation) of distinct training images right before the first step that uses it (after --memory-warmup-steps)")
     mask_same_ids: bool = _opt(False, "leave out of each query's negatives the stored keys of its own image (older keys of the same sample); the fraction of such negatives is logged as same_id_negatives_frac either way with --adapt-keys raw")
     kalman_p0: float = _opt(1.0, "AXBN: initial error covariance", range=above(0))
-    kalman_q: float = _opt(1.0, "AXBN: process noise", range=at_least(0))
-    kalman_r: Union[float, str] = _opt(0.01, "AXBN: measurement noise (a float > 0, or 'auto' to estimate it from each batch) (default 0.01)")
+    kalman_q: Optional[float] = _opt(None, "AXBN: process noise (default 1; --kalman-r sampling: 0.01)", range=at_least(0))
+    kalman_r: Union[float, str] = _opt(0.01, "AXBN: measurement noise: a float > 0 (per batch r/B; the paper's 0.01 gives a Kalman gain >= 0.9987, i.e. XBN), 'auto' (per-dimension noise from each batch, Q = q R) or 'sampling' (noises in units of the population variance: R = 1/B, Q = q; gain below 1 for small batches) (default 0.01)")
     kalman_gain_every: int = _opt(1, "AXBN: recompute the Kalman gain every this many steps", range=at_least(1))
 
     # optimisation
@@ -148,15 +148,16 @@ class SelfSupConfig:
     wandb_name: str = _opt("", "name of the run in W&B (default: the output folder's name)", hidden_aliases=["run-name"])
 
     def kalman_r_value(self) -> Union[float, str]:
-        """Returns ``kalman_r`` as a float, or the string ``"auto"``."""
-        if str(self.kalman_r).strip().lower() == "auto":
-            return "auto"
+        """Returns ``kalman_r`` as a float, or the string ``"auto"`` or ``"sampling"``."""
+        text = str(self.kalman_r).strip().lower()
+        if text in ("auto", "sampling"):
+            return text
         try:
             value = float(self.kalman_r)
         except ValueError:
             value = float("nan")
         if not value > 0:
-            raise UsageError(f"--kalman-r {self.kalman_r}: expected a number > 0 or 'auto'")
+            raise UsageError(f"--kalman-r {self.kalman_r}: expected a number > 0, 'auto' or 'sampling'")
         return value
 
     def effective_lr(self, world_size: int = 1) -> float:
@@ -174,4 +175,4 @@ class SelfSupConfig:
             raise UsageError(f"--batch-size {self.batch_size}: expected a multiple of --split-bn {self.split_bn}")
         if self.queue_size < self.batch_size:
             raise UsageError(f"--queue-size {self.queue_size}: expected at least one batch (--batch-size {self.batch_size})")
-        self.kalman_r_value()  # a float > 0 or "auto"
+        self.kalman_r_value()  # a float > 0, "auto" or "sampling"

@@ -46,6 +46,7 @@ from selfsup.data import (
 from selfsup.knn import extract_features, knn_accuracy
 from selfsup.model import MoCoEncoder, make_key_encoder, momentum_update, shuffle_batch
 from selfsup.prefill import prefill_queue
+from xbn_queue.adaptation import AXBN
 from xbn_queue.training.checkpoint import check_compatible
 from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
                                     check_two_classes)
@@ -55,7 +56,7 @@ from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, 
                                      with_output_dir, wrap_ddp)
 from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
-from xbn_queue.training.tracking import plot_history
+from xbn_queue.training.tracking import kalman_gain_record, plot_history
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,8 @@ class Trainer(RunLoop):
         cfg = default_output_dir(cfg)
         # --knn-features unset: head for a new run; a resumed run takes its checkpoint's (check_checkpoint)
         self.knn_features_given = cfg.knn_features is not None
+        if cfg.kalman_q is None:  # the AXBN noise model's own default, written into config.yaml
+            cfg = replace(cfg, kalman_q=AXBN.default_q(cfg.kalman_r_value()))
         super().__init__(replace(cfg, knn_features=cfg.knn_features or DEFAULT_KNN_FEATURES), callbacks)
         self.state: SelfSupState = SelfSupState()
         self._pass_ids: Optional[bool] = None  # decided at the first step, after any resume
@@ -540,6 +543,7 @@ class Trainer(RunLoop):
             accs = self.knn_eval_all()
             st.last_knn = record["knn_acc"] = accs[cfg.knn_features]
             record["knn_acc_backbone"], record["knn_acc_head"] = accs["backbone"], accs["head"]
+        record.update(kalman_gain_record(criterion_queue(self.criterion).adaptation))  # AXBN only
         self.last_loss = record["loss"]
         if end_of_epoch:
             st.next_epoch()

@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["Adaptation", "NoAdaptation", "XBN", "AXBN", "XBNCov", "ADAPTATIONS", "build_adaptation"]
+__all__ = ["Adaptation", "NoAdaptation", "XBN", "AXBN", "XBNCov", "ADAPTATIONS", "build_adaptation", "NOISE_MODELS"]
+
+#: The ``kalman_r`` strings AXBN accepts besides a number: per-dimension noise from the batch (``"auto"``)
+#: and the sampling-variance model (``"sampling"``), see :class:`AXBN`.
+NOISE_MODELS = ("auto", "sampling")
+#: Default process noise of ``kalman_r="sampling"``, in units of the population variance per step.
+SAMPLING_Q = 0.01
 
 
 class Adaptation(nn.Module):
@@ -145,20 +151,47 @@ class AXBN(_StepCounted, Adaptation):
                      if (t - 1) % gain_every == 0:  K <- P / (P + r / B)
                      u <- u + K (v - u);  P <- (1 - K) P;  t <- t + 1
 
-    ``kalman_r="auto"`` (beyond the paper, which names the choice of noise as its limitation)
-    estimates the measurement noise of each dimension from the batch itself:
+    The gain settles at :func:`~xbn_queue.functional.steady_state_gain` ``(q, r / B)``, which
+    depends on ``q B / r`` alone. At the paper's ``q = 1``, ``r = 0.01`` that is 0.998753 for
+    ``B = 8`` (0.999375 at the first step from ``p0 = 1``) and closer to 1 for larger batches: the
+    estimates follow the batch moments to about 1e-3 of the innovation, and the memory is XBN's.
+
+    ``kalman_r="sampling"`` (beyond the paper) is a noise model whose gain is below 1 where batches
+    are small. Both noises are in units of the population variance ``sigma^2`` of the dimension:
+    the measurement noise is the sampling variance of the batch statistic, ``sigma^2 / B`` for the
+    mean and ``sigma^2 / (2 (B - 1))`` for the standard deviation
+    (:func:`~xbn_queue.functional.sampling_noise`), and the process noise is ``Q = q sigma^2`` per
+    step (the moments drift by ``sqrt(q)`` population standard deviations per step; ``p0`` is
+    relative to the first measurement's noise, ``P0 = p0 R``). ``sigma^2`` cancels from the gain,
+    so the filter runs in those units: ``P`` (stored in the ``*_variance`` buffers) is the
+    estimation variance divided by ``sigma^2``, the same for every dimension and every embedding
+    scale, and no per-dimension variance has to be estimated (an estimate from the batch's own
+    ``s^2`` would give a batch whose ``s`` came out low more weight and bias the std filter down).
+    ``Q / R = q B`` for the mean (``2 q (B - 1)`` for the std), so the steady gain is
+    (:func:`~xbn_queue.functional.sampling_gain`)::
+
+        K = (lam + sqrt(lam^2 + 4 lam)) / (lam + sqrt(lam^2 + 4 lam) + 2),   lam = q B
+
+    0.246 / 0.328 / 0.542 at ``B = 8 / 16 / 64`` for the default ``q = 0.01`` (std filter: 0.311 /
+    0.418 / 0.657). On a stationary dataset the filtered mean then has error variance
+    ``K / (2 - K) sigma^2 / B`` (an exponential average of weight ``K``) against the batch mean's
+    ``sigma^2 / B``; on moments that do drift by ``q sigma^2`` per step, ``K sigma^2 / B``.
+
+    ``kalman_r="auto"`` estimates the measurement noise of each dimension from the batch itself:
     ``s^2 / B`` for the mean and ``s^2 / (2 (B - 1))`` for the standard deviation. In that
     mode ``q`` and ``p0`` are read *relative to* the measurement noise: ``Q = q * R`` and
     ``P0 = p0 * R`` per dimension, so they stay on the scale of the statistics whatever the
     embedding scale is. The ratio ``q`` alone then fixes the steady-state gain,
-    ``K = (q + sqrt(q^2 + 4q)) / (q + sqrt(q^2 + 4q) + 2)`` (0.618 for the default ``q = 1``).
+    ``K = (q + sqrt(q^2 + 4q)) / (q + sqrt(q^2 + 4q) + 2)`` (0.618 for the default ``q = 1``),
+    whatever the batch size.
 
     Args:
         dim: Embedding dimension ``D``.
         eps: Added to the memory's standard deviation before dividing.
-        p0: Initial estimation variance.
-        q: Process noise variance (relative to ``R`` when ``r="auto"``).
-        r: Measurement noise variance for a batch of one, or ``"auto"``.
+        p0: Initial estimation variance (relative to ``R`` with ``r="auto"`` / ``"sampling"``).
+        q: Process noise variance (relative to ``R`` with ``r="auto"``, to ``sigma^2`` with
+            ``r="sampling"``); ``None``: :meth:`default_q` of ``r`` (1, or 0.01 for ``"sampling"``).
+        r: Measurement noise variance for a batch of one, ``"auto"`` or ``"sampling"``.
         gain_every: Recompute the gain every this many calls and hold it in between.
 
     Raises:
@@ -172,16 +205,18 @@ class AXBN(_StepCounted, Adaptation):
         dim: int,
         eps: float = 1e-6,
         p0: float = 1.0,
-        q: float = 1.0,
+        q: Optional[float] = None,
         r: Union[float, str] = 0.01,
         gain_every: int = 1,
     ) -> None:
         super().__init__(dim, eps)
         if isinstance(r, str):
-            if r != "auto":
-                raise ValueError(f"kalman_r must be a non-negative number or 'auto', got {r!r}")
+            if r not in NOISE_MODELS:
+                raise ValueError(f"kalman_r must be a non-negative number, 'auto' or 'sampling', got {r!r}")
         elif float(r) < 0:
             raise ValueError(f"kalman_r must be non-negative, got {r}")
+        if q is None:
+            q = self.default_q(r)
         if float(q) < 0 or float(p0) < 0:
             raise ValueError(f"kalman_q and kalman_p0 must be non-negative, got q={q}, p0={p0}")
         if int(gain_every) < 1:
@@ -197,13 +232,38 @@ class AXBN(_StepCounted, Adaptation):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # t
         self._t = 0  # host mirror of ``step``: the host decides with it, never reading the device
 
+    @staticmethod
+    def default_q(r: Union[float, str]) -> float:
+        """The process noise used when ``q`` is not given: 0.01 for ``r="sampling"``, else the paper's 1.
+
+        With ``"sampling"``, ``q = 0.01`` says the moments drift by 0.1 population standard deviations
+        per step; the steady gain is then 0.246 at ``B = 8`` and 0.542 at ``B = 64`` (see the class).
+        """
+        return SAMPLING_Q if r == "sampling" else 1.0
+
+    def steady_gain(self, batch_size: int, statistic: str = "mean") -> float:
+        """The gain this filter settles at for batches of ``batch_size`` rows (the fixed point of its recursion).
+
+        ``"auto"``: ``steady_state_gain(q, 1)`` (no dependence on ``B``); ``"sampling"``:
+        :func:`~xbn_queue.functional.sampling_gain`; a number: ``steady_state_gain(q, r / B)``.
+        """
+        if self.r == "auto":
+            return F.steady_state_gain(self.q, 1.0)
+        if self.r == "sampling":
+            return F.sampling_gain(self.q, batch_size, statistic)
+        return F.steady_state_gain(self.q, self.r / batch_size)
+
     def _noise(
         self, batch_std: Tensor, batch_size: int, stat: str
     ) -> Tuple[Union[Tensor, float], Union[Tensor, float], Union[Tensor, float]]:
-        """Return (p0, q, r) for one filter: ``(D,)`` tensors in "auto" mode, else Python floats."""
+        """Return (p0, q, r) for one filter: ``(D,)`` tensors in "auto" mode, else Python floats
+        ("sampling": in units of the population variance)."""
         if self.r == "auto":
             r = F.measurement_noise(batch_std, batch_size, stat)  # (D,)
             return self.p0 * r, self.q * r, r
+        if self.r == "sampling":  # in units of the population variance sigma^2, which cancels from the gain
+            r_rel = F.sampling_noise(batch_size, stat)
+            return self.p0 * r_rel, self.q, r_rel
         return self.p0, self.q, self.r / batch_size
 
     @torch.no_grad()
@@ -421,7 +481,7 @@ def build_adaptation(
     dim: int,
     eps: float = 1e-6,
     kalman_p0: float = 1.0,
-    kalman_q: float = 1.0,
+    kalman_q: Optional[float] = None,
     kalman_r: Union[float, str] = 0.01,
     kalman_gain_every: int = 1,
 ) -> Adaptation:

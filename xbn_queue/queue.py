@@ -167,8 +167,10 @@ class AdaptiveQueue(nn.Module):
             :class:`~xbn_queue.adaptation.XBNCov`), or an :class:`~xbn_queue.adaptation.Adaptation`.
         eps: Added to the memory's standard deviation before dividing (Eq. 6).
         kalman_p0: AXBN initial estimation variance.
-        kalman_q: AXBN process noise (relative to the measurement noise when ``kalman_r="auto"``).
-        kalman_r: AXBN measurement noise for a batch of one (divided by ``B``), or ``"auto"``.
+        kalman_q: AXBN process noise (relative to the measurement noise when ``kalman_r="auto"``, to the
+            population variance when ``"sampling"``); ``None``: 1, or 0.01 for ``"sampling"``.
+        kalman_r: AXBN measurement noise for a batch of one (divided by ``B``), ``"auto"`` or ``"sampling"``
+            (the sampling-variance model, gain below 1 for small batches; see :class:`~xbn_queue.adaptation.AXBN`).
         kalman_gain_every: AXBN recomputes the Kalman gain every this many steps.
         gather_distributed: All-gather batches across ranks before statistics and enqueue, so
             every rank holds the same memory. A no-op without a process group. Every rank must
@@ -221,7 +223,7 @@ class AdaptiveQueue(nn.Module):
         adaptation: Union[str, Adaptation] = "xbn",
         eps: float = 1e-6,
         kalman_p0: float = 1.0,
-        kalman_q: float = 1.0,
+        kalman_q: Optional[float] = None,
         kalman_r: Union[float, str] = 0.01,
         kalman_gain_every: int = 1,
         gather_distributed: bool = False,

@@ -79,6 +79,24 @@ def test_compare_bad_early_epoch_or_jobs_is_one_line_and_writes_nothing(tmp_path
     assert match in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("value", ["sometimes", "0", "-1"])
+def test_bad_kalman_r_is_one_line_and_writes_nothing(tmp_path, capsys, value):
+    assert main(["train", *tiny_argv(tmp_path / "a", max_steps=3), "--method", "axbn", "--kalman-r", value]) == 2
+    err = capsys.readouterr().err
+    assert f"--kalman-r {value}" in err and ": expected a number > 0, 'auto' or 'sampling'" in err  # 0 reads as 0.0
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
+
+
+def test_kalman_q_default_follows_the_noise_model():
+    from metric.config import resolve_config
+
+    for r, q in (("0.01", 1.0), ("auto", 1.0), ("sampling", 0.01)):
+        cfg = resolve_config(parse_config(MetricConfig, ["--method", "axbn", "--kalman-r", r]))
+        assert cfg.kalman_q == q
+    cfg = resolve_config(parse_config(MetricConfig, ["--method", "axbn", "--kalman-r", "sampling", "--kalman-q", "0.1"]))
+    assert cfg.kalman_q == 0.1
+
+
 def test_train_subcommand_and_errors(tmp_path, capsys):
     assert main(["train", *tiny_argv(tmp_path / "a", max_steps=3)]) == 0
     assert "best (epoch 1)" in capsys.readouterr().out

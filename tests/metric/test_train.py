@@ -47,6 +47,22 @@ def test_each_method_trains_and_writes_its_files(tmp_path, method):
         assert recs[1]["memory_rows"] == 64
         assert 0.0 <= recs[1]["staleness_mean_l2"] <= recs[1]["staleness_max_l2"]
     assert res["best"]["recall@1"] == max(r["recall@1"] for r in recs)
+    if method.startswith("axbn"):  # the paper's noise (r = 0.01, q = 1): a gain of about 0.999, i.e. XBN
+        assert saved["kalman_q"] == 1.0 and 0.999 < recs[1]["kalman_gain"] <= 1.0
+    else:
+        assert all("kalman_gain" not in r for r in recs)
+
+
+def test_axbn_sampling_noise_logs_its_gain_and_saves_its_q(tmp_path):
+    cfg = tiny_cfg(tmp_path, method="axbn", kalman_r="sampling")
+    train(cfg)
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (saved["kalman_r"], saved["kalman_q"]) == ("sampling", 0.01)  # the model's own default, resolved
+    q, _ = memory_of(tmp_path, cfg)
+    assert q.adaptation.r == "sampling" and q.adaptation.q == 0.01
+    assert recs[1]["kalman_gain"] == pytest.approx(float(q.adaptation.mean_gain.double().mean()), rel=1e-12)
+    assert 0.25 < recs[1]["kalman_gain"] < 0.6  # batch 16: steady 0.328 (xbn_queue tests check the value itself)
 
 
 def test_xbm_and_xbn_really_use_different_memories(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from selfsup.train import NonFiniteError, Trainer, criterion_queue, train
 from tests.selfsup.conftest import tiny_config
@@ -49,6 +50,20 @@ def test_each_adaptation_trains_writes_outputs_and_resumes(tmp_path, adaptation)
     if adaptation == "axbn":
         # Kalman state is checkpointed: 7 filter updates (the first step finds the queue empty)
         assert int(bank["queue.adaptation.step"]) == 7
+        # The epoch records say what the filter does: the paper's noise gives a gain of about 0.999.
+        gains = [r["kalman_gain"] for r in rec if "knn_acc" in r]  # the epoch records (0.75, 1, 2)
+        assert len(gains) == 3 and all(0.999 < k <= 1.0 for k in gains)
+        assert gains[-1] == pytest.approx(float(bank["queue.adaptation.mean_gain"].double().mean()), rel=1e-12)
+    else:
+        assert all("kalman_gain" not in r for r in rec)
+
+
+def test_sampling_noise_model_saves_its_q_and_logs_a_gain_below_one(tmp_path):
+    train(tiny_config(tmp_path, adaptation="axbn", kalman_r="sampling", train_subset=128, max_steps=4))
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (saved["kalman_r"], saved["kalman_q"]) == ("sampling", 0.01)
+    gain = [r["kalman_gain"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "kalman_gain" in r][-1]
+    assert 0.3 < gain < 0.8  # batch 32: steady 0.428, on its way down from (1 + qB) / (2 + qB) = 0.57
 
 
 def test_resume_in_process_is_bit_identical(tmp_path):

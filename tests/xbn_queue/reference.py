@@ -44,6 +44,10 @@ class RefKalman:
             else:
                 R = [s * s / (2 * (b - 1)) for s in batch_std]
             return [self.p0 * x for x in R], [self.q * x for x in R], R
+        if self.r == "sampling":
+            # Everything in units of the population variance sigma^2: R = 1/B (mean) or 1/(2(B-1)) (std), Q = q.
+            r_rel = 1.0 / b if self.stat == "mean" else 1.0 / (2 * (b - 1))
+            return [self.p0 * r_rel] * d, [self.q] * d, [r_rel] * d
         return [self.p0] * d, [self.q] * d, [self.r / b] * d
 
     def step(self, v: Sequence[float], batch_std: Sequence[float], b: int) -> list:

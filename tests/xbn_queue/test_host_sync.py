@@ -88,6 +88,15 @@ def test_fifty_steady_state_steps_never_read_the_device(adaptation, dtype):
         assert q.adaptation._t == int(q.adaptation.step) == 20 - 1 + 50
 
 
+@pytest.mark.parametrize("kalman_r", ["auto", "sampling"])
+def test_axbn_noise_models_never_read_the_device(kalman_r):
+    q = _steady_queue("axbn", torch.float32, size=256, dim=32, b=16, kalman_r=kalman_r, kalman_gain_every=3)
+    batches = _batches(20, b=16, d=32, seed=3)
+    c = count(lambda: [q.update(x, y) for x, y in batches])
+    assert c.syncs == 0, dict(c.ops)
+    assert q.adaptation._t == int(q.adaptation.step) == 20 - 1 + 20
+
+
 def test_xbn_cov_steady_state_step_synchronises_exactly_twice_in_eigh_and_nowhere_else():
     """The stated exception: ``"xbn-cov"`` takes two float64 eigendecompositions per step, and
     ``torch.linalg.eigh`` makes the host wait for a CUDA device. Everything else in its step (both

@@ -36,7 +36,7 @@ from typing import Any, Optional, Union
 
 from xbn_queue.training._optional import require
 
-__all__ = ["RunLogger", "plot_history", "plot_compare", "curve_stats", "read_metrics", "to_plain"]
+__all__ = ["RunLogger", "plot_history", "plot_compare", "curve_stats", "read_metrics", "to_plain", "kalman_gain_record"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 WANDB_MODES = ("online", "offline", "disabled")
@@ -82,6 +82,21 @@ def to_plain(value: Any) -> Any:
             return to_plain(value.item())
         return to_plain(value.tolist())
     raise TypeError(f"cannot log a value of type {type(value).__name__}: {value!r}")
+
+
+def kalman_gain_record(adaptation: Any) -> dict[str, float]:
+    """``{"kalman_gain": K}`` for an AXBN memory that has made a Kalman step, else ``{}``.
+
+    ``K`` is the gain of AXBN's mean filter averaged over the dimensions (the weight the latest batch
+    mean gets in the memory's target): about 0.999 with the paper's noise (``kalman_r=0.01``), where
+    AXBN is XBN; ``kalman_r="sampling"`` gives less for small batches. One host read, for the
+    evaluation record (not a training step).
+    """
+    from xbn_queue.adaptation import AXBN
+
+    if not isinstance(adaptation, AXBN) or adaptation._t < 2:  # the first call only initialises (K = 0)
+        return {}
+    return {"kalman_gain": float(adaptation.mean_gain.double().mean())}
 
 
 def read_metrics(path: PathLike) -> list[dict[str, Any]]:
