@@ -257,10 +257,52 @@ def test_moment_gap_against_a_plain_float64_loop():
         ss = math.sqrt(sum((x - ms) ** 2 for x in s) / 39)
         sf = math.sqrt(sum((x - mf) ** 2 for x in f) / 39)
         terms.append((abs(ms - mf) + abs(ss - sf)) / sf)
-    assert moment_gap(stored, fresh) == pytest.approx(sum(terms) / len(terms), rel=1e-12)
-    # moment matching to the fresh rows' statistics removes the gap, whatever the rows' directions
-    matched = (stored - stored.mean(0)) / stored.std(0) * fresh.std(0) + fresh.mean(0)
-    assert moment_gap(matched[:, :5], fresh[:, :5]) == pytest.approx(0.0, abs=1e-12)
+    assert moment_gap(stored, fresh) == pytest.approx(sum(terms) / len(terms), rel=1e-12)  # both float64
+    assert moment_gap(stored, fresh) > 0.1
     assert math.isnan(moment_gap(torch.ones(3, 2), torch.ones(3, 2)))
     with pytest.raises(ValueError, match="at least 2 rows"):
         moment_gap(torch.ones(1, 2), torch.ones(1, 2))
+
+
+def _plain_gap(stored, fresh):
+    """moment_gap written out in float64 Python: per dimension, mean and Bessel-corrected std by loops."""
+    n, d = len(stored), len(stored[0])
+    terms = []
+    for j in range(d):
+        s = [float(stored[i][j]) for i in range(n)]
+        f = [float(fresh[i][j]) for i in range(n)]
+        ms, mf = sum(s) / n, sum(f) / n
+        ss = math.sqrt(sum((x - ms) ** 2 for x in s) / (n - 1))
+        sf = math.sqrt(sum((x - mf) ** 2 for x in f) / (n - 1))
+        if sf > 0:
+            terms.append((abs(ms - mf) + abs(ss - sf)) / sf)
+    return sum(terms) / len(terms)
+
+
+def test_moment_gap_of_an_affine_drift_and_after_matching_to_a_batch():
+    """Closed form under a per-dimension affine drift; XBN's map to one batch's moments leaves a gap."""
+    from xbn_queue import functional as F
+    from xbn_queue.drift import moment_gap
+
+    g = torch.Generator().manual_seed(1)
+    fresh = torch.randn(200, 8, generator=g, dtype=torch.float64) * 0.7 + 0.2  # (N, D)
+    a = torch.linspace(0.5, 1.6, 8, dtype=torch.float64)  # (D,) per-dimension scale, all > 0
+    c = torch.linspace(-0.3, 0.4, 8, dtype=torch.float64)  # (D,) shift
+    stored = fresh * a + c  # the stored rows: an old model's affine image of the same samples
+    # mean(s) = a mean(f) + c and std(s) = a std(f), so the gap is exactly
+    # mean_d (|(a - 1) mean(f) + c| + |a - 1| std(f)) / std(f)
+    mf, sf = fresh.mean(0), fresh.std(0)
+    exact = float(((((a - 1) * mf + c).abs() + (a - 1).abs() * sf) / sf).mean())
+    assert moment_gap(stored, fresh) == pytest.approx(exact, rel=1e-12)  # float64 both
+    assert moment_gap(stored, fresh) == pytest.approx(_plain_gap(stored.tolist(), fresh.tolist()), rel=1e-12)
+    assert exact > 0.3
+    # XBN (Eq. 6) matches the stored rows to the moments of one batch of 16 fresh rows, not of all 200:
+    # the gap left is the batch's sampling error, not zero, and moment_gap measures it as the loop does
+    batch = fresh[:16]  # (B, D)
+    matched = F.match_moments(stored, stored.mean(0), stored.std(0), batch.mean(0), batch.std(0), eps=0.0)
+    left = moment_gap(matched, fresh)
+    assert left == pytest.approx(_plain_gap(matched.tolist(), fresh.tolist()), rel=1e-12)
+    assert 0.01 < left < exact  # smaller than without adaptation, not removed
+    # matched to all fresh rows' moments the gap is zero: the only case where it must vanish
+    full = F.match_moments(stored, stored.mean(0), stored.std(0), fresh.mean(0), fresh.std(0), eps=0.0)
+    assert moment_gap(full, fresh) == pytest.approx(0.0, abs=1e-12)

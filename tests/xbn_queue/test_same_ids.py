@@ -135,17 +135,39 @@ def test_pml_dropin_keeps_the_current_keys_as_positives_with_an_enqueue_mask():
 
 
 # ---------------------------------------------------------------------------------------------- lightly
-def _ntxent_with_bank_by_hand(q, k, bank, excluded, t):
-    """Plain float64 NT-Xent: column 0 the positive, then every bank row not excluded for that query."""
-    total = 0.0
+def _ntxent_with_bank_by_hand(q, k, bank, excluded, t, differentiable=False):
+    """Plain float64 NT-Xent: column 0 the positive, then every bank row not excluded for that query.
+
+    With ``differentiable`` the loop is kept in float64 tensors (a 0-dim tensor returned), so that
+    autograd gives the reference gradient with respect to ``q``; else a Python float.
+    """
+    total = q.new_zeros((), dtype=torch.float64)
     for i in range(q.shape[0]):
         qi = q[i].double() / q[i].double().norm()
         ki = k[i].double() / k[i].double().norm()
-        logits = [float(qi @ ki) / t]
-        logits += [float(qi @ bank[j].double()) / t for j in range(bank.shape[0]) if not excluded[i][j]]
-        top = max(logits)
-        total += top + math.log(sum(math.exp(v - top) for v in logits)) - logits[0]
-    return total / q.shape[0]
+        logits = [qi @ ki / t]
+        logits += [qi @ bank[j].double() / t for j in range(bank.shape[0]) if not excluded[i][j]]
+        top = max(float(v) for v in logits)
+        total = total + top + torch.log(sum(torch.exp(v - top) for v in logits)) - logits[0]
+    total = total / q.shape[0]
+    return total if differentiable else float(total)
+
+
+def _bank_by_hand(stored, k, adaptation, eps=1e-6):
+    """The negatives the bank returns, in float64: the stored rows, XBN-matched (Eq. 6) to the moments of
+    the normalized keys and L2-normalized for ``"xbn"`` (fewer than 2 rows: as stored), as stored for ``"none"``."""
+    rows = stored.double()  # (n, D)
+    if adaptation == "none" or rows.shape[0] < 2:
+        return rows if adaptation == "none" else torch.nn.functional.normalize(rows, dim=1)
+    keys = torch.nn.functional.normalize(k.double(), dim=1)  # (B, D)
+    out = torch.empty_like(rows)
+    for j in range(rows.shape[1]):
+        col, bcol = rows[:, j].tolist(), keys[:, j].tolist()
+        mr, mb = sum(col) / len(col), sum(bcol) / len(bcol)
+        sr = math.sqrt(sum((v - mr) ** 2 for v in col) / (len(col) - 1))
+        sb = math.sqrt(sum((v - mb) ** 2 for v in bcol) / (len(bcol) - 1))
+        out[:, j] = torch.tensor([(v - mr) / (sr + eps) * sb + mb for v in col], dtype=torch.float64)
+    return torch.nn.functional.normalize(out, dim=1)
 
 
 @pytest.mark.parametrize("adaptation", ["none", "xbn"])
@@ -162,6 +184,7 @@ def test_lightly_loss_leaves_older_keys_of_the_same_sample_out(adaptation):
         k = x + 0.3 * torch.randn(5, 4)
         n_before = len(crit.memory_bank.queue)
         ptr = int(crit.memory_bank.queue.ptr)
+        bank = _bank_by_hand(crit.memory_bank.queue.embeddings, k, adaptation)  # (n_before, D) float64
         loss = crit(q, k, ids=ids)
         excluded = [[stored_ids[j] == int(i) for j in range(n_before)] for i in ids]
         n_masked += sum(map(sum, excluded))
@@ -169,7 +192,12 @@ def test_lightly_loss_leaves_older_keys_of_the_same_sample_out(adaptation):
         for j, i in zip(range(ptr, min(ptr + 5, 16)), ids.tolist()):  # lightly's write rule
             stored_ids[j] = i
         loss.backward()
-        assert torch.isfinite(q.grad).all()
+        # the loss and its gradient against float64: the loop, and autograd through the same loop in float64
+        q64 = x.double().requires_grad_()
+        expected = _ntxent_with_bank_by_hand(q64, k, bank, excluded, 0.2, differentiable=True)
+        expected.backward()
+        torch.testing.assert_close(loss.item(), expected.item(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(q.grad, q64.grad.float(), rtol=1e-4, atol=1e-6)  # float32 softmax weights
     assert n_masked > 5
 
 
@@ -187,8 +215,9 @@ def test_lightly_loss_by_hand_and_without_ids_equals_lightly():
         k = x + 0.3 * torch.randn(5, 4)
         q = x.clone().requires_grad_()
         torch.testing.assert_close(ours(q, k), theirs(q, k))  # no ids: lightly's loss, same bank
+    # without ids both banks stored the same keys in the same rows (copies of lightly's normalized keys)
+    assert torch.equal(ours.memory_bank.queue.embeddings, theirs.memory_bank.bank)
     # with ids: against the float64 loop over the bank as it stood (plain XBM: rows as stored)
-    stored = ours.memory_bank.queue.embeddings
     for x, ids in _ids_stream(4, 5, 10, seed=7):
         k = x + 0.3 * torch.randn(5, 4)
         q = x.clone().requires_grad_()
@@ -197,6 +226,6 @@ def test_lightly_loss_by_hand_and_without_ids_equals_lightly():
         excluded = [[stored_ids[j] == int(i) for j in range(len(stored_ids))] for i in ids]
         expected = _ntxent_with_bank_by_hand(q.detach(), k, bank, excluded, 0.2)
         torch.testing.assert_close(ours(q, k, ids=ids).item(), expected, rtol=1e-5, atol=1e-6)
-    assert stored.shape == (16, 4)
+    assert sum(map(sum, excluded)) > 0  # the last batch had rows to leave out
     with pytest.raises(ValueError, match=r"ids must be \(B=5,\)"):
         ours(q, k, ids=torch.arange(4))

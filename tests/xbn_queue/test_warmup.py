@@ -275,6 +275,30 @@ def test_prefill_errors():
     assert math.isfinite(float(q.embeddings.sum()))
 
 
+def _unit(r):
+    n = math.sqrt(sum(v * v for v in r))
+    return [v / n for v in r]
+
+
+def _dot(a, b):
+    return sum(u * v for u, v in zip(a, b))
+
+
+def _match_by_hand(rows, batch, eps=1e-6):
+    """XBN (Eq. 6) in float64 loops: each column of ``rows`` to the mean and Bessel-corrected std of ``batch``'s."""
+    def col_moments(m, j):
+        c = [r[j] for r in m]
+        mean = sum(c) / len(c)
+        return mean, math.sqrt(sum((v - mean) ** 2 for v in c) / (len(c) - 1))
+
+    out = [list(r) for r in rows]
+    for j in range(len(rows[0])):
+        (mr, sr), (mb, sb) = col_moments(rows, j), col_moments(batch, j)
+        for r in out:
+            r[j] = (r[j] - mr) / (sr + eps) * sb + mb
+    return out
+
+
 def test_adaptive_ntxent_with_ids_warms_up_as_lightlys_loss_without_a_bank():
     pytest.importorskip("lightly")
     from lightly.loss import NTXentLoss
@@ -283,9 +307,13 @@ def test_adaptive_ntxent_with_ids_warms_up_as_lightlys_loss_without_a_bank():
 
     crit = AdaptiveNTXentLoss(temperature=0.2, memory_bank_size=(16, 4), mask_same_ids=True, warmup_steps=2)
     no_bank = NTXentLoss(temperature=0.2)
+    rows, row_ids = [], []  # the bank by hand, float64: keys as stored, XBN-matched at every step
     for step, (x, _) in enumerate(_stream(3, b=4, seed=5)):
         q, q_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
         k, ids = x + 0.3, torch.arange(4) + 4 * (step % 2)
+        keys = [_unit(r) for r in k.double().tolist()]  # the loss normalizes the keys before the bank sees them
+        if len(rows) >= 2:  # Eq. 6 to the batch of keys, before the write (the default adaptation)
+            rows = _match_by_hand(rows, keys)
         got = crit(q, k, ids=ids)
         if step < 2:  # the batch's other samples are the negatives; the keys and ids are stored meanwhile
             expected = no_bank(q_ref, k)
@@ -294,8 +322,19 @@ def test_adaptive_ntxent_with_ids_warms_up_as_lightlys_loss_without_a_bank():
             expected.backward()
             torch.testing.assert_close(q.grad, q_ref.grad)
             assert len(crit.memory_bank.queue) == 4 * (step + 1)
-        else:  # the bank is back: its 8 rows are the negatives, the 4 of ids 0-3 masked out
-            assert crit.memory_bank.negative_mask.sum() == 4 and torch.isfinite(got)
+        else:  # the bank is back: its 8 rows (L2-normalized) are the negatives, the 4 of ids 0-3 masked out
+            excluded = [[row_ids[j] == int(i) for j in range(len(rows))] for i in ids]
+            assert crit.memory_bank.negative_mask.tolist() == excluded and sum(map(sum, excluded)) == 4
+            qs = [_unit(r) for r in x.double().tolist()]
+            total = 0.0
+            for i in range(4):
+                logits = [_dot(qs[i], keys[i]) / 0.2]
+                logits += [_dot(qs[i], _unit(r)) / 0.2 for j, r in enumerate(rows) if not excluded[i][j]]
+                top = max(logits)
+                total += top + math.log(sum(math.exp(v - top) for v in logits)) - logits[0]
+            # float32 features, products and log-sum-exp against float64: a few float32 roundings
+            torch.testing.assert_close(got.item(), total / 4, rtol=1e-5, atol=1e-6)
+        rows, row_ids = rows + keys, row_ids + ids.tolist()
     assert torch.equal(crit.memory_bank.queue.ids, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]))
 
 
