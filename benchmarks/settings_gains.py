@@ -6,8 +6,9 @@ and the seed (for example the main job's folder and a folder of XBN* / AXBN* run
 defaults). Runs are read with :func:`when_to_use.load_runs` (finished runs only; a run found again in
 a later folder is skipped) and summarised with :func:`when_to_use.summary`:
 
-* R@1 at "epoch 1" (the first epoch after any warm-up), R@1 at the best epoch, and MAP@R at its best
-  epoch (the highest MAP@R over the epochs), mean ± sample std over seeds, with the per-seed values;
+* R@1 at "epoch 1" (the first epoch after any warm-up), R@1 at the best epoch and MAP@R at that epoch
+  (the first evaluation with the highest R@1, as ``compare``'s "best"), mean ± sample std over seeds,
+  with the per-seed values;
 * for each memory method M (``--methods``) and each baseline B of XBM (``xbm``), XBM* (``xbm-batch``)
   and No-XBM (``none``): the per-seed differences ``R@1(M, seed s) - R@1(B, seed s)`` (same seed = same
   initialisation and the same batches), their mean ± standard error (sample std / sqrt(n));
@@ -82,6 +83,11 @@ def analyse(folders: List[Path]) -> Dict[str, Dict[str, Dict[int, float]]]:
     out: Dict[str, Dict[str, Dict[int, float]]] = {}
     for r in load_runs(folders):
         s = summary(r["recs"])
+        best = r["recs"][0]
+        for rec in r["recs"]:  # the first evaluation with the highest R@1, as compare's "best" (and best.pt)
+            if rec["recall@1"] > best["recall@1"]:
+                best = rec
+        s["map_best"] = 100 * best["map@r"]
         for k, v in s.items():
             out.setdefault(r["method"], {}).setdefault(k, {})[r["seed"]] = v
     return out
@@ -117,12 +123,34 @@ def render(name: str, by: Dict, methods: Sequence[str], clear_se: float) -> str:
     return "\n".join(lines)
 
 
+def render_pairs(by: Dict, pairs: Sequence[str], clear_se: float) -> str:
+    """Markdown: ``A - B`` paired by seed for each ``A:B`` of ``pairs`` both of whose methods were run."""
+    rows = []
+    for spec in pairs:
+        a, _, b = spec.partition(":")
+        if a not in by or b not in by:
+            continue
+        cells = []
+        for k in ("r1_ep1", "r1_best"):
+            g = paired(by[a][k], by[b][k])
+            v = verdict(g, clear_se)
+            cells.append(gtext(g) + ("" if v == "-" else f" {v}"))
+        rows.append(f"| {NAMES.get(a, a)} - {NAMES.get(b, b)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    return "\n".join(["", "Other paired R@1 differences, mean ± SE (per-seed values), points", "",
+                      "| difference | epoch 1 | best |", "|---|---|---|"] + rows)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setting", action="append", required=True, metavar="NAME=FOLDER[,FOLDER...]",
                     help="a setting and its run folders (repeatable)")
     ap.add_argument("--methods", default="xbn,xbn-batch,axbn-batch,axbn",
                     help="methods whose paired gains are tabulated (default: xbn,xbn-batch,axbn-batch,axbn)")
+    ap.add_argument("--pairs", default="xbn-batch:xbn,axbn-batch:axbn,axbn:xbn,xbm-batch:none",
+                    help="further paired differences A:B,... (default: the batch loss added to XBN and to AXBN, "
+                         "AXBN against XBN, XBM* against No-XBM)")
     ap.add_argument("--clear-se", type=float, default=4.3, help="standard errors of a clear gain (default 4.3)")
     ap.add_argument("--json", type=Path, default=None, help="also write every per-seed number to this file")
     args = ap.parse_args(argv)
@@ -139,7 +167,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         by = analyse(paths)
         everything[name] = by
-        print(render(name, by, args.methods.split(","), args.clear_se) + "\n")
+        print(render(name, by, args.methods.split(","), args.clear_se)
+              + render_pairs(by, [p for p in args.pairs.split(",") if p], args.clear_se) + "\n")
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
     return 0
