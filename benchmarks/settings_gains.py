@@ -138,7 +138,7 @@ def render_pairs(by: Dict, pairs: Sequence[str], clear_se: float) -> str:
         rows.append(f"| {NAMES.get(a, a)} - {NAMES.get(b, b)} | " + " | ".join(cells) + " |")
     if not rows:
         return ""
-    return "\n".join(["", "Other paired R@1 differences, mean ± SE (per-seed values), points", "",
+    return "\n".join(["", "", "Other paired R@1 differences, mean ± SE (per-seed values), points", "",
                       "| difference | epoch 1 | best |", "|---|---|---|"] + rows)
 
 
