@@ -21,7 +21,8 @@ a later folder is skipped) and summarised with :func:`when_to_use.summary`:
 Usage::
 
     python benchmarks/settings_gains.py --setting "defaults=/work/runs-meas/main,/work/runs-meas/star" \\
-        --setting "rot4=/work/runs-meas/rot4" --json gains.json
+        --setting "rot4=/work/runs-meas/rot4" --setting "mem2=/work/runs-meas/mem2,/work/runs-meas/main@none" \\
+        --json gains.json
 """
 
 from __future__ import annotations
@@ -78,10 +79,14 @@ def gtext(g: Dict) -> str:
     return f"{g['mean']:+.2f}{se} (" + ", ".join(f"{x:+.1f}" for x in g["values"]) + ")"
 
 
-def analyse(folders: List[Path]) -> Dict[str, Dict[str, Dict[int, float]]]:
-    """``{method: {key: {seed: value}}}`` for the keys of :func:`when_to_use.summary`."""
+def analyse(folders: List[Path], only: Optional[Dict[Path, List[str]]] = None) -> Dict[str, Dict[str, Dict[int, float]]]:
+    """``{method: {key: {seed: value}}}`` for the keys of :func:`when_to_use.summary`; ``only[folder]``: the
+    methods taken from that folder (all when absent)."""
     out: Dict[str, Dict[str, Dict[int, float]]] = {}
-    for r in load_runs(folders):
+    runs = []
+    for f in folders:
+        runs += [r for r in load_runs([f]) if not (only or {}).get(f) or r["method"] in only[f]]
+    for r in runs:
         s = summary(r["recs"])
         best = r["recs"][0]
         for rec in r["recs"]:  # the first evaluation with the highest R@1, as compare's "best" (and best.pt)
@@ -144,8 +149,9 @@ def render_pairs(by: Dict, pairs: Sequence[str], clear_se: float) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--setting", action="append", required=True, metavar="NAME=FOLDER[,FOLDER...]",
-                    help="a setting and its run folders (repeatable)")
+    ap.add_argument("--setting", action="append", required=True, metavar="NAME=FOLDER[@M1+M2][,FOLDER...]",
+                    help="a setting and its run folders (repeatable); FOLDER@none+xbm takes only those methods' runs "
+                         "from FOLDER")
     ap.add_argument("--methods", default="xbn,xbn-batch,axbn-batch,axbn",
                     help="methods whose paired gains are tabulated (default: xbn,xbn-batch,axbn-batch,axbn)")
     ap.add_argument("--pairs", default="xbn-batch:xbn,axbn-batch:axbn,axbn:xbn,xbm-batch:none",
@@ -160,12 +166,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not eq:
             print(f"settings_gains: --setting {spec}: expected NAME=FOLDER[,FOLDER...]", file=sys.stderr)
             return 2
-        paths = [Path(f) for f in folders.split(",") if f]
+        paths, only = [], {}
+        for f in folders.split(","):
+            if f:
+                path, _, methods = f.partition("@")
+                paths.append(Path(path))
+                if methods:
+                    only[Path(path)] = methods.split("+")
         missing = [str(p) for p in paths if not p.is_dir()]
         if missing:
             print(f"settings_gains: --setting {name}: no such folder: {', '.join(missing)}", file=sys.stderr)
             return 2
-        by = analyse(paths)
+        by = analyse(paths, only)
         everything[name] = by
         print(render(name, by, args.methods.split(","), args.clear_se)
               + render_pairs(by, [p for p in args.pairs.split(",") if p], args.clear_se) + "\n")
