@@ -8,7 +8,11 @@ and the last evaluation (the best is chosen on the evaluation split itself, whic
 runs against the baselines' single evaluation, so the last stands next to it). The table shows, per
 method, the mean and the sample standard deviation (ddof=1) over seeds in percent (one seed: the
 value alone) of R@1 early / best / last and MAP@R best / last, after two baselines on the same
-evaluation split (raw pixels and the untrained network, :mod:`metric.baselines`), and is written to
+evaluation split (raw pixels and the untrained network, :mod:`metric.baselines`). Under it, a second
+table gives the **paired gains** of every adapted memory (XBN, AXBN, and XBN* / AXBN* when compared) over
+XBM, XBM* and No-XBM, whichever the comparison holds: per seed the run minus the baseline's run of the
+same seed (same initialisation, same batches), mean ± sample std over seeds, at the early and at the
+best epoch (:func:`paired_gains`). Both are written to
 ``OUTPUT_DIR/compare.md`` and ``OUTPUT_DIR/compare.json`` (which also holds Recall@K for every K);
 ``OUTPUT_DIR/compare.png`` shows Recall@1 and feature drift per epoch (mean ± std band over seeds,
 the baselines as dashed lines). Seeds are ``seed, seed + 1, ...``. Running a finished comparison
@@ -44,7 +48,8 @@ from xbn_queue.training.series import (JobSlot, PlannedRun, RunOutcome, SeriesRe
 from .config import METHODS, MetricConfig, resolve_config, validate_config
 
 __all__ = ["add_compare_args", "run_compare", "compare_main", "format_table", "table_columns", "plan_runs", "series_trainer",
-           "run_rows", "run_records", "run_scores", "summarize_runs", "metric_keys", "baselines_for", "early_epoch_of"]
+           "run_rows", "run_records", "run_scores", "summarize_runs", "metric_keys", "baselines_for", "early_epoch_of",
+           "paired_gains", "gain_targets", "format_gain_table", "GAIN_BASELINES"]
 
 PROG = "xbn-metric"
 
@@ -55,7 +60,10 @@ PAPER_NAMES = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN"
 DESCRIPTION = f"""Train every method of --methods with --seeds seeds each (seeds --seed, --seed + 1, ...) and
 tabulate, per method, mean ± std over seeds of Recall@1 at an early epoch (--early-epoch), at the best
 epoch (highest Recall@1) and at the last epoch, and MAP@R at the best and the last, in %, after the
-raw-pixel and untrained-network baselines.
+raw-pixel and untrained-network baselines. A second table gives the paired gains of the adapted memories
+(xbn, axbn, xbn-batch, axbn-batch, ...) over xbm (XBM), xbm-batch (XBM*) and none (No-XBM), whichever
+--methods holds: per seed the run minus the baseline's run of the same seed (same initialisation and
+batches), mean ± std over seeds, at the early and the best epoch.
 
 Every training option below is passed through to each run unchanged, except --method, --seed and
 --output-dir, which compare sets per run: run <method>-seed<seed> goes to OUTPUT_DIR/<method>-seed<seed>/.
@@ -127,6 +135,62 @@ def format_table(summary: Dict[str, Dict[str, Dict[str, float]]], columns: Seque
 
 #: Row names of the baselines (one evaluation of an untrained model, no epochs).
 BASELINE_ROWS = ("raw-pixels", "untrained")
+
+#: The methods an adapted memory's gain is measured against (in the tables' order): the plain memory, the
+#: plain memory with the batch loss (the strongest baseline, XBM*) and no memory.
+GAIN_BASELINES = ("xbm", "xbm-batch", "none")
+
+
+def gain_targets(methods: Sequence[str]) -> List[str]:
+    """The methods with an adapted memory among ``methods`` (XBN, AXBN, their ``-batch`` variants, xbn-cov)."""
+    from .config import method_memory
+
+    return [m for m in methods if method_memory(m)[0] not in (None, "none")]
+
+
+def paired_gains(runs: Sequence[Dict[str, Any]], methods: Sequence[str], keys: Sequence[str],
+                 pair_on: Sequence[str] = ("seed",)) -> Dict[str, Dict[str, Dict[str, Dict[str, float]]]]:
+    """The gain of every adapted method over each baseline of :data:`GAIN_BASELINES` the series holds, paired.
+
+    For target ``T``, baseline ``B`` and score ``k``: the differences ``T[k] - B[k]`` of the finished runs
+    with the same ``pair_on`` values (the seed: the same initialisation and batches), their mean, sample
+    standard deviation (ddof=1; 0 for one pair) and number of pairs
+    (:func:`xbn_queue.training.series.paired_differences`).
+
+    Returns:
+        ``{T: {B: {k: {"mean", "std", "n"}}}}`` (fractions), for the targets of :func:`gain_targets` and
+        the baselines among ``methods``; a score no pair has is left out.
+    """
+    from xbn_queue.training.series import paired_differences
+
+    out: Dict[str, Dict[str, Dict[str, Dict[str, float]]]] = {}
+    for target in gain_targets(methods):
+        for base in (b for b in GAIN_BASELINES if b in methods):
+            stats = {k: mean_std(d) for k in keys if (d := paired_differences(runs, target, base, k, pair_on))}
+            if stats:
+                out.setdefault(target, {})[base] = stats
+    return out
+
+
+def signed(stat: Optional[Dict[str, float]]) -> str:
+    """``+1.23 ± 0.45`` in points of % (``format_mean_std`` with the sign of a gain)."""
+    text = format_mean_std(stat)
+    return text if text == "n/a" or text.startswith("-") else "+" + text
+
+
+def format_gain_table(gains: Dict[str, Dict[str, Dict[str, Dict[str, float]]]], columns: Sequence[Tuple[str, str]]) -> str:
+    """Markdown table of :func:`paired_gains`: a row per target and baseline (``XBN − XBM*``), a column per score."""
+    lines = ["| Paired gain | " + " | ".join(h for _, h in columns) + " |", "|---|" + "---|" * len(columns)]
+    for target, per_base in gains.items():
+        for base, stats in per_base.items():
+            lines.append(f"| {PAPER_NAMES.get(target, target)} − {PAPER_NAMES.get(base, base)} | "
+                         + " | ".join(signed(stats.get(k)) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def gain_columns(early_label: str) -> List[Tuple[str, str]]:
+    """The paired-gain table's columns: Recall@1 at the early epoch and at the best epoch."""
+    return [("early_recall@1", early_label), ("recall@1", "R@1 best")]
 
 
 def _plain_key(key: str) -> str:
@@ -365,6 +429,14 @@ def early_label(runs: Sequence[Dict[str, Any]], early_epoch: int) -> str:
     return f"R@1 ep {epochs.pop()}" if len(epochs) == 1 else f"R@1 ep >={early_epoch}"
 
 
+def gain_header(seeds: int) -> str:
+    """The line above the paired-gain table: what its numbers are."""
+    spread = ("one seed: the difference of the two runs" if seeds == 1 else
+              f"mean ± std (sample, ddof=1) over the {seeds} seeds of the per-seed differences")
+    return (f"Paired gains of the adapted memories, in points of Recall@1 (%): each run minus the baseline's run of the "
+            f"same seed (same initialisation and batches), {spread}")
+
+
 def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "",
                 early_epoch: Optional[int] = None, jobs: int = 1) -> Dict[str, Any]:
     """Train ``methods`` x ``seeds`` runs with ``cfg`` and print / write the table.
@@ -418,12 +490,16 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
     summary = summarize_runs(runs, todo)
     wall = time.time() - t0
     base = baselines.get("summary", {})
-    table = format_table({**base, **summary}, table_columns(early_label(runs, early)))
+    label = early_label(runs, early)
+    table = format_table({**base, **summary}, table_columns(label))
+    gains = paired_gains(runs, todo, [k for k, _ in gain_columns(label)])
+    if gains:
+        table += "\n\n" + gain_header(seeds) + "\n\n" + format_gain_table(gains, gain_columns(label))
     incomplete = report.incomplete()
     result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds, "early_epoch": early, "complete": not incomplete,
               "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
               "machine": f"{platform.machine()} {platform.processor()}".strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "summary": summary, "baselines": baselines, "runs": runs}
+              "summary": summary, "gains": gains, "baselines": baselines, "runs": runs}
     if main:
         spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
         what = ("Recall@1 at an early epoch, at the best epoch (highest Recall@1 on the evaluation split) and at "

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from xbn_queue.training.cli import UsageError, above, at_least, available_cores, between, check_ranges
 
+from .losses import DEFAULT_LOSS, DEFAULT_MINER, DEFAULT_MINER_ARGS
+
 __all__ = ["MetricConfig", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS",
            "MEMORY_METHODS", "method_memory", "COMPAT_KEYS", "COMPAT_DEFAULTS", "saved_config"]
 
@@ -27,10 +29,11 @@ _ADAPTATION = {"xbm": "none", "xbn": "xbn", "axbn": "axbn", "xbn-cov": "xbn-cov"
 #: Options a checkpoint must agree on to be resumed.
 COMPAT_KEYS = ["dataset", "method", "backbone", "width", "head", "embedding_dim", "embedding_norm", "memory_size",
                "batch_size", "m_per_class", "image_size", "split", "train_fraction", "split_seed", "max_per_class",
-               "memory_warmup_steps", "prefill", "omniglot_rotations"]
+               "memory_warmup_steps", "prefill", "omniglot_rotations", "loss", "loss_args", "miner", "miner_args"]
 #: Values of options added after checkpoints were first written (a checkpoint without them had these).
 COMPAT_DEFAULTS: Dict[str, Any] = {"width": None, "max_per_class": None, "head": "linear", "memory_warmup_steps": 0,
-                                   "prefill": False, "omniglot_rotations": 1}
+                                   "prefill": False, "omniglot_rotations": 1, "loss": DEFAULT_LOSS, "loss_args": "",
+                                   "miner": DEFAULT_MINER, "miner_args": DEFAULT_MINER_ARGS}
 
 
 def method_memory(method: str) -> Tuple[Optional[str], bool]:
@@ -139,6 +142,11 @@ class MetricConfig:
     kalman_q: float = field(default=1.0, metadata=_h("AXBN process noise q", group="memory", range=at_least(0)))
     kalman_p0: float = field(default=1.0, metadata=_h("AXBN initial estimate variance p0", group="memory", range=above(0)))
     kalman_gain_every: Optional[int] = field(default=None, metadata=_h("AXBN: recompute the Kalman gain every N steps (default 100; deepfashion2, digits 10)", group="memory", range=at_least(1)))
+    # loss
+    loss: str = field(default=DEFAULT_LOSS, metadata=_h("the loss, a class of pytorch_metric_learning.losses by name, e.g. ContrastiveLoss, MultiSimilarityLoss, TripletMarginLoss, NTXentLoss (default SupConLoss: the paper's); with a memory, one PML's CrossBatchMemory supports", group="loss"))
+    loss_args: str = field(default="", metadata=_h("keyword arguments of --loss, NAME=VALUE,... e.g. pos_margin=0,neg_margin=0.5 (default: none, PML's defaults)", metavar="NAME=VALUE,...", group="loss"))
+    miner: str = field(default=DEFAULT_MINER, metadata=_h("the miner, a class of pytorch_metric_learning.miners by name, e.g. MultiSimilarityMiner, TripletMarginMiner, or none (all pairs) (default PairMarginMiner: the paper's)", group="loss"))
+    miner_args: Optional[str] = field(default=None, metadata=_h("keyword arguments of --miner, NAME=VALUE,... (default: pos_margin=0.2,neg_margin=0.8 for PairMarginMiner, the paper's; none for other miners)", metavar="NAME=VALUE,...", group="loss"))
     # optimisation
     epochs: Optional[int] = field(default=None, metadata=_h("training epochs after the warm-up (default 50; digits 12)", group="optimisation", range=at_least(1)))
     warmup_epochs: Optional[int] = field(default=None, metadata=_h("head-only pre-warm-up epochs with SGD and the batch loss (default 2; not pretrained: 0; digits 1)", group="optimisation", range=at_least(0)))
@@ -199,6 +207,10 @@ def validate_config(cfg: MetricConfig) -> None:
         raise UsageError(f"--kalman-r {cfg.kalman_r}: expected a number > 0 or 'auto'")
     if cfg.memory_size is not None:
         memory_rows(cfg.memory_size, None)
+    from .losses import check_loss_and_miner, resolve_miner_args
+
+    check_loss_and_miner(cfg.loss, cfg.loss_args, cfg.miner, resolve_miner_args(cfg.miner, cfg.miner_args),
+                         memory=method_memory(cfg.method)[0] is not None)
     if cfg.method == "none" and (cfg.memory_warmup_steps or cfg.prefill):
         option = f"--memory-warmup-steps {cfg.memory_warmup_steps}" if cfg.memory_warmup_steps else "--prefill"
         raise UsageError(f"{option}: --method none has no memory; use a method with one "
@@ -253,9 +265,20 @@ def resolve_config(cfg: MetricConfig) -> MetricConfig:
     if out.head is None:
         out = dataclasses.replace(out, head="none" if out.backbone == "conv4" else "linear")
     validate_config(out)
+    out = _canonical_loss_args(out)
     if out.head == "none":
         out = dataclasses.replace(out, embedding_dim=_head_none_dim(out, explicit=cfg.embedding_dim))
     return out
+
+
+def _canonical_loss_args(cfg: MetricConfig) -> MetricConfig:
+    """``--loss-args`` / ``--miner-args`` in their canonical form (sorted ``NAME=VALUE``), the miner's default
+    arguments filled in: what ``config.yaml`` and a checkpoint hold, so that equal options compare equal."""
+    from .losses import format_kwargs, parse_kwargs, resolve_miner_args
+
+    miner_args = resolve_miner_args(cfg.miner, cfg.miner_args)
+    return dataclasses.replace(cfg, loss_args=format_kwargs(parse_kwargs(cfg.loss_args, "--loss-args")),
+                               miner_args=format_kwargs(parse_kwargs(miner_args, "--miner-args")))
 
 
 def _head_none_dim(cfg: MetricConfig, explicit: Optional[int]) -> int:

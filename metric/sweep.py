@@ -21,10 +21,14 @@ run and continues a cut-short one; tables count finished runs only (``sweep.md``
 ``INCOMPLETE:`` line). Each run's scores are read from its ``metrics.jsonl``: the best evaluation by
 Recall@1 and the last one, as in ``compare``.
 
-With ``xbm`` among the methods, every run of another method gets its **gain over XBM**: its Recall@1
-(best and last) and MAP@R (best and last) minus those of the XBM run of the same point and seed, and
-the **staleness** of the XBM run's memory (``staleness_cosine`` of its last evaluation: the cosine of
-stored rows with fresh embeddings of the same images; lower is staler) next to its own.
+With ``xbm``, ``xbm-batch`` (XBM*) or ``none`` (No-XBM) among the methods, every run of another method
+gets its **paired gain** over each of them (:func:`add_gains`): its Recall@1 at the early epoch (the
+first after the warm-up, as in ``compare``), at the best and at the last epoch and its MAP@R (best and
+last) minus those of the baseline's run of the same point and seed (same initialisation and batches);
+``sweep.md`` shows them as mean ± std over seeds (every method over XBM; the adapted memories over XBM*
+and No-XBM), with the **staleness** of the XBM run's memory (``staleness_cosine`` of its last
+evaluation: the cosine of stored rows with fresh embeddings of the same images; lower is staler) next
+to its own.
 
 Outputs in ``OUTPUT_DIR``: ``sweep.json`` (every run, mean / std / n per point, the baselines),
 ``sweep.csv`` (one row per run: settings, scores, gains), ``sweep.md`` (per sweep: Recall@1 and MAP@R,
@@ -63,7 +67,8 @@ __all__ = ["add_sweep_args", "run_sweep", "sweep_main", "sweep_plan", "sweep_poi
 PROG = "xbn-metric"
 
 DESCRIPTION = """Recall@1 and MAP@R (best and last epoch) against any training option, for every method of
---methods, --seeds seeds each, and the gain of every method over XBM with the staleness of the memory.
+--methods, --seeds seeds each, the paired gains (same point and seed) over XBM, XBM* (xbm-batch) and
+No-XBM (none), whichever --methods holds, and the staleness of the memory.
 Each --vary OPTION=V1,V2,... is one sweep of that option, the others at their values; without --vary,
 the paper's Figure 1: --batch-sizes (memory fixed at --memory-size) and --memory-sizes (batch fixed at
 --batch-size). Every training option below is passed through to each run unchanged, except --method,
@@ -321,26 +326,42 @@ def _check_plan(cfg: MetricConfig, plan: Sequence[PlannedRun]) -> None:
 
 #: Score keys of a sweep's points: best and last Recall@1 / MAP@R, staleness, and the gains over XBM.
 SWEEP_KEYS = ["recall@1", "last_recall@1", "map@r", "last_map@r", "staleness_cosine"]
-GAIN_KEYS = ["gain_recall@1", "gain_last_recall@1", "gain_map@r", "gain_last_map@r", "xbm_staleness_cosine"]
+#: The scores a gain is computed for: Recall@1 at the early epoch, R@1 and MAP@R at the best and the last.
+GAIN_SCORES = ("early_recall@1", "recall@1", "last_recall@1", "map@r", "last_map@r")
+
+
+def gain_prefix(baseline: str) -> str:
+    """Prefix of a run's gain over ``baseline``: ``gain_`` over XBM (the first sweeps' name),
+    ``gain_over_<baseline>_`` over the others (``gain_over_xbm-batch_recall@1``)."""
+    return "gain_" if baseline == "xbm" else f"gain_over_{baseline}_"
+
+
+GAIN_KEYS = ["gain_recall@1", "gain_last_recall@1", "gain_map@r", "gain_last_map@r", "xbm_staleness_cosine",
+             "gain_early_recall@1"] + [gain_prefix(b) + k for b in ("xbm-batch", "none") for k in GAIN_SCORES]
 
 
 def add_gains(runs: Sequence[Dict[str, Any]], axes: Sequence[Axis]) -> None:
-    """Give every finished run of a method other than ``xbm`` its gain over the ``xbm`` run of the same
-    point and seed (``gain_<key> = run[key] - xbm[key]`` for R@1 / MAP@R, best and last, fractions) and
-    that run's ``xbm_staleness_cosine``. Runs without a finished ``xbm`` twin get nothing."""
+    """Give every finished run its gains over each baseline of :data:`metric.compare.GAIN_BASELINES` (XBM,
+    XBM*, No-XBM) the sweep holds, paired: ``<gain_prefix(B)><key> = run[key] - B[key]`` with ``B``'s run
+    of the same point and seed (same initialisation and batches), for the :data:`GAIN_SCORES`
+    (fractions); and the ``xbm_staleness_cosine`` of its XBM twin. A run gets no gain over its own
+    method, nor over a baseline without a finished twin."""
+    from .compare import GAIN_BASELINES
+
     def where(r: Dict[str, Any]) -> Tuple[Any, ...]:
         return tuple(_key(r.get(a.name)) for a in axes) + (r["seed"],)
 
-    xbm = {where(r): r for r in runs if r["method"] == "xbm" and r.get("complete")}
-    for r in runs:
-        twin = xbm.get(where(r))
-        if r["method"] == "xbm" or twin is None or not r.get("complete"):
-            continue
-        for k in ("recall@1", "last_recall@1", "map@r", "last_map@r"):
-            if k in r and k in twin:
-                r[f"gain_{k}"] = r[k] - twin[k]
-        if "staleness_cosine" in twin:
-            r["xbm_staleness_cosine"] = twin["staleness_cosine"]
+    for base in GAIN_BASELINES:
+        twins = {where(r): r for r in runs if r["method"] == base and r.get("complete")}
+        for r in runs:
+            twin = twins.get(where(r))
+            if r["method"] == base or twin is None or not r.get("complete"):
+                continue
+            for k in GAIN_SCORES:
+                if k in r and k in twin:
+                    r[gain_prefix(base) + k] = r[k] - twin[k]
+            if base == "xbm" and "staleness_cosine" in twin:
+                r["xbm_staleness_cosine"] = twin["staleness_cosine"]
 
 
 def sweep_points(runs: Sequence[Dict[str, Any]], methods: Sequence[str], axes: Sequence[Axis], fixed: Dict[str, Any],
@@ -413,27 +434,39 @@ def _signed(stat: Optional[Dict[str, float]]) -> str:
     return text if text == "n/a" or text.startswith("-") else "+" + text
 
 
-def format_gain_tables(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str, Any]) -> str:
-    """One Markdown table per sweep: the gain over XBM (points of %, mean ± std over seeds of the paired
-    differences) of every other method, R@1 best and last and MAP@R best, and the memory staleness
-    (cosine of stored rows with fresh embeddings of the same images, last evaluation) per method."""
-    from .compare import PAPER_NAMES
+def format_gain_tables(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str, Any], early_label: str = "R@1 early") -> str:
+    """One Markdown table per sweep of the paired gains (points of %, mean ± std over seeds of the per-seed
+    differences with the baseline's run of the same point and seed), and the memory staleness (cosine of
+    stored rows with fresh embeddings of the same images, last evaluation) per method.
+
+    Over XBM: every other method, R@1 at the early epoch, best and last, MAP@R best. Over XBM* and
+    No-XBM (when the sweep holds them): the adapted memories (XBN, AXBN, XBN*, AXBN*, ...), R@1 at the
+    early and at the best epoch.
+    """
+    from .compare import GAIN_BASELINES, PAPER_NAMES, gain_targets
 
     parts = []
     for sweep, pts in points.items():
         values = list({_key(p["value"]): p["value"] for p in pts}.values())
-        lines = [f"**Gain over XBM (points of %) and memory staleness (cosine) vs {_title(sweep, fixed)}**", "",
+        lines = [f"**Paired gains (points of %; each run minus the baseline's run of the same point and seed, mean ± std "
+                 f"over seeds) and memory staleness (cosine) vs {_title(sweep, fixed)}**", "",
                  "| | " + " | ".join(_value_label(sweep, v) for v in values) + " |", "|---|" + "---|" * len(values)]
         methods = list(dict.fromkeys(p["method"] for p in pts))
 
         def at(method: str, v: Any) -> Dict[str, Any]:
             return next(p for p in pts if p["method"] == method and _same(p["value"], v))
 
-        for method in (m for m in methods if m != "xbm"):
-            name = PAPER_NAMES.get(method, method)
-            for k, label in (("gain_recall@1", "R@1 best"), ("gain_last_recall@1", "R@1 last"), ("gain_map@r", "MAP@R best")):
-                if any(k in at(method, v) for v in values):
-                    lines.append(f"| {name} − XBM, {label} | " + " | ".join(_signed(at(method, v).get(k)) for v in values) + " |")
+        for base in (b for b in GAIN_BASELINES if b in methods):
+            targets = [m for m in methods if m != base] if base == "xbm" else gain_targets(methods)
+            scores = [("early_recall@1", early_label), ("recall@1", "R@1 best")]
+            if base == "xbm":
+                scores += [("last_recall@1", "R@1 last"), ("map@r", "MAP@R best")]
+            for method in targets:
+                name = f"{PAPER_NAMES.get(method, method)} − {PAPER_NAMES.get(base, base)}"
+                for k, label in scores:
+                    key = gain_prefix(base) + k
+                    if any(key in at(method, v) for v in values):
+                        lines.append(f"| {name}, {label} | " + " | ".join(_signed(at(method, v).get(key)) for v in values) + " |")
         for method in methods:
             if any("staleness_cosine" in at(method, v) for v in values):
                 lines.append(f"| staleness {PAPER_NAMES.get(method, method)} | " + " | ".join(
@@ -585,8 +618,8 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: Optional[str] = None
         UsageError: an unknown method or option, a malformed list, seeds < 1, a point the data cannot
             give, or an unusable output folder.
     """
-    from .compare import (_parse_methods, baselines_for, check_jobs, default_series_dir, metric_keys, run_rows,
-                          run_series_of)
+    from .compare import (GAIN_BASELINES, _parse_methods, baselines_for, check_jobs, default_series_dir, early_epoch_of,
+                          early_label, metric_keys, run_rows, run_series_of)
 
     todo = _parse_methods(methods)
     if seeds < 1:
@@ -608,7 +641,8 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: Optional[str] = None
     t0 = time.time()
     baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out, tag="sweep")
     report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="sweep")
-    runs = run_rows(report)
+    early = early_epoch_of(cfg, None)  # as compare: the first epoch after the warm-up
+    runs = run_rows(report, early)
     add_gains(runs, axes)
     if main:
         from .compare import _shown
@@ -641,7 +675,8 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: Optional[str] = None
 
         shown = "; ".join(f"{BASELINES[n]}: R@1 {format_mean_std(s.get('recall@1'))}, MAP@R {format_mean_std(s.get('map@r'))}"
                           for n, s in base.items())
-        gains = format_gain_tables(points, fixed) if "xbm" in todo and len(todo) > 1 else ""
+        has_baseline = any(b in todo for b in GAIN_BASELINES) and len(todo) > 1
+        gains = format_gain_tables(points, fixed, early_label(runs, early)) if has_baseline else ""
         text = "\n\n".join([header] + ([f"Baselines (same evaluation split): {shown}"] if shown else [])
                             + [format_sweep_tables(points, fixed, "recall@1"), format_sweep_tables(points, fixed, "map@r")]
                             + ([gains] if gains else []))

@@ -95,7 +95,8 @@ def build_transforms(cfg: MetricConfig):
 def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     """The batch loss and (unless method is ``none``) the memory loss.
 
-    Both use PML's ``SupConLoss`` with ``PairMarginMiner(pos_margin=0.2, neg_margin=0.8)``; the memory
+    Both use the PML loss and miner of ``--loss`` / ``--miner`` with their arguments (default the paper's
+    ``SupConLoss()`` with ``PairMarginMiner(pos_margin=0.2, neg_margin=0.8)``, :mod:`metric.losses`); the memory
     loss is :class:`xbn_queue.pml.AdaptiveCrossBatchMemory` with the method's adaptation (``none`` for
     xbm, ``xbn``, ``axbn``, ``xbn-cov``), plus the batch loss (``add_batch_loss``) for the ``-batch``
     methods (XBM*, XBN*, AXBN*); see :func:`metric.config.method_memory`.
@@ -103,15 +104,15 @@ def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     Returns:
         ``(batch_loss_fn(emb, labels) -> loss, memory_loss or None)``.
     """
-    from pytorch_metric_learning import losses, miners
-
     from xbn_queue.pml import AdaptiveCrossBatchMemory
 
-    base = losses.SupConLoss()
-    miner = miners.PairMarginMiner(pos_margin=0.2, neg_margin=0.8)
+    from .losses import build_loss, build_miner, resolve_miner_args
+
+    base = build_loss(cfg.loss, cfg.loss_args)
+    miner = build_miner(cfg.miner, resolve_miner_args(cfg.miner, cfg.miner_args))
 
     def batch_loss(emb: Tensor, labels: Tensor) -> Tensor:
-        return base(emb, labels, miner(emb, labels))
+        return base(emb, labels, miner(emb, labels) if miner is not None else None)
 
     adaptation, add_batch_loss = method_memory(cfg.method)
     if adaptation is None:

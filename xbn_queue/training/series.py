@@ -49,7 +49,7 @@ from typing import IO, Any, Optional, Union
 from xbn_queue.training.cli import RunError, UsageError, available_cores, check_output_dir, holds_run
 
 __all__ = ["PlannedRun", "RunOutcome", "RunRecord", "SeriesReport", "JobSlot", "job_slots", "visible_gpus", "run_series",
-           "check_series_dir", "holds_series", "mean_std", "format_mean_std", "incomplete_banner"]
+           "check_series_dir", "holds_series", "mean_std", "format_mean_std", "incomplete_banner", "paired_differences"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +368,42 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     if not vals:
         return {"mean": math.nan, "std": math.nan, "n": 0}
     return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def paired_differences(runs: Sequence[Mapping[str, Any]], target: str, baseline: str, key: str,
+                       pair_on: Sequence[str] = ("seed",), by: str = "method") -> list[float]:
+    """Per-pair differences ``target[key] - baseline[key]`` of two methods' runs with the same ``pair_on`` values.
+
+    Runs of the same seed share the initialisation and the batches, so their difference cancels what the
+    seed alone decides; :func:`mean_std` of the result is the paired gain and its spread over seeds.
+    Only finished runs (``complete``, true when absent) that both have ``key`` are paired.
+
+    Args:
+        runs: One mapping per run: ``by`` (the method), the ``pair_on`` fields, ``key``.
+        target, baseline: The two values of ``by``.
+        key: The score (e.g. ``recall@1``).
+        pair_on: The fields that must agree (``seed``; a sweep adds the swept options).
+        by: The field naming the method.
+
+    Returns:
+        The differences, in the order of the target's runs.
+
+    Raises:
+        ValueError: two finished baseline runs with the same ``pair_on`` values.
+    """
+    def done(r: Mapping[str, Any]) -> bool:
+        return bool(r.get("complete", True)) and isinstance(r.get(key), (int, float))
+
+    def where(r: Mapping[str, Any]) -> tuple:
+        return tuple(repr(r.get(name)) for name in pair_on)
+
+    base: dict[tuple, float] = {}
+    for r in runs:
+        if r.get(by) == baseline and done(r):
+            if where(r) in base:
+                raise ValueError(f"paired_differences: two {baseline} runs with {dict(zip(pair_on, where(r)))}")
+            base[where(r)] = float(r[key])
+    return [float(r[key]) - base[where(r)] for r in runs if r.get(by) == target and done(r) and where(r) in base]
 
 
 def format_mean_std(stat: Optional[Mapping[str, float]], scale: float = 100.0, digits: int = 2, pm: str = "±") -> str:
