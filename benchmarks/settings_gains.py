@@ -55,7 +55,7 @@ def paired(a: Dict[int, float], b: Dict[int, float]) -> Dict[str, object]:
 
 def verdict(g: Dict, clear_se: float) -> str:
     d, mean, se = g["values"], g["mean"], g["se"]
-    if len(d) < 2 or math.isnan(se):
+    if len(d) < 3 or math.isnan(se):  # 4.3 SE is the 3-seed bar; fewer seeds get no verdict
         return "-"
     if all(x > 0 for x in d) and mean > clear_se * se:
         return "**CLEAR**"
