@@ -32,12 +32,19 @@ def test_compare_prints_and_writes_mean_std_table(tmp_path, capsys):
             assert r.get("staleness_cosine") == recs[-1].get("staleness_cosine")  # no memory, no staleness
             assert ("staleness_cosine" in r) == (method == "xbn")
             assert r["early_epoch"] == 2 and r["early_recall@1"] == recs[1]["recall@1"]  # first epoch after the warm-up
-    table = (tmp_path / "compare.md").read_text()
+    text = (tmp_path / "compare.md").read_text()
+    table, gains = text.split("\n\nPaired gains", 1)  # the method table, then the paired-gain table
+    xbn_row = next(line for line in table.splitlines() if line.startswith("| XBN |"))
     for key in ("recall@1", "last_recall@1", "early_recall@1", "map@r", "last_map@r"):
         s = result["summary"]["xbn"][key]
-        assert f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" in table.splitlines()[-1], key
+        assert f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" in xbn_row, key
     rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")]
     assert rows == ["| Method", "| Raw pixels", "| Untrained net", "| No-XBM", "| XBN"]
+    # the paired gain: XBN minus No-XBM of the same seed, mean and sample std of the per-seed differences
+    best = {(r["method"], r["seed"]): r["recall@1"] for r in result["runs"]}
+    diffs = [100 * (best[("xbn", s)] - best[("none", s)]) for s in (0, 1)]
+    gain_row = next(line for line in gains.splitlines() if line.startswith("| XBN − No-XBM |"))
+    assert f"{statistics.fmean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} |" in gain_row
     assert "| Method | R@1 ep 2 | R@1 best | R@1 last | MAP@R best | MAP@R last |" in table
     raw = result["baselines"]["summary"]["raw-pixels"]
     assert f"| Raw pixels | {100 * raw['recall@1']['mean']:.2f} | {100 * raw['recall@1']['mean']:.2f} |" in table
@@ -45,7 +52,7 @@ def test_compare_prints_and_writes_mean_std_table(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     # running the finished comparison again trains nothing and prints the same table
     assert main(["compare", *tiny_argv(tmp_path), "--methods", "none,xbn", "--seeds", "2", "--resume"]) == 0
-    assert capsys.readouterr().out == printed and (tmp_path / "compare.md").read_text() == table
+    assert capsys.readouterr().out == printed and (tmp_path / "compare.md").read_text() == text
 
 
 def test_run_scores_best_last_and_early_against_plain_records():
