@@ -113,8 +113,10 @@ def _cases(f: Dict[str, Path], tmp: Path) -> List[Tuple[str, str, List[str], str
         ]
     one = ["--dataset", "folder", "--data-root", str(f["one_class"]), "--output-dir", new]
     cases += [
-        ("metric-memory-larger-than-training-set", "metric", [*METRIC_TINY, "--memory-size", "1000000", "--output-dir", new], "--memory-size 1000000"),
-        ("metric-memory-fraction-above-1", "metric", [*METRIC_TINY, "--memory-size", "1.5", "--output-dir", new], "--memory-size 1.5"),
+        # a memory larger than the training set is allowed since 0.4 (older copies of an image), but not
+        # with --prefill, which fills one distinct image per row
+        ("metric-prefill-memory-larger-than-training-set", "metric", [*METRIC_TINY, "--memory-size", "1000000", "--prefill", "--output-dir", new], "--prefill"),
+        ("metric-memory-size-0", "metric", [*METRIC_TINY, "--memory-size", "0", "--output-dir", new], "--memory-size 0"),
         ("metric-m-per-class-0", "metric", [*METRIC_TINY, "--m-per-class", "0", "--output-dir", new], "--m-per-class 0"),
         ("metric-m-per-class-above-class-size", "metric", [*METRIC_TINY, "--m-per-class", "50", "--batch-size", "100", "--output-dir", new], "--m-per-class 50"),
         ("metric-kalman-r-word", "metric", [*METRIC_TINY, "--kalman-r", "often", "--output-dir", new], "--kalman-r often"),
