@@ -211,7 +211,8 @@ x = preprocess(Image.open("photo.jpg")).unsqueeze(0)     # (1, 3, {config['image
 embedding = model(x)                                     # (1, {config['embedding_dim']}) float32
 ```
 
-The weights are a plain `safetensors` state dict (`backbone.*`, `head.*`, `post_norm.*`), so they also
+The weights are a plain `safetensors` state dict (keys `backbone.*`, and `head.*` / `post_norm.*` where the
+model has them), so they also
 load into `metric.model.build_model(**{{k: config[k] for k in ("backbone", "embedding_dim", "embedding_norm", "width", "image_size", "head")}})`.
 
 ## Preprocessing
@@ -265,12 +266,13 @@ def push_folder(folder: Union[str, Path], repo_id: str, private: bool = False,
                 commit_message: str = "xbn-metric export") -> str:
     """Upload a model folder to the Hugging Face Hub (``HfApi.create_repo`` then ``upload_folder``).
 
-    The token is huggingface_hub's (``HF_TOKEN``, or ``hf auth login``).
+    The token is huggingface_hub's (``HF_TOKEN``, or ``hf auth login`` / ``huggingface-cli login``).
 
     Args:
         folder: A folder written by :func:`write_model_folder`.
         repo_id: ``user/name`` or ``org/name``; created if missing (``exist_ok``).
-        private: Create the repository private (an existing repository keeps its visibility).
+        private: Create the repository private (otherwise the account's default; an existing repository
+            keeps its visibility).
         commit_message: The Hub commit's message.
 
     Returns:
@@ -283,7 +285,8 @@ def push_folder(folder: Union[str, Path], repo_id: str, private: bool = False,
 
     hub = require("huggingface_hub", "--push-to-hub")
     api = hub.HfApi()
-    url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    # private=None (not False) leaves an organisation's default visibility alone
+    url = api.create_repo(repo_id=repo_id, repo_type="model", private=True if private else None, exist_ok=True)
     api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder), commit_message=commit_message)
     return str(url)
 

@@ -202,6 +202,7 @@ def test_push_to_hub_only_when_asked(run, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--push-to-hub me/tiny: upload failed" in err[0] and "connection refused" in err[0]
     assert (again / "model.safetensors").is_file()
+    assert FakeHfApi.instances[-1].calls[0][1]["private"] is None  # without --private: the account's default
 
 
 def test_load_model_from_a_repo_id(run, trained, tmp_path, monkeypatch):
