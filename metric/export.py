@@ -377,7 +377,7 @@ pip install "xbn-queue[hub]"). --format torch-export: a torch.export program (.p
 --format onnx: the dynamo exporter (the TorchScript-based one, with a warning, where it fails).
 --format torchscript: kept for compatibility (torch.jit is deprecated; prefer torch-export).
 Input images (B, 3, H, W) float32, output embeddings (B, D); the preprocessing constants, the run and the
-checkpoint's SHA-256 are stored with the model.
+checkpoint's SHA-256 are stored with the model as metadata (metadata.json in a file; config.json in a folder).
 Exit status: 0 written; 2 bad input (one line, nothing written); 1 a missing package or a failed upload."""
 
 

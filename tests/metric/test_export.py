@@ -145,6 +145,11 @@ def test_hf_folder_config_and_card(run, trained, tmp_path):
     row = next(line for line in body.splitlines() if "**these weights**" in line)
     assert f"| {100 * state['best']['recall@1']:.2f} |" in row and f"| {100 * state['best']['map@r']:.2f} |" in row
     assert tr["command"] in body and "load_model(" in body and "(1, 3, 16, 16)" in body
+    # --overwrite into the folder replaces the three model files and leaves the user's own
+    (out / "notes.txt").write_text("mine")
+    (out / "README.md").write_text("old card")
+    assert main(["export", str(run), "--format", "hf", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "README.md").read_text() == text
 
 
 @pytest.mark.parametrize("dataset,license,words", [("omniglot", "mit", "MIT"), ("sop", "other", "see the dataset's terms"),
@@ -217,6 +222,12 @@ def test_load_model_from_a_repo_id(run, trained, tmp_path, monkeypatch):
         return str(folder)
 
     monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+
+    def no_run_folder(*args, **kwargs):
+        raise AssertionError("load_model read a checkpoint")
+
+    monkeypatch.setattr("metric.retrieval.load_run_model", no_run_folder)  # the folder alone rebuilds the model
+    monkeypatch.setattr("xbn_queue.training.checkpoint.load_checkpoint", no_run_folder)
     model, _ = load_model("me/tiny", revision="v1")
     assert asked[0]["repo_id"] == "me/tiny" and asked[0]["revision"] == "v1"
     with torch.no_grad():
