@@ -38,9 +38,10 @@ update=True)`` stores ``y`` beside the rows and returns ``(output, bank, bank_la
 the returned rows; a loss such as PML's ``SupConLoss`` then takes the bank's rows with the same label
 as positives::
 
-    keys, bank, bank_labels = bank(key, labels=y, update=True)      # bank (n, D) with feature_dim_first=False
-    loss = SupConLoss(temperature=0.1)(query, y, ref_emb=torch.cat([keys, bank]),
-                                       ref_labels=torch.cat([y, bank_labels]))
+    bank = AdaptiveMemoryBank(size=(4096, 128), adaptation="xbn", feature_dim_first=False)
+    key, memory, memory_labels = bank(key, labels=y, update=True)   # memory (n, D), memory_labels (n,)
+    loss = SupConLoss(temperature=0.1)(query, y, ref_emb=torch.cat([key, memory]),
+                                       ref_labels=torch.cat([y, memory_labels]))  # PML's SupConLoss
 
 Without ``labels`` the call is lightly's (a 2-tuple). Labels are all or nothing: once the steps store
 labels every later step must pass them, and rows stored without labels refuse labels, until
