@@ -141,7 +141,8 @@ def test_prefill_waits_for_the_warmup_and_leaves_the_random_state_alone():
     for a, b in zip(with_prefill.seen, without.seen):  # same shuffle, same dropout draws
         assert torch.equal(a["ids"], b["ids"])
     assert [s["before"]["n"] for s in with_prefill.seen] == [0, 8, 20]  # prefilled right before step 3
-    torch.testing.assert_close(with_prefill.seen[1]["emb"], without.seen[1]["emb"])
+    for step in (1, 2):  # the memory is out of the loss until step 3: same weights; and the same dropout draws
+        torch.testing.assert_close(with_prefill.seen[step]["emb"], without.seen[step]["emb"])
     # what the prefill wrote: the model of step 3 (eval mode) on the loader's batches, whatever their order
     third = with_prefill.seen[2]["before"]
     data = Indexed()
