@@ -29,6 +29,7 @@ MODULES = [
     ("xbn_queue.pml", "pytorch-metric-learning"),
     ("xbn_queue.lightly", "lightly"),
     ("xbn_queue.drift", ""),
+    ("xbn_queue.lightning", "lightning"),
     ("xbn_queue.opcount", ""),
 ]
 
