@@ -13,6 +13,7 @@ Examples::
     torchrun --nproc_per_node 4 -m metric --dataset inshop --data-root /data/inshop --scale-lr
     xbn-metric embed runs/metric/sop-axbn-X --out gallery/          # the run's test images -> a store
     xbn-metric search gallery/ --query photo.jpg --k 10 --predict    # nearest images, k-NN class vote
+    xbn-metric export runs/metric/sop-axbn-X --format hf --out sop-axbn/    # a Hub model folder
     xbn-metric export runs/metric/sop-axbn-X --format onnx --out model.onnx
 
 Exit status: 0 when everything finished; 2 for bad input (one line naming the option or file, nothing
@@ -40,8 +41,9 @@ EPILOG = f"""commands:
   {PROG} embed RUN --out DIR   embed images with a trained run into a store
   {PROG} search STORE --query IMG_OR_DIR
                                    nearest gallery images (faiss), k-NN class vote, HTML / contact sheet
-  {PROG} export RUN --format torchscript|onnx --out FILE
-                                   the embedding model as a file that runs without this package
+  {PROG} export RUN --format hf|torch-export|onnx|torchscript --out PATH
+                                   the embedding model as a Hugging Face Hub folder (--push-to-hub
+                                   REPO uploads it) or a file that runs without this package
 
 exit status: 0 finished; 2 bad input (nothing written); 130 / 143 stopped by SIGINT / SIGTERM after a
 checkpoint (the command that resumes is printed); 1 the run failed.

@@ -128,6 +128,8 @@ class SelfSupConfig:
     )
     knn_every: int = _opt(1, "run the k-NN monitor every this many epochs (0 = only at the end)", range=at_least(0))
     knn_batch_size: int = _opt(512, "batch size of feature extraction and k-NN chunks", range=at_least(1))
+    linear_probe: bool = _opt(False, "also evaluate a linear probe whenever the k-NN monitor runs: a linear classifier trained on the same frozen features of the k-NN bank (standardised, SGD, cosine schedule), top-1 on the test features; logged as probe_acc (the --knn-features features), probe_acc_backbone, probe_acc_head")
+    probe_epochs: int = _opt(100, "epochs of the linear probe's training on the frozen features (batch 256, lr 0.1, momentum 0.9)", range=at_least(1))
 
     # outputs / resume
     output_dir: Optional[str] = _opt(None, "run folder: config.yaml, metrics.jsonl, last.pt, history.png (default: a new folder runs/selfsup/<dataset>-<adaptation>-<timestamp>)")

@@ -46,6 +46,7 @@ from selfsup.data import (
 from selfsup.knn import extract_features, knn_accuracy
 from selfsup.model import MoCoEncoder, make_key_encoder, momentum_update, shuffle_batch
 from selfsup.prefill import prefill_queue
+from selfsup.probe import linear_probe_accuracy
 from xbn_queue.adaptation import AXBN
 from xbn_queue.training.checkpoint import check_compatible
 from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
@@ -388,6 +389,10 @@ class Trainer(RunLoop):
                 k=self.cfg.knn_k,
                 t=self.cfg.knn_t,
             )
+            if self.cfg.linear_probe:  # the same features: a linear classifier on the bank's, top-1 on the test set's
+                out[f"probe_{name}"] = linear_probe_accuracy(
+                    bank[:, cols], bank_labels, queries[:, cols], test_labels, self.data.num_classes,
+                    epochs=self.cfg.probe_epochs, seed=self.cfg.seed)
         enc.train(was_training)
         return out
 
@@ -543,6 +548,9 @@ class Trainer(RunLoop):
             accs = self.knn_eval_all()
             st.last_knn = record["knn_acc"] = accs[cfg.knn_features]
             record["knn_acc_backbone"], record["knn_acc_head"] = accs["backbone"], accs["head"]
+            if cfg.linear_probe:
+                self.last_probe = record["probe_acc"] = accs[f"probe_{cfg.knn_features}"]
+                record["probe_acc_backbone"], record["probe_acc_head"] = accs["probe_backbone"], accs["probe_head"]
         record.update(kalman_gain_record(criterion_queue(self.criterion).adaptation))  # AXBN only
         self.last_loss = record["loss"]
         if end_of_epoch:
@@ -550,6 +558,7 @@ class Trainer(RunLoop):
         self.log(record)
         if self.ctx.is_main:
             knn = f", k-NN {100 * record['knn_acc']:.2f}%" if "knn_acc" in record else ""
+            knn += f", probe {100 * record['probe_acc']:.2f}%" if "probe_acc" in record else ""
             print(f"epoch {record['epoch']:.2f} step {st.global_step}: loss {record['loss']:.4f}{knn}",
                   file=sys.stderr, flush=True)
         return "max_steps" if cfg.max_steps > 0 and st.global_step >= cfg.max_steps else reason
@@ -557,12 +566,13 @@ class Trainer(RunLoop):
     # -------------------------------------------------------------------------------- summary
     def plot(self) -> None:
         if (self.out / "metrics.jsonl").is_file():
-            plot_history(self.out / "metrics.jsonl", self.out / PLOT_NAME, panels=[("knn_acc",), ("step_loss", "epoch_loss")],
+            plot_history(self.out / "metrics.jsonl", self.out / PLOT_NAME, panels=[("knn_acc", "probe_acc"), ("step_loss", "epoch_loss")],
                          x="epoch", title=f"MoCo {self.cfg.dataset}, adaptation={self.cfg.adaptation}",
-                         percent=("knn_acc",))
+                         percent=("knn_acc", "probe_acc"))
 
     def summary_values(self) -> Dict[str, Any]:
-        return {"knn_acc": self.state.last_knn, "loss": self.last_loss}
+        probe = {"probe_acc": getattr(self, "last_probe", None)} if self.cfg.linear_probe else {}  # this process's last
+        return {"knn_acc": self.state.last_knn, "loss": self.last_loss, **probe}
 
 
 def train(cfg: SelfSupConfig, data: Optional[ImageData] = None, callbacks: Iterable[Callback] = ()) -> Dict[str, Any]:

@@ -33,6 +33,21 @@ and, with ``mask_same_ids=True``, those rows are left out of that query's negati
     criterion = AdaptiveNTXentLoss(temperature=0.2, memory_bank_size=(4096, 128), mask_same_ids=True)
     loss = criterion(query, key, ids=sample_ids)
 
+Labels (supervised contrastive learning with a memory, lightly #1554): ``forward(output, labels=y,
+update=True)`` stores ``y`` beside the rows and returns ``(output, bank, bank_labels)``, the labels of
+the returned rows; a loss such as PML's ``SupConLoss`` then takes the bank's rows with the same label
+as positives::
+
+    bank = AdaptiveMemoryBank(size=(4096, 128), adaptation="xbn", feature_dim_first=False)
+    key, memory, memory_labels = bank(key, labels=y, update=True)   # memory (n, D), memory_labels (n,)
+    loss = SupConLoss(temperature=0.1)(query, y, ref_emb=torch.cat([key, memory]),
+                                       ref_labels=torch.cat([y, memory_labels]))  # PML's SupConLoss
+
+Without ``labels`` the call is lightly's (a 2-tuple). Labels are all or nothing: once the steps store
+labels every later step must pass them, and rows stored without labels refuse labels, until
+``reset()``. Labels must be >= 0: lightly's random initial rows carry label -1 (no class), so they
+are negatives of every query.
+
 Inside ``with bank.deferred_enqueue():`` (:class:`~xbn_queue.queue.DeferredEnqueue`) a ``forward`` with
 ``update=True`` adapts and returns the bank as usual, and the batch is written when the block ends
 without an exception (dropped when it raises), so a loss can be checked before its keys are stored.
@@ -66,6 +81,8 @@ from .queue import AdaptiveQueue, DeferredEnqueue
 __all__ = ["AdaptiveMemoryBank", "AdaptiveNTXentLoss"]
 
 _INITS = ("random", "empty")
+_NO_CLASS = -1  # label of lightly's random initial rows: a negative of every query
+_UNLABELLED = -2  # label_memory mark of rows written without labels while the bank has none (see _check_labels)
 
 
 def _check_size(size: Union[int, Sequence[int]]) -> Tuple[int, ...]:
@@ -177,12 +194,17 @@ class AdaptiveMemoryBank(DeferredEnqueue, MemoryBankModule):
         labels: Optional[Tensor] = None,
         update: bool = False,
         ids: Optional[Tensor] = None,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Return the (adapted) bank, then enqueue ``output`` if ``update``.
+    ) -> Union[Tuple[Tensor, Optional[Tensor]], Tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
+        """Return the (adapted) bank, then enqueue ``output`` (with its labels and ids) if ``update``.
 
         Args:
             output: (B, D) embeddings of this batch (e.g. the keys), returned unchanged.
-            labels: ignored (lightly's signature).
+            labels: optional (B,) integer class labels (>= 0) of ``output``'s rows (lightly's signature,
+                where they are ignored). Given, they are stored beside the rows (when ``update``) and the
+                labels of the returned bank come back as a third element. All or nothing: once a step
+                (``update=True``) stored labels, every later step must pass them; rows stored without
+                labels refuse them; ``reset()`` starts over. Labels stored only by :meth:`enqueue` (a
+                prefill) before the first step are dropped if that step has none (lightly ignores them).
             update: adapt the stored rows to ``output``'s statistics, return them, then enqueue
                 ``output`` as lightly does: the rows that fit before the end of the ring (all of them
                 when ``ptr + B < N``), after which the pointer is back at row 0. Without ``update`` the
@@ -195,15 +217,18 @@ class AdaptiveMemoryBank(DeferredEnqueue, MemoryBankModule):
             ``(output, bank)`` with ``bank`` (D, n) if ``feature_dim_first`` else (n, D), float32,
             detached, a copy (never the live memory), L2-normalized rows if ``normalize``; n = N for a
             randomly initialised bank, the number of rows enqueued so far (up to N) for an empty start.
-            ``(output, None)`` for a disabled bank (size 0) and during the warm-up.
+            ``(output, None)`` for a disabled bank (size 0) and during the warm-up. With ``labels``:
+            ``(output, bank, bank_labels)``, ``bank_labels`` (n,) int64 in the order of the bank's rows
+            (-1 for random initial rows), ``None`` where ``bank`` is ``None``.
 
         Raises:
-            ValueError: if ``output`` is not (B, D) with finite values, or ``ids`` not (B,) integers
-                (before anything changes).
+            ValueError: if ``output`` is not (B, D) with finite values, ``ids`` or ``labels`` not (B,)
+                integers, or labels given on some steps and not on others (before anything changes).
         """
         self.negative_mask = None
+        with_labels = labels is not None
         if self.queue is None:
-            return output, None
+            return (output, None, None) if with_labels else (output, None)
         if update:
             self._check_can_hold()
         if ids is not None and (not isinstance(ids, Tensor) or tuple(ids.shape) != (output.shape[0],)):
@@ -213,32 +238,37 @@ class AdaptiveMemoryBank(DeferredEnqueue, MemoryBankModule):
                 f"output must be (B, D={self.size[1]}), got {tuple(getattr(output, 'shape', ()))}"
             )
         follow_device(self.queue, self.queue.memory, output.device)
+        batch_labels, drop_labels = self._check_labels(labels, output.shape[0], write=update, step=update)
         with torch.no_grad():
             if update:
                 # Checked once (shape, dtype, finiteness per the queue's ``validate``) for both the
                 # adaptation and the write: no second check, no host read on CUDA.
                 batch = self.queue._check_embeddings(output.detach(), "output")
                 batch_ids = None if ids is None else self.queue._check_index(ids, output.shape[0], "ids")
+                if drop_labels:
+                    self._drop_labels()
                 if self.gather_distributed and xdist.is_distributed():
                     batch = xdist.all_gather_cat(batch)  # (B * world, D), rank order
                     batch_ids = None if batch_ids is None else xdist.all_gather_cat(batch_ids)
+                    batch_labels = None if batch_labels is None else xdist.all_gather_cat(batch_labels)
                 self.queue._adapt(batch)  # to the statistics of the whole (gathered) batch
             bank = self._snapshot()  # (n, D), a copy
+            bank_labels = self.queue.valid_labels().clone() if with_labels else None  # (n,), the rows of bank
             if ids is not None and self.mask_same_ids:
                 self.negative_mask = self.queue.same_id_mask(ids)  # (B, n): the bank returned, before the write
             in_warmup = self.queue.in_warmup
             if update and self._deferring:  # written when the deferred_enqueue() block ends
-                self._hold((batch, batch_ids))
+                self._hold((batch, batch_ids, batch_labels))
                 in_warmup = self.queue._in_warmup(min(len(self.queue) + self._rows_written(batch.shape[0]), self.size[0]))
             elif update:
-                self._write(batch, checked=True, ids=batch_ids)
+                self._write(batch, checked=True, ids=batch_ids, labels=batch_labels)
                 in_warmup = self.queue.in_warmup
         if in_warmup:  # the memory stays out of the loss: lightly's loss without a bank
             self.negative_mask = None
-            return output, None
+            return (output, None, None) if with_labels else (output, None)
         if self.feature_dim_first:
             bank = bank.t()  # (D, n)
-        return output, bank
+        return (output, bank, bank_labels) if with_labels else (output, bank)
 
     @property
     def bank(self) -> Tensor:  # type: ignore[override]
@@ -266,6 +296,7 @@ class AdaptiveMemoryBank(DeferredEnqueue, MemoryBankModule):
             return
         batch = batch.detach()
         follow_device(self.queue, self.queue.memory, batch.device)
+        self._check_labels(None, batch.shape[0], write=True, step=False)  # raises if the rows carry labels
         if self.gather_distributed and xdist.is_distributed():
             batch = xdist.all_gather_cat(batch)
         self._write(batch)
@@ -275,10 +306,12 @@ class AdaptiveMemoryBank(DeferredEnqueue, MemoryBankModule):
     def enqueue(self, embeddings: Tensor, labels: Optional[Tensor] = None, ids: Optional[Tensor] = None) -> None:
         """Store ``embeddings`` (B, D) without adapting, every row (e.g. for :func:`xbn_queue.prefill`):
         rows that reach the end of the ring continue at row 0 (lightly's write rule, used by
-        ``forward``, drops them); ``labels`` are ignored as lightly ignores them, ``ids`` are kept.
+        ``forward``, drops them); ``labels`` and ``ids`` are kept. Labels stored here before the first
+        step are dropped if that step passes none (see :meth:`forward`).
 
         Raises:
-            ValueError: on a disabled bank, or what the queue refuses (shapes, non-finite values).
+            ValueError: on a disabled bank, what the queue refuses (shapes, non-finite values), or
+                labels given inconsistently with the rows already stored.
         """
         if self.queue is None:
             raise ValueError("enqueue: the memory bank is disabled (size 0)")
@@ -286,15 +319,18 @@ class AdaptiveMemoryBank(DeferredEnqueue, MemoryBankModule):
         follow_device(self.queue, self.queue.memory, embeddings.device)
         batch = self.queue._check_embeddings(embeddings, "embeddings")
         batch_ids = None if ids is None else self.queue._check_index(ids, batch.shape[0], "ids")
+        batch_labels, _ = self._check_labels(labels, batch.shape[0], write=True, step=False)
         if self.gather_distributed and xdist.is_distributed():
             batch = xdist.all_gather_cat(batch)
             batch_ids = None if batch_ids is None else xdist.all_gather_cat(batch_ids)
+            batch_labels = None if batch_labels is None else xdist.all_gather_cat(batch_labels)
         done = 0
         while done < batch.shape[0]:  # in pieces that end at the ring's end: lightly's rule keeps each whole
             ptr = self._ptr if self._ptr is not None else int(self.queue.ptr)  # a sync only after a load
             k = min(batch.shape[0] - done, self.size[0] - ptr)
             self._write(batch[done : done + k], checked=True,
-                        ids=None if batch_ids is None else batch_ids[done : done + k])
+                        ids=None if batch_ids is None else batch_ids[done : done + k],
+                        labels=None if batch_labels is None else batch_labels[done : done + k])
             done += k
 
     def reset(self) -> None:
@@ -318,6 +354,7 @@ class AdaptiveMemoryBank(DeferredEnqueue, MemoryBankModule):
             dev = self.queue.memory.device
             no_ids = torch.full((self.size[0],), -1, dtype=torch.long, device=dev)  # no sample: id -1
             self.queue.enqueue(rows.to(dev), ids=no_ids)  # all N rows: the pointer is back at 0
+            self.queue.label_memory.fill_(_NO_CLASS)  # no class (labels stay off until a step gives some)
         self._ptr = 0
 
     def _rows_written(self, b: int) -> int:
@@ -326,12 +363,60 @@ class AdaptiveMemoryBank(DeferredEnqueue, MemoryBankModule):
         return min(b, self.size[0] - ptr)
 
     @torch.no_grad()
-    def _write_held(self, held: Tuple[Tensor, Optional[Tensor]]) -> None:
+    def _write_held(self, held: Tuple[Tensor, Optional[Tensor], Optional[Tensor]]) -> None:
         """End of a ``deferred_enqueue()`` block: write the held batch (checked and gathered) as ``forward`` would."""
-        batch, batch_ids = held
-        self._write(batch, checked=True, ids=batch_ids)
+        batch, batch_ids, batch_labels = held
+        self._write(batch, checked=True, ids=batch_ids, labels=batch_labels)
 
-    def _write(self, batch: Tensor, checked: bool = False, ids: Optional[Tensor] = None) -> None:
+    def _check_labels(
+        self, labels: Optional[Tensor], b: int, write: bool, step: bool
+    ) -> Tuple[Optional[Tensor], bool]:
+        """Check ``labels`` (B,) against the rows stored; changes nothing.
+
+        All or nothing: rows with labels and rows without never mix. ``write``: this call stores a
+        batch; ``step``: it is a training step (``forward(update=True)``), whose missing labels drop
+        the labels a prefill stored before the first step.
+
+        Returns:
+            ``(labels, drop)``: the labels as (B,) int64 on the bank's device (or ``None``), and whether
+            the stored labels are to be dropped (:meth:`_drop_labels`) before the write.
+
+        Raises:
+            ValueError: ``labels`` not (B,) integers; labels missing while the rows carry labels; labels
+                given while rows stored without labels are held.
+        """
+        q = self.queue
+        if labels is None:
+            if write and q._has_labels:
+                if step and q.num_steps == 0:  # labels only from enqueue (a prefill): lightly ignores them
+                    return None, True
+                raise ValueError(
+                    "labels missing: the memory bank's rows carry labels (an earlier step stored them); "
+                    "pass labels to every forward with update=True, or reset() the bank"
+                )
+            return None, False
+        labels = q._check_index(labels, b, "labels")  # (B,) int64 on the bank's device
+        if not q._has_labels and len(q) > 0:
+            # Rows without labels: any row of an empty start, or a row marked _UNLABELLED after lightly's
+            # random rows (a host read, only until the first labelled write).
+            if self.init == "empty" or bool((q.valid_labels() != _NO_CLASS).any()):
+                raise ValueError(
+                    "labels given, but the memory bank holds rows stored without labels (an earlier step "
+                    "had none); pass labels to every forward with update=True, or reset() the bank"
+                )
+        return labels, False
+
+    @torch.no_grad()
+    def _drop_labels(self) -> None:
+        """Forget the stored labels (the rows stay): they came from a prefill and the steps have none."""
+        q = self.queue
+        q.label_memory.masked_fill_(q.label_memory != _NO_CLASS, _UNLABELLED)  # lightly's random rows keep -1
+        q.has_labels.fill_(False)
+        q._has_labels = False
+
+    def _write(
+        self, batch: Tensor, checked: bool = False, ids: Optional[Tensor] = None, labels: Optional[Tensor] = None
+    ) -> None:
         """lightly's write rule: rows ``ptr .. min(ptr + B, N) - 1`` get the first rows of ``batch`` (B, D).
 
         The pointer is kept on the host (``_ptr``) by the bank's own writes, reset and loads; write through
@@ -347,10 +432,14 @@ class AdaptiveMemoryBank(DeferredEnqueue, MemoryBankModule):
             if len(self.queue) > 0 and not self.queue._has_ids:
                 raise ValueError("ids given, but the bank's rows were stored without ids; call reset() first")
             ids = ids if k == ids.shape[0] else ids[:k]  # (k,)
+        if labels is not None:
+            labels = labels if k == labels.shape[0] else labels[:k]  # (k,)
         if checked:
-            self.queue._enqueue(rows, None, ids)
+            self.queue._enqueue(rows, labels, ids)
         else:
-            self.queue.enqueue(rows, ids=ids)
+            self.queue.enqueue(rows, labels=labels, ids=ids)
+        if labels is None and self.init == "random":
+            self.queue.label_memory[ptr : ptr + k].fill_(_UNLABELLED)  # no longer one of lightly's random rows
         self._ptr = (ptr + k) % self.size[0]
 
     def _snapshot(self) -> Tensor:

@@ -137,8 +137,10 @@ def test_short_run_on_real_cifar10_jpegs(tmp_path):
         subprocess.run(["tar", "xzf", str(CIFAR_TAR), "-C", str(root)], check=True)
     argv = ["--dataset", "folder", "--data-root", str(root), "--train-subset", "512", "--test-subset", "200",
             "--knn-bank-subset", "512", "--width", "8", "--batch-size", "64", "--queue-size", "256", "--epochs", "1",
-            "--knn-k", "20", "--device", "cpu", "--no-progress", "--threads", "1", "--output-dir", str(tmp_path)]
+            "--knn-k", "20", "--device", "cpu", "--no-progress", "--threads", "1", "--output-dir", str(tmp_path),
+            "--linear-probe", "--probe-epochs", "30"]  # the probe on real features: no second run (suite time)
     assert main(argv) == 0
     rec = read_jsonl(tmp_path / "metrics.jsonl")
     assert 0.1 <= rec[-1]["knn_acc"] <= 1.0  # 10 classes
+    assert 0.15 <= rec[-1]["probe_acc_backbone"] <= 1.0  # chance 0.1 (200 test images: std 0.021)
     assert rec[-1]["step"] == 8

@@ -17,6 +17,9 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "faiss": ("faiss-cpu", "retrieval"),
     "onnx": ("onnx", "retrieval"),
     "onnxruntime": ("onnxruntime", "retrieval"),
+    "onnxscript": ("onnxscript", "retrieval"),
+    "safetensors": ("safetensors", "hub"),
+    "huggingface_hub": ("huggingface_hub", "hub"),
 }
 #: Extras that ``metric`` and ``selfsup`` include.
 _IN_TRAINERS = ("train", "wandb")
