@@ -72,7 +72,7 @@ def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List
     from xbn_queue.training.seeding import seed_everything
 
     from .data import ImageDataset, load_dataset
-    from .evaluate import retrieval_metrics
+    from .evaluate import SCORE_PREFIXES, retrieval_metrics
     from .fastdata import TensorCache, use_tensor_cache
     from .model import build_model
     from .train import build_transforms, embed_split
@@ -89,7 +89,7 @@ def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List
     def score(q: torch.Tensor, ql: torch.Tensor, g: torch.Tensor, gl: torch.Tensor) -> Dict[str, float]:
         rec = retrieval_metrics(q, ql, None if data.query_is_gallery else g, None if data.query_is_gallery else gl,
                                 ks=cfg.recall_ks, query_is_gallery=data.query_is_gallery, chunk_size=cfg.eval_chunk)
-        return {k: float(v) for k, v in rec.items() if k.startswith(("recall@", "map@r"))}
+        return {k: float(v) for k, v in rec.items() if k.startswith(SCORE_PREFIXES)}
 
     fast = use_tensor_cache(cfg.tensor_cache, cfg.augment, data)
 

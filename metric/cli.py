@@ -74,8 +74,10 @@ def _train_command(argv: List[str], full_argv: List[str]) -> int:
         print(f"[{PROG}] to resume: {resume_command(PROG, 'metric', full_argv, result['output_dir'])}", file=sys.stderr)
         return 128 + (result.get("signal") or 15)
     best = result.get("best") or {}
+    from .evaluate import SCORE_PREFIXES
+
     if best:
-        shown = ", ".join(f"{k} {100 * v:.2f}%" for k, v in best.items() if k.startswith(("recall@", "map@r")))
+        shown = ", ".join(f"{k} {100 * v:.2f}%" for k, v in best.items() if k.startswith(SCORE_PREFIXES))
         print(f"[{PROG}] best (epoch {best.get('epoch')}): {shown}; files in {result['output_dir']}")
     return 0
 

@@ -113,9 +113,10 @@ def plan_runs(methods: Sequence[str], seed: int, seeds: int) -> List[PlannedRun]
 
 def table_columns(early_label: str) -> List[Tuple[str, str]]:
     """The table's columns ``(key, header)``: R@1 at the early epoch, at the best and at the last epoch,
-    then MAP@R at the best and at the last epoch (keys as in :func:`run_scores`)."""
+    then MAP@R and R-Precision at the best and at the last epoch (keys as in :func:`run_scores`)."""
     return [("early_recall@1", early_label), ("recall@1", "R@1 best"), ("last_recall@1", "R@1 last"),
-            ("map@r", "MAP@R best"), ("last_map@r", "MAP@R last")]
+            ("map@r", "MAP@R best"), ("last_map@r", "MAP@R last"), ("r_precision", "R-Prec best"),
+            ("last_r_precision", "R-Prec last")]
 
 
 def format_table(summary: Dict[str, Dict[str, Dict[str, float]]], columns: Sequence[Tuple[str, str]]) -> str:
@@ -199,7 +200,9 @@ def _plain_key(key: str) -> str:
 
 
 def _is_score(key: str) -> bool:
-    return _plain_key(key).startswith(("recall@", "map@r"))
+    from .evaluate import SCORE_PREFIXES
+
+    return _plain_key(key).startswith(SCORE_PREFIXES)
 
 
 def run_scores(records: Sequence[Dict[str, Any]], early_epoch: int = 1) -> Dict[str, Any]:
@@ -345,7 +348,7 @@ def run_series_of(cfg: MetricConfig, plan: Sequence[PlannedRun], out: Path, resu
 def _shown(entry: Dict[str, Any]) -> str:
     """A run's table numbers on one line: ``R@1 best 87.08 (epoch 2), last 87.08, ...``."""
     cells = [("R@1 best", "recall@1"), ("last", "last_recall@1"), (f"epoch {entry.get('early_epoch')}", "early_recall@1"),
-             ("MAP@R best", "map@r"), ("last", "last_map@r")]
+             ("MAP@R best", "map@r"), ("last", "last_map@r"), ("R-Prec best", "r_precision"), ("last", "last_r_precision")]
     return ", ".join(f"{name} {100 * entry[k]:.2f}" for name, k in cells if k in entry)
 
 
@@ -374,8 +377,8 @@ def run_rows(report: SeriesReport, early_epoch: int = 1) -> List[Dict[str, Any]]
 
 
 def metric_keys(cfg: MetricConfig) -> List[str]:
-    """The best evaluation's keys: ``recall@K`` for each K, then ``map@r`` (``cfg`` resolved)."""
-    return [f"recall@{k}" for k in cfg.recall_ks] + ["map@r"]
+    """The best evaluation's keys: ``recall@K`` for each K, then ``map@r`` and ``r_precision`` (``cfg`` resolved)."""
+    return [f"recall@{k}" for k in cfg.recall_ks] + ["map@r", "r_precision"]
 
 
 def summarize_runs(runs: Sequence[Dict[str, Any]], methods: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:

@@ -78,12 +78,18 @@ _PAPER = dict(backbone="resnet50", pretrained=True, image_size=224, epochs=50, w
               re_prob=0.2, crop_min_scale=0.08, hflip=0.5, workers=4, kalman_gain_every=100, threads=0,
               augment="timm", drift_every=10)
 
+#: The datasets ``--download`` can fetch.
+DOWNLOADABLE = ("omniglot", "cub", "cars196")
+
 #: Per-dataset defaults for the fields left at ``None``.
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "sop": dict(_PAPER, recall_ks=[1, 10, 100, 1000]),
     "inshop": dict(_PAPER, recall_ks=[1, 10, 20, 30, 40, 50]),
     "deepfashion2": dict(_PAPER, recall_ks=[1, 5, 10, 20], memory_size=1.0, kalman_gain_every=10),
     "folder": dict(_PAPER, recall_ks=[1, 2, 4, 8]),
+    # CUB-200-2011 and Cars196 (through PML's dataset classes): the paper's recipe, Recall@1/2/4/8 as reported
+    "cub": dict(_PAPER, recall_ks=[1, 2, 4, 8]),
+    "cars196": dict(_PAPER, recall_ks=[1, 2, 4, 8]),
     # digits: 8x8 images -> a tiny CNN at 16 px trained from scratch (lr 1e-3), 8 classes x 4 images per
     # batch, no crops/flips that would destroy a digit, a few epochs.
     "digits": dict(backbone="tinycnn", pretrained=False, image_size=16, epochs=12, warmup_epochs=1, batch_size=32,
@@ -109,9 +115,9 @@ class MetricConfig:
     """Supervised metric learning with an adaptive cross-batch memory (XBM / XBN / AXBN)."""
 
     # data
-    dataset: str = field(default="digits", metadata=_h("dataset", choices=["sop", "inshop", "deepfashion2", "folder", "digits", "omniglot"], group="data"))
+    dataset: str = field(default="digits", metadata=_h("dataset", choices=["sop", "inshop", "deepfashion2", "cub", "cars196", "folder", "digits", "omniglot"], group="data"))
     data_root: Optional[str] = field(default=None, metadata=_h("dataset root folder (not needed for digits; omniglot without it: the embedded subset)", group="data"))
-    download: bool = field(default=False, metadata=_h("omniglot: fetch the full dataset into --data-root with torchvision first", group="data"))
+    download: bool = field(default=False, metadata=_h("omniglot, cub, cars196: fetch the full dataset into --data-root first (omniglot with torchvision; cub and cars196 with pytorch-metric-learning, into a new or empty folder)", group="data"))
     omniglot_rotations: int = field(default=1, metadata=_h("omniglot: 4 makes every character rotated by 90, 180 and 270 degrees a class of its own, in training and in retrieval (Vinyals et al. 2016; Santoro et al. 2016): four times the classes from the same images; 1: the characters as drawn", choices=[1, 4], group="data"))
     split: str = field(default="auto", metadata=_h("folder/digits split: auto (folder: train/test folders or class split; digits: instance), class (disjoint classes) or instance", choices=["auto", "class", "instance"], group="data"))
     train_fraction: float = field(default=0.5, metadata=_h("fraction of classes (class split) or images (instance split) used for training", group="data", range=between(0, 1, lo_open=True, hi_open=True)))
@@ -222,12 +228,12 @@ def validate_config(cfg: MetricConfig) -> None:
         option = f"--memory-warmup-steps {cfg.memory_warmup_steps}" if cfg.memory_warmup_steps else "--prefill"
         raise UsageError(f"{option}: --method none has no memory; use a method with one "
                          f"({', '.join(m for m in METHODS if m != 'none')})")
-    if cfg.download and cfg.dataset != "omniglot":
-        raise UsageError(f"--download: applies to --dataset omniglot only, not {cfg.dataset}")
+    if cfg.download and cfg.dataset not in DOWNLOADABLE:
+        raise UsageError(f"--download: applies to --dataset {', '.join(DOWNLOADABLE)} only, not {cfg.dataset}")
     if cfg.omniglot_rotations != 1 and cfg.dataset != "omniglot":
         raise UsageError(f"--omniglot-rotations {cfg.omniglot_rotations}: applies to --dataset omniglot only, not {cfg.dataset}")
     if cfg.download and not cfg.data_root:
-        raise UsageError("--download: needs --data-root DIR, the folder the full Omniglot is stored in")
+        raise UsageError(f"--download: needs --data-root DIR, the folder the full {cfg.dataset} dataset is stored in")
     if cfg.eval_backend == "faiss":
         import importlib.util
 

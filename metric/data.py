@@ -1,4 +1,4 @@
-"""Datasets of the metric trainer: SOP, In-shop, DeepFashion2, an image folder, Omniglot and sklearn's digits.
+"""Datasets of the metric trainer: SOP, In-shop, DeepFashion2, CUB-200-2011, Cars196, an image folder, Omniglot and sklearn's digits.
 
 Every loader returns a :class:`RetrievalData`: a training split, a query split and a gallery split
 (each a :class:`Split` of items and int64 labels) and ``query_is_gallery`` (leave-one-out protocol:
@@ -21,6 +21,9 @@ Protocols (``../shared/FORMATS.md``):
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download).
   ``--split instance``/``auto`` splits each digit's images by the rule below (train and test on all
   ten digits, test leave-one-out); ``--split class`` trains on digits 0-4 and tests on 5-9 (zero-shot).
+* ``cub`` / ``cars196``: CUB-200-2011 and Cars196 as ``pytorch_metric_learning.datasets.CUB`` /
+  ``Cars196`` read and split them (CUB classes 1-100 train, 101-200 retrieved; Cars196 classes 1-98
+  train, 99-196 retrieved; :mod:`metric.datasets.pml`); test leave-one-out.
 * ``omniglot``: handwritten characters split by alphabet (:func:`load_omniglot`): the embedded
   ``images_background_small1`` subset (no download), or the full dataset's standard split under
   ``--data-root``; test leave-one-out. ``rotations=4`` makes every character rotated by 90, 180 and
@@ -649,7 +652,7 @@ def _with_rotations(data: RetrievalData, rotations: int, num_labels: int) -> Ret
     return RetrievalData(data.name, rotated_classes(data.train, rotations, num_labels), test, test, True, info)
 
 
-DATASETS = ("sop", "inshop", "deepfashion2", "folder", "digits", "omniglot")
+DATASETS = ("sop", "inshop", "deepfashion2", "folder", "digits", "omniglot", "cub", "cars196")
 
 
 def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str = "auto",
@@ -657,7 +660,8 @@ def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str 
                  max_per_class: Optional[int] = None, download: bool = False,
                  omniglot_rotations: int = 1) -> RetrievalData:
     """Load one of :data:`DATASETS` (``max_per_class``: folder only, see :func:`load_folder`;
-    ``download`` and ``omniglot_rotations``: omniglot only, see :func:`load_omniglot`).
+    ``download``: omniglot, cub and cars196; ``omniglot_rotations``: omniglot only, see :func:`load_omniglot`;
+    ``cub`` and ``cars196``: :func:`metric.datasets.pml.load_pml_benchmark`).
 
     Raises:
         ValueError: unknown dataset name.
@@ -675,6 +679,10 @@ def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str 
         return load_digits(split, train_fraction, split_seed)
     if name == "omniglot":
         return load_omniglot(root, download, omniglot_rotations)
+    if name in ("cub", "cars196"):
+        from .datasets.pml import load_pml_benchmark
+
+        return load_pml_benchmark(name, root, download, check_files)
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
 

@@ -1,4 +1,4 @@
-"""Retrieval evaluation: Recall@K and MAP@R, computed in bounded memory.
+"""Retrieval evaluation: Recall@K, MAP@R and R-Precision, computed in bounded memory.
 
 The query x gallery similarity matrix is never materialised as a whole: queries are processed in
 chunks of ``chunk_size`` rows, each chunk against the whole gallery (``chunk_size x G`` float32
@@ -22,11 +22,19 @@ positive is left out and counted in ``queries_without_positive``):
 * MAP@R (Musgrave et al., "A metric learning reality check", 2020): with R the number of positives
   of the query, ``MAP@R = 1/R * sum_{i=1..R} P(i) * rel(i)`` where ``rel(i)`` says whether the item
   at rank i is a positive and ``P(i)`` is the precision of the top i.
+* R-Precision (same paper): the fraction of positives among the first R ranked items,
+  ``1/R * sum_{i=1..R} rel(i)``.
+
+PML's ``AccuracyCalculator`` (``precision_at_1``, ``mean_average_precision_at_r``, ``r_precision``
+with its default ``avg_of_avgs=False``) gives the same numbers wherever no positive ties with a
+negative: it leaves out queries without a positive and removes the query itself by index as here,
+and averages over queries; its ranking among equal distances is the order its k-NN search returns,
+where here ties count against the query (``tests/metric/test_accuracy_calculator.py``).
 
 Algorithm per query chunk: one ``(c, D) x (D, G)`` matrix product; the similarities of the positives
 are read from that same product (so ties are decided on identical float32 values), then positives and
 the query itself are masked to ``-inf``; the number of negatives ``>=`` the best positive is counted
-(for Recall@K) and the top ``R_max`` negative similarities are kept (for MAP@R: the k-th positive in
+(for Recall@K) and the top ``R_max`` negative similarities are kept (for MAP@R and R-Precision: the k-th positive in
 ranked order has rank ``k + #{negatives >= its similarity}``, and only ranks <= R matter).
 """
 
@@ -37,7 +45,15 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["retrieval_metrics", "count_true_per_row", "check_retrieval_inputs"]
+__all__ = ["retrieval_metrics", "count_true_per_row", "check_retrieval_inputs", "SCORE_PREFIXES", "is_score"]
+
+#: The prefixes of the retrieval scores in a result or record (``recall@K``, ``map@r``, ``r_precision``).
+SCORE_PREFIXES = ("recall@", "map@r", "r_precision")
+
+
+def is_score(key: str) -> bool:
+    """Whether ``key`` is a retrieval score of :func:`retrieval_metrics` (a fraction in [0, 1] shown in %)."""
+    return key.startswith(SCORE_PREFIXES)
 
 
 def count_true_per_row(mask: Tensor) -> Tensor:
@@ -119,7 +135,7 @@ def retrieval_metrics(
     chunk_size: int = 2048,
     map_at_r: bool = True,
 ) -> Dict[str, float]:
-    """Recall@K and MAP@R of a retrieval problem, in chunks of queries (see the module docstring).
+    """Recall@K, MAP@R and R-Precision of a retrieval problem, in chunks of queries (see the module docstring).
 
     Args:
         query: (Q, D) query features (float; computed in float32).
@@ -130,12 +146,12 @@ def retrieval_metrics(
         query_is_gallery: leave-one-out: query i is gallery item i and is excluded from its own
             ranking (implied when ``gallery`` is None; requires Q == G).
         chunk_size: queries per chunk; memory is about ``chunk_size * G * 5`` bytes.
-        map_at_r: also compute MAP@R.
+        map_at_r: also compute MAP@R and R-Precision.
 
     Returns:
-        ``{"recall@K": float for each K, "map@r": float, "num_queries": int,
-        "queries_without_positive": int}`` (recall and MAP@R as fractions in [0, 1]; NaN when no
-        query has a positive).
+        ``{"recall@K": float for each K, "map@r": float, "r_precision": float, "num_queries": int,
+        "queries_without_positive": int}`` (the scores as fractions in [0, 1]; NaN when no query has
+        a positive).
 
     Raises:
         ValueError: on shape mismatches, non-finite features, or leave-one-out with Q != G.
@@ -161,6 +177,7 @@ def retrieval_metrics(
 
     hits = {k: torch.zeros((), dtype=torch.float64) for k in ks}
     map_sum = torch.zeros((), dtype=torch.float64)
+    rp_sum = torch.zeros((), dtype=torch.float64)
     c_max = min(chunk_size, max(n_q, 1))
     sim_buf = torch.empty(c_max * n_g, dtype=torch.float32, device=device)
     ge_buf = torch.zeros(c_max * g_pad, dtype=torch.bool, device=device)
@@ -208,6 +225,8 @@ def retrieval_metrics(
             use = (kk[None, :] <= r[:, None]) & (rank <= r[:, None]) & torch.isfinite(v)  # (c, <=R_max)
             ap = torch.where(use, kk[None, :] / rank, torch.zeros((), dtype=torch.float64, device=device)).sum(1)
             map_sum += (torch.where(ok, ap / r.clamp(min=1).double(), torch.zeros_like(ap))).sum().cpu()
+            in_top_r = use.sum(1).double()  # (c,) positives among the first R
+            rp_sum += (torch.where(ok, in_top_r / r.clamp(min=1).double(), torch.zeros_like(ap))).sum().cpu()
 
     n_valid = int(has_pos.sum().item())
     out: Dict[str, float] = {}
@@ -215,6 +234,7 @@ def retrieval_metrics(
         out[f"recall@{k}"] = float(hits[k] / n_valid) if n_valid else float("nan")
     if map_at_r:
         out["map@r"] = float(map_sum / n_valid) if n_valid else float("nan")
+        out["r_precision"] = float(rp_sum / n_valid) if n_valid else float("nan")
     out["num_queries"] = n_valid
     out["queries_without_positive"] = n_q - n_valid
     return out

@@ -927,7 +927,7 @@ def faiss_retrieval_metrics(query: Tensor, query_labels: Tensor, gallery: Option
                             gallery_labels: Optional[Tensor] = None, ks: Sequence[int] = (1, 10, 100, 1000),
                             query_is_gallery: bool = False, chunk_size: int = 2048,
                             map_at_r: bool = True) -> Dict[str, float]:
-    """Recall@K and MAP@R through an exact faiss search: the same definitions and tie rule as
+    """Recall@K, MAP@R and R-Precision through an exact faiss search: the same definitions and tie rule as
     :func:`metric.evaluate.retrieval_metrics` (same arguments, same result keys).
 
     Each query's ``max(max(ks), R_max)`` nearest gallery items (plus itself in leave-one-out) come
@@ -939,7 +939,7 @@ def faiss_retrieval_metrics(query: Tensor, query_labels: Tensor, gallery: Option
     (``tests/metric/test_faiss_eval.py``).
 
     Returns:
-        ``{"recall@K", "map@r", "num_queries", "queries_without_positive"}``.
+        ``{"recall@K", "map@r", "r_precision", "num_queries", "queries_without_positive"}``.
 
     Raises:
         ValueError: as :func:`metric.evaluate.retrieval_metrics` (shapes, non-finite features).
@@ -963,7 +963,7 @@ def faiss_retrieval_metrics(query: Tensor, query_labels: Tensor, gallery: Option
     depth = min(n_g - int(query_is_gallery), max(ks[-1], r_max))
     index = build_index(xg, "flat")
     hits = {k: 0 for k in ks}
-    map_sum = 0.0
+    map_sum = rp_sum = 0.0
     for s in range(0, n_q, chunk_size):
         e = min(s + chunk_size, n_q)
         res = search(index, xq[s:e], max(depth, 1), np.arange(s, e) if query_is_gallery else None)
@@ -981,10 +981,12 @@ def faiss_retrieval_metrics(query: Tensor, query_labels: Tensor, gallery: Option
             use = rel & (ranks[None, :] <= r[:, None])  # (c, depth) rel(i), i <= R
             ap = (prec * use).sum(1)  # (c,)
             map_sum += float(np.where(ok, ap / np.maximum(r, 1), 0.0).sum())
+            rp_sum += float(np.where(ok, use.sum(1) / np.maximum(r, 1), 0.0).sum())  # positives among the first R
     n_valid = int(has_pos.sum())
     out: Dict[str, float] = {f"recall@{k}": hits[k] / n_valid if n_valid else float("nan") for k in ks}
     if map_at_r:
         out["map@r"] = map_sum / n_valid if n_valid else float("nan")
+        out["r_precision"] = rp_sum / n_valid if n_valid else float("nan")
     out["num_queries"] = n_valid
     out["queries_without_positive"] = n_q - n_valid
     return out

@@ -325,8 +325,8 @@ def _check_plan(cfg: MetricConfig, plan: Sequence[PlannedRun]) -> None:
             raise UsageError(f"sweep point {run.name}: {err}") from None
 
 
-#: Score keys of a sweep's points: best and last Recall@1 / MAP@R, staleness, and the gains over XBM.
-SWEEP_KEYS = ["recall@1", "last_recall@1", "map@r", "last_map@r", "staleness_cosine"]
+#: Score keys of a sweep's points: best and last Recall@1 / MAP@R / R-Precision, staleness, and the gains over XBM.
+SWEEP_KEYS = ["recall@1", "last_recall@1", "map@r", "last_map@r", "r_precision", "last_r_precision", "staleness_cosine"]
 #: The scores a gain is computed for: Recall@1 at the early epoch, R@1 and MAP@R at the best and the last.
 GAIN_SCORES = ("early_recall@1", "recall@1", "last_recall@1", "map@r", "last_map@r")
 
@@ -416,7 +416,7 @@ def format_sweep_tables(points: Dict[str, List[Dict[str, Any]]], fixed: Dict[str
     ``mean ± std`` in % (``best`` alone when the runs have no last evaluation)."""
     from .compare import PAPER_NAMES
 
-    metric = key.replace("recall@", "R@").replace("map@r", "MAP@R")
+    metric = key.replace("recall@", "R@").replace("map@r", "MAP@R").replace("r_precision", "R-Precision")
     parts = []
     for sweep, pts in points.items():
         values = list({_key(p["value"]): p["value"] for p in pts}.values())
@@ -681,7 +681,7 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: Optional[str] = None
             has_baseline = any(b in todo for b in GAIN_BASELINES) and len(todo) > 1
             gains = format_gain_tables(points, fixed, early_label(runs, early)) if has_baseline else ""
             text = "\n\n".join([header] + ([f"Baselines (same evaluation split): {shown}"] if shown else [])
-                                + [format_sweep_tables(points, fixed, "recall@1"), format_sweep_tables(points, fixed, "map@r")]
+                                + [format_sweep_tables(points, fixed, key) for key in ("recall@1", "map@r", "r_precision")]
                                 + ([gains] if gains else []))
             if not incomplete:
                 print(text)

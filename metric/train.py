@@ -46,7 +46,7 @@ from xbn_queue.training.tracking import kalman_gain_record, plot_history
 from .config import (COMPAT_KEYS, MetricConfig, kalman_r_value, memory_rows, method_memory, resolve_config,
                      saved_config)
 from .data import ImageDataset, RetrievalData, load_dataset
-from .evaluate import retrieval_metrics
+from .evaluate import is_score, retrieval_metrics
 from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
 from .model import MetricModel, build_model
 from .prefill import prefill_memory
@@ -565,11 +565,11 @@ class MetricRun(RunLoop):
         st = self.state
         record: Dict[str, Any] = {"epoch": st.epoch + 1, "step": st.global_step, "phase": "warmup" if self.warm else "train",
                                   "lr": self.opt.param_groups[0]["lr"], "loss": st.loss_sum / max(st.loss_n, 1)}
-        record.update({k: v for k, v in rec.items() if k.startswith(("recall@", "map@r"))})
+        record.update({k: v for k, v in rec.items() if is_score(k)})
         if st.drift_n:
             record["drift_mean"] = st.drift_mean_sum / st.drift_n
             record["drift_max"] = st.drift_max_sum / st.drift_n
-        record.update({k: v for k, v in rec.items() if not k.startswith(("recall@", "map@r"))})
+        record.update({k: v for k, v in rec.items() if not is_score(k)})
         record["memory_rows"] = len(self.mem_loss.queue) if self.mem_loss is not None else 0
         record["bad_images"] = len(st.bad_files)  # distinct files, training and evaluation
         self.log(record)
@@ -637,8 +637,8 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
 
 def _print_epoch(record: Dict[str, Any], total_epochs: int, cfg: MetricConfig) -> None:
     """One plain line per evaluation on stderr (Recall in %), e.g. for a log file."""
-    shown = ", ".join(f"{k.replace('recall@', 'R@').replace('map@r', 'MAP@R')} {100 * v:.2f}%" for k, v in record.items()
-                      if k.startswith(("recall@", "map@r")) and isinstance(v, float))
+    shown = ", ".join(f"{k.replace('recall@', 'R@').replace('map@r', 'MAP@R').replace('r_precision', 'R-Prec')} {100 * v:.2f}%" for k, v in record.items()
+                      if is_score(k) and isinstance(v, float))
     print(f"[{PROG}] epoch {record['epoch']}/{total_epochs} ({record['phase']}), step {record['step']}: "
           f"loss {record['loss']:.4f}" + (f", {shown}" if shown else ""), file=sys.stderr, flush=True)
 

@@ -45,7 +45,7 @@ def test_compare_prints_and_writes_mean_std_table(tmp_path, capsys):
     diffs = [100 * (best[("xbn", s)] - best[("none", s)]) for s in (0, 1)]
     gain_row = next(line for line in gains.splitlines() if line.startswith("| XBN − No-XBM |"))
     assert f"{statistics.fmean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} |" in gain_row
-    assert "| Method | R@1 ep 2 | R@1 best | R@1 last | MAP@R best | MAP@R last |" in table
+    assert "| Method | R@1 ep 2 | R@1 best | R@1 last | MAP@R best | MAP@R last | R-Prec best | R-Prec last |" in table
     raw = result["baselines"]["summary"]["raw-pixels"]
     assert f"| Raw pixels | {100 * raw['recall@1']['mean']:.2f} | {100 * raw['recall@1']['mean']:.2f} |" in table
     png = (tmp_path / "compare.png").read_bytes()

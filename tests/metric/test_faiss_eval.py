@@ -55,7 +55,7 @@ def _bounds(q, ql, g=None, gl=None, ks=KS, query_is_gallery=False):
     gamma = sum(d * u / (1 - d * u) for u in (2.0**-24, 2.0**-53))
     sim = xq @ xg.T  # (Q, G) exact up to float64 rounding
     bound = gamma * (np.abs(xq) @ np.abs(xg).T)  # (Q, G) |float32 result - exact| <= bound
-    lo = {f"recall@{k}": 0 for k in ks} | {"map@r": 0.0}
+    lo = {f"recall@{k}": 0 for k in ks} | {"map@r": 0.0, "r_precision": 0.0}
     hi = dict(lo)
     n_valid = 0
     for i in range(len(xq)):
@@ -76,8 +76,10 @@ def _bounds(q, ql, g=None, gl=None, ks=KS, query_is_gallery=False):
                 out[f"recall@{k}"] += int(first < k)
             top = seq[:r]
             out["map@r"] += float(np.sum(np.cumsum(top)[top] / (np.flatnonzero(top) + 1.0))) / r
-    slack = 1e-12  # the float64 sum of per-query APs, in the backends' own order
-    res = {key: (lo[key] / n_valid - (slack if key == "map@r" else 0), hi[key] / n_valid + (slack if key == "map@r" else 0))
+            out["r_precision"] += float(top.sum()) / r
+    slack = 1e-12  # the float64 sums of per-query fractions, in the backends' own order
+    res = {key: (lo[key] / n_valid - (slack if not key.startswith("recall@") else 0),
+                 hi[key] / n_valid + (slack if not key.startswith("recall@") else 0))
            for key in lo}
     res["num_queries"] = n_valid
     res["queries_without_positive"] = len(xq) - n_valid
@@ -160,7 +162,7 @@ def test_training_with_the_faiss_backend_logs_the_same_metrics(trained_run, tmp_
 
     monkeypatch.setattr(metric.retrieval, "faiss_retrieval_metrics", spy)
     train(resolve_config(tiny_cfg(tmp_path, eval_backend="faiss", **TRAINED_RUN)))
-    logs = [[{k: v for k, v in r.items() if k.startswith(("recall@", "map@r"))}
+    logs = [[{k: v for k, v in r.items() if k.startswith(("recall@", "map@r", "r_precision"))}
              for r in read_metrics(out / "metrics.jsonl") if "recall@1" in r] for out in (trained_run[0], tmp_path)]
     assert len(logs[0]) == len(logs[1]) == len(seen) == 2
     for torch_log, faiss_log, (q, ql, query_is_gallery, ks) in zip(*logs, seen):

@@ -103,7 +103,7 @@ def test_download_needs_a_root():
 
 @pytest.mark.parametrize("argv, match", [
     (["--dataset", "omniglot", "--data-root", "/no/such/omniglot"], "does not exist"),
-    (["--dataset", "digits", "--download"], "--download: applies to --dataset omniglot only"),
+    (["--dataset", "digits", "--download"], "--download: applies to --dataset omniglot, cub, cars196 only, not digits"),
     (["--dataset", "omniglot", "--download"], "--download: needs --data-root"),
 ])
 def test_cli_errors_are_one_line(tmp_path, argv, match):

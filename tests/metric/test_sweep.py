@@ -71,7 +71,7 @@ def test_sweep_writes_outputs_and_resume_never_reruns_a_finished_run(tmp_path, c
     assert set(result["baselines"]["summary"]) == {"raw-pixels", "untrained"}
     md = (tmp_path / "sweep.md").read_text()
     assert "R@1 (best / last epoch) vs batch size (memory 32)" in md and "R@1 (best / last epoch) vs memory size (batch 16)" in md
-    assert "MAP@R (best / last epoch) vs batch size" in md and "| XBN − XBM, R@1 best |" in md
+    assert "MAP@R (best / last epoch) vs batch size" in md and "R-Precision (best / last epoch) vs batch size" in md and "| XBN − XBM, R@1 best |" in md
     assert "| XBM |" in md and "| XBN |" in md and md.strip() in out
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
