@@ -41,9 +41,7 @@ HEADS = ("linear", "none")
 
 def _create_backbone(name: str, pretrained: bool, pretrained_path: Optional[str], width: Optional[int] = None,
                      image_size: int = 32) -> nn.Module:
-    import timm
-
-    import xbn_queue.training.backbones  # noqa: F401  registers conv4, cifar_resnet18 and tinycnn with timm
+    from xbn_queue.training.backbones import ENTRY_POINTS
 
     name = "tinycnn" if name == "tiny_cnn" else name
     small = name in SMALL_BACKBONES
@@ -55,6 +53,10 @@ def _create_backbone(name: str, pretrained: bool, pretrained_path: Optional[str]
     if name == "conv4":
         kwargs["image_size"] = image_size
     use_hub = bool(pretrained and not pretrained_path)
+    if small:  # built directly: the same constructor timm's registry calls, without importing timm
+        return ENTRY_POINTS[name](pretrained=False, **kwargs)
+    import timm
+
     try:
         backbone = timm.create_model(name, pretrained=use_hub, num_classes=0, **kwargs)
     except RuntimeError as err:

@@ -14,13 +14,16 @@
 
 Every backbone maps ``(B, 3, H, W)`` images to ``(B, num_features)`` features.
 
-When timm is installed, importing this module registers the three with timm's model registry, so that
+After :func:`register_with_timm` (called by importing this module when timm is already imported),
 ``timm.create_model("conv4", width=32, image_size=28)`` (and ``"cifar_resnet18"``, ``"tinycnn"``)
-builds them like any timm model (without pretrained weights).
+builds them like any timm model (without pretrained weights). The trainers build them through
+:data:`ENTRY_POINTS` instead, so that a run on a small backbone never imports timm (its import took
+2-11 s per process on the 2-core AMD EPYC VM, 2026-12-06, quiet to loaded; `python -X importtime`).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, List, Optional, Type, Union
 
 import torch
@@ -255,10 +258,30 @@ def cifar_resnet18(pretrained: bool = False, width: int = 64, norm_layer: NormLa
     return CifarResNet("resnet18", width=width, norm_layer=norm_layer)
 
 
-try:
-    from timm.models import register_model
-except ImportError:  # timm is optional here: the classes work without it
-    pass
-else:
-    for _entry in (tinycnn, conv4, cifar_resnet18):
-        register_model(_entry)
+_REGISTERED = False
+
+
+def register_with_timm() -> bool:
+    """Register ``tinycnn``, ``conv4`` and ``cifar_resnet18`` in timm's model registry (once).
+
+    Returns:
+        True when they are registered, False when timm is not installed.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return True
+    try:
+        from timm.models import register_model
+    except ImportError:  # timm is optional here: the classes work without it
+        return False
+    for entry in (tinycnn, conv4, cifar_resnet18):
+        register_model(entry)
+    _REGISTERED = True
+    return True
+
+
+#: Entry points by name, for building a small backbone without importing timm (seconds per process).
+ENTRY_POINTS = {"tinycnn": tinycnn, "conv4": conv4, "cifar_resnet18": cifar_resnet18}
+
+if "timm" in sys.modules and sys.modules["timm"] is not None:  # timm already imported: registering is free
+    register_with_timm()

@@ -25,6 +25,22 @@ def test_backbones_import_with_torch_alone() -> None:
     assert "torch.Size([2, 32])" in out.stdout
 
 
+def test_the_metric_trainer_builds_a_small_backbone_without_importing_timm() -> None:
+    """timm's import costs seconds per process; conv4 runs (the main job) must not pay it, and build the same net."""
+    code = ("import sys, torch\n"
+            "from metric.model import build_model\n"
+            "torch.manual_seed(0); m = build_model('conv4', 256, pretrained=False, head='none', image_size=32)\n"
+            "print('timm' in sys.modules, sum(float(p.double().sum()) for p in m.parameters()))\n"
+            "import timm; from xbn_queue.training.backbones import register_with_timm; register_with_timm()\n"
+            "torch.manual_seed(0); b = timm.create_model('conv4', pretrained=False, num_classes=0, width=64, image_size=32)\n"
+            "print(all(torch.equal(a, c) for a, c in zip(m.backbone.state_dict().values(), b.state_dict().values())))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.split("\n")[:2]
+    assert first.startswith("False "), out.stdout
+    assert second == "True", out.stdout
+
+
 def _conv4_reference(net: Conv4, x: torch.Tensor) -> torch.Tensor:
     """Plain float64 Conv-4 in training mode: conv, batch statistics, ReLU, 2x2 max-pool, four times, flattened."""
     h = x.double()
@@ -125,6 +141,9 @@ def test_selfsup_and_metric_share_one_cifar_resnet() -> None:
 ])
 def test_timm_registry_builds_our_backbones(name, kwargs, build):
     timm = pytest.importorskip("timm")
+    from xbn_queue.training.backbones import register_with_timm
+
+    assert register_with_timm() and register_with_timm()  # idempotent
     torch.manual_seed(0)
     ours = build()
     torch.manual_seed(0)
