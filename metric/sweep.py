@@ -643,7 +643,8 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: Optional[str] = None
                   f"{len(plan) // (len(todo) * seeds)} point(s) x {seeds} seed(s))", file=sys.stderr, flush=True)
         t0 = time.time()
         baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out, tag="sweep")
-        report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="sweep")
+        report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="sweep",
+                               varied=[a.name for a in axes])
         early = early_epoch_of(cfg, None)  # as compare: the first epoch after the warm-up
         runs = run_rows(report, early)
         add_gains(runs, axes)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from xbn_queue.training.series import (PlannedRun, RunOutcome, check_series_dir, format_mean_std, incomplete_banner,
-                                       lock_series_dir, mean_std, run_series)
+                                       lock_series_dir, mean_std, run_series, series_wandb)
 
 from selfsup.config import ADAPTATIONS, SelfSupConfig
 from selfsup.data import ImageData, load_dataset
@@ -247,7 +247,7 @@ def compare(
         def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
             name = run.name
             run_cfg = replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
-                              wandb_name=cfg.wandb_name and f"{cfg.wandb_name}-{name}")
+                              wandb_name=cfg.wandb_name and f"{cfg.wandb_name}-{name}", **series_wandb(cfg, out, run))
             res = train(run_cfg, data)
             return RunOutcome(complete=res.get("stopped") != "signal", signal=res.get("signal"), result=res)
 
