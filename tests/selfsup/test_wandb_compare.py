@@ -23,8 +23,8 @@ def test_compare_runs_are_grouped_by_series_and_summarise_knn(tmp_path, monkeypa
     out = tmp_path / "moco-series"
     cfg = tiny_config(out, train_subset=128, epochs=2, wandb_mode="offline", wandb_log_model=True, wandb_tags=["mine"])
     data = load_dataset("digits", "", image_size=16, train_subset=128, test_subset=40)
-    assert compare(cfg, ["none", "xbn"], seeds=1, data=data)["exit_code"] == 0
-    for adaptation in ("none", "xbn"):
+    assert compare(cfg, ["xbn"], seeds=1, data=data)["exit_code"] == 0  # one run: the series code is metric's (test_wandb_compare)
+    for adaptation in ("xbn",):
         run = out / f"{adaptation}-seed0"
         (wandb_dir,) = sorted((run / "wandb").glob("offline-run-*"))
         got = read_wandb_run(wandb_dir)
