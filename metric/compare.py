@@ -26,6 +26,12 @@ comparison after the running runs' checkpoints (exit 130 / 143, the resume comma
 never counts an unfinished run (``compare.md`` then starts with an ``INCOMPLETE:`` line, and every run
 in ``compare.json`` has a ``complete`` flag), and ``compare --resume`` finishes the missing runs (a
 finished run is not trained again) and writes the full table.
+
+With ``--wandb-mode online|offline`` the runs form one W&B group (the comparison folder's name, or
+``--wandb-group``), each with the method as its job type, the tags ``method=``, ``seed=``, ``dataset=``,
+the best and last Recall@1 / MAP@R in its summary and, with ``--wandb-log-model``, its ``best.pt`` as a
+model artifact (:func:`~xbn_queue.training.series.series_wandb`,
+:class:`~xbn_queue.training.tracking.WandbReport`; docs/cli.md).
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ The shape of the paper's Figure 2 (MoCo with and without XBN). Each run goes to
 current run's checkpoint (exit 130 / 143, the resume command printed); a table never counts an
 unfinished run (``compare.md`` then starts with an ``INCOMPLETE:`` line and every run in
 ``compare.json`` has a ``complete`` flag); ``compare --resume`` continues every run from its
-``last.pt`` (finished runs are not trained again) and writes the full table.
+``last.pt`` (finished runs are not trained again) and writes the full table. With W&B on, the runs
+form one W&B group, the comparison folder's name (or ``--wandb-group``), each with its adaptation as job
+type (:func:`~xbn_queue.training.series.series_wandb`).
 """
 
 import json

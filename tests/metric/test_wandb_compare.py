@@ -31,6 +31,7 @@ def offline(tmp_path, monkeypatch):
                       ("WANDB_CONFIG_DIR", "config")):
         monkeypatch.setenv(name, str(tmp_path / sub))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_X_SAVE_REQUIREMENTS", "false")  # W&B's pip-freeze of every run: 0.5 s each, not tested here
     for name in ("WANDB_MODE", "WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_TAGS"):
         monkeypatch.delenv(name, raising=False)
 

@@ -18,6 +18,7 @@ def test_compare_runs_are_grouped_by_series_and_summarise_knn(tmp_path, monkeypa
                       ("WANDB_CONFIG_DIR", "config")):
         monkeypatch.setenv(name, str(tmp_path / sub))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_X_SAVE_REQUIREMENTS", "false")  # W&B's pip-freeze of every run: 0.5 s each, not tested here
     for name in ("WANDB_MODE", "WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_TAGS"):
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "moco-series"
