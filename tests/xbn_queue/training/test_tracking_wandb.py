@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from xbn_queue.training.cli import UsageError
-from xbn_queue.training.tracking import RunLogger, WandbReport, check_wandb_options, read_metrics, score_summary
+from xbn_queue.training.tracking import (RunLogger, WandbReport, check_wandb_options, read_metrics, score_summary,
+                                         wandb_tag)
 
 from tests.wandb_history import read_wandb_run
 
@@ -60,6 +61,7 @@ def test_wandb_options_are_checked():
     Cfg.wandb_tags = ["ok", "x" * 65]
     with pytest.raises(UsageError, match=r"^--wandb-tags 'x{65}': expected a tag of 1 to 64 characters"):
         check_wandb_options(Cfg)
+    assert wandb_tag("lr", 0.001) == "lr=0.001" and wandb_tag("loss_args", "m=" + "9" * 80) == "loss_args=m=" + "9" * 52
 
 
 def _md5(path: Path) -> str:
