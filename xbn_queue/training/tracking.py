@@ -194,8 +194,8 @@ def score_summary(records: Sequence[Mapping[str, Any]], scores: Sequence[str], x
 
 
 def wandb_tag(name: str, value: Any) -> str:
-    """A run's W&B tag for a setting: ``"method=xbn"``, ``"lr=0.001"``, ``"amp=False"``."""
-    return f"{name}={to_plain(value)}"
+    """A run's W&B tag for a setting: ``"method=xbn"``, ``"lr=0.001"``, ``"amp=False"`` (cut to W&B's 64 characters)."""
+    return f"{name}={to_plain(value)}"[:WANDB_TAG_MAX]
 
 
 def check_wandb_options(cfg: Any) -> None:
