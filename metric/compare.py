@@ -26,6 +26,12 @@ comparison after the running runs' checkpoints (exit 130 / 143, the resume comma
 never counts an unfinished run (``compare.md`` then starts with an ``INCOMPLETE:`` line, and every run
 in ``compare.json`` has a ``complete`` flag), and ``compare --resume`` finishes the missing runs (a
 finished run is not trained again) and writes the full table.
+
+With ``--wandb-mode online|offline`` the runs form one W&B group (the comparison folder's name, or
+``--wandb-group``), each with the method as its job type, the tags ``method=``, ``seed=``, ``dataset=``,
+the best and last Recall@1 / MAP@R in its summary and, with ``--wandb-log-model``, its ``best.pt`` as a
+model artifact (:func:`~xbn_queue.training.series.series_wandb`,
+:class:`~xbn_queue.training.tracking.WandbReport`; docs/cli.md).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from xbn_queue.training.config import config_to_argv
 from xbn_queue.training.series import (JobSlot, PlannedRun, RunOutcome, SeriesReport, check_series_dir, format_mean_std,
-                                       incomplete_banner, lock_series_dir, mean_std, run_series)
+                                       incomplete_banner, lock_series_dir, mean_std, run_series, series_wandb)
 
 from .config import METHODS, MetricConfig, resolve_config, validate_config
 
@@ -275,31 +281,34 @@ def default_series_dir(cfg: MetricConfig, resume: bool, kind: str = "compare") -
     return dataclasses.replace(cfg, output_dir=series_output_dir(cfg.output_dir, resume, DEFAULT_RUNS, kind, cfg.dataset))
 
 
-def _run_config(cfg: MetricConfig, run: PlannedRun, run_dir: Path, resume: bool) -> MetricConfig:
-    """The configuration of one planned run: ``cfg`` with the run's settings, in its own folder."""
+def _run_config(cfg: MetricConfig, run: PlannedRun, run_dir: Path, resume: bool, varied: Sequence[str] = ()) -> MetricConfig:
+    """The configuration of one planned run: ``cfg`` with the run's settings, in its own folder; with W&B on,
+    in the series' W&B group with the ``varied`` settings as tags (:func:`~xbn_queue.training.series.series_wandb`)."""
     return dataclasses.replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
-                               wandb_name=f"{cfg.wandb_name or cfg.dataset}-{run.name}")
+                               wandb_name=f"{cfg.wandb_name or cfg.dataset}-{run.name}",
+                               **series_wandb(cfg, run_dir.parent, run, varied))
 
 
-def series_trainer(cfg: MetricConfig, resume: bool) -> Callable[[PlannedRun, Path], RunOutcome]:
+def series_trainer(cfg: MetricConfig, resume: bool, varied: Sequence[str] = ()) -> Callable[[PlannedRun, Path], RunOutcome]:
     """The ``train_one`` callback of :func:`~xbn_queue.training.series.run_series` for metric runs.
 
     Each planned run trains ``cfg`` with the run's settings (``method``, ``seed``, and for ``sweep``
     the varied options) in its own folder; with ``resume`` it continues from the folder's
-    ``last.pt``, and a finished run is not trained again.
+    ``last.pt``, and a finished run is not trained again. ``varied``: the settings tagged in W&B.
     """
     from .train import train
 
     def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
         t = time.time()
-        res = train(_run_config(cfg, run, run_dir, resume))
+        res = train(_run_config(cfg, run, run_dir, resume, varied))
         res["seconds"] = round(time.time() - t, 1)
         return RunOutcome(complete=res.get("stopped") != "signal", signal=res.get("signal"), result=res)
 
     return train_one
 
 
-def series_command(cfg: MetricConfig, resume: bool, threads_given: bool) -> Callable[[PlannedRun, Path, JobSlot], List[str]]:
+def series_command(cfg: MetricConfig, resume: bool, threads_given: bool,
+                   varied: Sequence[str] = ()) -> Callable[[PlannedRun, Path, JobSlot], List[str]]:
     """The ``command`` of :func:`~xbn_queue.training.series.run_series` with ``--jobs N``: ``python -m
     metric train`` with the run's configuration (as :func:`series_trainer` trains it).
 
@@ -309,7 +318,7 @@ def series_command(cfg: MetricConfig, resume: bool, threads_given: bool) -> Call
     """
 
     def command(run: PlannedRun, run_dir: Path, slot: JobSlot) -> List[str]:
-        run_cfg = _run_config(cfg, run, run_dir, resume)
+        run_cfg = _run_config(cfg, run, run_dir, resume, varied)
         if not threads_given:
             run_cfg = dataclasses.replace(run_cfg, threads=min(run_cfg.threads or slot.threads, slot.threads))
         return [sys.executable, "-m", "metric", "train", *config_to_argv(run_cfg, only_changed=True)]
@@ -339,10 +348,11 @@ def check_jobs(jobs: int) -> None:
 
 
 def run_series_of(cfg: MetricConfig, plan: Sequence[PlannedRun], out: Path, resume: bool, jobs: int, threads_given: bool,
-                  verbose: bool, prog: str) -> SeriesReport:
-    """:func:`~xbn_queue.training.series.run_series` for metric runs: in this process, or ``jobs`` processes."""
-    return run_series(plan, out, series_trainer(cfg, resume), verbose=verbose, prog=prog, jobs=jobs,
-                      command=series_command(cfg, resume, threads_given), env=_child_env())
+                  verbose: bool, prog: str, varied: Sequence[str] = ()) -> SeriesReport:
+    """:func:`~xbn_queue.training.series.run_series` for metric runs: in this process, or ``jobs`` processes
+    (``varied``: the settings a sweep varies, tagged in W&B)."""
+    return run_series(plan, out, series_trainer(cfg, resume, varied), verbose=verbose, prog=prog, jobs=jobs,
+                      command=series_command(cfg, resume, threads_given, varied), env=_child_env())
 
 
 def _shown(entry: Dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from xbn_queue.training.cli import UsageError, above, at_least, available_cores, between, check_ranges
+from xbn_queue.training.tracking import check_wandb_options
 
 from .losses import DEFAULT_LOSS, DEFAULT_MINER, DEFAULT_MINER_ARGS
 
@@ -191,6 +192,9 @@ class MetricConfig:
     wandb_project: Optional[str] = field(default=None, metadata=_h("W&B project (default xbn-metric when W&B is on)", group="tracking"))
     wandb_mode: str = field(default="disabled", metadata=_h("W&B mode", choices=["online", "offline", "disabled"], group="tracking"))
     wandb_name: Optional[str] = field(default=None, metadata=_h("W&B run name", group="tracking"))
+    wandb_group: Optional[str] = field(default=None, metadata=_h("W&B group of the run (default: none; compare and sweep group their runs under the series folder's name)", group="tracking"))
+    wandb_tags: Optional[List[str]] = field(default=None, metadata=_h("more W&B tags (every run is tagged method=, seed=, dataset=; a sweep's runs also with their swept values)", group="tracking"))
+    wandb_log_model: bool = field(default=False, metadata=_h("log best.pt to W&B as a model artifact at the end of the run (needs --wandb-mode online or offline)", group="tracking"))
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -216,6 +220,7 @@ def validate_config(cfg: MetricConfig) -> None:
         UsageError: naming the option, the value and what is expected.
     """
     check_ranges(cfg)
+    check_wandb_options(cfg)
     if kalman_r_value(cfg.kalman_r) is None:
         raise UsageError(f"--kalman-r {cfg.kalman_r}: expected a number > 0, 'auto' or 'sampling'")
     if cfg.memory_size is not None:

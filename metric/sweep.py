@@ -38,6 +38,9 @@ untrained-network baselines as dashed lines: for batch and memory size the layou
 ``gain.png`` (the Recall@1 gain over XBM against each swept option) and ``gain_staleness.png`` (every
 run's gain against its XBM twin's staleness).
 
+With W&B on, the runs are grouped as ``compare``'s are, and each run is also tagged with its swept values
+(``lr=0.001``), so that a W&B filter on a tag picks one point.
+
 With few training classes (a class split of 5 classes), ``--classes-per-batch K`` sets
 ``--m-per-class`` to ``B / K`` for every batch size ``B`` (the paper keeps 4 images per class, which
 needs ``B / 4`` classes per batch).
@@ -643,7 +646,8 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: Optional[str] = None
                   f"{len(plan) // (len(todo) * seeds)} point(s) x {seeds} seed(s))", file=sys.stderr, flush=True)
         t0 = time.time()
         baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out, tag="sweep")
-        report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="sweep")
+        report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="sweep",
+                               varied=[a.name for a in axes])
         early = early_epoch_of(cfg, None)  # as compare: the first epoch after the warm-up
         runs = run_rows(report, early)
         add_gains(runs, axes)

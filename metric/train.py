@@ -41,7 +41,7 @@ from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, 
 from xbn_queue.training.progress import progress
 from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
-from xbn_queue.training.tracking import kalman_gain_record, plot_history
+from xbn_queue.training.tracking import WandbReport, kalman_gain_record, plot_history
 
 from .config import (COMPAT_KEYS, MetricConfig, kalman_r_value, memory_rows, method_memory, resolve_config,
                      saved_config)
@@ -290,6 +290,7 @@ class MetricRun(RunLoop):
 
     prog = PROG
     checkpoint_keys = CHECKPOINT_KEYS
+    wandb_report = WandbReport("method", ("recall@1", "map@r"), model_file="best.pt", model_at="best")
 
     def __init__(self, cfg: MetricConfig, callbacks: Iterable[Callback] = ()) -> None:
         super().__init__(default_output_dir(resolve_config(cfg)), callbacks)

@@ -11,7 +11,9 @@ The shape of the paper's Figure 2 (MoCo with and without XBN). Each run goes to
 current run's checkpoint (exit 130 / 143, the resume command printed); a table never counts an
 unfinished run (``compare.md`` then starts with an ``INCOMPLETE:`` line and every run in
 ``compare.json`` has a ``complete`` flag); ``compare --resume`` continues every run from its
-``last.pt`` (finished runs are not trained again) and writes the full table.
+``last.pt`` (finished runs are not trained again) and writes the full table. With W&B on, the runs
+form one W&B group, the comparison folder's name (or ``--wandb-group``), each with its adaptation as job
+type (:func:`~xbn_queue.training.series.series_wandb`).
 """
 
 import json
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from xbn_queue.training.series import (PlannedRun, RunOutcome, check_series_dir, format_mean_std, incomplete_banner,
-                                       lock_series_dir, mean_std, run_series)
+                                       lock_series_dir, mean_std, run_series, series_wandb)
 
 from selfsup.config import ADAPTATIONS, SelfSupConfig
 from selfsup.data import ImageData, load_dataset
@@ -247,7 +249,7 @@ def compare(
         def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
             name = run.name
             run_cfg = replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
-                              wandb_name=cfg.wandb_name and f"{cfg.wandb_name}-{name}")
+                              wandb_name=cfg.wandb_name and f"{cfg.wandb_name}-{name}", **series_wandb(cfg, out, run))
             res = train(run_cfg, data)
             return RunOutcome(complete=res.get("stopped") != "signal", signal=res.get("signal"), result=res)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 from xbn_queue.training.cli import Range, UsageError, above, at_least, available_cores, between, check_ranges
+from xbn_queue.training.tracking import check_wandb_options
 
 ADAPTATIONS = ["none", "xbn", "axbn"]
 DATASETS = ["cifar10", "cifar100", "folder", "digits"]
@@ -148,6 +149,9 @@ class SelfSupConfig:
     wandb_project: str = _opt("", "Weights & Biases project (empty = xbn-selfsup when --wandb-mode is not disabled)")
     wandb_mode: str = _opt("disabled", "Weights & Biases mode", ["online", "offline", "disabled"])
     wandb_name: str = _opt("", "name of the run in W&B (default: the output folder's name)", hidden_aliases=["run-name"])
+    wandb_group: Optional[str] = _opt(None, "W&B group of the run (default: none; compare groups its runs under the comparison folder's name)")
+    wandb_tags: Optional[List[str]] = _opt(None, "more W&B tags (every run is tagged method=<adaptation>, seed=, dataset=)")
+    wandb_log_model: bool = _opt(False, "log last.pt to W&B as a model artifact at the end of the run (needs --wandb-mode online or offline)")
 
     def kalman_r_value(self) -> Union[float, str]:
         """Returns ``kalman_r`` as a float, or the string ``"auto"`` or ``"sampling"``."""
@@ -173,6 +177,7 @@ class SelfSupConfig:
             UsageError: naming the option, the value and what is expected.
         """
         check_ranges(self)  # every field's declared range
+        check_wandb_options(self)
         if self.batch_size % self.split_bn != 0:
             raise UsageError(f"--batch-size {self.batch_size}: expected a multiple of --split-bn {self.split_bn}")
         if self.queue_size < self.batch_size:

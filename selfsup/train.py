@@ -57,7 +57,7 @@ from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, 
                                      with_output_dir, wrap_ddp)
 from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
-from xbn_queue.training.tracking import kalman_gain_record, plot_history
+from xbn_queue.training.tracking import WandbReport, kalman_gain_record, plot_history
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,7 @@ class Trainer(RunLoop):
 
     prog = PROG
     checkpoint_keys = CHECKPOINT_KEYS
+    wandb_report = WandbReport("adaptation", ("knn_acc",), model_file=CHECKPOINT_NAME, model_at="last")
 
     def __init__(self, cfg: SelfSupConfig, data: Optional[ImageData] = None, callbacks: Iterable[Callback] = ()) -> None:
         cfg.validate()

@@ -95,3 +95,38 @@ def read_wandb_history(run_dir: PathLike, timeout: float = 30.0) -> list[dict[st
         for r in records
         if r.WhichOneof("record_type") == "history"
     ]
+
+
+def read_wandb_run(run_dir: PathLike, timeout: float = 30.0) -> dict[str, Any]:
+    """What an offline W&B run holds besides its history, read back from its ``.wandb`` file.
+
+    Waits for the run's ``exit`` record as :func:`read_wandb_history` does.
+
+    Returns:
+        ``{"name", "group", "job_type", "tags" (list), "config" (dict, W&B's ``_wandb`` key left out),
+        "summary" (every summary update merged, keys as logged, ``_``-prefixed ones left out),
+        "artifacts" (one dict per logged artifact: ``name``, ``type``, ``aliases``, ``metadata``,
+        ``files`` {path: base64 MD5 digest}), "exit_code"}``.
+    """
+    read_wandb_history(run_dir, timeout)  # waits for the exit record
+    path = Path(run_dir)
+    path = sorted(path.glob("*.wandb"))[0] if path.is_dir() else path
+    out: dict[str, Any] = {"config": {}, "summary": {}, "artifacts": []}
+    for r in _wandb_records(path):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            out.update(name=r.run.display_name, group=r.run.run_group, job_type=r.run.job_type, tags=list(r.run.tags))
+            out["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update if u.key != "_wandb"})
+        elif kind == "summary":
+            for u in r.summary.update:
+                key = u.key or "/".join(u.nested_key)
+                if not key.startswith("_"):
+                    out["summary"][key] = json.loads(u.value_json)
+        elif kind == "artifact":
+            a = r.artifact
+            out["artifacts"].append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
+                                     "metadata": json.loads(a.metadata or "{}"),
+                                     "files": {c.path: c.digest for c in a.manifest.contents}})
+        elif kind == "exit":
+            out["exit_code"] = r.exit.exit_code
+    return out

@@ -42,7 +42,7 @@ from xbn_queue.training.config import config_to_dict, save_config
 from xbn_queue.training.distributed import DistContext, init_distributed
 from xbn_queue.training.progress import progress
 from xbn_queue.training.signals import GracefulExit
-from xbn_queue.training.tracking import RunLogger
+from xbn_queue.training.tracking import RunLogger, WandbReport
 
 __all__ = ["RunLoop", "RunState", "RunSummary", "Callback", "NonFiniteError", "with_output_dir", "autocast",
            "wrap_ddp", "any_rank", "all_finite", "broadcast_buffers", "Reason"]
@@ -223,11 +223,13 @@ class RunLoop:
         callbacks: Hooks called during the run.
 
     Class attributes a subclass sets: ``prog`` (the command, e.g. ``"xbn-metric"``, also the checkpoint
-    kind), ``checkpoint_keys`` (keys every checkpoint of the trainer has).
+    kind), ``checkpoint_keys`` (keys every checkpoint of the trainer has), ``wandb_report`` (what its W&B
+    run reports besides the records, :class:`~xbn_queue.training.tracking.WandbReport`).
     """
 
     prog: str = "xbn-queue"
     checkpoint_keys: Sequence[str] = ()
+    wandb_report: Optional[WandbReport] = None  # job type, tags, summary and model artifact of the W&B run
 
     def __init__(self, cfg: Any, callbacks: Iterable[Callback] = ()) -> None:
         self.cfg = cfg
@@ -496,7 +498,8 @@ class RunLoop:
         cfg = self.cfg
         return RunLogger(self.out, config_to_dict(cfg), project=cfg.wandb_project or self.prog, mode=cfg.wandb_mode,
                          enabled=self.ctx.is_main, name=cfg.wandb_name or self.out.name,
-                         resume_step=self.state.global_step if self.resumed_from is not None else None)
+                         resume_step=self.state.global_step if self.resumed_from is not None else None,
+                         report=self.wandb_report)
 
     def log(self, record: Dict[str, Any]) -> None:
         """One record at the current step (rank 0 writes)."""

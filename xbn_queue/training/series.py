@@ -12,6 +12,11 @@ and guarantees:
   again (the trainer says "already complete" and returns its results), so ``--resume`` finishes
   exactly the missing work.
 
+With W&B on, :func:`series_wandb` gives each run's configuration its W&B group (the series folder's
+name, or ``--wandb-group``) and the tags of the values it varies, so that a dashboard puts a method's
+seeds together (the run itself adds its job type, the method, and the tags ``method=``, ``seed=``,
+``dataset=``: :class:`~xbn_queue.training.tracking.WandbReport`).
+
 Aggregation helpers (:func:`mean_std`, :func:`format_mean_std`, :func:`incomplete_banner`) let every
 table say the same thing the same way: percentages, no ``± 0.00`` with one seed, and a first line
 naming incomplete runs. Use::
@@ -51,7 +56,7 @@ from xbn_queue.training.cli import FolderLock, RunError, UsageError, available_c
 
 __all__ = ["PlannedRun", "RunOutcome", "RunRecord", "SeriesReport", "JobSlot", "job_slots", "visible_gpus", "run_series",
            "check_series_dir", "lock_series_dir", "holds_series", "mean_std", "format_mean_std", "incomplete_banner",
-           "paired_differences"]
+           "paired_differences", "series_wandb"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +70,27 @@ class PlannedRun:
 
     name: str
     settings: Mapping[str, Any]
+
+
+def series_wandb(cfg: Any, out: Union[str, os.PathLike], run: PlannedRun, varied: Sequence[str] = ()) -> dict[str, Any]:
+    """The W&B fields of a series run's configuration: its group and the tags of what it varies.
+
+    Args:
+        cfg: The series' configuration (``wandb_mode``, ``wandb_group``, ``wandb_tags``).
+        out: The series folder; its name is the group unless ``cfg.wandb_group`` is set.
+        run: The planned run.
+        varied: The settings of ``run`` tagged ``name=value`` (a sweep's options; the method and the
+            seed are tagged by every run anyway).
+
+    Returns:
+        ``{"wandb_group": ..., "wandb_tags": [...]}`` (the user's tags first), or ``{}`` with W&B off.
+    """
+    from xbn_queue.training.tracking import wandb_tag
+
+    if cfg.wandb_mode == "disabled":
+        return {}
+    tags = [*(cfg.wandb_tags or []), *(wandb_tag(k, run.settings[k]) for k in varied)]
+    return {"wandb_group": cfg.wandb_group or Path(out).name, "wandb_tags": list(dict.fromkeys(tags)) or None}
 
 
 @dataclasses.dataclass

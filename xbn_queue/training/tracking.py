@@ -18,6 +18,14 @@ checkpoint it continues from, which keeps the records up to that step and drops 
 wrote after its last checkpoint, so a resumed history equals an uninterrupted one. The W&B run id is
 kept in ``output_dir/wandb-run-id.txt`` so that a resumed run continues the same W&B run.
 
+A trainer also passes ``report=WandbReport(...)`` (:class:`WandbReport`): the W&B run then carries the
+``job_type`` (the method), the ``group`` (``config["wandb_group"]``: ``compare`` / ``sweep`` set the series)
+and the tags ``method=``, ``seed=``, ``dataset=`` plus ``config["wandb_tags"]`` (a sweep's varied values);
+its summary holds the best and the last evaluation (:func:`score_summary`: ``best/recall@1``,
+``best/map@r``, ``best/epoch``, ``last/...``), updated at every evaluation; and with
+``config["wandb_log_model"]`` the run's checkpoint is logged at the end as a W&B artifact of type
+``"model"`` (:meth:`RunLogger.finish`).
+
 ``wandb`` is imported only when a W&B mode is requested (``pip install "xbn-queue[wandb]"``);
 ``plot_history`` needs matplotlib (``pip install "xbn-queue[train]"``) and never touches pyplot's global
 state.
@@ -25,6 +33,7 @@ state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,12 +45,15 @@ from typing import Any, Optional, Union
 
 from xbn_queue.training._optional import require
 
-__all__ = ["RunLogger", "plot_history", "plot_compare", "curve_stats", "read_metrics", "to_plain", "kalman_gain_record"]
+__all__ = ["RunLogger", "WandbReport", "score_summary", "wandb_tag", "check_wandb_options", "plot_history", "plot_compare",
+           "curve_stats", "read_metrics", "to_plain", "kalman_gain_record"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 WANDB_MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb-run-id.txt"
+#: W&B's longest tag.
+WANDB_TAG_MAX = 64
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -130,6 +142,81 @@ def read_metrics(path: PathLike) -> list[dict[str, Any]]:
     return records
 
 
+@dataclasses.dataclass(frozen=True)
+class WandbReport:
+    """What a trainer's W&B run reports besides its records (``RunLogger(..., report=...)``).
+
+    Attributes:
+        method: The config field that names the method (``"method"``; ``"adaptation"`` for MoCo): the
+            run's W&B ``job_type``, its ``method=`` tag and the model artifact's ``method``.
+        scores: The evaluation keys of the summary (:func:`score_summary`); the first one picks the best
+            evaluation, as the trainer picks ``best.pt`` (its first maximum).
+        model_file: The checkpoint in the run folder that ``--wandb-log-model`` logs as a model artifact.
+        model_at: Which evaluation that checkpoint holds, ``"best"`` or ``"last"`` (the artifact's alias
+            and the metrics in its metadata).
+    """
+
+    method: str
+    scores: tuple[str, ...]
+    model_file: str = "best.pt"
+    model_at: str = "best"
+
+
+def score_summary(records: Sequence[Mapping[str, Any]], scores: Sequence[str], x: str = "epoch") -> dict[str, Any]:
+    """The W&B summary of a run's evaluations: ``best/<score>``, ``best/<x>``, ``last/<score>``, ``last/<x>``.
+
+    The evaluations are the records with a finite number under ``scores[0]``; the best is the first one
+    with the highest ``scores[0]`` (the trainers' rule for ``best.pt``), the last the final one. A score
+    or ``x`` a record does not hold is left out.
+
+    Args:
+        records: The run's records (``metrics.jsonl``), in order.
+        scores: The evaluation keys, the selecting one first (``("recall@1", "map@r")``).
+        x: The key of the epoch.
+
+    Returns:
+        ``{"best/recall@1": ..., "best/map@r": ..., "best/epoch": ..., "last/recall@1": ..., ...}``;
+        ``{}`` without an evaluation.
+    """
+    evals = [r for r in records if _is_number(r.get(scores[0]))]
+    if not evals:
+        return {}
+    best = evals[0]
+    for r in evals[1:]:
+        if r[scores[0]] > best[scores[0]]:
+            best = r
+    out: dict[str, Any] = {}
+    for name, r in (("best", best), ("last", evals[-1])):
+        for key in (*scores, x):
+            if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool):
+                out[f"{name}/{key}"] = r[key]
+    return out
+
+
+def wandb_tag(name: str, value: Any) -> str:
+    """A run's W&B tag for a setting: ``"method=xbn"``, ``"lr=0.001"``, ``"amp=False"`` (cut to W&B's 64 characters)."""
+    return f"{name}={to_plain(value)}"[:WANDB_TAG_MAX]
+
+
+def check_wandb_options(cfg: Any) -> None:
+    """Refuse W&B options that cannot do what they say (before anything is written).
+
+    Args:
+        cfg: A trainer's configuration (``wandb_mode``, ``wandb_log_model``, ``wandb_tags``).
+
+    Raises:
+        UsageError: ``--wandb-log-model`` with ``--wandb-mode disabled``; an empty tag or one longer than
+            W&B's 64 characters.
+    """
+    from xbn_queue.training.cli import UsageError
+
+    if getattr(cfg, "wandb_log_model", False) and cfg.wandb_mode == "disabled":
+        raise UsageError("--wandb-log-model: logs the checkpoint to W&B, which is off; add --wandb-mode offline or online")
+    for tag in getattr(cfg, "wandb_tags", None) or ():
+        if not 1 <= len(str(tag)) <= WANDB_TAG_MAX:
+            raise UsageError(f"--wandb-tags {tag!r}: expected a tag of 1 to {WANDB_TAG_MAX} characters (W&B's limit)")
+
+
 class RunLogger:
     """Log metrics to ``metrics.jsonl`` and optionally to Weights & Biases.
 
@@ -145,7 +232,12 @@ class RunLogger:
             run, the step of the checkpoint: records with a larger ``step`` are dropped and new ones
             appended, and the previous W&B run (if its id was saved) is continued.
         filename: Name of the JSON-lines file.
-        wandb_kwargs: Extra keyword arguments for ``wandb.init`` (e.g. ``tags``, ``group``, ``entity``).
+        wandb_kwargs: Extra keyword arguments for ``wandb.init`` (e.g. ``entity``); they win over ``report``'s.
+        report: What the W&B run reports besides the records (:class:`WandbReport`): ``job_type``
+            ``config[report.method]``, ``group`` ``config["wandb_group"]``, tags ``method=``, ``seed=``,
+            ``dataset=`` and ``config["wandb_tags"]``; the summary of the evaluations
+            (:func:`score_summary`, from every record of the file, a resumed run's earlier ones included);
+            ``report.model_file`` as a model artifact at :meth:`finish` when ``config["wandb_log_model"]``.
 
     Raises:
         ValueError: On an unknown ``mode``.
@@ -163,6 +255,7 @@ class RunLogger:
         resume_step: Optional[int] = None,
         filename: str = METRICS_FILE,
         wandb_kwargs: Optional[Mapping[str, Any]] = None,
+        report: Optional[WandbReport] = None,
     ) -> None:
         if mode not in WANDB_MODES:
             raise ValueError(f"unknown W&B mode {mode!r}; choose from {list(WANDB_MODES)}")
@@ -172,9 +265,14 @@ class RunLogger:
         self.path = self.output_dir / filename
         self._file: Any = None
         self._run: Any = None
+        self.report = report
+        self._config = dict(config)
+        #: The records that hold an evaluation (``report.scores[0]``), for the W&B summary.
+        self._evals: list[dict[str, Any]] = []
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        kept: list[dict[str, Any]] = []
         if resume_step is None:
             self._file = open(self.path, "w", encoding="utf-8")
         else:
@@ -187,11 +285,42 @@ class RunLogger:
             self._file = open(self.path, "a", encoding="utf-8")
         if mode != "disabled":
             try:
-                self._run = self._init_wandb(config, project, name, resume_step is not None, dict(wandb_kwargs or {}))
+                extra = {**self._identity(), **dict(wandb_kwargs or {})}
+                self._run = self._init_wandb(config, project, name, resume_step is not None, extra)
             except BaseException:
                 self._file.close()
                 self._file = None
                 raise
+        for record in kept:  # a resumed run's summary counts its earlier evaluations
+            self._note_evaluation(record)
+
+    def _identity(self) -> dict[str, Any]:
+        """``group``, ``job_type`` and ``tags`` of the W&B run, from the config (``{}`` without ``report``)."""
+        if self.report is None:
+            return {}
+        cfg = self._config
+        method = cfg.get(self.report.method)
+        tags = [wandb_tag(k, cfg[k]) for k in ("seed", "dataset") if cfg.get(k) is not None]
+        tags = [*([wandb_tag("method", method)] if method is not None else []), *tags, *(cfg.get("wandb_tags") or [])]
+        out: dict[str, Any] = {"tags": list(dict.fromkeys(str(t) for t in tags))}
+        if method is not None:
+            out["job_type"] = str(method)
+        if cfg.get("wandb_group"):
+            out["group"] = str(cfg["wandb_group"])
+        return out
+
+    def _note_evaluation(self, record: Mapping[str, Any]) -> None:
+        """Keep an evaluation record and bring the W&B summary up to date."""
+        if self.report is None or not _is_number(record.get(self.report.scores[0])):
+            return
+        self._evals.append(dict(record))
+        if self._run is not None:
+            self._run.summary.update(score_summary(self._evals, self.report.scores))
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The W&B summary of the evaluations so far (:func:`score_summary`; ``{}`` without ``report``)."""
+        return score_summary(self._evals, self.report.scores) if self.report is not None else {}
 
     def _init_wandb(self, config: Mapping[str, Any], project: Optional[str], name: Optional[str],
                     resuming: bool, extra: dict[str, Any]) -> Any:
@@ -255,21 +384,54 @@ class RunLogger:
         self._file.flush()
         if self._run is not None:
             self._run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        self._note_evaluation(record)
 
-    def finish(self) -> None:
-        """Close the file and finish the W&B run (idempotent)."""
+    def finish(self, failed: bool = False) -> None:
+        """Close the file and finish the W&B run (idempotent).
+
+        With ``report`` and ``config["wandb_log_model"]``, the run's ``report.model_file`` (when it exists)
+        is first logged as a W&B artifact (:meth:`log_model`), unless ``failed``.
+
+        Args:
+            failed: The run ended with an error: no artifact, and W&B marks the run failed (exit code 1).
+        """
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._run is not None:
-            self._run.finish()
-            self._run = None
+            run, self._run = self._run, None
+            try:
+                if not failed and self.report is not None and self._config.get("wandb_log_model"):
+                    self.log_model(run)
+            finally:
+                run.finish(exit_code=1 if failed else 0)
+
+    def log_model(self, run: Any) -> Any:
+        """Log ``report.model_file`` as a W&B artifact of type ``"model"`` (``None`` when the file does not exist).
+
+        Its name is ``model-<run name>-<run id>`` (one collection per W&B run, a resumed run adds versions);
+        its alias ``report.model_at`` (``best``); its metadata the method, the dataset, the group, the file,
+        the epoch and the scores of the evaluation it holds (``{"recall@1": ..., "map@r": ...}``).
+        """
+        assert self.report is not None
+        path = self.output_dir / self.report.model_file
+        if not path.is_file():
+            return None
+        wandb = require("wandb", "--wandb-log-model")
+        at, summary, cfg = self.report.model_at, self.summary, self._config
+        metadata = {"method": cfg.get(self.report.method), "dataset": cfg.get("dataset"), "group": cfg.get("wandb_group"),
+                    "file": path.name, "epoch": summary.get(f"{at}/epoch"),
+                    "metrics": {k: summary[f"{at}/{k}"] for k in self.report.scores if f"{at}/{k}" in summary}}
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"model-{run.name or ''}-{run.id}").strip("-")[:128]
+        artifact = wandb.Artifact(name, type="model", metadata=to_plain(metadata))
+        artifact.add_file(str(path), name=path.name)
+        return run.log_artifact(artifact, aliases=[at])
 
     def __enter__(self) -> "RunLogger":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.finish()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.finish(failed=exc_type is not None)
 
 
 def _is_number(v: Any) -> bool:
