@@ -36,8 +36,9 @@ from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_
                                     check_two_classes, warn)
 from xbn_queue.training.config import config_to_dict
 from xbn_queue.training.distributed import DistContext
-from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, RunState, any_rank, autocast,
-                                     broadcast_buffers, with_output_dir, wrap_ddp)
+from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, RunState, any_rank, broadcast_buffers,
+                                     with_output_dir, wrap_ddp)
+from xbn_queue.training.precision import autocast
 from xbn_queue.training.progress import progress
 from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
@@ -324,14 +325,12 @@ class MetricRun(RunLoop):
         self.batch_loss, self.mem_loss = build_losses(cfg, self.rows, self.ctx.is_distributed)
         if self.mem_loss is not None:
             self.mem_loss.to(device)
-        fp16 = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16) if device.type == "cuda" else None
         self.total_epochs = cfg.warmup_epochs + cfg.epochs
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), cfg.batch_size, self.ctx.world_size)
         self.build_datasets()
         self.build_probe()
         self.warm: Optional[bool] = None  # the phase of the current optimiser (set by start_epoch)
-        self.opt: Optional[torch.optim.Optimizer] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
         self.sched: Optional[torch.optim.lr_scheduler.StepLR] = None
         self.net: nn.Module = self.model
         self.resumed_optim: Optional[Dict[str, Any]] = None
@@ -381,10 +380,10 @@ class MetricRun(RunLoop):
 
     def checkpoint_state(self) -> Dict[str, Any]:
         return {"format": 1, "config": self.cfg_dict, "meta": self.meta, "model": self.model.state_dict(),
-                "optimizer": self.opt.state_dict() if self.opt is not None else None,
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "optimizer_phase": "warmup" if self.warm else "train",
                 "scheduler": self.sched.state_dict() if self.sched is not None else None,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "scaler": self.scaler.state_dict(),
                 "memory": self.mem_loss.state_dict() if self.mem_loss is not None else None,
                 "state": self.state.to_checkpoint(), "rng": get_rng_state()}
 
@@ -401,7 +400,7 @@ class MetricRun(RunLoop):
         bad = self.state.bad_files
         self.state = MetricState.from_checkpoint(ckpt["state"])
         self.state.bad_files = sorted(set(self.state.bad_files) | set(bad))
-        if self.scaler is not None and ckpt.get("scaler") is not None:
+        if ckpt.get("scaler"):  # None or {} without float16 AMP
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         self.resumed_optim = ckpt
@@ -414,11 +413,11 @@ class MetricRun(RunLoop):
             return
         self.warm = warm
         _set_phase(self.model, warm)
-        self.opt = _make_optimizer(self.cfg, self.model, warm, self.ctx.world_size)
-        self.sched = None if warm else torch.optim.lr_scheduler.StepLR(self.opt, self.cfg.lr_step_epochs, self.cfg.lr_gamma)
+        self.optimizer = _make_optimizer(self.cfg, self.model, warm, self.ctx.world_size)
+        self.sched = None if warm else torch.optim.lr_scheduler.StepLR(self.optimizer, self.cfg.lr_step_epochs, self.cfg.lr_gamma)
         ckpt, self.resumed_optim = self.resumed_optim, None
         if ckpt is not None and ckpt.get("optimizer_phase") == ("warmup" if warm else "train"):
-            self.opt.load_state_dict(ckpt["optimizer"])  # else saved at the warm-up's end: a fresh AdamW, as uninterrupted
+            self.optimizer.load_state_dict(ckpt["optimizer"])  # else saved at the warm-up's end: a fresh AdamW, as uninterrupted
             if self.sched is not None and ckpt.get("scheduler") is not None:
                 self.sched.load_state_dict(ckpt["scheduler"])
         self.net = wrap_ddp(self.model, self.ctx)
@@ -453,7 +452,7 @@ class MetricRun(RunLoop):
             with self.mem_loss.deferred_enqueue():  # the batch (with sample ids) is written at the block's end
                 loss = self.mem_loss(emb, y, ids=idx)  # adapt the memory, loss against it and the batch
                 self.check_finite("loss", loss)  # raises: the batch never reaches the memory
-        self.optimizer_step(loss)
+        self.backward_step(loss)  # one loss scaler (xbn_queue.training.precision)
         value = float(loss.detach())
         self.state.loss_sum += value
         self.state.loss_n += 1
@@ -482,17 +481,6 @@ class MetricRun(RunLoop):
         if self.cfg.channels_last and self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y, idx
-
-    def optimizer_step(self, loss: Tensor) -> None:
-        """Backward and step (through the AMP scaler under float16)."""
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None and self.scaler.is_enabled():
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.opt.step()
 
     def stop_after_step(self, end_of_epoch: bool) -> Reason:
         """A signal or ``--max-steps`` inside an epoch; at the epoch's last step the epoch finishes first."""
@@ -564,7 +552,7 @@ class MetricRun(RunLoop):
             return
         st = self.state
         record: Dict[str, Any] = {"epoch": st.epoch + 1, "step": st.global_step, "phase": "warmup" if self.warm else "train",
-                                  "lr": self.opt.param_groups[0]["lr"], "loss": st.loss_sum / max(st.loss_n, 1)}
+                                  "lr": self.optimizer.param_groups[0]["lr"], "loss": st.loss_sum / max(st.loss_n, 1)}
         record.update({k: v for k, v in rec.items() if k.startswith(("recall@", "map@r"))})
         if st.drift_n:
             record["drift_mean"] = st.drift_mean_sum / st.drift_n

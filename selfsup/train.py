@@ -51,9 +51,9 @@ from xbn_queue.training.checkpoint import check_compatible
 from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
                                     check_two_classes)
 from xbn_queue.training.config import config_to_dict
-from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, RunState, amp_dtype, autocast,
-                                     broadcast_buffers,
+from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, RunState, broadcast_buffers,
                                      with_output_dir, wrap_ddp)
+from xbn_queue.training.precision import autocast
 from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.tracking import kalman_gain_record, plot_history
@@ -248,8 +248,6 @@ class Trainer(RunLoop):
         self.on_gpu = device.type == "cuda"
         if self.on_gpu:
             torch.backends.cudnn.benchmark = True
-        self.amp = cfg.amp and self.on_gpu
-        self.amp_dtype = amp_dtype(device)
         self.memory_format = torch.channels_last if (cfg.channels_last and self.on_gpu) else torch.contiguous_format
         # images as one uint8 tensor (N, 3, S, S); on the GPU when augmenting there
         train_u8 = torch.from_numpy(self.data.train_images).permute(0, 3, 1, 2).contiguous()
@@ -282,7 +280,6 @@ class Trainer(RunLoop):
         # cosine over the whole run (per step), as PML's example does per epoch
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
                                                                     T_max=max(1, cfg.epochs * self.steps_per_epoch))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
 
     def recipe(self) -> str:
         return recipe_summary(self.cfg, self.ctx.world_size, self.steps_per_epoch)
@@ -437,10 +434,7 @@ class Trainer(RunLoop):
             loss = self.criterion(q, k) if ids is None else self.criterion(q, k, ids=ids)
             self.check_finite("loss", loss)  # raises: k never reaches the queue
         self.count_same_id_negatives(q.shape[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.backward_step(loss)  # one loss scaler (xbn_queue.training.precision)
         self.scheduler.step()
         return loss.detach()
 

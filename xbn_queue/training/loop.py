@@ -40,12 +40,13 @@ from xbn_queue.training.cli import (FolderLock, UsageError, check_output_dir, ch
                                    one_line, prepare_output_dir)
 from xbn_queue.training.config import config_to_dict, save_config
 from xbn_queue.training.distributed import DistContext, init_distributed
+from xbn_queue.training.precision import amp_dtype, amp_enabled, autocast, backward_step, grad_scaler
 from xbn_queue.training.progress import progress
 from xbn_queue.training.signals import GracefulExit
 from xbn_queue.training.tracking import RunLogger
 
 __all__ = ["RunLoop", "RunState", "RunSummary", "Callback", "NonFiniteError", "with_output_dir", "autocast",
-           "wrap_ddp", "any_rank", "all_finite", "broadcast_buffers", "Reason"]
+           "amp_dtype", "wrap_ddp", "any_rank", "all_finite", "broadcast_buffers", "Reason"]
 
 #: Why an epoch ended early: ``None`` (it did not), ``"signal"`` or ``"max_steps"``.
 Reason = Optional[str]
@@ -150,18 +151,6 @@ def with_output_dir(cfg: Any, runs_dir: str, *parts: str) -> Any:
     return dataclasses.replace(cfg, output_dir=choose_output_dir(None, cfg.resume, runs_dir, *parts))
 
 
-def autocast(enabled: bool, device: torch.device):
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op context elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=amp_dtype(device))
-    return torch.autocast("cpu", enabled=False)
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """The autocast dtype on ``device``: bfloat16 where CUDA supports it, else float16."""
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-
-
 def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     """``model`` in ``DistributedDataParallel`` under several processes, ``model`` itself otherwise."""
     if not ctx.is_distributed:
@@ -246,6 +235,8 @@ class RunLoop:
         #: Set by :meth:`build`: optimiser steps per epoch and the number of epochs.
         self.steps_per_epoch = 0
         self.total_epochs = 0
+        #: Set by :meth:`build`: the optimiser :meth:`backward_step` steps.
+        self.optimizer: Optional[torch.optim.Optimizer] = None
 
     # ----------------------------------------------------------------------------------- the run
     def fit(self) -> RunSummary:
@@ -294,6 +285,8 @@ class RunLoop:
             return
         self.ctx = init_distributed(self.cfg.device)
         self.device = self.ctx.device
+        self.amp = amp_enabled(self.cfg.amp, self.device)  # --amp on CUDA (xbn_queue.training.precision)
+        self.scaler = grad_scaler(self.cfg.amp, self.device)  # the run's one loss scaler (float16 only)
         self.check()
         self.build()
         self._ready = True
@@ -521,6 +514,14 @@ class RunLoop:
         for cb in self.callbacks:
             cb.on_checkpoint(self, path)
         return path
+
+    def autocast(self):
+        """The run's mixed precision context (:func:`xbn_queue.training.precision.autocast`)."""
+        return autocast(self.amp, self.device)
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        """Backward and optimiser step of ``self.optimizer`` through the run's one loss scaler."""
+        backward_step(loss, self.optimizer, self.scaler)
 
     def check_finite(self, what: str, *tensors: torch.Tensor) -> None:
         """Stop every rank when any rank's ``tensors`` hold a NaN or Inf (one all-reduce; one host read).
