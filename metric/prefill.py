@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from xbn_queue import prefill
 from xbn_queue.training.distributed import DistContext
+from xbn_queue.training.precision import autocast
 from xbn_queue.training.prefill import prefill_batches
 
 from .config import MetricConfig
@@ -49,8 +50,6 @@ def prefill_memory(model: nn.Module, memory_loss: Any, dataset: Any, cfg: Metric
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b.tolist() for b in batches],
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(0))
-    amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
 
     def unpack(batch: Tuple[Tensor, Tensor, Tensor, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         x, y, idx, ok = batch
@@ -59,7 +58,7 @@ def prefill_memory(model: nn.Module, memory_loss: Any, dataset: Any, cfg: Metric
     def embed(m: nn.Module, x: Tensor) -> Tensor:
         if cfg.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with autocast(cfg.amp, device):
             return m(x).float()  # (b, D)
 
     prefill(memory_loss.queue, model, loader, rows=rows, device=device, embed=embed, unpack=unpack,

@@ -325,9 +325,9 @@ def _write_store(out: Path, emb: np.ndarray, keys: Sequence[str], labels: Sequen
 
 
 def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return torch.autocast("cpu", enabled=False)
+    from xbn_queue.training.precision import autocast
+
+    return autocast(True, device)  # the trainers' AMP rule, always on for embedding on a GPU
 
 
 @torch.no_grad()

@@ -33,13 +33,13 @@ from torch import Tensor, nn
 from xbn_queue.drift import feature_drift, queue_staleness
 from xbn_queue.training.checkpoint import check_compatible
 from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
-                                    check_two_classes, warn)
+                                    check_two_classes, one_line, warn)
 from xbn_queue.training.config import config_to_dict
 from xbn_queue.training.distributed import DistContext
-from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, RunState, any_rank, autocast,
-                                     broadcast_buffers, with_output_dir, wrap_ddp)
+from xbn_queue.training.loop import (Callback, NonFiniteError, RunLoop, RunState, RunSummary, broadcast_buffers,
+                                     with_output_dir, wrap_ddp)
+from xbn_queue.training.precision import autocast
 from xbn_queue.training.progress import progress
-from xbn_queue.training.rng import get_rng_state, set_rng_state
 from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.tracking import WandbReport, kalman_gain_record, plot_history
 
@@ -239,9 +239,10 @@ def default_output_dir(cfg: MetricConfig) -> MetricConfig:
 
 @dataclasses.dataclass
 class MetricState(RunState):
-    """The metric run's position, the open epoch's running sums, the best and last evaluations.
+    """The metric run's position, the open epoch's running sums, the best evaluation, the unreadable files.
 
-    Saved in the checkpoint as a plain dictionary (:meth:`to_checkpoint`, the layout of 0.2).
+    Saved in the checkpoint's ``state`` entry (:meth:`to_dict`); :meth:`from_dict` also reads the layout
+    of 0.2 - 0.4 (the sums under ``acc``).
     """
 
     best_recall: float = -1.0
@@ -253,31 +254,33 @@ class MetricState(RunState):
     drift_n: int = 0
     bad_files: List[str] = dataclasses.field(default_factory=list)
     prefilled: bool = False
-    best: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    last: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    _SUMS = ("loss_sum", "loss_n", "drift_mean_sum", "drift_max_sum", "drift_n")
-
-    def next_epoch(self) -> None:
-        super().next_epoch()
-        for name in self._SUMS:
-            setattr(self, name, type(getattr(self, name))(0))
-
-    def to_checkpoint(self) -> Dict[str, Any]:
-        """The checkpoint's ``state`` entry."""
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best_recall": self.best_recall, "best_epoch": self.best_epoch, "bad_images": len(self.bad_files),
-                "bad_files": sorted(self.bad_files), "acc": {k: getattr(self, k) for k in self._SUMS},
-                "best": self.best, "last": self.last, "prefilled": self.prefilled}
+    epoch_sums = ("loss_sum", "loss_n", "drift_mean_sum", "drift_max_sum", "drift_n")
 
     @classmethod
-    def from_checkpoint(cls, st: Dict[str, Any]) -> "MetricState":
-        """Read a checkpoint's ``state`` entry (0.2 and later)."""
-        return cls(epoch=int(st["epoch"]), step_in_epoch=int(st["step_in_epoch"]), global_step=int(st["global_step"]),
-                   best_recall=float(st["best_recall"]), best_epoch=int(st["best_epoch"]),
-                   bad_files=list(st.get("bad_files", [])), best=st["best"], last=st["last"],
-                   prefilled=bool(st.get("prefilled", False)),
-                   **{k: st["acc"][k] for k in cls._SUMS})
+    def from_dict(cls, d: Dict[str, Any]) -> "MetricState":
+        """The state of any checkpoint since 0.2 (missing keys keep their defaults)."""
+        return super().from_dict({**d, **d.get("acc", {})})  # 0.2 - 0.4 kept the epoch's sums under "acc"
+
+
+class MetricReport(Callback):
+    """The metric run's side work: one line per evaluation, ``best.pt`` on a new best Recall@1, the plot."""
+
+    def on_epoch_end(self, loop: "MetricRun", record: Dict[str, Any]) -> None:
+        if not record:  # no evaluation this epoch (or not rank 0)
+            return
+        _print_epoch(record, loop.total_epochs, loop.cfg)
+        if loop.state.best.get("step") == record["step"]:
+            loop.save_checkpoint("best.pt")
+
+    def on_run_end(self, loop: "MetricRun", summary: RunSummary) -> None:
+        if loop.ctx.is_main and (loop.out / "metrics.jsonl").is_file():
+            try:
+                plot_history(loop.out / "metrics.jsonl", loop.out / "recall_drift.png",
+                             panels=[("recall@1",), ("drift_mean", "drift_max")], x="epoch",
+                             title=f"{loop.cfg.dataset} / {loop.cfg.method}", percent=("recall@1",))
+            except Exception as err:  # plotting must never kill a run
+                loop.say(f"warning: could not plot: {one_line(err)}")
 
 
 class MetricRun(RunLoop):
@@ -291,10 +294,11 @@ class MetricRun(RunLoop):
     prog = PROG
     checkpoint_keys = CHECKPOINT_KEYS
     wandb_report = WandbReport("method", ("recall@1", "map@r"), model_file="best.pt", model_at="best")
+    state_class = MetricState
+    state: MetricState
 
     def __init__(self, cfg: MetricConfig, callbacks: Iterable[Callback] = ()) -> None:
-        super().__init__(default_output_dir(resolve_config(cfg)), callbacks)
-        self.state: MetricState = MetricState()
+        super().__init__(default_output_dir(resolve_config(cfg)), callbacks, side_work=[MetricReport()])
 
     # ------------------------------------------------------------------------- check and build
     def check(self) -> None:
@@ -325,14 +329,14 @@ class MetricRun(RunLoop):
         self.batch_loss, self.mem_loss = build_losses(cfg, self.rows, self.ctx.is_distributed)
         if self.mem_loss is not None:
             self.mem_loss.to(device)
-        fp16 = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16) if device.type == "cuda" else None
         self.total_epochs = cfg.warmup_epochs + cfg.epochs
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), cfg.batch_size, self.ctx.world_size)
+        self.eval_every = cfg.eval_every
+        self.recipe = recipe_summary(cfg)
         self.build_datasets()
         self.build_probe()
         self.warm: Optional[bool] = None  # the phase of the current optimiser (set by start_epoch)
-        self.opt: Optional[torch.optim.Optimizer] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
         self.sched: Optional[torch.optim.lr_scheduler.StepLR] = None
         self.net: nn.Module = self.model
         self.resumed_optim: Optional[Dict[str, Any]] = None
@@ -372,39 +376,27 @@ class MetricRun(RunLoop):
                 if self.ctx.is_main:
                     warn(PROG, f"skipping unreadable image {name} (--skip-bad-images)")
 
-    def recipe(self) -> str:
-        return recipe_summary(self.cfg)
-
     # ---------------------------------------------------------------------------- checkpoints
-    def finished(self) -> bool:
-        st, max_steps = self.state, self.cfg.max_steps
-        return st.epoch >= self.total_epochs or (max_steps is not None and st.global_step >= max_steps)
-
     def checkpoint_state(self) -> Dict[str, Any]:
-        return {"format": 1, "config": self.cfg_dict, "meta": self.meta, "model": self.model.state_dict(),
-                "optimizer": self.opt.state_dict() if self.opt is not None else None,
+        """The shared layout (:meth:`RunLoop.checkpoint_state`) with the model, the memory and the phase's optimiser."""
+        return {**super().checkpoint_state(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "optimizer_phase": "warmup" if self.warm else "train",
                 "scheduler": self.sched.state_dict() if self.sched is not None else None,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "memory": self.mem_loss.state_dict() if self.mem_loss is not None else None,
-                "state": self.state.to_checkpoint(), "rng": get_rng_state()}
+                "memory": self.mem_loss.state_dict() if self.mem_loss is not None else None}
 
-    def check_checkpoint(self, ckpt: Dict[str, Any], path: Path) -> None:
+    def load_state(self, ckpt: Dict[str, Any], path: Path) -> None:
+        """Refuse another configuration; model, memory, run state and RNG now; optimiser and scheduler when the
+        phase starts (:meth:`start_epoch`)."""
         saved = dict(saved_config(ckpt["config"]), **ckpt["meta"])
         now = dict(saved_config(self.cfg_dict), **self.meta)
         check_compatible(saved, now, COMPAT_KEYS + ["memory_rows", "world_size"], source=path)
-
-    def load_state(self, ckpt: Dict[str, Any]) -> None:
-        """Model, memory, position and RNG now; optimiser, scheduler and scaler when the phase starts."""
         self.model.load_state_dict(ckpt["model"])
         if self.mem_loss is not None:
             self.mem_loss.load_state_dict(ckpt["memory"])
-        bad = self.state.bad_files
-        self.state = MetricState.from_checkpoint(ckpt["state"])
+        bad = self.state.bad_files  # noted while building (the probe batch)
+        super().load_state(ckpt, path)
         self.state.bad_files = sorted(set(self.state.bad_files) | set(bad))
-        if self.scaler is not None and ckpt.get("scaler") is not None:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
         self.resumed_optim = ckpt
 
     # ------------------------------------------------------------------------------- training
@@ -414,18 +406,16 @@ class MetricRun(RunLoop):
         if warm == self.warm:
             return
         self.warm = warm
+        self.phase = "warm-up" if warm else ""
         _set_phase(self.model, warm)
-        self.opt = _make_optimizer(self.cfg, self.model, warm, self.ctx.world_size)
-        self.sched = None if warm else torch.optim.lr_scheduler.StepLR(self.opt, self.cfg.lr_step_epochs, self.cfg.lr_gamma)
+        self.optimizer = _make_optimizer(self.cfg, self.model, warm, self.ctx.world_size)
+        self.sched = None if warm else torch.optim.lr_scheduler.StepLR(self.optimizer, self.cfg.lr_step_epochs, self.cfg.lr_gamma)
         ckpt, self.resumed_optim = self.resumed_optim, None
         if ckpt is not None and ckpt.get("optimizer_phase") == ("warmup" if warm else "train"):
-            self.opt.load_state_dict(ckpt["optimizer"])  # else saved at the warm-up's end: a fresh AdamW, as uninterrupted
+            self.optimizer.load_state_dict(ckpt["optimizer"])  # else saved at the warm-up's end: a fresh AdamW, as uninterrupted
             if self.sched is not None and ckpt.get("scheduler") is not None:
                 self.sched.load_state_dict(ckpt["scheduler"])
         self.net = wrap_ddp(self.model, self.ctx)
-
-    def epoch_description(self) -> str:
-        return super().epoch_description() + (" (warm-up)" if self.warm else "")
 
     def batches(self) -> Iterator[Tuple[Tensor, Tensor, Tensor, Tensor]]:
         """``(images, labels, dataset indices, readable)`` of the epoch's m-per-class batches for this rank."""
@@ -440,11 +430,13 @@ class MetricRun(RunLoop):
                                                 generator=torch.Generator().manual_seed(cfg.seed + st.epoch)))
 
     def train_step(self, batch: Tuple[Tensor, Tensor, Tensor, Tensor]) -> float:
-        """Embed, check, loss with the memory (adapt; the batch held back), check, enqueue, optimiser step, drift probe."""
+        """Prefill when due, embed, check, loss with the memory (adapt; the batch held back), check, enqueue,
+        backward and optimiser step, drift probe; returns the loss."""
+        self.fill_memory_if_due()  # --prefill: once, right before the first step whose loss uses the memory
         x, y, idx = self.readable(batch)
         measure = self.cfg.drift_every > 0 and self.state.step_in_epoch % self.cfg.drift_every == 0 and self.ctx.is_main
         z_before = self.embed_probe() if measure else None
-        with _autocast(self.cfg, self.device):
+        with self.autocast():
             emb = self.net(x)  # (B, D) float32
         self.check_finite("embedding", emb)  # every rank, before the memory is adapted
         if self.warm or self.mem_loss is None:
@@ -454,7 +446,7 @@ class MetricRun(RunLoop):
             with self.mem_loss.deferred_enqueue():  # the batch (with sample ids) is written at the block's end
                 loss = self.mem_loss(emb, y, ids=idx)  # adapt the memory, loss against it and the batch
                 self.check_finite("loss", loss)  # raises: the batch never reaches the memory
-        self.optimizer_step(loss)
+        self.backward_step(loss)  # one loss scaler (xbn_queue.training.precision)
         value = float(loss.detach())
         self.state.loss_sum += value
         self.state.loss_n += 1
@@ -484,32 +476,11 @@ class MetricRun(RunLoop):
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y, idx
 
-    def optimizer_step(self, loss: Tensor) -> None:
-        """Backward and step (through the AMP scaler under float16)."""
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None and self.scaler.is_enabled():
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.opt.step()
-
-    def stop_after_step(self, end_of_epoch: bool) -> Reason:
-        """A signal or ``--max-steps`` inside an epoch; at the epoch's last step the epoch finishes first."""
-        max_steps = self.cfg.max_steps
-        want_stop = any_rank(self.ctx, self.stop.requested)[0]
-        if end_of_epoch:
-            return None
-        if want_stop:
-            return "signal"
-        return "max_steps" if max_steps is not None and self.state.global_step >= max_steps else None
-
     def embed_probe(self) -> Tensor:
         """``(P, D)`` embeddings of the probe batch in eval mode (the phase's train/eval modes restored)."""
         was = self.model.training
         self.model.eval()
-        with torch.no_grad(), _autocast(self.cfg, self.device):
+        with torch.no_grad(), self.autocast():
             z = self.model(self.probe).float()  # (P, D)
         self.model.train(was)
         if self.warm:
@@ -517,21 +488,15 @@ class MetricRun(RunLoop):
         return z
 
     # ----------------------------------------------------------------------------- evaluation
-    def end_epoch(self, reason: Reason) -> Reason:
-        """Schedule step; evaluation and its record when due (and at ``--max-steps``); the next epoch."""
-        st, cfg = self.state, self.cfg
-        epoch_done = st.step_in_epoch >= self.steps_per_epoch
-        if epoch_done and self.sched is not None:
+    def end_epoch(self, evaluate: bool) -> Dict[str, Any]:
+        """Schedule step at the epoch's end; when ``evaluate``, the evaluation and its record (every rank agrees)."""
+        if self.epoch_done() and self.sched is not None:
             self.sched.step()
-        if cfg.max_steps is not None and st.global_step >= cfg.max_steps:
-            reason = "max_steps"
-        last_epoch = st.epoch + 1 == self.total_epochs
-        if reason == "max_steps" or (epoch_done and ((st.epoch + 1) % cfg.eval_every == 0 or last_epoch)):
-            self.record(self.evaluate())
-            self.state = self.ctx.broadcast_object(self.state)  # every rank keeps the same bookkeeping
-        if epoch_done:
-            self.state.next_epoch()
-        return reason
+        if not evaluate:
+            return {}
+        record = self.record(self.evaluate())
+        self.state = self.ctx.broadcast_object(self.state)  # every rank keeps the same bookkeeping
+        return record
 
     def evaluate(self) -> Dict[str, Any]:
         """Recall@K and MAP@R of the query split against the gallery, memory staleness (rank 0 computes)."""
@@ -559,13 +524,14 @@ class MetricRun(RunLoop):
         _set_phase(self.model, bool(self.warm))
         return rec
 
-    def record(self, rec: Dict[str, Any]) -> None:
-        """The evaluation's record: ``metrics.jsonl`` / W&B, one line, ``best.pt`` on a new best Recall@1 (rank 0)."""
+    def record(self, rec: Dict[str, Any]) -> Dict[str, Any]:
+        """The evaluation's record (rank 0; ``{}`` elsewhere): the epoch's sums, the scores, the memory; the last
+        and the best (by Recall@1) kept in the state. :class:`MetricReport` prints it and writes ``best.pt``."""
         if not self.ctx.is_main:
-            return
+            return {}
         st = self.state
         record: Dict[str, Any] = {"epoch": st.epoch + 1, "step": st.global_step, "phase": "warmup" if self.warm else "train",
-                                  "lr": self.opt.param_groups[0]["lr"], "loss": st.loss_sum / max(st.loss_n, 1)}
+                                  "lr": self.optimizer.param_groups[0]["lr"], "loss": st.loss_sum / max(st.loss_n, 1)}
         record.update({k: v for k, v in rec.items() if is_score(k)})
         if st.drift_n:
             record["drift_mean"] = st.drift_mean_sum / st.drift_n
@@ -573,26 +539,11 @@ class MetricRun(RunLoop):
         record.update({k: v for k, v in rec.items() if not is_score(k)})
         record["memory_rows"] = len(self.mem_loss.queue) if self.mem_loss is not None else 0
         record["bad_images"] = len(st.bad_files)  # distinct files, training and evaluation
-        self.log(record)
-        _print_epoch(record, self.total_epochs, self.cfg)
         st.last = record
         r1 = record.get("recall@1", float("nan"))
         if isinstance(r1, float) and not math.isnan(r1) and r1 > st.best_recall:
             st.best_recall, st.best_epoch, st.best = r1, st.epoch + 1, record
-            self.save_checkpoint("best.pt")
-
-    # -------------------------------------------------------------------------------- summary
-    def before_finish(self) -> None:
-        broadcast_buffers(self.model, self.ctx)
-
-    def plot(self) -> None:
-        if (self.out / "metrics.jsonl").is_file():
-            plot_history(self.out / "metrics.jsonl", self.out / "recall_drift.png",
-                         panels=[("recall@1",), ("drift_mean", "drift_max")], x="epoch",
-                         title=f"{self.cfg.dataset} / {self.cfg.method}", percent=("recall@1",))
-
-    def best_and_last(self) -> tuple:
-        return self.state.best, self.state.last
+        return record
 
 
 def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:

@@ -110,7 +110,8 @@ class SelfSupConfig:
     scale_lr: bool = _opt(False, "multiply --lr by the number of processes (linear scaling for the effective batch batch_size * world_size)")
     sgd_momentum: float = _opt(0.9, "SGD momentum", range=between(0, 1, hi_open=True))
     weight_decay: float = _opt(5e-4, "SGD weight decay", range=at_least(0))
-    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = no limit; for tests and quick runs)", range=at_least(0))
+    max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps in total (default: no limit; 0, as before 0.5, "
+                                    "also means no limit); for tests and quick runs", range=at_least(0))
     amp: bool = _opt(True, "mixed precision (bf16 autocast) on GPU; ignored on CPU")
     channels_last: bool = _opt(True, "channels-last memory format on GPU")
     device: str = _opt("auto", "training device", ["auto", "cpu", "cuda"])

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from xbn_queue import prefill
 from xbn_queue.training.distributed import DistContext
+from xbn_queue.training.precision import autocast
 from xbn_queue.training.prefill import prefill_batches
 
 from .config import SelfSupConfig
@@ -48,8 +49,6 @@ def prefill_queue(encoder_k: nn.Module, criterion: nn.Module, images_u8: Tensor,
     memory = criterion.queue if cfg.adapt_keys == "raw" else criterion.memory_bank
     rows = memory.queue.size if cfg.adapt_keys != "raw" else memory.size
     batches = prefill_batches(len(images_u8), rows, cfg.seed, cfg.knn_batch_size, ctx.rank, ctx.world_size)
-    amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16  # as the training step
 
     def loader() -> Iterator[Tuple[Tensor, None, Optional[Tensor]]]:
         for idx in batches:
@@ -57,7 +56,7 @@ def prefill_queue(encoder_k: nn.Module, criterion: nn.Module, images_u8: Tensor,
             yield prepare(images_u8[ids.to(images_u8.device)].to(device)), None, ids if with_ids else None
 
     def embed(m: nn.Module, x: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with autocast(cfg.amp, device):  # as the training step
             k = m(x).float()  # (b, D)
         return k if cfg.adapt_keys == "raw" else F.normalize(k, dim=1)
 

@@ -50,12 +50,11 @@ from selfsup.probe import linear_probe_accuracy
 from xbn_queue.adaptation import AXBN
 from xbn_queue.training.checkpoint import check_compatible
 from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
-                                    check_two_classes)
+                                    check_two_classes, one_line)
 from xbn_queue.training.config import config_to_dict
-from xbn_queue.training.loop import (Callback, NonFiniteError, Reason, RunLoop, RunState, amp_dtype, autocast,
-                                     broadcast_buffers,
+from xbn_queue.training.loop import (Callback, NonFiniteError, RunLoop, RunState, RunSummary, broadcast_buffers,
                                      with_output_dir, wrap_ddp)
-from xbn_queue.training.rng import get_rng_state, set_rng_state
+from xbn_queue.training.precision import autocast
 from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.tracking import WandbReport, kalman_gain_record, plot_history
 
@@ -67,8 +66,7 @@ PROG = "xbn-selfsup"
 #: Parent of the default run folders (``runs/selfsup/<dataset>-<adaptation>-<timestamp>``).
 DEFAULT_RUNS = "runs/selfsup"
 #: Keys every xbn-selfsup checkpoint has.
-CHECKPOINT_KEYS = ("config", "epoch", "step_in_epoch", "global_step", "encoder_q", "encoder_k", "criterion",
-                   "optimizer", "scheduler", "rng")
+CHECKPOINT_KEYS = ("config", "encoder_q", "encoder_k", "criterion", "optimizer", "scheduler", "rng")
 
 __all__ = ["Trainer", "SelfSupState", "train", "NonFiniteError", "build_criterion", "criterion_queue", "check_data",
            "recipe_summary", "default_output_dir"]
@@ -181,25 +179,54 @@ def check_data(cfg: SelfSupConfig, data: ImageData, world_size: int = 1) -> None
 
 @dataclasses.dataclass
 class SelfSupState(RunState):
-    """The MoCo run's position, the open epoch's loss sums, the last k-NN accuracy.
+    """The MoCo run's position, the open epoch's loss sums, the last k-NN accuracy and epoch loss.
 
-    Attributes:
-        record_pending: a signal stopped the run after the last step of an epoch (or of the run),
-            before its epoch record; the resumed run writes the record first.
+    Saved in the checkpoint's ``state`` entry (:meth:`to_dict`); :meth:`from_dict` also reads the flat
+    layout of 0.4 and before (the whole checkpoint).
     """
 
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
     last_knn: Optional[float] = None
-    record_pending: bool = False
+    last_probe: Optional[float] = None  # --linear-probe: the last evaluation's probe accuracy
+    last_loss: float = float("nan")  # the last epoch record's mean loss
     prefilled: bool = False  # --prefill: done once per run
     same_id_sum: float = 0.0  # this epoch: the steps' fractions of same-sample negatives, and their count
     same_id_steps: int = 0
 
-    def next_epoch(self) -> None:
-        super().next_epoch()
-        self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
-        self.same_id_sum, self.same_id_steps = 0.0, 0
+    epoch_sums = ("epoch_loss_sum", "epoch_loss_count", "same_id_sum", "same_id_steps")
+
+    def values(self) -> Dict[str, Any]:
+        probe = {} if self.last_probe is None else {"probe_acc": self.last_probe}
+        return {"knn_acc": self.last_knn, "loss": self.last_loss, **probe}
+
+
+class SelfSupReport(Callback):
+    """The MoCo run's side work: a step record every ``--log-every`` steps, one line per epoch, the plot."""
+
+    def on_step_end(self, loop: "Trainer") -> None:
+        st, every = loop.state, loop.cfg.log_every
+        if every > 0 and st.global_step % every == 0:
+            mean_loss = loop.ctx.all_reduce_mean(loop.step_loss)  # every rank
+            loop.log({"epoch": st.epoch + st.step_in_epoch / loop.steps_per_epoch, "loss": mean_loss,
+                      "step_loss": mean_loss,  # only on step records (for the plot)
+                      "lr": loop.optimizer.param_groups[0]["lr"]})
+
+    def on_epoch_end(self, loop: "Trainer", record: Dict[str, Any]) -> None:
+        if loop.ctx.is_main and record:
+            knn = f", k-NN {100 * record['knn_acc']:.2f}%" if "knn_acc" in record else ""
+            knn += f", probe {100 * record['probe_acc']:.2f}%" if "probe_acc" in record else ""
+            print(f"epoch {record['epoch']:.2f} step {loop.state.global_step}: loss {record['loss']:.4f}{knn}",
+                  file=sys.stderr, flush=True)
+
+    def on_run_end(self, loop: "Trainer", summary: RunSummary) -> None:
+        if loop.ctx.is_main and (loop.out / "metrics.jsonl").is_file():
+            try:
+                plot_history(loop.out / "metrics.jsonl", loop.out / PLOT_NAME, panels=[("knn_acc", "probe_acc"), ("step_loss", "epoch_loss")],
+                             x="epoch", title=f"MoCo {loop.cfg.dataset}, adaptation={loop.cfg.adaptation}",
+                             percent=("knn_acc", "probe_acc"))
+            except Exception as err:  # plotting must never kill a run
+                loop.say(f"warning: could not plot: {one_line(err)}")
 
 
 class Trainer(RunLoop):
@@ -214,19 +241,22 @@ class Trainer(RunLoop):
     prog = PROG
     checkpoint_keys = CHECKPOINT_KEYS
     wandb_report = WandbReport("adaptation", ("knn_acc",), model_file=CHECKPOINT_NAME, model_at="last")
+    state_class = SelfSupState
+    state: SelfSupState
 
     def __init__(self, cfg: SelfSupConfig, data: Optional[ImageData] = None, callbacks: Iterable[Callback] = ()) -> None:
         cfg.validate()
         cfg = default_output_dir(cfg)
-        # --knn-features unset: head for a new run; a resumed run takes its checkpoint's (check_checkpoint)
+        # --knn-features unset: head for a new run; a resumed run takes its checkpoint's (load_state)
         self.knn_features_given = cfg.knn_features is not None
         if cfg.kalman_q is None:  # the AXBN noise model's own default, written into config.yaml
             cfg = replace(cfg, kalman_q=AXBN.default_q(cfg.kalman_r_value()))
-        super().__init__(replace(cfg, knn_features=cfg.knn_features or DEFAULT_KNN_FEATURES), callbacks)
-        self.state: SelfSupState = SelfSupState()
+        if cfg.max_steps == 0:  # "no limit" as written before 0.5 (config.yaml, --max-steps 0): None from here on
+            cfg = replace(cfg, max_steps=None)
         self._pass_ids: Optional[bool] = None  # decided at the first step, after any resume
         self.data = data
-        self.setup()
+        super().__init__(replace(cfg, knn_features=cfg.knn_features or DEFAULT_KNN_FEATURES), callbacks,
+                         side_work=[SelfSupReport()])
 
     # ------------------------------------------------------------------------- check and build
     def check(self) -> None:
@@ -250,8 +280,6 @@ class Trainer(RunLoop):
         self.on_gpu = device.type == "cuda"
         if self.on_gpu:
             torch.backends.cudnn.benchmark = True
-        self.amp = cfg.amp and self.on_gpu
-        self.amp_dtype = amp_dtype(device)
         self.memory_format = torch.channels_last if (cfg.channels_last and self.on_gpu) else torch.contiguous_format
         # images as one uint8 tensor (N, 3, S, S); on the GPU when augmenting there
         train_u8 = torch.from_numpy(self.data.train_images).permute(0, 3, 1, 2).contiguous()
@@ -262,14 +290,12 @@ class Trainer(RunLoop):
         self.sampler = EpochBatches(len(self.train_u8), cfg.batch_size, cfg.seed, self.ctx.rank, self.ctx.world_size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_epochs = cfg.epochs
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps > 0:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.eval_every = cfg.knn_every
         self.build_model()
+        self.recipe = recipe_summary(cfg, self.ctx.world_size, self.steps_per_epoch)
         self.tensor_aug = TensorMoCoAugment(size=cfg.image_size, scale=(cfg.crop_min_scale, 1.0))
         self.pil_dataset = TwoViewDataset(self.data.train_images, pil_train_transform(cfg.image_size, cfg.crop_min_scale),
                                           cfg.seed)
-        self.last_loss = float("nan")
 
     def build_model(self) -> None:
         """Query and key encoders, the loss with the queue, SGD with a per-step cosine schedule, AMP scaler."""
@@ -284,59 +310,37 @@ class Trainer(RunLoop):
         # cosine over the whole run (per step), as PML's example does per epoch
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
                                                                     T_max=max(1, cfg.epochs * self.steps_per_epoch))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
-
-    def recipe(self) -> str:
-        return recipe_summary(self.cfg, self.ctx.world_size, self.steps_per_epoch)
 
     # ---------------------------------------------------------------------------- checkpoints
-    def finished(self) -> bool:
-        st = self.state
-        return not (st.epoch < self.cfg.epochs and (st.global_step < self.total_steps or st.record_pending))
-
     def checkpoint_state(self) -> Dict[str, Any]:
-        st = self.state
-        return {"config": config_to_dict(self.cfg), "epoch": st.epoch, "step_in_epoch": st.step_in_epoch,
-                "global_step": st.global_step, "epoch_loss_sum": st.epoch_loss_sum,
-                "epoch_loss_count": st.epoch_loss_count, "last_knn": st.last_knn, "record_pending": st.record_pending,
-                "prefilled": st.prefilled, "same_id_sum": st.same_id_sum, "same_id_steps": st.same_id_steps,
-                "encoder_q": self.encoder_q.state_dict(), "encoder_k": self.encoder_k.state_dict(),
-                "criterion": self.criterion.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": get_rng_state(),
-                "world_size": self.ctx.world_size}
+        """The shared layout (:meth:`RunLoop.checkpoint_state`) with the encoders, the loss (the queue), SGD, schedule."""
+        return {**super().checkpoint_state(), "encoder_q": self.encoder_q.state_dict(),
+                "encoder_k": self.encoder_k.state_dict(), "criterion": self.criterion.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
-    def check_checkpoint(self, ckpt: Dict[str, Any], path: Path) -> None:
-        """Refuses another configuration; without ``--knn-features`` the run takes the checkpoint's.
+    def load_state(self, ckpt: Dict[str, Any], path: Path) -> None:
+        """Refuses another configuration (without ``--knn-features`` the run takes the checkpoint's), then restores.
 
-        A checkpoint written before the option existed counts as ``backbone``, so ``knn_acc`` keeps its
+        A checkpoint written before ``--knn-features`` existed counts as ``backbone``, so ``knn_acc`` keeps its
         meaning across the resume.
 
         Raises:
-            ValueError: when the checkpoint's configuration differs on a key of ``COMPAT_KEYS``.
+            IncompatibleCheckpointError: the checkpoint's configuration differs on a key of ``COMPAT_KEYS``.
         """
         saved_cfg = {**COMPAT_DEFAULTS, **ckpt["config"]}  # keys a checkpoint from before the option lacks
         if not self.knn_features_given:
             self.cfg = replace(self.cfg, knn_features=saved_cfg["knn_features"])
         check_compatible(saved_cfg, config_to_dict(self.cfg), COMPAT_KEYS, source=path)
-        if ckpt.get("world_size", 1) != self.ctx.world_size:
+        saved_world = ckpt.get("meta", ckpt).get("world_size", 1)  # flat before 0.5
+        if saved_world != self.ctx.world_size:
             log.warning("checkpoint was written with %s processes, resuming with %s: the sampling order changes "
-                        "from here on", ckpt.get("world_size", 1), self.ctx.world_size)
-
-    def load_state(self, ckpt: Dict[str, Any]) -> None:
+                        "from here on", saved_world, self.ctx.world_size)
         self.encoder_q.load_state_dict(ckpt["encoder_q"])
         self.encoder_k.load_state_dict(ckpt["encoder_k"])
         self.criterion.load_state_dict(ckpt["criterion"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        self.state = SelfSupState(epoch=int(ckpt["epoch"]), step_in_epoch=int(ckpt["step_in_epoch"]),
-                                  global_step=int(ckpt["global_step"]), epoch_loss_sum=float(ckpt["epoch_loss_sum"]),
-                                  epoch_loss_count=int(ckpt["epoch_loss_count"]), last_knn=ckpt.get("last_knn"),
-                                  record_pending=bool(ckpt.get("record_pending", False)),
-                                  prefilled=bool(ckpt.get("prefilled", False)),
-                                  same_id_sum=float(ckpt.get("same_id_sum", 0.0)),
-                                  same_id_steps=int(ckpt.get("same_id_steps", 0)))
+        super().load_state(ckpt, path)
 
     # ------------------------------------------------------------------------------------------
     # k-NN monitor
@@ -443,10 +447,7 @@ class Trainer(RunLoop):
             loss = self.criterion(q, k) if ids is None else self.criterion(q, k, ids=ids)
             self.check_finite("loss", loss)  # raises: k never reaches the queue
         self.count_same_id_negatives(q.shape[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.backward_step(loss)  # one loss scaler (xbn_queue.training.precision)
         self.scheduler.step()
         return loss.detach()
 
@@ -472,7 +473,7 @@ class Trainer(RunLoop):
     def batches(self) -> Iterator[Tuple[Tensor, Optional[tuple]]]:
         """``(sample indices, None)`` per step on the tensor pipeline, ``(indices, PIL views)`` otherwise."""
         epoch, start = self.state.epoch, self.state.step_in_epoch
-        rows = self.sampler.batches(epoch)[start:][: max(0, self.total_steps - self.state.global_step)]
+        rows = self.sampler.batches(epoch)[start:]  # the loop stops at max_steps
         if self.cfg.gpu_augment:
             for row in rows:
                 yield row, None
@@ -482,7 +483,8 @@ class Trainer(RunLoop):
                 yield row, batch
 
     def train_step(self, batch: Tuple[Tensor, Optional[tuple]]) -> float:
-        """Two views of the batch, one MoCo step, the epoch's loss sums; returns the loss."""
+        """Prefill when due, two views of the batch, one MoCo step, the epoch's loss sums; returns the loss."""
+        self.fill_memory_if_due()  # --prefill: once, right before the first step whose loss uses the queue
         idx, pil_views = batch
         x0, x1, g = self.views(self.state.epoch, self.state.step_in_epoch, idx, pil_views)
         ids = torch.as_tensor(idx, dtype=torch.long).to(self.device) if self.pass_ids() else None
@@ -508,30 +510,10 @@ class Trainer(RunLoop):
             st.prefilled = prefill_queue(self.encoder_k, self.criterion, self.eval_train_u8, self._prepare, cfg,
                                          self.ctx, self.device, self.pass_ids())
 
-    def after_step(self, loss: float) -> None:
-        """A step record every ``--log-every`` steps (the loss averaged over ranks)."""
-        st, every = self.state, self.cfg.log_every
-        if every > 0 and st.global_step % every == 0:
-            mean_loss = self.ctx.all_reduce_mean(loss)
-            self.log({"epoch": st.epoch + st.step_in_epoch / self.steps_per_epoch, "loss": mean_loss,
-                      "step_loss": mean_loss,  # only on step records (for the plot)
-                      "lr": self.optimizer.param_groups[0]["lr"]})
-
-    def stop_after_step(self, end_of_epoch: bool) -> Reason:
-        """A signal stops at once (the epoch record then waits for the resume); ``--max-steps`` inside an epoch."""
-        done = self.state.global_step >= self.total_steps
-        if self.stop_requested():
-            self.state.record_pending = end_of_epoch or done
-            return "signal"
-        return "max_steps" if done and not end_of_epoch else None
-
-    def end_epoch(self, reason: Reason) -> Reason:
-        """The epoch's record (k-NN accuracy when due, at the last epoch and at ``--max-steps``), the next epoch."""
+    def end_epoch(self, evaluate: bool) -> Dict[str, Any]:
+        """The epoch's record (every rank): mean loss, speed, queue fill; the k-NN accuracy when ``evaluate``."""
         st, cfg = self.state, self.cfg
-        st.record_pending = False
         epoch_time = time.perf_counter() - self.epoch_started
-        end_of_epoch = st.step_in_epoch == self.steps_per_epoch
-        done = st.global_step >= self.total_steps
         record: Dict[str, Any] = {
             "epoch": st.epoch + st.step_in_epoch / self.steps_per_epoch,
             "loss": self.ctx.all_reduce_mean(st.epoch_loss_sum / max(1, st.epoch_loss_count)),
@@ -545,35 +527,16 @@ class Trainer(RunLoop):
             record["same_id_negatives_frac"] = self.ctx.all_reduce_mean(st.same_id_sum / st.same_id_steps)
         if cfg.skip_bad_images:
             record["bad_images"] = len(self.data.bad_images)
-        if done or st.epoch + 1 == cfg.epochs or (end_of_epoch and cfg.knn_every > 0 and (st.epoch + 1) % cfg.knn_every == 0):
+        if evaluate:
             accs = self.knn_eval_all()
             st.last_knn = record["knn_acc"] = accs[cfg.knn_features]
             record["knn_acc_backbone"], record["knn_acc_head"] = accs["backbone"], accs["head"]
             if cfg.linear_probe:
-                self.last_probe = record["probe_acc"] = accs[f"probe_{cfg.knn_features}"]
+                st.last_probe = record["probe_acc"] = accs[f"probe_{cfg.knn_features}"]
                 record["probe_acc_backbone"], record["probe_acc_head"] = accs["probe_backbone"], accs["probe_head"]
         record.update(kalman_gain_record(criterion_queue(self.criterion).adaptation))  # AXBN only
-        self.last_loss = record["loss"]
-        if end_of_epoch:
-            st.next_epoch()
-        self.log(record)
-        if self.ctx.is_main:
-            knn = f", k-NN {100 * record['knn_acc']:.2f}%" if "knn_acc" in record else ""
-            knn += f", probe {100 * record['probe_acc']:.2f}%" if "probe_acc" in record else ""
-            print(f"epoch {record['epoch']:.2f} step {st.global_step}: loss {record['loss']:.4f}{knn}",
-                  file=sys.stderr, flush=True)
-        return "max_steps" if cfg.max_steps > 0 and st.global_step >= cfg.max_steps else reason
-
-    # -------------------------------------------------------------------------------- summary
-    def plot(self) -> None:
-        if (self.out / "metrics.jsonl").is_file():
-            plot_history(self.out / "metrics.jsonl", self.out / PLOT_NAME, panels=[("knn_acc", "probe_acc"), ("step_loss", "epoch_loss")],
-                         x="epoch", title=f"MoCo {self.cfg.dataset}, adaptation={self.cfg.adaptation}",
-                         percent=("knn_acc", "probe_acc"))
-
-    def summary_values(self) -> Dict[str, Any]:
-        probe = {"probe_acc": getattr(self, "last_probe", None)} if self.cfg.linear_probe else {}  # this process's last
-        return {"knn_acc": self.state.last_knn, "loss": self.last_loss, **probe}
+        st.last_loss = record["loss"]
+        return record
 
 
 def train(cfg: SelfSupConfig, data: Optional[ImageData] = None, callbacks: Iterable[Callback] = ()) -> Dict[str, Any]:

@@ -70,7 +70,7 @@ def _wait_for_checkpoint(proc, path, min_step, timeout=180.0):
             return None
         if path.is_file():
             try:
-                step = torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+                step = torch.load(path, map_location="cpu", weights_only=True)["state"]["global_step"]
             except Exception:  # being replaced right now
                 step = -1
             if step >= min_step:
@@ -95,7 +95,7 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # 143, after the checkpoint
     assert "stopped by a signal" in err and "[xbn-selfsup] to resume: python -m selfsup train " in err
-    stopped_at = torch.load(ckpt, weights_only=True)["global_step"]
+    stopped_at = torch.load(ckpt, weights_only=True)["state"]["global_step"]
     assert 2 <= stopped_at < 12
 
     # 2) resume, then SIGKILL once a later checkpoint exists
@@ -112,7 +112,7 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
 
     final = torch.load(ckpt, weights_only=True)
     ref = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
-    assert final["global_step"] == ref["global_step"] == reference["global_step"] == 12
+    assert final["state"]["global_step"] == ref["state"]["global_step"] == reference["global_step"] == 12
     for part in ("criterion", "encoder_q", "encoder_k"):
         for key in ref[part]:
             assert torch.equal(final[part][key], ref[part][key]), (part, key)
@@ -136,7 +136,7 @@ def test_sigint_during_compare_stops_everything_and_resume_writes_the_full_table
     saved = json.loads((out / "compare.json").read_text())
     assert saved["run_complete"] == {"none-seed0": False, "xbn-seed0": False} and saved["complete"] is False
     assert saved["summary"] == {"none": {}, "xbn": {}} and not (out / "xbn-seed0").exists()
-    stopped_at = torch.load(out / "none-seed0" / "last.pt", weights_only=True)["global_step"]
+    stopped_at = torch.load(out / "none-seed0" / "last.pt", weights_only=True)["state"]["global_step"]
     assert 2 <= stopped_at < 6
 
     res = subprocess.run(args + ["--resume"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
@@ -147,4 +147,4 @@ def test_sigint_during_compare_stops_everything_and_resume_writes_the_full_table
     assert set(saved["summary"]) == {"none", "xbn"} and all(saved["summary"][a]["1"]["n"] == 1 for a in ("none", "xbn"))
     assert "+-" not in res.stdout and "(n=1)" in res.stdout  # one seed: the value alone
     for a in ("none", "xbn"):
-        assert torch.load(out / f"{a}-seed0" / "last.pt", weights_only=True)["global_step"] == 6
+        assert torch.load(out / f"{a}-seed0" / "last.pt", weights_only=True)["state"]["global_step"] == 6

@@ -100,7 +100,7 @@ def test_prefill_and_mask_resume_exactly_and_prefill_once(tmp_path, prefill_spy)
     train(tiny_config(tmp_path / "a", **run))
     cfg = tiny_config(tmp_path / "b", max_steps=5, **run)
     train(cfg)
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["prefilled"] is True
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["state"]["prefilled"] is True
     train(replace(cfg, max_steps=0, resume="auto"))
     assert len(prefill_spy) == 2  # the straight run and the first part; never on resume
     sa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)

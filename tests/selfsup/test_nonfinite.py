@@ -43,7 +43,7 @@ def test_a_nan_loss_with_finite_keys_never_reaches_the_queue(tmp_path, monkeypat
                                            "rank; stopped before the optimiser step and before the batch reached")
     assert "Traceback" not in err
     live, saved = seen["queue"], queue_of(tmp_path / "last.pt")
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["global_step"] == 2
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["state"]["global_step"] == 2
     assert len(live) == 2 * 32 and int(saved["queue.num_filled"]) == 2 * 32
     for name in ("memory", "ptr", "num_filled", "id_memory"):  # adaptation none: last.pt's queue, bit for bit
         assert torch.equal(getattr(live, name), saved["queue." + name]), name
@@ -64,7 +64,7 @@ def test_a_nan_on_rank_1_only_stops_both_ranks_before_the_queue(tmp_path, what):
     for r in ranks:
         assert r["stopped"].startswith(f"non-finite {what} at step 3 (epoch 1) on at least one rank"), r["stopped"]
     saved = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
-    assert saved["global_step"] == 2
+    assert saved["state"]["global_step"] == 2
     q_saved = {k.rsplit("queue.", 1)[1]: v for k, v in saved["criterion"].items() if "queue." in k}
     for r in ranks:  # each rank's live queue: the keys of the two good steps of both ranks, not the third step's
         q = r["queue"]

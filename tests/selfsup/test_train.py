@@ -141,7 +141,7 @@ def test_non_finite_embedding_stops_naming_the_step_and_keeps_a_clean_checkpoint
         finally:
             before = criterion_queue(trainer.criterion).embeddings.clone()
     ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 2
+    assert ckpt["state"]["global_step"] == 2
     assert torch.isfinite(before).all() and before.shape == (64, 128)
     q = queue_of(tmp_path / "last.pt")
     assert all(torch.isfinite(v).all() for v in q.values() if v.is_floating_point())

@@ -4,8 +4,13 @@ Small, independent modules; none of them is imported by ``xbn_queue`` itself, an
 they use (PyYAML, NumPy, tqdm, matplotlib, wandb) are imported only when needed, with an ``ImportError``
 that names the extra to install (``pip install "xbn-queue[train]"`` or ``"xbn-queue[wandb]"``).
 
-- :mod:`~xbn_queue.training.loop`: ``RunLoop`` (the run both trainers share, in named steps), ``RunState``,
-  ``RunSummary``, ``Callback`` (``on_step_end``, ``on_checkpoint``, ``on_run_end``), ``NonFiniteError``.
+- :mod:`~xbn_queue.training.loop`: ``RunLoop`` (the run both trainers share: it owns stopping, the epoch's
+  end, precision, the finiteness check and saving), ``RunState``, ``RunSummary`` (``to_dict`` / ``from_dict``),
+  ``Callback`` (``on_run_start``, ``on_epoch_start``, ``on_step_end``, ``on_epoch_end``, ``on_checkpoint``,
+  ``on_train_end``, ``on_run_end``, ``on_exception``) and the product's own (``Tracking``, ``ProgressBar``,
+  ``Checkpointer``), ``NonFiniteError``.
+- :mod:`~xbn_queue.training.precision`: ``autocast``, ``amp_dtype``, ``grad_scaler``, ``backward_step`` (one AMP
+  rule and one loss scaler for the trainers, their prefills, evaluations and ``xbn-metric embed``).
 - :mod:`~xbn_queue.training.images`: ``IMAGE_EXTENSIONS``, ``BadImageError``, ``digits_uint8``.
 - :mod:`~xbn_queue.training.config`: dataclass <-> command line / YAML (``parse_config``, ``save_config``,
   ``load_config``, ``config_to_dict``, ``build_parser``).
@@ -50,6 +55,7 @@ _EXPORTS = {
     "seed_everything": "seeding", "resolve_device": "seeding",
     "GracefulExit": "signals",
     "RunLoop": "loop", "RunState": "loop", "RunSummary": "loop", "Callback": "loop", "NonFiniteError": "loop",
+    "autocast": "precision", "amp_dtype": "precision", "grad_scaler": "precision", "backward_step": "precision",
     "prefill_batches": "prefill",
     "RunLogger": "tracking", "plot_history": "tracking", "plot_compare": "tracking", "read_metrics": "tracking",
 }

@@ -31,7 +31,7 @@ from typing import Any, Optional, Union
 import torch
 
 __all__ = ["atomic_save", "load_checkpoint", "resolve_resume", "check_compatible", "LAST_CHECKPOINT", "CheckpointError",
-           "load_error_reason"]
+           "IncompatibleCheckpointError", "load_error_reason"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -47,6 +47,10 @@ class CheckpointError(ValueError, RuntimeError):
     A ``ValueError`` (bad input: the trainers exit with status 2) and, for older callers, a
     ``RuntimeError``.
     """
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A readable checkpoint of another configuration (:func:`check_compatible`); bad input, exit status 2."""
 
 
 def load_error_reason(err: BaseException) -> str:
@@ -229,7 +233,7 @@ def check_compatible(
         source: Optional checkpoint path, named in the message.
 
     Raises:
-        ValueError: Listing every differing key, e.g.
+        IncompatibleCheckpointError: A ``ValueError`` listing every differing key, e.g.
             ``checkpoint 'run/last.pt' is incompatible with the current configuration; differs:
             memory_size: saved 1024, now 2048; method: saved 'xbm', now 'xbn'``.
     """
@@ -243,6 +247,6 @@ def check_compatible(
             diffs.append(f"{name}: saved {_fmt(old)}, now {_fmt(new)}")
     if diffs:
         where = f" {str(source)!r}" if source is not None else ""
-        raise ValueError(
+        raise IncompatibleCheckpointError(
             f"checkpoint{where} is incompatible with the current configuration; differs: " + "; ".join(diffs)
         )

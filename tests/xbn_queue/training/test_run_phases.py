@@ -1,9 +1,12 @@
 """Exit 2 is for bad input found before a run starts; a failure after its first write names the folder and --resume."""
 
+import functools
+
 import pytest
 
+import metric.train
 from metric.cli import main
-from metric.train import MetricRun
+from xbn_queue.training.loop import Callback
 from xbn_queue.training.cli import EXIT_FAILED, EXIT_USAGE, UsageError, mark_started, run_main
 
 from tests.metric.helpers import tiny_argv
@@ -36,15 +39,24 @@ def test_run_main_after_the_first_write_never_says_bad_input(capsys):
     assert capsys.readouterr().err == ""
 
 
+class RaiseAtStep(Callback):
+    """Raises ``err`` after step ``step`` (a bug or a full disk in a step's side work)."""
+
+    def __init__(self, step, err):
+        self.step, self.err = step, err
+
+    def on_step_end(self, loop):
+        if loop.state.global_step == self.step:
+            raise self.err
+
+
+def with_callback(monkeypatch, callback):
+    """Every run the command line starts gets ``callback``."""
+    monkeypatch.setattr(metric.train, "train", functools.partial(metric.train.train, callbacks=[callback]))
+
+
 def test_a_value_error_raised_mid_run_is_a_traceback_naming_the_folder_and_resume(tmp_path, monkeypatch):
-    after = MetricRun.after_step
-
-    def bug_at_step_3(self, loss):
-        after(self, loss)
-        if self.state.global_step == 3:
-            raise ValueError("a bug in the step's bookkeeping")
-
-    monkeypatch.setattr(MetricRun, "after_step", bug_at_step_3)
+    with_callback(monkeypatch, RaiseAtStep(3, ValueError("a bug in the step's bookkeeping")))
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="a bug in the step's bookkeeping") as info:
         main(["train", *tiny_argv(out, method="xbm", checkpoint_every=2)])
@@ -54,14 +66,7 @@ def test_a_value_error_raised_mid_run_is_a_traceback_naming_the_folder_and_resum
 
 
 def test_an_os_error_mid_run_is_one_line_naming_the_folder_and_exit_1(tmp_path, monkeypatch, capsys):
-    after = MetricRun.after_step
-
-    def disk_full_at_step_2(self, loss):
-        after(self, loss)
-        if self.state.global_step == 2:
-            raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(MetricRun, "after_step", disk_full_at_step_2)
+    with_callback(monkeypatch, RaiseAtStep(2, OSError(28, "No space left on device")))
     out = tmp_path / "run"
     assert main(["train", *tiny_argv(out, method="xbm")]) == EXIT_FAILED
     err = capsys.readouterr().err
