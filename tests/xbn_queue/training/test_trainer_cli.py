@@ -146,7 +146,10 @@ def _run(mod: str, argv: List[str]) -> subprocess.CompletedProcess:
 
 
 def _run_many(cases: List[Tuple[str, List[str]]], tmp: Path) -> List[Tuple[int, str, str]]:
-    """Each ``(module, argv)`` in its own forked process (see ``_cli_forker.py``): ``(exit status, stdout, stderr)``."""
+    """Each ``(module, argv)`` in its own forked process (see ``_cli_forker.py``): ``(exit status, stdout, stderr)``.
+
+    Costs an interpreter importing everything plus a fork per case: prefer ``tests.inprocess.run_inprocess``
+    unless each case needs a process of its own."""
     spec, result = tmp / "cases.json", tmp / "results.json"
     spec.write_text(json.dumps(cases))
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_cli_forker.py")), str(spec), str(result)],
