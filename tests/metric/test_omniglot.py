@@ -11,7 +11,7 @@ from PIL import Image
 import metric.data as md
 from metric.data import DataFormatError, load_omniglot
 
-from .helpers import run_cli
+from tests.inprocess import run_inprocess
 
 
 def test_embedded_split_by_alphabet():
@@ -108,7 +108,7 @@ def test_download_needs_a_root():
 ])
 def test_cli_errors_are_one_line(tmp_path, argv, match):
     out = tmp_path / "run"
-    proc = run_cli([*argv, "--output-dir", str(out), "--epochs", "1"], timeout=120)
+    proc = run_inprocess("metric", [*argv, "--output-dir", str(out), "--epochs", "1"])
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and match in lines[0], proc.stderr
@@ -118,9 +118,9 @@ def test_cli_errors_are_one_line(tmp_path, argv, match):
 def test_a_short_omniglot_comparison_end_to_end(tmp_path):
     """The main job's command, shortened: the embedded data, the tensor cache, both baselines, the table."""
     out = tmp_path / "cmp"
-    proc = run_cli(["compare", "--dataset", "omniglot", "--methods", "xbm,xbn", "--seeds", "1", "--epochs", "1",
+    proc = run_inprocess("metric", ["compare", "--dataset", "omniglot", "--methods", "xbm,xbn", "--seeds", "1", "--epochs", "1",
                     "--max-steps", "12", "--probe-size", "8", "--staleness-samples", "32", "--output-dir", str(out),
-                    "--no-progress"], timeout=300)
+                    "--no-progress"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recipe: from scratch, small grayscale images (backbone conv4" in proc.stderr
     assert "AdamW lr 0.001, batch 16 (4 per class)" in proc.stderr
@@ -188,7 +188,7 @@ def test_a_run_with_rotated_classes_uses_the_tensor_cache_and_says_so(tmp_path, 
 ])
 def test_rotations_cli_errors_are_one_line(tmp_path, argv, match):
     out = tmp_path / "run"
-    proc = run_cli([*argv, "--output-dir", str(out), "--epochs", "1"], timeout=120)
+    proc = run_inprocess("metric", [*argv, "--output-dir", str(out), "--epochs", "1"])
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and match in lines[0], proc.stderr

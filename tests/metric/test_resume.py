@@ -15,10 +15,11 @@ from metric.train import train
 from xbn_queue.training.checkpoint import load_checkpoint
 from xbn_queue.training.tracking import read_metrics
 
-from tests.xbn_queue.training.test_trainer_cli import _run_many, snapshot
+from tests.inprocess import run_inprocess
+from tests.xbn_queue.training.test_trainer_cli import snapshot
 
 from ._hooked_cli import HANG_LINE
-from .helpers import ROOT, env, run_cli, tiny_argv, tiny_cfg
+from .helpers import ROOT, env, tiny_argv, tiny_cfg
 
 HOOKED = [sys.executable, str(ROOT / "tests" / "metric" / "_hooked_cli.py")]
 
@@ -32,7 +33,7 @@ def reference(tmp_path_factory):
     return out
 
 
-def start_and_wait_for_hang(out, step, extra=(), timeout=120, argv=None):
+def start_and_wait_for_hang(out, step, extra=(), timeout=300, argv=None):
     argv = [*tiny_argv(out, **RUN), *extra] if argv is None else argv
     proc = subprocess.Popen([*HOOKED, "--hang-after-step", str(step), "--", *argv], cwd=ROOT,
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -90,8 +91,8 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path, reference):
     assert "stopped by a signal at step 21" in err and f"--output-dir {tmp_path} " in err
     assert err.rstrip().splitlines()[-1].startswith("[xbn-metric] to resume: python -m metric ") and err.rstrip().endswith(" --resume")
     assert load_checkpoint(tmp_path / "last.pt")["state"]["global_step"] == 21
-    # 3) resumed from an explicit path to the end: identical to the uninterrupted run, bit for bit
-    res = run_cli(tiny_argv(tmp_path, **RUN) + ["--resume", str(tmp_path / "last.pt")])
+    # 3) resumed from an explicit path to the end (in this process): identical to the uninterrupted run, bit for bit
+    res = run_inprocess("metric", tiny_argv(tmp_path, **RUN) + ["--resume", str(tmp_path / "last.pt")])
     assert res.returncode == 0, res.stderr
     assert "resumed from" in res.stderr
     assert_same_run(reference, tmp_path)
@@ -142,7 +143,7 @@ def test_sigint_during_compare_publishes_no_wrong_table_and_resume_completes_it(
     # Ctrl-C while the first run (none-seed0) is at step 4 of 11: the whole comparison stops
     proc = start_and_wait_for_hang(out, step=4, argv=argv)
     proc.send_signal(signal.SIGINT)
-    stdout, err = proc.communicate(timeout=120)
+    stdout, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "| No-XBM |" not in stdout  # no table printed as if complete
     assert "finish with: python -m metric compare" in err and f"--output-dir {out} " in err and err.rstrip().endswith("--resume")
@@ -155,14 +156,14 @@ def test_sigint_during_compare_publishes_no_wrong_table_and_resume_completes_it(
     assert not (out / "compare.png").exists() and not (out / "xbn-seed0").exists()
     assert load_checkpoint(out / "none-seed0" / "last.pt")["state"]["global_step"] == 4
 
-    # the same command again without --resume is refused and changes nothing
+    # the same command again without --resume is refused and changes nothing (in this process from here on)
     before = snapshot(out)
-    res = run_cli(argv)
+    res = run_inprocess("metric", argv)
     assert res.returncode == 2 and "--resume" in res.stderr and "--overwrite" in res.stderr
     assert snapshot(out) == before
 
     # --resume finishes the missing work and writes the full table
-    res = run_cli(argv + ["--resume"])
+    res = run_inprocess("metric", argv + ["--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr and "| No-XBM |" in res.stdout and "±" not in res.stdout  # one seed: no "± 0.00"
     result = json.loads((out / "compare.json").read_text())
@@ -177,9 +178,9 @@ def test_sigint_during_compare_publishes_no_wrong_table_and_resume_completes_it(
     # says it is complete; none of the three changes a byte
     run_dir = out / "xbn-seed0"
     before = snapshot(run_dir)
-    (c1, _, e1), (c2, _, e2), (c3, _, e3) = _run_many(
-        [("metric", tiny_argv(run_dir, warmup_epochs=0)), ("metric", tiny_argv(run_dir, warmup_epochs=0, method="xbm") + ["--resume"]),
-         ("metric", tiny_argv(run_dir, warmup_epochs=0) + ["--resume"])], tmp_path)
+    (c1, e1), (c2, e2), (c3, e3) = ((r.returncode, r.stderr) for r in (run_inprocess("metric", a) for a in (
+        tiny_argv(run_dir, warmup_epochs=0), tiny_argv(run_dir, warmup_epochs=0, method="xbm") + ["--resume"],
+        tiny_argv(run_dir, warmup_epochs=0) + ["--resume"])))
     assert c1 == 2 and "already holds a run" in e1 and "--overwrite" in e1
     assert c2 == 2 and "incompatible" in e2 and "method: saved 'xbn', now 'xbm'" in e2 and len(e2.splitlines()) == 1
     assert c3 == 0 and "already complete" in e3 and "resumed" not in e3
@@ -198,18 +199,18 @@ def test_jobs_two_equals_one_after_the_other_and_a_sigint_resumes(tmp_path):
     # the children are plain `python -m metric train` processes: watch the run folders, then Ctrl-C the parent
     proc = subprocess.Popen([sys.executable, "-m", "metric", *argv(par, 2)], cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not list(par.glob("*-seed0/last.pt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "compare ended before any checkpoint"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "finish with: python -m metric compare" in err and "--jobs 2" in err and err.rstrip().endswith("--resume")
     assert (par / "compare.md").read_text().startswith("INCOMPLETE: 2 run(s)")
     steps = [load_checkpoint(p)["state"]["global_step"] for p in par.glob("*-seed0/last.pt")]  # a run still starting
     assert steps and all(s < 33 for s in steps)  # up when the signal came has no checkpoint yet
-    res = run_cli(argv(par, 2) + ["--resume"])
+    res = run_inprocess("metric", argv(par, 2) + ["--resume"])  # the parent here; its runs are processes
     assert res.returncode == 0, res.stderr[-3000:]
     for run in ("xbm-seed0", "xbn-seed0"):
         assert read_metrics(par / run / "metrics.jsonl") == read_metrics(seq / run / "metrics.jsonl")

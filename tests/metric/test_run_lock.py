@@ -1,5 +1,9 @@
 """Two processes never write into one folder: runs, ``compare`` series and ``embed`` stores are locked; a lock
-left by a killed run does not block its ``--resume``."""
+left by a killed run does not block its ``--resume``.
+
+The holder of a lock is another process where the contract needs one (a run killed while it holds its folder,
+two runs forked at the same moment); a refused command runs in this process (``tests/inprocess.py``): the lock
+is an ``fcntl.flock`` on its own open file, which a second open in the same process cannot take either."""
 
 import json
 import os
@@ -14,9 +18,10 @@ import yaml
 
 from xbn_queue.training.cli import LOCK_FILE, FolderLock
 
+from tests.inprocess import run_inprocess
 from tests.xbn_queue.training.test_trainer_cli import snapshot
 
-from .helpers import ROOT, env, run_cli, tiny_argv
+from .helpers import ROOT, env, tiny_argv
 from .test_resume import RUN, start_and_wait_for_hang
 
 FORKER = ROOT / "tests" / "xbn_queue" / "training" / "_cli_forker.py"
@@ -39,7 +44,7 @@ def test_a_run_into_a_folder_in_use_exits_2_and_a_killed_run_resumes(tmp_path):
     try:
         before = snapshot(tmp_path)
         # --overwrite passes the early check (the folder holds a run) and would delete the live run's files
-        res = run_cli(tiny_argv(tmp_path, method="xbm", max_steps=2) + ["--overwrite"])
+        res = run_inprocess("metric", tiny_argv(tmp_path, method="xbm", max_steps=2) + ["--overwrite"])
         assert res.returncode == 2, res.stderr
         assert re.match(_in_use("--output-dir", tmp_path, "an xbn-metric run", proc.pid), _one_error_line(res.stderr))
         assert snapshot(tmp_path) == before  # nothing written, nothing removed
@@ -47,7 +52,7 @@ def test_a_run_into_a_folder_in_use_exits_2_and_a_killed_run_resumes(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     assert (tmp_path / LOCK_FILE).exists()  # the killed run's lock: stale
-    res = run_cli(tiny_argv(tmp_path, **RUN) + ["--resume"])
+    res = run_inprocess("metric", tiny_argv(tmp_path, **RUN) + ["--resume"])
     assert res.returncode == 0, res.stderr
     assert "resumed from" in res.stderr and not (tmp_path / LOCK_FILE).exists()
 
@@ -76,14 +81,14 @@ def test_a_series_folder_and_a_store_in_use_are_refused(tmp_path, trained_run):
     series = tmp_path / "cmp"
     with FolderLock(series, what="an xbn-metric compare"):
         before = snapshot(series)
-        res = run_cli(["compare", *tiny_argv(series, max_steps=1), "--methods", "none", "--seeds", "1"])
+        res = run_inprocess("metric", ["compare", *tiny_argv(series, max_steps=1), "--methods", "none", "--seeds", "1"])
         assert res.returncode == 2, res.stderr
         assert re.match(_in_use("--output-dir", series, "an xbn-metric compare", os.getpid()),
                         _one_error_line(res.stderr))
         assert snapshot(series) == before
     store = tmp_path / "store"
     with FolderLock(store, "--out", what="an xbn-metric embed"):
-        res = run_cli(["embed", str(trained_run[0]), "--out", str(store)])
+        res = run_inprocess("metric", ["embed", str(trained_run[0]), "--out", str(store)])
         assert res.returncode == 2, res.stderr
         assert re.match(_in_use("--out", store, "an xbn-metric embed", os.getpid()),
                         _one_error_line(res.stderr))

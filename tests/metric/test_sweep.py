@@ -126,7 +126,8 @@ def test_sigint_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):
     """The series machinery of compare, through sweep: exit 130, no table counting a cut-short run, --resume completes."""
     import signal
 
-    from .helpers import run_cli
+    from tests.inprocess import run_inprocess
+
     from .test_resume import start_and_wait_for_hang
 
     out = tmp_path / "sw"
@@ -134,14 +135,14 @@ def test_sigint_stops_the_whole_sweep_and_resume_finishes_it(tmp_path):
             "--batch-sizes", "8,16", "--memory-sizes", "32", "--seeds", "1"]
     proc = start_and_wait_for_hang(out, step=2, argv=argv)  # first run (xbn-b8-m32-seed0) at step 2
     proc.send_signal(signal.SIGINT)
-    stdout, err = proc.communicate(timeout=120)
+    stdout, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err
     assert "finish with: python -m metric sweep" in err and err.rstrip().endswith("--resume")
     md = (out / "sweep.md").read_text()
     assert md.startswith("INCOMPLETE: 2 run(s)") and "| XBN | n/a | n/a |" in md
     assert json.loads((out / "sweep.json").read_text())["complete"] is False
     assert not (out / "sweep.png").exists() and not (out / "xbn-b16-m32-seed0").exists()
-    res = run_cli(argv + ["--resume"])
+    res = run_inprocess("metric", argv + ["--resume"])
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((out / "sweep.json").read_text())
     assert result["complete"] is True and all(r["complete"] for r in result["runs"])

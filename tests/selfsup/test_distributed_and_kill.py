@@ -1,4 +1,5 @@
-"""Real processes: a 2-process gloo DDP run, and SIGTERM / SIGKILL followed by exact resume."""
+"""Real processes: a 2-process gloo DDP run (the ``two_process_runs`` launch of ``conftest.py``), and SIGTERM /
+SIGKILL followed by exact resume."""
 
 import json
 import signal
@@ -13,7 +14,8 @@ import torch
 
 from selfsup.train import Trainer, train
 from xbn_queue.training.config import config_to_argv
-from tests.selfsup.conftest import REPO, subprocess_env, tiny_config
+from tests.inprocess import run_inprocess
+from tests.selfsup.conftest import REPO, TWO_PROCESS_RUNS, subprocess_env, tiny_config
 
 TIMING_KEYS = {"epoch_time_s", "images_per_s"}
 
@@ -37,13 +39,8 @@ def strip_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-def test_two_process_gloo_run_has_identical_queues_and_rank0_writes(tmp_path):
-    out = tmp_path / "ddp"
-    cfg = tiny_config(out, batch_size=16, train_subset=128, epochs=1, adaptation="xbn")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "selfsup" / "_ddp_driver.py")] + cli_args(cfg)
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_two_process_gloo_run_has_identical_queues_and_rank0_writes(tmp_path, two_process_runs):
+    out = two_process_runs["plain"]  # TWO_PROCESS_RUNS["plain"] (conftest.py): batch 16, 128 images, one epoch, XBN
     r0 = torch.load(out / "queue_rank0.pt", weights_only=True)
     r1 = torch.load(out / "queue_rank1.pt", weights_only=True)
     assert r0["world_size"] == r1["world_size"] == 2
@@ -57,8 +54,7 @@ def test_two_process_gloo_run_has_identical_queues_and_rank0_writes(tmp_path):
     knn = records[-1]["knn_acc"]
     assert 0.0 <= knn <= 1.0 and r0["summary"]["knn_acc"] == r1["summary"]["knn_acc"] == knn
     # the gathered k-NN features give what one process computes from the same checkpoint
-    single = Trainer(tiny_config(tmp_path / "single", batch_size=16, train_subset=128, epochs=1, adaptation="xbn",
-                                 resume=str(out / "last.pt")))
+    single = Trainer(tiny_config(tmp_path / "single", **TWO_PROCESS_RUNS["plain"], resume=str(out / "last.pt")))
     single.restore(out / "last.pt")
     assert single.knn_eval() == pytest.approx(knn, abs=1e-6)
 
@@ -106,9 +102,9 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
 
-    # 3) resume to the end
-    proc = subprocess.run(args + ["--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # 3) resume to the end (in this process)
+    res = run_inprocess("selfsup", args[3:] + ["--resume", "auto"])
+    assert res.returncode == 0, res.stderr[-2000:]
 
     final = torch.load(ckpt, weights_only=True)
     ref = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
@@ -139,7 +135,7 @@ def test_sigint_during_compare_stops_everything_and_resume_writes_the_full_table
     stopped_at = torch.load(out / "none-seed0" / "last.pt", weights_only=True)["state"]["global_step"]
     assert 2 <= stopped_at < 6
 
-    res = subprocess.run(args + ["--resume"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    res = run_inprocess("selfsup", args[3:] + ["--resume"])  # in this process
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"resumed from {out / 'none-seed0' / 'last.pt'} at epoch 1, step {stopped_at}" in res.stderr
     saved = json.loads((out / "compare.json").read_text())

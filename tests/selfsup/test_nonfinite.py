@@ -1,14 +1,11 @@
 """A non-finite loss stops the MoCo run before the keys reach the queue; a NaN on one rank stops every rank."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from selfsup.cli import main
-from tests.selfsup.conftest import REPO, subprocess_env, tiny_config
-from tests.selfsup.test_distributed_and_kill import cli_args, free_port
+from tests.selfsup.conftest import tiny_config
+from tests.selfsup.test_distributed_and_kill import cli_args
 from tests.selfsup.test_train import queue_of
 
 
@@ -51,15 +48,8 @@ def test_a_nan_loss_with_finite_keys_never_reaches_the_queue(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("what", ["embedding", "loss"])
-def test_a_nan_on_rank_1_only_stops_both_ranks_before_the_queue(tmp_path, what):
-    out = tmp_path / "ddp"
-    cfg = tiny_config(out, batch_size=16, train_subset=128, epochs=1, adaptation="xbn", checkpoint_every=1,
-                      knn_every=0)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "selfsup" / "_nonfinite_driver.py"), what] + cli_args(cfg)
-    # a rank that stopped alone leaves the other waiting in the keys' all-gather: the timeout catches that hang
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_a_nan_on_rank_1_only_stops_both_ranks_before_the_queue(two_process_runs, what):
+    out = two_process_runs[what]  # TWO_PROCESS_RUNS[what] (conftest.py): 2 processes, batch 16, a NaN on rank 1 at step 3
     ranks = [torch.load(out / f"stopped_rank{r}.pt", weights_only=True) for r in (0, 1)]
     for r in ranks:
         assert r["stopped"].startswith(f"non-finite {what} at step 3 (epoch 1) on at least one rank"), r["stopped"]

@@ -1,9 +1,12 @@
-"""Both trainers as command-line programs, with real subprocesses: a table of bad inputs.
+"""Both trainers as command-line programs: a table of bad inputs.
 
 Every case must exit with status 2, print exactly one line to stderr naming the option or file, print
 no traceback, and leave its folder (and everything else under the test's tmp folder) unchanged. The
-cases run a few processes at a time; a refused case returns before any data or model work except the
-ones that are about the data itself (digits loads in well under a second).
+table runs in this process (``tests/inprocess.py``: ``main(argv)`` as the console script calls it), in a
+few seconds; the real entry points (``python -m metric`` / ``python -m selfsup``) run once per trainer in
+fresh interpreters. A refused case returns before any data or model work: the ones about the data itself
+load the data but build no model; only a checkpoint that cannot be read is found after the model is
+built (the run loop reads ``last.pt`` into the built model).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Dict, List, Tuple
 
 import pytest
 import torch
+
+from tests.inprocess import run_inprocess
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -141,7 +146,10 @@ def _run(mod: str, argv: List[str]) -> subprocess.CompletedProcess:
 
 
 def _run_many(cases: List[Tuple[str, List[str]]], tmp: Path) -> List[Tuple[int, str, str]]:
-    """Each ``(module, argv)`` in its own forked process (see ``_cli_forker.py``): ``(exit status, stdout, stderr)``."""
+    """Each ``(module, argv)`` in its own forked process (see ``_cli_forker.py``): ``(exit status, stdout, stderr)``.
+
+    Costs an interpreter importing everything plus a fork per case: prefer ``tests.inprocess.run_inprocess``
+    unless each case needs a process of its own."""
     spec, result = tmp / "cases.json", tmp / "results.json"
     spec.write_text(json.dumps(cases))
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_cli_forker.py")), str(spec), str(result)],
@@ -160,12 +168,50 @@ def _check(cid: str, mod: str, needle: str, code: int, stdout: str, stderr: str)
     return "" if ok else f"{cid}: exit {code}, stderr {stderr[-600:]!r}"
 
 
-def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
+#: Cases about the data itself: they load the (tiny) data set, and must still refuse before building a model.
+DATA_CASES = {"metric-prefill-memory-larger-than-training-set", "metric-m-per-class-above-class-size",
+              "metric-single-class-training-data", "selfsup-queue-larger-than-training-set",
+              "selfsup-single-class-training-data"}
+#: A checkpoint is read into the built model (check, build, then resume): these may load data and build.
+CHECKPOINT_CASES = {f"{mod}-{what}-checkpoint" for mod in ("metric", "selfsup") for what in ("corrupt", "truncated")}
+
+
+@pytest.fixture
+def work_done(monkeypatch):
+    """Records each data load and model build the trainers start (``[(trainer, "data" | "model")]``)."""
+    import metric.train
+    import selfsup.train
+
+    calls: List[Tuple[str, str]] = []
+
+    def spy(module, name, what):
+        real = getattr(module, name)
+
+        def recorded(*args, **kwargs):
+            calls.append((module.__name__.split(".")[0], what))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recorded)
+
+    spy(metric.train, "load_dataset", "data")
+    spy(metric.train, "build_model", "model")
+    spy(selfsup.train, "load_dataset", "data")
+    spy(selfsup.train, "MoCoEncoder", "model")
+    return calls
+
+
+def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, work_done):
     f = _fixtures(tmp_path)
     cases = _cases(f, tmp_path)
     before = snapshot(tmp_path)
-    results = _run_many([(mod, argv) for _, mod, argv, _ in cases], tmp_path)
-    failures = [_check(cid, mod, needle, *res) for (cid, mod, _, needle), res in zip(cases, results)]
+    failures = []
+    for cid, mod, argv, needle in cases:
+        work_done.clear()
+        res = run_inprocess(mod, argv)
+        failures.append(_check(cid, mod, needle, res.returncode, res.stdout, res.stderr))
+        allowed = {"data", "model"} if cid in CHECKPOINT_CASES else {"data"} if cid in DATA_CASES else set()
+        if {what for _, what in work_done} - allowed:
+            failures.append(f"{cid}: refused only after {work_done} (allowed: {sorted(allowed) or 'nothing'})")
     # the real entry points, once per trainer, in fresh interpreters (two cases, run side by side)
     direct = [c for c in cases if c[0] in ("metric-batch-size-negative", "selfsup-truncated-checkpoint")]
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -183,26 +229,24 @@ def test_read_only_output_dir_is_refused(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        results = _run_many([(mod, [*tiny, "--output-dir", str(ro / "run")])
-                             for mod, tiny in (("metric", METRIC_TINY), ("selfsup", SELFSUP_TINY))], tmp_path)
-        for code, _, err in results:
-            assert code == 2 and "not writable" in err and "Traceback" not in err
+        for mod, tiny in (("metric", METRIC_TINY), ("selfsup", SELFSUP_TINY)):
+            res = run_inprocess(mod, [*tiny, "--output-dir", str(ro / "run")])
+            assert res.returncode == 2 and "not writable" in res.stderr and "Traceback" not in res.stderr
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
 
 
-def test_help_lists_commands_defaults_once_and_ranges(tmp_path):
-    (m_code, m_out, _), (c_code, c_out, _), (s_code, s_out, _), (sc_code, sc_out, _) = _run_many(
-        [("metric", ["--help"]), ("metric", ["compare", "--help"]), ("selfsup", ["--help"]), ("selfsup", ["compare", "--help"])],
-        tmp_path)
-    assert m_code == c_code == s_code == sc_code == 0
-    text = " ".join(m_out.split())
+def test_help_lists_commands_defaults_once_and_ranges():
+    m, c, s, sc = (run_inprocess(mod, argv) for mod, argv in (
+        ("metric", ["--help"]), ("metric", ["compare", "--help"]), ("selfsup", ["--help"]), ("selfsup", ["compare", "--help"])))
+    assert m.returncode == c.returncode == s.returncode == sc.returncode == 0
+    text = " ".join(m.stdout.split())
     assert "xbn-metric compare [options]" in text and "exit status" in text
     assert "--batch-size BATCH_SIZE batch size per process (default 64; digits 32) [valid: >= 2]" in text
     assert "(default: None)" not in text and "--crop-min-scale" in text and "--crop-scale-min" not in text
-    ctext = " ".join(c_out.split())
+    ctext = " ".join(c.stdout.split())
     assert "--methods" in ctext and "--seeds" in ctext and "passed through to each run" in ctext
-    assert "compare" in s_out and "exit status" in s_out
-    stext = " ".join(sc_out.split())
+    assert "compare" in s.stdout and "exit status" in s.stdout
+    stext = " ".join(sc.stdout.split())
     assert "--adaptations" in stext and "passed through to each run" in stext and "--run-name" not in stext
