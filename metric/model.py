@@ -54,7 +54,10 @@ def _create_backbone(name: str, pretrained: bool, pretrained_path: Optional[str]
         kwargs["image_size"] = image_size
     use_hub = bool(pretrained and not pretrained_path)
     if small:  # built directly: the same constructor timm's registry calls, without importing timm
-        return ENTRY_POINTS[name](pretrained=False, **kwargs)
+        backbone = ENTRY_POINTS[name](pretrained=False, **kwargs)
+        if pretrained_path:
+            load_backbone_weights(backbone, pretrained_path)
+        return backbone
     import timm
 
     try:
