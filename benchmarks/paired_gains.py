@@ -10,7 +10,10 @@ memory loss + batch loss) and ``none`` (No-XBM: batch loss only): the per-seed d
 ``R@1(XBN, seed s) - R@1(B, seed s)`` (same seed = same initialisation and the same batches), their
 mean ± standard error (sample std / sqrt(n)) and the values themselves; and beside each cell the
 moment gap of the XBM run's memory (``staleness_moment_gap``: epoch 1, and the mean over the run) and
-the same for XBM*.
+the same for XBM*. A second table per method gives the spread as a reader of a single run needs it:
+the per-seed differences' mean ± sample std (ddof 1) for R@1 at epoch 1, R@1 at the best epoch and
+MAP@R at that epoch (the first evaluation with the highest R@1, as ``compare``'s "best"), each marked
+where its sign is the same in every seed, with the baseline's moment gap beside it.
 
 The verdict against the best of the three baselines (the baseline with the highest mean R@1 in that
 cell) is ``ahead`` when the paired gain over it is positive in every seed and its mean exceeds twice
@@ -41,6 +44,22 @@ NAMES = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN", "axb
 #: The options a cell is told apart by, and the main job's values of them (the base point).
 CELL = ("batch_size", "memory_size", "lr")
 BASE = {"batch_size": 16, "memory_size": 0.5, "lr": 0.001}
+
+
+#: The scores paired by seed: R@1 at epoch 1, R@1 at the best epoch, MAP@R at that epoch.
+KEYS = ("r1_ep1", "r1_best", "map_best")
+
+
+def scores(recs: Sequence[Dict]) -> Dict[str, float]:
+    """:func:`when_to_use.summary`, with ``map_best`` as MAP@R at the best-R@1 epoch (the first evaluation
+    with the highest R@1, as ``compare``'s "best" and ``best.pt``), not the highest MAP@R of any epoch."""
+    s = summary(list(recs))
+    best = recs[0]
+    for rec in recs:
+        if rec["recall@1"] > best["recall@1"]:
+            best = rec
+    s["map_best"] = 100 * best["map@r"]
+    return s
 
 
 def paired(a: Dict[int, float], b: Dict[int, float]) -> Dict[str, object]:
@@ -77,20 +96,20 @@ def analyse(runs: Sequence[Dict], methods: Sequence[str] = ("xbn", "axbn")) -> L
     """One record per cell: per-method scores per seed, paired gains of ``methods`` over each baseline."""
     cells: Dict[Tuple, Dict[str, Dict[int, Dict]]] = defaultdict(lambda: defaultdict(dict))
     for r in runs:
-        cells[tuple(r["cfg"].get(k) for k in CELL)][r["method"]][r["seed"]] = summary(r["recs"])
+        cells[tuple(r["cfg"].get(k) for k in CELL)][r["method"]][r["seed"]] = scores(r["recs"])
     out = []
     for cell in sorted(cells, key=lambda c: (cell_label(c) != cell_label(tuple(BASE.values())),) + tuple(float(x) for x in c)):
         by = cells[cell]
         rec: Dict = {"cell": dict(zip(CELL, cell)), "label": cell_label(cell), "methods": {}, "gains": {}}
         for m, seeds in by.items():
-            rec["methods"][m] = {k: {s: v[k] for s, v in sorted(seeds.items())} for k in ("r1_ep1", "r1_best", "gap_ep1", "gap")}
+            rec["methods"][m] = {k: {s: v[k] for s, v in sorted(seeds.items())} for k in KEYS + ("gap_ep1", "gap")}
         for m in methods:
             if m not in by:
                 continue
             for b, _ in BASELINES:
                 if b not in by:
                     continue
-                rec["gains"][(m, b)] = {k: paired(rec["methods"][m][k], rec["methods"][b][k]) for k in ("r1_ep1", "r1_best")}
+                rec["gains"][(m, b)] = {k: paired(rec["methods"][m][k], rec["methods"][b][k]) for k in KEYS}
             present = [b for b, _ in BASELINES if b in by]
             if present:
                 for k in ("r1_ep1", "r1_best"):
@@ -157,6 +176,37 @@ def gain_tables(cells: Sequence[Dict], method: str = "xbn") -> str:
     return "\n".join(lines)
 
 
+def sign_text(g: Dict) -> str:
+    """``mean ± std (ddof 1)`` of the per-seed differences and whether the sign holds in every seed."""
+    if not g or not g["n"]:
+        return "-"
+    d = g["values"]
+    std = f" ± {st.stdev(d):.2f}" if len(d) > 1 else ""
+    same = "every seed +" if all(x > 0 for x in d) else "every seed −" if all(x < 0 for x in d) else "mixed"
+    return f"{g['mean']:+.2f}{std} ({same})"
+
+
+def spread_table(cells: Sequence[Dict], method: str = "xbn") -> str:
+    """Markdown: per cell and baseline, the method's paired differences as mean ± std (ddof 1) over the seeds
+    for R@1 at epoch 1, R@1 best and MAP@R best, the sign in every seed, and the baseline's moment gap."""
+    lines = ["", f"**{NAMES[method]} minus each baseline, paired by seed: mean ± std (ddof 1) of the per-seed "
+             "differences, points; the sign in every seed**", "",
+             "| cell | minus | seeds | R@1 epoch 1 | R@1 best | MAP@R best | baseline's moment gap, epoch 1 / mean |",
+             "|---|---|---|---|---|---|---|"]
+    for c in cells:
+        if method not in c["methods"]:
+            continue
+        for b, name in BASELINES:
+            g = c["gains"].get((method, b))
+            if not g:
+                continue
+            s = c["methods"][b]
+            gap = "-" if b == "none" else f"{gap_text(s['gap_ep1'])} / {gap_text(s['gap'])}"
+            lines.append(f"| {c['label']} | {name} | {g['r1_best']['n']} | " + " | ".join(sign_text(g[k]) for k in KEYS)
+                         + f" | {gap} |")
+    return "\n".join(lines)
+
+
 def to_json(cells: Sequence[Dict]) -> List[Dict]:
     out = []
     for c in cells:
@@ -186,6 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for m in methods:
         if any(m in c["methods"] for c in cells):
             print(gain_tables(cells, m) + "\n")
+            print(spread_table(cells, m) + "\n")
     if args.json:
         args.json.write_text(json.dumps(to_json(cells), indent=1, default=str))
         print(f"wrote {args.json}", file=sys.stderr)

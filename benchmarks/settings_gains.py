@@ -15,6 +15,8 @@ a later folder is skipped) and summarised with :func:`when_to_use.summary`:
 * the verdict ``CLEAR`` when every per-seed difference is positive and the mean exceeds
   ``--clear-se`` standard errors (default 4.3: the two-sided 5 % t quantile with 2 degrees of freedom,
   i.e. 3 seeds), ``clear loss`` in the mirror case, ``-`` otherwise;
+* the same differences as mean ± sample std (ddof 1) for R@1 at epoch 1, R@1 best and MAP@R best, each
+  marked where its sign is the same in every seed (the table a reader of one run needs);
 * the XBM run's memory moment gap (``staleness_moment_gap`` of metrics.jsonl: at epoch 1 and its mean
   over the run), mean over seeds.
 
@@ -128,6 +130,37 @@ def render(name: str, by: Dict, methods: Sequence[str], clear_se: float) -> str:
     return "\n".join(lines)
 
 
+def sign_text(g: Dict) -> str:
+    """``mean ± std (ddof 1)`` of the per-seed differences and whether the sign holds in every seed."""
+    if not g or not g["n"]:
+        return "-"
+    d = g["values"]
+    std = f" ± {st.stdev(d):.2f}" if len(d) > 1 else ""
+    same = "every seed +" if all(x > 0 for x in d) else "every seed −" if all(x < 0 for x in d) else "mixed"
+    return f"{g['mean']:+.2f}{std} ({same})"
+
+
+def render_spread(by: Dict, methods: Sequence[str], pairs: Sequence[str] = ()) -> str:
+    """Markdown: each method minus each baseline (then each ``A:B`` of ``pairs``), paired by seed, as mean ± std
+    (ddof 1) of the per-seed differences for R@1 epoch 1, R@1 best and MAP@R best, the sign in every seed, and
+    the subtrahend's moment gap."""
+    rows = []
+    todo = [(m, b) for m in methods for b in BASELINES] + [tuple(p.partition(":")[::2]) for p in pairs]
+    for m, b in todo:
+        if m in by and b in by and m != b:
+            gs = [paired(by[m][k], by[b][k]) for k in ("r1_ep1", "r1_best", "map_best")]
+            gap = "-"
+            if b != "none" and b in by and not all(math.isnan(v) for v in by[b]["gap"].values()):
+                gap = f"{st.fmean(by[b]['gap_ep1'].values()):.3g} / {st.fmean(by[b]['gap'].values()):.3g}"
+            rows.append(f"| {NAMES.get(m, m)} - {NAMES.get(b, b)} | {gs[1]['n']} | " + " | ".join(sign_text(g) for g in gs)
+                        + f" | {gap} |")
+    if not rows:
+        return ""
+    return "\n".join(["", "", "Paired by seed: mean ± std (ddof 1) of the per-seed differences, points; the sign in every seed",
+                      "", "| difference A - B | seeds | R@1 epoch 1 | R@1 best | MAP@R best | moment gap of B, epoch 1 / mean |",
+                      "|---|---|---|---|---|---|"] + rows)
+
+
 def render_pairs(by: Dict, pairs: Sequence[str], clear_se: float) -> str:
     """Markdown: ``A - B`` paired by seed for each ``A:B`` of ``pairs`` both of whose methods were run."""
     rows = []
@@ -180,7 +213,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         by = analyse(paths, only)
         everything[name] = by
         print(render(name, by, args.methods.split(","), args.clear_se)
-              + render_pairs(by, [p for p in args.pairs.split(",") if p], args.clear_se) + "\n")
+              + render_pairs(by, [p for p in args.pairs.split(",") if p], args.clear_se)
+              + render_spread(by, args.methods.split(","), [p for p in args.pairs.split(",") if p]) + "\n")
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
     return 0
