@@ -136,7 +136,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="let the memory fill over the steps instead of prefilling it after the warm-up")
     p.add_argument("--log-every", type=int, default=5, help="drift / staleness logged every N steps (0: never)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="pml_lightning_run", help="folder of the CSV log")
+    p.add_argument("--out", default="runs/pml_lightning", help="folder of the CSV log (default runs/pml_lightning)")
     p.add_argument("--fast-dev-run", action="store_true", help="one training batch (Lightning's fast_dev_run)")
     args = p.parse_args(argv)
     for name in ("memory_size", "batch_size", "epochs"):
