@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from xbn_queue.adaptation import kalman_r_value
 from xbn_queue.training.cli import UsageError, above, at_least, available_cores, between, check_ranges
 from xbn_queue.training.tracking import check_wandb_options
 
@@ -199,18 +200,6 @@ class MetricConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
-
-
-def kalman_r_value(value: Union[float, str]) -> Optional[Union[float, str]]:
-    """``--kalman-r`` as AXBN takes it: a float > 0, ``"auto"`` or ``"sampling"``; ``None`` when it is none of these."""
-    text = str(value).strip().lower()
-    if text in ("auto", "sampling"):
-        return text
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number > 0 else None
 
 
 def validate_config(cfg: MetricConfig) -> None:

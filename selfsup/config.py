@@ -10,6 +10,7 @@ cosine schedule, key-encoder momentum 0.99, queue 4096, temperature 0.1, k-NN k=
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
+from xbn_queue.adaptation import kalman_r_value
 from xbn_queue.training.cli import Range, UsageError, above, at_least, available_cores, between, check_ranges
 from xbn_queue.training.tracking import check_wandb_options
 
@@ -156,14 +157,8 @@ class SelfSupConfig:
 
     def kalman_r_value(self) -> Union[float, str]:
         """Returns ``kalman_r`` as a float, or the string ``"auto"`` or ``"sampling"``."""
-        text = str(self.kalman_r).strip().lower()
-        if text in ("auto", "sampling"):
-            return text
-        try:
-            value = float(self.kalman_r)
-        except ValueError:
-            value = float("nan")
-        if not value > 0:
+        value = kalman_r_value(self.kalman_r)  # the library's rule (xbn_queue.adaptation), one for both trainers
+        if value is None:
             raise UsageError(f"--kalman-r {self.kalman_r}: expected a number > 0, 'auto' or 'sampling'")
         return value
 

@@ -18,13 +18,35 @@ from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["Adaptation", "NoAdaptation", "XBN", "AXBN", "XBNCov", "ADAPTATIONS", "build_adaptation", "NOISE_MODELS"]
+__all__ = ["Adaptation", "NoAdaptation", "XBN", "AXBN", "XBNCov", "ADAPTATIONS", "build_adaptation", "NOISE_MODELS",
+           "kalman_r_value"]
 
 #: The ``kalman_r`` strings AXBN accepts besides a number: per-dimension noise from the batch (``"auto"``)
 #: and the sampling-variance model (``"sampling"``), see :class:`AXBN`.
 NOISE_MODELS = ("auto", "sampling")
 #: Default process noise of ``kalman_r="sampling"``, in units of the population variance per step.
 SAMPLING_Q = 0.01
+
+
+def kalman_r_value(value: Union[float, str]) -> Optional[Union[float, str]]:
+    """``kalman_r`` as AXBN takes it, the one rule for the library and both trainers.
+
+    Args:
+        value: a number, or one of :data:`NOISE_MODELS` (case and surrounding spaces ignored).
+
+    Returns:
+        The number as a float when it is finite and > 0, the noise model's name, or ``None`` when the
+        value is neither (the caller raises its own error: ``ValueError`` here, a one-line usage error
+        in the trainers).
+    """
+    text = str(value).strip().lower()
+    if text in NOISE_MODELS:
+        return text
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if 0 < number < float("inf") else None
 
 
 class Adaptation(nn.Module):
@@ -210,11 +232,10 @@ class AXBN(_StepCounted, Adaptation):
         gain_every: int = 1,
     ) -> None:
         super().__init__(dim, eps)
-        if isinstance(r, str):
-            if r not in NOISE_MODELS:
-                raise ValueError(f"kalman_r must be a non-negative number, 'auto' or 'sampling', got {r!r}")
-        elif float(r) < 0:
-            raise ValueError(f"kalman_r must be non-negative, got {r}")
+        parsed = kalman_r_value(r)
+        if parsed is None:
+            raise ValueError(f"kalman_r must be a number > 0, 'auto' or 'sampling', got {r!r}")
+        r = parsed
         if q is None:
             q = self.default_q(r)
         if float(q) < 0 or float(p0) < 0:

@@ -204,3 +204,25 @@ def test_unknown_noise_model_is_refused():
         AdaptiveQueue(4, 2, "axbn", kalman_r="sometimes")
     with pytest.raises(ValueError, match="non-negative"):
         AXBN(2, r="sampling", q=-1.0)
+
+
+@pytest.mark.parametrize("value,expected", [
+    (0.01, 0.01), ("0.5", 0.5), (" Sampling ", "sampling"), ("AUTO", "auto"),
+    (0, None), (0.0, None), (-0.01, None), ("inf", None), ("nan", None), ("often", None), (None, None),
+])
+def test_one_rule_for_kalman_r_in_the_library_and_both_trainers(value, expected):
+    """One bound (a finite number > 0, 'auto' or 'sampling'): AXBN, xbn-metric and xbn-selfsup apply the same."""
+    from metric.config import kalman_r_value as metric_rule
+    from selfsup.config import SelfSupConfig
+    from xbn_queue.adaptation import AXBN, kalman_r_value
+    from xbn_queue.training.cli import UsageError
+
+    assert kalman_r_value(value) == expected and metric_rule is kalman_r_value
+    if expected is None:
+        with pytest.raises(ValueError, match="kalman_r must be a number > 0, 'auto' or 'sampling'"):
+            AXBN(4, r=value)
+        with pytest.raises(UsageError, match=r"--kalman-r .*: expected a number > 0, 'auto' or 'sampling'"):
+            SelfSupConfig(kalman_r=value).kalman_r_value()
+    else:
+        assert AXBN(4, r=value).r == expected
+        assert SelfSupConfig(kalman_r=value).kalman_r_value() == expected

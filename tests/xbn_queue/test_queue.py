@@ -136,9 +136,10 @@ def test_axbn_auto_noise_matches_reference():
     assert_close(q.embeddings.double(), torch.tensor(ref.valid(), dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
-def test_axbn_with_zero_measurement_noise_is_xbn():
+def test_axbn_with_vanishing_measurement_noise_is_xbn():
+    # r -> 0 makes the gain 1 (r = 0 itself is refused since 0.5: with q = 0 the recursion would divide 0 by 0)
     batches = _batches(8, 5, 4, seed=5)
-    a = AdaptiveQueue(size=9, dim=4, adaptation="axbn", kalman_r=0.0)
+    a = AdaptiveQueue(size=9, dim=4, adaptation="axbn", kalman_r=1e-9)
     b = AdaptiveQueue(size=9, dim=4, adaptation="xbn")
     for x, y in batches:
         a.update(x, y)
