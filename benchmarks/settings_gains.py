@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired_gains import sign_text  # noqa: E402  (the same text in both scripts' spread tables)
 from when_to_use import load_runs, summary  # noqa: E402
 
 NAMES = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN", "xbn-batch": "XBN*", "axbn": "AXBN",
@@ -128,16 +129,6 @@ def render(name: str, by: Dict, methods: Sequence[str], clear_se: float) -> str:
                 cells.append(gtext(g) + ("" if v == "-" else f" {v}"))
             lines.append(f"| {when} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def sign_text(g: Dict) -> str:
-    """``mean ± std (ddof 1)`` of the per-seed differences and whether the sign holds in every seed."""
-    if not g or not g["n"]:
-        return "-"
-    d = g["values"]
-    std = f" ± {st.stdev(d):.2f}" if len(d) > 1 else ""
-    same = "every seed +" if all(x > 0 for x in d) else "every seed −" if all(x < 0 for x in d) else "mixed"
-    return f"{g['mean']:+.2f}{std} ({same})"
 
 
 def render_spread(by: Dict, methods: Sequence[str], pairs: Sequence[str] = ()) -> str:

@@ -130,3 +130,16 @@ def read_wandb_run(run_dir: PathLike, timeout: float = 30.0) -> dict[str, Any]:
         elif kind == "exit":
             out["exit_code"] = r.exit.exit_code
     return out
+
+
+def offline_wandb(monkeypatch: pytest.MonkeyPatch, root: Path, wandb_dir: str = "wandb-dir") -> None:
+    """W&B in offline mode with every folder it writes under ``root`` (``wandb_dir`` "" is ``root`` itself), quiet,
+    and none of the W&B variables of the calling shell (mode, run id, group, job type, tags) leaking into the test."""
+    pytest.importorskip("wandb")
+    for name, sub in (("WANDB_DIR", wandb_dir), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
+                      ("WANDB_CONFIG_DIR", "config")):
+        monkeypatch.setenv(name, str(root / sub))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_X_SAVE_REQUIREMENTS", "false")  # W&B's pip-freeze of every run: 0.5 s each, not tested here
+    for name in ("WANDB_MODE", "WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_TAGS"):
+        monkeypatch.delenv(name, raising=False)

@@ -13,7 +13,7 @@ from metric.config import MetricConfig
 from xbn_queue.training.config import config_to_argv, parse_config
 from xbn_queue.training.tracking import read_metrics
 
-from tests.wandb_history import read_wandb_run
+from tests.wandb_history import offline_wandb, read_wandb_run
 
 from .conftest import make_folder
 from .helpers import tiny_argv
@@ -26,14 +26,7 @@ SMALL = dict(dataset="folder", split="instance", train_fraction=0.5, warmup_epoc
 
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    for name, sub in (("WANDB_DIR", "wandb-dir"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
-                      ("WANDB_CONFIG_DIR", "config")):
-        monkeypatch.setenv(name, str(tmp_path / sub))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_X_SAVE_REQUIREMENTS", "false")  # W&B's pip-freeze of every run: 0.5 s each, not tested here
-    for name in ("WANDB_MODE", "WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_TAGS"):
-        monkeypatch.delenv(name, raising=False)
+    offline_wandb(monkeypatch, tmp_path)
 
 
 def first_best(evals, key):

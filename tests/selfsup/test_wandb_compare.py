@@ -8,19 +8,12 @@ import pytest
 from selfsup.compare import compare
 from selfsup.data import load_dataset
 from tests.selfsup.conftest import tiny_config
-from tests.wandb_history import read_wandb_run
+from tests.wandb_history import offline_wandb, read_wandb_run
 from xbn_queue.training.tracking import read_metrics
 
 
 def test_compare_runs_are_grouped_by_series_and_summarise_knn(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    for name, sub in (("WANDB_DIR", "wandb-dir"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
-                      ("WANDB_CONFIG_DIR", "config")):
-        monkeypatch.setenv(name, str(tmp_path / sub))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_X_SAVE_REQUIREMENTS", "false")  # W&B's pip-freeze of every run: 0.5 s each, not tested here
-    for name in ("WANDB_MODE", "WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_TAGS"):
-        monkeypatch.delenv(name, raising=False)
+    offline_wandb(monkeypatch, tmp_path)
     out = tmp_path / "moco-series"
     cfg = tiny_config(out, train_subset=128, epochs=2, wandb_mode="offline", wandb_log_model=True, wandb_tags=["mine"])
     data = load_dataset("digits", "", image_size=16, train_subset=128, test_subset=40)

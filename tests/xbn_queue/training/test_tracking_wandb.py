@@ -13,7 +13,7 @@ from xbn_queue.training.cli import UsageError
 from xbn_queue.training.tracking import (RunLogger, WandbReport, check_wandb_options, read_metrics, score_summary,
                                          wandb_tag)
 
-from tests.wandb_history import read_wandb_run
+from tests.wandb_history import offline_wandb, read_wandb_run
 
 REPORT = WandbReport("method", ("recall@1", "map@r"), model_file="best.pt", model_at="best")
 
@@ -33,14 +33,7 @@ SUMMARY = {"best/recall@1": 0.75, "best/map@r": 0.375, "best/epoch": 2,
 
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    for name, sub in (("WANDB_DIR", ""), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
-                      ("WANDB_CONFIG_DIR", "config")):
-        monkeypatch.setenv(name, str(tmp_path / sub))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_X_SAVE_REQUIREMENTS", "false")  # W&B's pip-freeze of every run: 0.5 s each, not tested here
-    for name in ("WANDB_MODE", "WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_TAGS"):
-        monkeypatch.delenv(name, raising=False)
+    offline_wandb(monkeypatch, tmp_path, wandb_dir="")
 
 
 def test_score_summary_by_hand():
