@@ -20,3 +20,8 @@ def test_every_relative_link_resolves():
 def test_the_api_page_is_generated_from_the_current_docstrings():
     res = _run("gen_api.py", "--check")
     assert res.returncode == 0, res.stdout + res.stderr + "\nrun: python docs/gen_api.py"
+
+
+def test_the_import_graph_in_design_md_is_current():
+    res = _run("gen_import_graph.py", "--check")
+    assert res.returncode == 0, res.stdout + res.stderr + "\nrun: python docs/gen_import_graph.py"
