@@ -62,7 +62,7 @@ def search(index, queries: np.ndarray, k: int, exclude: Optional[np.ndarray] = N
     avail = int(index.ntotal) - (1 if exclude is not None else 0)
     k = max(min(k, avail), 0)
     if k > 0 and (isinstance(index, faiss.IndexIVF) or hasattr(index, "nprobe")):
-        index.nprobe = nprobe
+        index.nprobe = nprobe  # the search parameters of the approximate kinds (an empty search needs none)
     if k > 0 and isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = max(ef_search, k + 1)
     rows, scores = faiss_search(index, q, k, exclude)  # (Q, k), (Q, k)
@@ -139,7 +139,7 @@ def search_store(store: PathLike, query: PathLike, k: int = 10, index: str = "fl
         ``{"k", "index", "results": [{"query", "query_label", "neighbours": [{"rank", "item", "label",
         "score"}], "prediction"?: {"label", "confidence", "votes"}}], "top1_accuracy"?,
         "queries_without_positive"?, "knn_accuracy"?}``; the accuracies when the gallery has labels and
-        some query a known label (:func:`_accuracy`).
+        some query a known label (top-1 by the rules of Recall@1, see :mod:`metric.retrieval`).
 
     Raises:
         UsageError: bad ``k``, a query store or model of another model or dimension, an index that does
