@@ -1,7 +1,6 @@
 """Command line: ``xbn-metric [train] [options]`` trains one run, ``xbn-metric compare [options]`` compares
 methods, ``xbn-metric sweep [options]`` sweeps training options (by default batch and memory sizes, the
-paper's Figure 1); ``embed``, ``search`` and ``export`` use a trained run (:mod:`metric.retrieval`,
-:mod:`metric.export`).
+paper's Figure 1); ``embed``, ``search`` and ``export`` use a trained run (:mod:`metric.retrieval`).
 
 Examples::
 
@@ -106,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             return retrieval.embed_main(argv) if argv[0] == "embed" else retrieval.search_main(argv)
         if argv[:1] == ["export"]:
-            from .export import export_main
+            from .retrieval import export_main
 
             return export_main(argv)
         return _train_command(argv[1:] if argv[:1] == ["train"] else argv, argv)

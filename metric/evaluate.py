@@ -40,12 +40,14 @@ ranked order has rank ``k + #{negatives >= its similarity}``, and only ranks <= 
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["retrieval_metrics", "count_true_per_row", "check_retrieval_inputs", "SCORE_PREFIXES", "is_score"]
+__all__ = ["retrieval_metrics", "count_true_per_row", "check_retrieval_inputs", "SCORE_PREFIXES", "is_score",
+           "faiss_retrieval_metrics", "faiss_search"]
 
 #: The prefixes of the retrieval scores in a result or record (``recall@K``, ``map@r``, ``r_precision``).
 SCORE_PREFIXES = ("recall@", "map@r", "r_precision")
@@ -238,3 +240,141 @@ def retrieval_metrics(
     out["num_queries"] = n_valid
     out["queries_without_positive"] = n_q - n_valid
     return out
+
+
+# ------------------------------------------------------------------------------------ faiss backend
+def _faiss():
+    from xbn_queue.training._optional import require
+
+    return require("faiss", "searching with faiss")
+
+
+def _on_gpu(index):
+    """The index moved to the GPU when faiss has GPU support and a CUDA device is present (HNSW stays)."""
+    faiss = _faiss()
+    if not hasattr(faiss, "StandardGpuResources") or not torch.cuda.is_available() or isinstance(index, faiss.IndexHNSW):
+        return index
+    try:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    except (RuntimeError, AttributeError):  # an index type without a GPU version
+        return index
+
+
+def faiss_search(index, queries: np.ndarray, k: int, exclude: Optional[np.ndarray] = None
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar rows of a faiss index for each query, optionally leaving one row out of each list.
+
+    Searched on the GPU when faiss has GPU support and a CUDA device is present (an HNSW index stays on
+    the CPU). Used by :func:`faiss_retrieval_metrics` and by ``xbn-metric search``
+    (:func:`metric.retrieval.search`, which sets the IVF / HNSW search parameters first).
+
+    Args:
+        index: A faiss index of the gallery (``ntotal`` rows of dimension ``d``).
+        queries: (Q, d) float32, C-contiguous.
+        k: Neighbours per query, ``0 <= k <= ntotal`` (less one with ``exclude``).
+        exclude: (Q,) the gallery row to leave out of each query's list (leave-one-out: the query itself).
+
+    Returns:
+        ``(rows, scores)``: (Q, k) int64 gallery rows best first (-1 where an approximate index found
+        fewer than k) and (Q, k) float32 similarities (``-inf`` where ``rows`` is -1).
+    """
+    if k == 0:
+        return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+    kk = k + (1 if exclude is not None else 0)
+    scores, rows = _on_gpu(index).search(queries, kk)  # (Q, kk), (Q, kk)
+    if exclude is not None:
+        drop = rows == exclude[:, None]  # (Q, kk) the excluded row, at most once per line
+        drop[~drop.any(1), -1] = True  # not found among the kk: drop the last instead
+        keep = ~drop
+        rows = rows[keep].reshape(len(queries), k)
+        scores = scores[keep].reshape(len(queries), k)
+    scores = np.where(rows < 0, -np.inf, scores).astype(np.float32)
+    return rows.astype(np.int64), scores
+
+
+def _pessimistic_relevance(index, xq: np.ndarray, lq: np.ndarray, lg: np.ndarray, depth: int,
+                           exclude: Optional[np.ndarray]) -> np.ndarray:
+    """(c, depth) bool: whether each query's i-th ranked gallery item is a positive, ties against the query.
+
+    The ``depth`` nearest items come from the exact index; within a run of equal similarities the
+    negatives are put before the positives.
+    """
+    k = max(min(max(depth, 1), int(index.ntotal) - (1 if exclude is not None else 0)), 0)
+    rows, scores = faiss_search(index, xq, k, exclude)  # (c, k), (c, k)
+    rel = lg[rows] == lq[:, None]  # (c, k) relevant
+    order = np.lexsort((rel, -scores), axis=1)  # per row: score descending, negatives first among ties
+    return np.take_along_axis(rel, order, axis=1)  # (c, k) pessimistic ranking
+
+
+def _precision_at_r(rel: np.ndarray, r: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per query: MAP@R's average precision and R-Precision of a ranked relevance list.
+
+    Args:
+        rel: (c, depth) bool, the ranked relevance (:func:`_pessimistic_relevance`), depth >= R.
+        r: (c,) R, the number of positives of each query (0 gives 0).
+
+    Returns:
+        ``(ap, rp)``: (c,) ``1/R * sum_{i<=R} P(i) rel(i)`` and ``1/R * sum_{i<=R} rel(i)``.
+    """
+    ranks = np.arange(1, rel.shape[1] + 1)  # (depth,)
+    prec = np.cumsum(rel, axis=1) / ranks  # (c, depth) P(i)
+    use = rel & (ranks[None, :] <= r[:, None])  # (c, depth) rel(i), i <= R
+    return (prec * use).sum(1) / np.maximum(r, 1), use.sum(1) / np.maximum(r, 1)
+
+
+def faiss_retrieval_metrics(query: Tensor, query_labels: Tensor, gallery: Optional[Tensor] = None,
+                            gallery_labels: Optional[Tensor] = None, ks: Sequence[int] = (1, 10, 100, 1000),
+                            query_is_gallery: bool = False, chunk_size: int = 2048,
+                            map_at_r: bool = True) -> Dict[str, float]:
+    """Recall@K, MAP@R and R-Precision through an exact faiss search (``--eval-backend faiss``): the same
+    definitions and tie rule as :func:`retrieval_metrics` (same arguments, same result keys).
+
+    Each query's ``max(max(ks), R_max)`` nearest gallery items (plus itself in leave-one-out) come
+    from ``IndexFlatIP``; within a run of equal similarities negatives are put before positives
+    (ties count against the query). The two can differ only where the similarities themselves do:
+    faiss's float32 matrix product rounds a similarity differently from torch's (by up to ~4e-7 for
+    unit vectors), which can swap two items whose similarities are that close, and a tie that
+    straddles the end of the list. On trained embeddings Recall@K agrees exactly and MAP@R to 1e-5
+    (``tests/metric/test_faiss_eval.py``).
+
+    Returns:
+        ``{"recall@K", "map@r", "r_precision", "num_queries", "queries_without_positive"}``.
+
+    Raises:
+        ValueError: as :func:`retrieval_metrics` (shapes, non-finite features).
+    """
+    gallery, gallery_labels, query_is_gallery, ks = check_retrieval_inputs(query, query_labels, gallery, gallery_labels,
+                                                                           ks, query_is_gallery)
+    xq = np.ascontiguousarray(query.detach().float().cpu().numpy())  # (Q, D)
+    xg = np.ascontiguousarray(gallery.detach().float().cpu().numpy())  # (G, D)
+    if not (np.isfinite(xq).all() and np.isfinite(xg).all()):
+        raise ValueError("retrieval_metrics: features contain NaN or Inf")
+    lq = query_labels.detach().cpu().numpy().astype(np.int64)  # (Q,)
+    lg = gallery_labels.detach().cpu().numpy().astype(np.int64)  # (G,)
+    n_q, n_g = len(xq), len(xg)
+    uniq, counts = np.unique(lg, return_counts=True)
+    pos = dict(zip(uniq.tolist(), counts.tolist()))
+    n_pos = np.array([pos.get(int(c), 0) for c in lq], dtype=np.int64) - int(query_is_gallery)  # (Q,) R
+    has_pos = n_pos > 0
+    depth = min(n_g - int(query_is_gallery), max(ks[-1], int(n_pos.max()) if n_q else 0))
+    index = _faiss().IndexFlatIP(xg.shape[1])
+    index.add(xg)
+    hits = {k: 0 for k in ks}
+    map_sum = rp_sum = 0.0
+    for s in range(0, n_q, chunk_size):
+        e = min(s + chunk_size, n_q)
+        rel = _pessimistic_relevance(index, xq[s:e], lq[s:e], lg, depth, np.arange(s, e) if query_is_gallery else None)
+        first = np.where(rel.any(1), rel.argmax(1), n_g)  # (c,) 0-based rank of the first positive
+        ok = has_pos[s:e]  # (c,)
+        for k in ks:
+            hits[k] += int(((first < k) & ok).sum())
+        if map_at_r:
+            ap, rp = _precision_at_r(rel, n_pos[s:e])  # (c,), (c,)
+            map_sum += float(np.where(ok, ap, 0.0).sum())
+            rp_sum += float(np.where(ok, rp, 0.0).sum())
+    n_valid = int(has_pos.sum())
+    out: Dict[str, float] = {f"recall@{k}": hits[k] / n_valid if n_valid else float("nan") for k in ks}
+    if map_at_r:
+        out.update({"map@r": map_sum / n_valid if n_valid else float("nan"),
+                    "r_precision": rp_sum / n_valid if n_valid else float("nan")})
+    return dict(out, num_queries=n_valid, queries_without_positive=n_q - n_valid)

@@ -85,7 +85,7 @@ def build_preprocess(pre: Dict[str, Any]) -> Any:
 
     Args:
         pre: ``{"resize": int or [h, w], "interpolation": str, "center_crop": [h, w], "mean": [3], "std": [3]}``
-            (:func:`metric.export.preprocessing`; absent keys are skipped steps).
+            (:func:`metric.retrieval.export.preprocessing`; absent keys are skipped steps).
 
     Returns:
         A torchvision ``Compose``: PIL image -> (3, H, W) float32, RGB, resized, centre-cropped, normalised.
@@ -148,34 +148,30 @@ def metrics_table(history: List[Dict[str, Any]], exported_step: Optional[int]) -
     return "\n".join(lines)
 
 
-def model_card(config: Dict[str, Any], history: List[Dict[str, Any]]) -> str:
-    """The ``README.md`` of a model folder: Hub front matter, then method, data, metrics, loading, preprocessing.
-
-    Args:
-        config: The folder's ``config.json`` contents (:func:`write_model_folder`).
-        history: The run's evaluation records (``metrics.jsonl``), possibly empty.
-    """
+def _front_matter(config: Dict[str, Any]) -> str:
+    """The model card's YAML front matter for the Hub: library, pipeline, the data's licence, tags, datasets."""
     import yaml
 
     tr = config.get("training", {})
     dataset, method = tr.get("dataset", ""), tr.get("method", "")
-    lic_id, lic_words = _data_license(dataset)
+    lic_id = _data_license(dataset)[0]
     front: Dict[str, Any] = {"library_name": "xbn-queue", "pipeline_tag": "image-feature-extraction", "license": lic_id}
     if lic_id == "other":
         front["license_name"] = "see-dataset-terms"
     front["tags"] = ["metric-learning", "image-retrieval", "image-feature-extraction", "cross-batch-memory",
                      "xbn-queue", f"method-{method}", config["backbone"], "safetensors"]
     front["datasets"] = [dataset]
+    return f"---\n{yaml.safe_dump(front, sort_keys=False).strip()}\n---\n"
+
+
+def _card_about(config: Dict[str, Any], history: List[Dict[str, Any]]) -> str:
+    """The card's title and what the model is: method, data (and its licence), metrics of the run."""
+    tr = config.get("training", {})
+    dataset, method = tr.get("dataset", ""), tr.get("method", "")
     evaluation = tr.get("evaluation") or {}
     rows = history or ([evaluation] if evaluation else [])
-    pre = config["preprocessing"]
-    resize = pre.get("resize")
-    name = tr.get("run", "model")
-    card = f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
----
-
-# {name}: {config['embedding_dim']}-d image embeddings ({config['backbone']}, {method})
+    return f"""
+# {tr.get('run', 'model')}: {config['embedding_dim']}-d image embeddings ({config['backbone']}, {method})
 
 An image embedding model for retrieval, trained with [xbn-queue](https://pypi.org/project/xbn-queue/)
 {config['xbn_queue_version']} (`xbn-metric`): "Adaptive Cross Batch Normalization for Metric Learning".
@@ -190,7 +186,7 @@ head `{config['head']}`, embedding normalisation `{config['embedding_norm']}`.
 ## Data
 
 {DATASET_NAMES.get(dataset, dataset)} (`--dataset {dataset}`, split `{tr.get('split', '')}`).
-Licence of the data: {lic_words}.{' The ImageNet-pretrained backbone weights come with their own terms (timm).' if tr.get('pretrained') else ''}
+Licence of the data: {_data_license(dataset)[1]}.{' The ImageNet-pretrained backbone weights come with their own terms (timm).' if tr.get('pretrained') else ''}
 
 ## Metrics
 
@@ -198,7 +194,14 @@ Retrieval on the run's held-out images, in percent (Recall@K, MAP@R), at every e
 these weights are the checkpoint `{tr.get('checkpoint_name', 'best.pt')}` (best Recall@1):
 
 {metrics_table(rows, evaluation.get('step'))}
+"""
 
+
+def _card_usage(config: Dict[str, Any]) -> str:
+    """How to use the model: loading it, its preprocessing, and the command that trained it."""
+    tr = config.get("training", {})
+    pre = config["preprocessing"]
+    return f"""
 ## How to load
 
 ```python
@@ -217,7 +220,7 @@ load into `metric.model.build_model(**{{k: config[k] for k in ("backbone", "embe
 
 ## Preprocessing
 
-RGB image -> resize the shorter side to {resize} ({pre.get('interpolation', '')}) -> centre crop
+RGB image -> resize the shorter side to {pre.get('resize')} ({pre.get('interpolation', '')}) -> centre crop
 {pre.get('center_crop')} -> to [0, 1] -> normalise with mean {pre.get('mean')} and std {pre.get('std')}.
 Input `(B, 3, {config['image_size']}, {config['image_size']})` float32, output `(B, {config['embedding_dim']})` float32.
 
@@ -229,7 +232,16 @@ Input `(B, 3, {config['image_size']}, {config['image_size']})` float32, output `
 
 Checkpoint SHA-256: `{tr.get('checkpoint_sha256', '')}`.
 """
-    return card
+
+
+def model_card(config: Dict[str, Any], history: List[Dict[str, Any]]) -> str:
+    """The ``README.md`` of a model folder: Hub front matter, then method, data, metrics, loading, preprocessing.
+
+    Args:
+        config: The folder's ``config.json`` contents (:func:`write_model_folder`).
+        history: The run's evaluation records (``metrics.jsonl``), possibly empty.
+    """
+    return _front_matter(config) + _card_about(config, history) + _card_usage(config)
 
 
 def write_model_folder(out: Union[str, Path], state_dict: Dict[str, torch.Tensor], config: Dict[str, Any],

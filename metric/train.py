@@ -52,6 +52,7 @@ from .model import MetricModel, build_model
 from .prefill import prefill_memory
 from .recipe import recipe_summary
 from .sampler import MPerClassBatches, steps_per_epoch
+from .transforms import build_transforms
 
 __all__ = ["train", "MetricRun", "MetricState", "NonFiniteError", "build_transforms", "build_losses", "embed_split",
            "default_output_dir"]
@@ -64,35 +65,6 @@ CHECKPOINT_KEYS = ("config", "meta", "model", "state", "rng")
 
 
 # ----------------------------------------------------------------------------------------- pieces
-def build_transforms(cfg: MetricConfig):
-    """The training transform and the evaluation transform (resize + centre crop, ImageNet normalisation).
-
-    ``--augment timm``: timm's training pipeline (random-resized crop, flip, colour jitter,
-    ``--auto-augment``, random erasing). ``--augment mild`` (the from-scratch recipe): random-resized
-    crop of ``crop_min_scale``-100 % of the area, a random affine of +-10 degrees and +-5 % shift,
-    horizontal flip, random erasing with ``re_prob``; no RandAugment, no colour jitter.
-    """
-    from timm.data import create_transform
-
-    eval_tf = create_transform(input_size=cfg.image_size, is_training=False, interpolation="bicubic")
-    if cfg.augment == "mild":
-        from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        from torchvision import transforms as T
-
-        steps = [T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                 T.RandomAffine(degrees=10, translate=(0.05, 0.05)),
-                 T.RandomHorizontalFlip(cfg.hflip), T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-        if cfg.re_prob > 0:
-            steps.append(T.RandomErasing(cfg.re_prob))
-        return T.Compose(steps), eval_tf
-    aa = None if (cfg.auto_augment or "none").lower() == "none" else cfg.auto_augment
-    train_tf = create_transform(
-        input_size=cfg.image_size, is_training=True, auto_augment=aa, re_prob=cfg.re_prob,
-        scale=(cfg.crop_min_scale, 1.0), hflip=cfg.hflip, interpolation="bicubic",
-    )
-    return train_tf, eval_tf
-
-
 def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     """The batch loss and (unless method is ``none``) the memory loss.
 
@@ -513,7 +485,7 @@ class MetricRun(RunLoop):
         if self.ctx.is_main:
             metrics_fn = retrieval_metrics
             if self.cfg.eval_backend == "faiss":  # the same metrics through an exact faiss index
-                from .retrieval import faiss_retrieval_metrics as metrics_fn
+                from .evaluate import faiss_retrieval_metrics as metrics_fn
             rec = metrics_fn(qf, ql, gf, gl, ks=self.cfg.recall_ks, query_is_gallery=data.query_is_gallery,
                              chunk_size=self.cfg.eval_chunk)
             rec["eval_bad_images"] = bad_q + bad_g  # per evaluation; files are counted once via note_bad

@@ -31,8 +31,7 @@ pytest.importorskip("faiss")
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator  # noqa: E402
 from pytorch_metric_learning.utils.inference import FaissKNN  # noqa: E402
 
-from metric.evaluate import retrieval_metrics  # noqa: E402
-from metric.retrieval import faiss_retrieval_metrics  # noqa: E402
+from metric.evaluate import faiss_retrieval_metrics, retrieval_metrics  # noqa: E402
 
 KS = (1, 2, 4, 8)
 CPU = torch.device("cpu")

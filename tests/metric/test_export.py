@@ -19,7 +19,7 @@ import yaml
 from metric.cli import main
 from metric.config import COMPAT_KEYS, MetricConfig, resolve_config
 from metric.data import load_digits, open_image
-from metric.export import read_metadata, run_exported
+from metric.retrieval.export import read_metadata, run_exported
 from metric.hub import load_model, model_card
 from metric.retrieval import file_sha256, load_run_model
 from metric.train import train
@@ -226,7 +226,7 @@ def test_load_model_from_a_repo_id(run, trained, tmp_path, monkeypatch):
     def no_run_folder(*args, **kwargs):
         raise AssertionError("load_model read a checkpoint")
 
-    monkeypatch.setattr("metric.retrieval.load_run_model", no_run_folder)  # the folder alone rebuilds the model
+    monkeypatch.setattr("metric.retrieval.checkpoint.load_run_model", no_run_folder)  # the folder alone rebuilds the model
     monkeypatch.setattr("xbn_queue.training.checkpoint.load_checkpoint", no_run_folder)
     model, _ = load_model("me/tiny", revision="v1")
     assert asked[0]["repo_id"] == "me/tiny" and asked[0]["revision"] == "v1"
@@ -244,7 +244,7 @@ def test_load_model_from_a_repo_id(run, trained, tmp_path, monkeypatch):
 def test_onnx_falls_back_to_the_legacy_exporter(run, trained, tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    import metric.export as export
+    import metric.retrieval.export as export
 
     def dynamo_fails(*args, **kwargs):
         raise RuntimeError("unsupported operator aten::foo\nmore detail")

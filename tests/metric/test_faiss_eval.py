@@ -8,8 +8,7 @@ pytest.importorskip("faiss")
 
 from metric.config import resolve_config  # noqa: E402
 from metric.data import load_dataset, open_image  # noqa: E402
-from metric.evaluate import retrieval_metrics  # noqa: E402
-from metric.retrieval import faiss_retrieval_metrics  # noqa: E402
+from metric.evaluate import faiss_retrieval_metrics, retrieval_metrics  # noqa: E402
 from metric.train import train  # noqa: E402
 from xbn_queue.training.tracking import read_metrics  # noqa: E402
 
@@ -126,7 +125,7 @@ def test_ties_count_against_the_query_in_both():
 def test_trained_embeddings_give_identical_metrics(trained_run):
     """Features of a trained model (the digits run's test half), leave-one-out."""
     from metric.retrieval import load_run_model
-    from metric.train import build_transforms
+    from metric.transforms import build_transforms
 
     lm = load_run_model(trained_run[0], "cpu")
     data = load_dataset("digits", split="instance", train_fraction=0.5)
@@ -151,16 +150,16 @@ def test_training_with_the_faiss_backend_logs_the_same_metrics(trained_run, tmp_
     every evaluation sees the same features as the torch run's. Both runs' logged Recall@K and MAP@R lie
     within the float64 reference's float32-rounding interval (:func:`_bounds`) of those features; they
     may differ inside it where a positive and a negative are within rounding of each other."""
-    import metric.retrieval
+    import metric.evaluate
 
     seen = []
-    real = metric.retrieval.faiss_retrieval_metrics
+    real = metric.evaluate.faiss_retrieval_metrics
 
     def spy(q, ql, g, gl, **kw):  # the features each evaluation ranks
         seen.append((q.clone(), ql.clone(), kw["query_is_gallery"], tuple(kw["ks"])))
         return real(q, ql, g, gl, **kw)
 
-    monkeypatch.setattr(metric.retrieval, "faiss_retrieval_metrics", spy)
+    monkeypatch.setattr(metric.evaluate, "faiss_retrieval_metrics", spy)
     train(resolve_config(tiny_cfg(tmp_path, eval_backend="faiss", **TRAINED_RUN)))
     logs = [[{k: v for k, v in r.items() if k.startswith(("recall@", "map@r", "r_precision"))}
              for r in read_metrics(out / "metrics.jsonl") if "recall@1" in r] for out in (trained_run[0], tmp_path)]

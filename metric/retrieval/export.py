@@ -44,9 +44,9 @@ import torch
 
 from xbn_queue.training.cli import RunError, UsageError
 
-from .retrieval import PROG, LoadedModel, load_run_model
+from .checkpoint import PROG, LoadedModel, load_run_model
 
-__all__ = ["export_model", "preprocessing", "run_exported", "read_metadata", "export_main", "training_command",
+__all__ = ["export_model", "preprocessing", "run_exported", "read_metadata", "training_command", "hf_config",
            "FORMATS", "METADATA_KEY"]
 
 FORMATS = ("hf", "torch-export", "onnx", "torchscript")
@@ -199,6 +199,27 @@ def export_model(run: Any, out: Any, format: str, overwrite: bool = False, push_
             message names ``xbn-queue[hub]``).
         RunError: the upload failed (the folder is written).
     """
+    out = Path(out)
+    _check_request(out, format, overwrite, push_to_hub, private)
+    lm = load_run_model(run, "cpu")
+    size = int(lm.config.image_size)
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # (2, 3, H, W)
+    res = _write_hf(lm, out) if format == "hf" else _write_one_file(lm, out, format, example)
+    with torch.no_grad():
+        ref = lm.model(example).numpy()  # (2, D)
+    res["max_abs_diff"] = float(np.abs(run_exported(out, example.numpy()) - ref).max())
+    if push_to_hub:
+        res["url"] = _push(out, push_to_hub, private, lm)
+    return res
+
+
+def _check_request(out: Path, format: str, overwrite: bool, push_to_hub: Optional[str], private: bool) -> None:
+    """Every check of ``export``'s options and of the packages the format needs, before anything is loaded.
+
+    Raises:
+        UsageError: an unknown format, ``--push-to-hub`` / ``--private`` out of place, ``out`` exists.
+        ImportError: a package the format or the upload needs is missing.
+    """
     from xbn_queue.training._optional import require
 
     if format not in FORMATS:
@@ -207,7 +228,6 @@ def export_model(run: Any, out: Any, format: str, overwrite: bool = False, push_
         raise UsageError(f"--push-to-hub: uploads a model folder; use it with --format hf, not {format}")
     if private and not push_to_hub:
         raise UsageError("--private: applies to the repository --push-to-hub creates; give --push-to-hub REPO")
-    out = Path(out)
     _check_out(out, format, overwrite)
     if format == "hf":
         require("safetensors.torch", "export --format hf")
@@ -215,41 +235,42 @@ def export_model(run: Any, out: Any, format: str, overwrite: bool = False, push_
         require("huggingface_hub", "--push-to-hub")
     if format == "onnx":
         require("onnx", "export --format onnx")
-    lm = load_run_model(run, "cpu")
-    size = int(lm.config.image_size)
-    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # (2, 3, H, W)
-    res: Dict[str, Any]
-    if format == "hf":
-        res = _write_hf(lm, out)
-    else:
-        res = dict(_metadata(lm), file=str(out), format=format)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{out.suffix}")  # keeps the suffix: torch.export.save wants .pt2
-        try:
-            res.update(_write_file(lm, tmp, format, example, _metadata(lm)))
-            tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)
-        res["files"] = {out.name: out.stat().st_size}
-    with torch.no_grad():
-        ref = lm.model(example).numpy()  # (2, D)
-    res["max_abs_diff"] = float(np.abs(run_exported(out, example.numpy()) - ref).max())
-    if push_to_hub:
-        from .hub import push_folder
 
-        try:
-            res["url"] = push_folder(out, push_to_hub, private, commit_message=f"{PROG} export of {lm.checkpoint.parent.name}")
-        except Exception as err:  # network, authentication, a taken name: huggingface_hub raises many types
-            from xbn_queue.training.cli import one_line
 
-            raise RunError(f"--push-to-hub {push_to_hub}: upload failed ({type(err).__name__}: {one_line(err)[:200]}); "
-                           f"the folder {out} is written: push it again with the same command plus --overwrite") from None
+def _push(out: Path, repo: str, private: bool, lm: LoadedModel) -> str:
+    """Upload the ``hf`` folder to the Hub repository ``repo``; returns its URL.
+
+    Raises:
+        RunError: the upload failed (one line; the folder stays written).
+    """
+    from ..hub import push_folder
+
+    try:
+        return push_folder(out, repo, private, commit_message=f"{PROG} export of {lm.checkpoint.parent.name}")
+    except Exception as err:  # network, authentication, a taken name: huggingface_hub raises many types
+        from xbn_queue.training.cli import one_line
+
+        raise RunError(f"--push-to-hub {repo}: upload failed ({type(err).__name__}: {one_line(err)[:200]}); "
+                       f"the folder {out} is written: push it again with the same command plus --overwrite") from None
+
+
+def _write_one_file(lm: LoadedModel, out: Path, format: str, example: torch.Tensor) -> Dict[str, Any]:
+    """A file format (not ``hf``): written under a temporary name beside ``out``, then renamed."""
+    res = dict(_metadata(lm), file=str(out), format=format)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")  # keeps the suffix: torch.export.save wants .pt2
+    try:
+        res.update(_write_file(lm, tmp, format, example, _metadata(lm)))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    res["files"] = {out.name: out.stat().st_size}
     return res
 
 
 def _write_hf(lm: LoadedModel, out: Path) -> Dict[str, Any]:
     """The ``hf`` folder, written into a temporary sibling and then moved in file by file."""
-    from .hub import write_model_folder
+    from ..hub import write_model_folder
 
     config = hf_config(lm)
     tmp = out.parent / f".{out.name}.tmp-export"
@@ -316,7 +337,7 @@ def read_metadata(path: Any) -> Dict[str, Any]:
     """The metadata of an exported model: ``config.json`` of a folder, the ``metadata.json`` entry of a file."""
     p = Path(path)
     if p.is_dir():
-        from .hub import read_config
+        from ..hub import read_config
 
         return read_config(p)
     if p.suffix.lower() == ".onnx":
@@ -350,7 +371,7 @@ def run_exported(path: Any, images: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(images, dtype=np.float32)
     p = Path(path)
     if p.is_dir():
-        from .hub import load_model
+        from ..hub import load_model
 
         module, _ = load_model(p)
     elif p.suffix.lower() == ".onnx":
@@ -367,42 +388,3 @@ def run_exported(path: Any, images: np.ndarray) -> np.ndarray:
             module = torch.jit.load(str(p), map_location="cpu")
     with torch.no_grad():
         return module(torch.from_numpy(x)).numpy()
-
-
-DESCRIPTION = """Export a run's embedding model (backbone, head, normalisation; evaluation mode).
---format hf: a folder for the Hugging Face Hub (model.safetensors, config.json with the architecture and
-preprocessing, README.md model card with the run's metrics), loaded back with
-metric.hub.load_model(DIR or "user/repo"); --push-to-hub REPO uploads it (huggingface_hub; needs
-pip install "xbn-queue[hub]"). --format torch-export: a torch.export program (.pt2, torch.export.load).
---format onnx: the dynamo exporter (the TorchScript-based one, with a warning, where it fails).
---format torchscript: kept for compatibility (torch.jit is deprecated; prefer torch-export).
-Input images (B, 3, H, W) float32, output embeddings (B, D); the preprocessing constants, the run and the
-checkpoint's SHA-256 are stored with the model as metadata (metadata.json in a file; config.json in a folder).
-Exit status: 0 written; 2 bad input (one line, nothing written); 1 a missing package or a failed upload."""
-
-
-def export_main(argv: List[str]) -> int:
-    """``xbn-metric export RUN --format hf|torch-export|onnx|torchscript --out PATH``; returns the exit status."""
-    from xbn_queue.training.config import _OneLineParser
-
-    p = _OneLineParser(prog=f"{PROG} export", description=DESCRIPTION)
-    p.add_argument("run", metavar="RUN", help="run folder (its best.pt) or checkpoint file")
-    p.add_argument("--format", required=True, choices=FORMATS, help="hf (a Hub model folder), torch-export (.pt2), "
-                   "onnx or torchscript")
-    p.add_argument("--out", required=True, help="the folder (hf) or file to write (model.pt2, model.onnx, model.pt)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (hf: the model files "
-                   "in a folder that is not empty)")
-    p.add_argument("--push-to-hub", metavar="REPO", default=None, help="hf only: upload the folder to the Hugging "
-                   "Face Hub repository REPO (user/name; created if missing; token from HF_TOKEN or hf auth login)")
-    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
-    a = p.parse_args(argv[1:])
-    res = export_model(a.run, a.out, a.format, a.overwrite, a.push_to_hub, a.private)
-    sizes = ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in res["files"].items())
-    how = f" ({res['exporter']} exporter)" if "exporter" in res else ""
-    print(f"[{PROG}] {a.format}{how} written to {res['file']}: {sizes}; embedding dimension {res['embedding_dim']}; "
-          f"max abs difference to PyTorch on a random batch: {res['max_abs_diff']:.2e}", file=sys.stderr)
-    if a.format == "torchscript":
-        print(f"[{PROG}] note: torch.jit is deprecated in PyTorch; --format torch-export is its successor", file=sys.stderr)
-    if res.get("url"):
-        print(f"[{PROG}] pushed to {res['url']}", file=sys.stderr)
-    return 0
