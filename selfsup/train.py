@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -127,6 +127,17 @@ def criterion_queue(criterion: torch.nn.Module) -> Any:
     """The :class:`xbn_queue.AdaptiveQueue` inside a loss built by :func:`build_criterion`."""
     bank = getattr(criterion, "memory_bank", None)
     return bank.queue if bank is not None else criterion.queue
+
+
+def _prefill_reader(images_u8: Tensor, prepare: Callable[[Tensor], Tensor], device: torch.device, with_ids: bool):
+    """``--prefill``'s reader (:func:`xbn_queue.training.prefill.prefill_memory`): batches of training-set indices ->
+    ``(x, None, ids)``, the unaugmented images ``prepare``d as for the k-NN monitor, their indices as sample ids
+    when the training steps pass ids."""
+    def read(batches: List[np.ndarray]) -> Iterator[Tuple[Tensor, None, Optional[Tensor]]]:
+        for idx in batches:
+            ids = torch.from_numpy(idx).to(device)  # (b,)
+            yield prepare(images_u8[ids.to(images_u8.device)].to(device)), None, ids if with_ids else None
+    return read
 
 
 def _step_generator(seed: int, epoch: int, step: int, rank: int, stream: int) -> torch.Generator:
@@ -502,19 +513,11 @@ class Trainer(RunLoop):
         cfg, st = self.cfg, self.state
         if cfg.prefill and not st.prefilled and criterion_queue(self.criterion).num_steps == cfg.memory_warmup_steps:
             memory = criterion_queue(self.criterion) if cfg.adapt_keys == "raw" else self.criterion.memory_bank
-            st.prefilled = prefill_memory(memory, self.encoder_k, self._prefill_reader,
+            read = _prefill_reader(self.eval_train_u8, self._prepare, self.device, with_ids=self.pass_ids())
+            st.prefilled = prefill_memory(memory, self.encoder_k, read,
                                           num_train=len(self.eval_train_u8), seed=cfg.seed, batch_size=cfg.knn_batch_size,
                                           ctx=self.ctx, device=self.device, amp=self.amp,
                                           normalize=cfg.adapt_keys != "raw", progress=cfg.progress)
-
-    def _prefill_reader(self, batches: List[np.ndarray]) -> Iterator[Tuple[Tensor, None, Optional[Tensor]]]:
-        """``--prefill``'s images: unaugmented training images (as for the k-NN monitor), their indices as sample ids
-        when the training steps pass ids (:meth:`pass_ids`)."""
-        with_ids = self.pass_ids()
-        for idx in batches:
-            ids = torch.from_numpy(idx).to(self.device)  # (b,)
-            x = self._prepare(self.eval_train_u8[ids.to(self.eval_train_u8.device)].to(self.device))
-            yield x, None, ids if with_ids else None
 
     def end_epoch(self, evaluate: bool) -> Dict[str, Any]:
         """The epoch's record (every rank): mean loss, speed, queue fill; the k-NN accuracy when ``evaluate``."""
