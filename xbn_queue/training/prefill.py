@@ -9,8 +9,13 @@ must make the same number of calls: :func:`prefill_batches` gives each rank that
 batches, and the ranks' shares together are the chosen images, each once. :func:`prefill_memory` is
 the whole prefill; a trainer supplies only how it reads a batch of chosen images::
 
-    prefill_memory(queue, model, lambda batches: my_reader(batches), num_train=N, seed=cfg.seed,
-                   batch_size=cfg.eval_batch_size, ctx=ctx, device=device, amp=cfg.amp, progress=cfg.progress)
+    def read(batches):                        # this rank's arrays of training-set indices
+        for idx in batches:
+            i = torch.from_numpy(idx)
+            yield images[i], labels[i], i     # (x, labels or None, sample ids or None)
+
+    prefill_memory(queue, model, read, num_train=len(images), seed=cfg.seed, batch_size=256, ctx=ctx,
+                   device=device, amp=cfg.amp)
 """
 
 from __future__ import annotations
