@@ -162,74 +162,117 @@ def retrieval_metrics(
                                                                            ks, query_is_gallery)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    xq, lq, xg, lg = _on_gallery_device(query, query_labels, gallery, gallery_labels)  # (Q, D), (Q,), (G, D), (G,)
+    n_q, n_g = xq.shape[0], xg.shape[0]
+    order, start, count = _group_positions(lq, lg)  # (G,), (Q,), (Q,)
+    n_pos = count - int(query_is_gallery)  # (Q,) positives R per query (self removed)
+    has_pos = n_pos > 0  # (Q,)
+    r_max = int(n_pos.max().item()) if n_q > 0 else 0
+    hits = {k: torch.zeros((), dtype=torch.float64) for k in ks}
+    ap_rp = torch.zeros(2, dtype=torch.float64)  # sums of AP@R and R-Precision
+    c_max = min(chunk_size, max(n_q, 1))
+    sim_buf = torch.empty(c_max * n_g, dtype=torch.float32, device=xg.device)
+    ge_buf = torch.zeros(c_max * ((n_g + 7) // 8 * 8), dtype=torch.bool, device=xg.device)  # whole int64 words
+    for s in range(0, n_q, chunk_size):
+        e = min(s + chunk_size, n_q)
+        sim = sim_buf[: (e - s) * n_g].view(e - s, n_g)
+        torch.mm(xq[s:e], xg.t(), out=sim)  # (c, G) similarities
+        pos_sim = _take_positives(sim, order, start, count, s, query_is_gallery)  # (c, P); sim: negatives only
+        n_before = _negatives_before_first_positive(sim, pos_sim, ge_buf)  # (c,)
+        ok = has_pos[s:e]  # (c,)
+        for k in ks:
+            hits[k] += ((n_before < k) & ok).sum().double().cpu()
+        if map_at_r and r_max > 0:
+            ap_rp += _ap_and_precision_at_r(sim, pos_sim, n_pos[s:e], r_max, ok)
+    return _averages(hits, ap_rp[0], ap_rp[1], has_pos, n_q, ks, map_at_r)
+
+
+def _on_gallery_device(query: Tensor, query_labels: Tensor, gallery: Tensor,
+                       gallery_labels: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Features in float32 (the gallery's contiguous) and labels in int64, on the gallery's device.
+
+    Raises:
+        ValueError: if a feature is NaN or infinite.
+    """
     device = gallery.device
     xq = query.to(device=device, dtype=torch.float32)  # (Q, D)
     xg = gallery.to(device=device, dtype=torch.float32).contiguous()  # (G, D)
     if not (torch.isfinite(xg).all() and (query is gallery or torch.isfinite(xq).all())):
         raise ValueError("retrieval_metrics: features contain NaN or Inf")
-    lq = query_labels.to(device=device, dtype=torch.int64)  # (Q,)
-    lg = gallery_labels.to(device=device, dtype=torch.int64)  # (G,)
-    n_q, n_g = xq.shape[0], xg.shape[0]
+    return xq, query_labels.to(device=device, dtype=torch.int64), xg, gallery_labels.to(device=device, dtype=torch.int64)
 
-    order, start, count = _group_positions(lq, lg)  # (G,), (Q,), (Q,)
-    n_pos = count - int(query_is_gallery)  # (Q,) positives R per query (self removed)
-    has_pos = n_pos > 0  # (Q,)
-    r_max = int(n_pos.max().item()) if n_q > 0 else 0
-    g_pad = (n_g + 7) // 8 * 8  # bool rows padded to whole int64 words for count_true_per_row
 
-    hits = {k: torch.zeros((), dtype=torch.float64) for k in ks}
-    map_sum = torch.zeros((), dtype=torch.float64)
-    rp_sum = torch.zeros((), dtype=torch.float64)
-    c_max = min(chunk_size, max(n_q, 1))
-    sim_buf = torch.empty(c_max * n_g, dtype=torch.float32, device=device)
-    ge_buf = torch.zeros(c_max * g_pad, dtype=torch.bool, device=device)
-    neg_inf = torch.tensor(float("-inf"), device=device)
+def _take_positives(sim: Tensor, order: Tensor, start: Tensor, count: Tensor, s: int,
+                    query_is_gallery: bool) -> Tensor:
+    """The similarities of a chunk's positives, taken out of ``sim`` (set to ``-inf`` there, with the query itself).
 
-    for s in range(0, n_q, chunk_size):
-        e = min(s + chunk_size, n_q)
-        c = e - s
-        sim = sim_buf[: c * n_g].view(c, n_g)
-        torch.mm(xq[s:e], xg.t(), out=sim)  # (c, G) similarities
+    Args:
+        sim: (c, G) similarities of queries ``s .. s + c - 1``; afterwards only their negatives are finite.
+        order, start, count: :func:`_group_positions` of all queries.
+        s: the chunk's first query.
+        query_is_gallery: leave-one-out (query i is gallery item i).
 
-        # Positive gallery positions of each query in the chunk, padded: (c, P) with P = max count.
-        cnt = count[s:e]  # (c,)
-        p_width = int(cnt.max().item()) if c > 0 else 0
-        ar = torch.arange(p_width, device=device)  # (P,)
-        valid = ar[None, :] < cnt[:, None]  # (c, P)
-        pos_idx = order[(start[s:e, None] + ar[None, :]).clamp_(max=max(n_g - 1, 0))]  # (c, P)
-        rows = torch.arange(c, device=device)[:, None].expand(c, p_width)  # (c, P)
-        if query_is_gallery:
-            valid &= pos_idx != (torch.arange(s, e, device=device)[:, None])  # drop self
-        pos_sim = torch.where(valid, sim[rows, pos_idx], neg_inf)  # (c, P) from the same product
-        # Mask positives (and self) so that only negatives remain in sim.
-        sim[rows[valid], pos_idx[valid]] = float("-inf")
-        if query_is_gallery:
-            sim[torch.arange(c, device=device), torch.arange(s, e, device=device)] = float("-inf")
+    Returns:
+        (c, P) the positives' similarities, read from ``sim`` (ties are decided on identical values),
+        ``-inf`` padded; P is the chunk's largest count.
+    """
+    c, n_g = sim.shape
+    device = sim.device
+    cnt = count[s : s + c]  # (c,)
+    p_width = int(cnt.max().item()) if c > 0 else 0
+    ar = torch.arange(p_width, device=device)  # (P,)
+    valid = ar[None, :] < cnt[:, None]  # (c, P)
+    pos_idx = order[(start[s : s + c, None] + ar[None, :]).clamp_(max=max(n_g - 1, 0))]  # (c, P)
+    rows = torch.arange(c, device=device)[:, None].expand(c, p_width)  # (c, P)
+    if query_is_gallery:
+        valid &= pos_idx != (torch.arange(s, s + c, device=device)[:, None])  # drop self
+    pos_sim = torch.where(valid, sim[rows, pos_idx], torch.tensor(float("-inf"), device=device))  # (c, P)
+    sim[rows[valid], pos_idx[valid]] = float("-inf")
+    if query_is_gallery:
+        sim[torch.arange(c, device=device), torch.arange(s, s + c, device=device)] = float("-inf")
+    return pos_sim
 
-        best = pos_sim.max(dim=1).values if p_width > 0 else torch.full((c,), float("-inf"), device=device)  # (c,)
-        ge = ge_buf[: c * g_pad].view(c, g_pad)
-        torch.ge(sim, best[:, None], out=ge[:, :n_g])  # (c, G) negatives at least as similar as best positive
-        n_before = count_true_per_row(ge)  # (c,) negatives ranked before the first positive
-        ok = has_pos[s:e]  # (c,)
-        for k in ks:
-            hits[k] += ((n_before < k) & ok).sum().double().cpu()
 
-        if map_at_r and r_max > 0:
-            r = n_pos[s:e]  # (c,)
-            k_neg = min(r_max, n_g)
-            top_neg = torch.topk(sim, k_neg, dim=1, largest=True, sorted=True).values  # (c, k_neg) descending
-            top_neg_asc = top_neg.flip(1).contiguous()  # (c, k_neg) ascending, for searchsorted
-            v = torch.sort(pos_sim, dim=1, descending=True).values[:, :r_max]  # (c, <=R_max) positive sims
-            # negatives >= v_k among the top k_neg: exact whenever the true count is <= R
-            n_ge = k_neg - torch.searchsorted(top_neg_asc, v.contiguous(), side="left")  # (c, <=R_max)
-            kk = torch.arange(1, v.shape[1] + 1, device=device, dtype=torch.float64)  # (<=R_max,) k
-            rank = kk[None, :] + n_ge.double()  # (c, <=R_max) rank of the k-th positive
-            use = (kk[None, :] <= r[:, None]) & (rank <= r[:, None]) & torch.isfinite(v)  # (c, <=R_max)
-            ap = torch.where(use, kk[None, :] / rank, torch.zeros((), dtype=torch.float64, device=device)).sum(1)
-            map_sum += (torch.where(ok, ap / r.clamp(min=1).double(), torch.zeros_like(ap))).sum().cpu()
-            in_top_r = use.sum(1).double()  # (c,) positives among the first R
-            rp_sum += (torch.where(ok, in_top_r / r.clamp(min=1).double(), torch.zeros_like(ap))).sum().cpu()
+def _negatives_before_first_positive(sim: Tensor, pos_sim: Tensor, ge_buf: Tensor) -> Tensor:
+    """(c,) negatives at least as similar as each query's best positive (ties count against the query).
 
+    ``sim`` (c, G) holds negatives only, ``pos_sim`` (c, P) the positives; ``ge_buf`` is scratch of at least
+    ``c * G'`` bools, G' = G rounded up to a multiple of 8 (whole int64 words for :func:`count_true_per_row`).
+    """
+    c, n_g = sim.shape
+    g_pad = (n_g + 7) // 8 * 8
+    best = pos_sim.max(dim=1).values if pos_sim.shape[1] > 0 else torch.full((c,), float("-inf"), device=sim.device)
+    ge = ge_buf[: c * g_pad].view(c, g_pad)
+    torch.ge(sim, best[:, None], out=ge[:, :n_g])  # (c, G) negatives at least as similar as best positive
+    return count_true_per_row(ge)
+
+
+def _ap_and_precision_at_r(sim: Tensor, pos_sim: Tensor, r: Tensor, r_max: int, ok: Tensor) -> Tensor:
+    """Sums over a chunk's queries with a positive (``ok``) of AP@R and R-Precision, ``(2,)`` float64 on the CPU.
+
+    The k-th positive in ranked order has rank ``k + #{negatives >= its similarity}``; only ranks <= R (the
+    query's positives ``r``, (c,)) matter, so the top ``r_max`` negatives of ``sim`` (c, G) suffice.
+    """
+    device = sim.device
+    k_neg = min(r_max, sim.shape[1])
+    top_neg = torch.topk(sim, k_neg, dim=1, largest=True, sorted=True).values  # (c, k_neg) descending
+    top_neg_asc = top_neg.flip(1).contiguous()  # (c, k_neg) ascending, for searchsorted
+    v = torch.sort(pos_sim, dim=1, descending=True).values[:, :r_max]  # (c, <=R_max) positive sims
+    # negatives >= v_k among the top k_neg: exact whenever the true count is <= R
+    n_ge = k_neg - torch.searchsorted(top_neg_asc, v.contiguous(), side="left")  # (c, <=R_max)
+    kk = torch.arange(1, v.shape[1] + 1, device=device, dtype=torch.float64)  # (<=R_max,) k
+    rank = kk[None, :] + n_ge.double()  # (c, <=R_max) rank of the k-th positive
+    use = (kk[None, :] <= r[:, None]) & (rank <= r[:, None]) & torch.isfinite(v)  # (c, <=R_max)
+    ap = torch.where(use, kk[None, :] / rank, torch.zeros((), dtype=torch.float64, device=device)).sum(1)
+    map_part = (torch.where(ok, ap / r.clamp(min=1).double(), torch.zeros_like(ap))).sum().cpu()
+    in_top_r = use.sum(1).double()  # (c,) positives among the first R
+    rp_part = (torch.where(ok, in_top_r / r.clamp(min=1).double(), torch.zeros_like(ap))).sum().cpu()
+    return torch.stack([map_part, rp_part])
+
+
+def _averages(hits: Dict[int, Tensor], map_sum: Tensor, rp_sum: Tensor, has_pos: Tensor, n_q: int, ks: Sequence[int],
+              map_at_r: bool) -> Dict[str, float]:
+    """The scores: sums over the queries with a positive divided by their number (NaN for none), and the counts."""
     n_valid = int(has_pos.sum().item())
     out: Dict[str, float] = {}
     for k in ks:

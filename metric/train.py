@@ -36,9 +36,11 @@ from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_
                                     check_two_classes, one_line, warn)
 from xbn_queue.training.config import config_to_dict
 from xbn_queue.training.distributed import DistContext
+from xbn_queue.training.embed import embed_sharded, shard_indices
 from xbn_queue.training.loop import (Callback, NonFiniteError, RunLoop, RunState, RunSummary, broadcast_buffers,
                                      with_output_dir, wrap_ddp)
 from xbn_queue.training.precision import autocast
+from xbn_queue.training.prefill import prefill_memory
 from xbn_queue.training.progress import progress
 from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.tracking import WandbReport, kalman_gain_record, plot_history
@@ -49,7 +51,6 @@ from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import is_score, retrieval_metrics
 from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
 from .model import MetricModel, build_model
-from .prefill import prefill_memory
 from .recipe import recipe_summary
 from .sampler import MPerClassBatches, steps_per_epoch
 from .transforms import build_transforms
@@ -100,15 +101,18 @@ def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     return batch_loss, mem
 
 
-def _shard(n: int, rank: int, world: int) -> List[int]:
-    return list(range(rank, n, world))
+def _loader(ds: Any, batches: List[List[int]], cfg: MetricConfig, device: torch.device) -> torch.utils.data.DataLoader:
+    """``(x, label, index, readable)`` batches of ``ds`` (evaluation transform), one per list of indices; a private
+    generator (reading never consumes the global RNG: exact resume)."""
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers,
+                                       pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
 
 
-@torch.no_grad()
 def embed_split(model: nn.Module, ds: ImageDataset, cfg: MetricConfig, ctx: DistContext,
                 device: torch.device, desc: str = "embed",
                 on_bad: Optional[Callable[[List[int]], None]] = None) -> Tuple[Tensor, Tensor, int]:
-    """Embed a dataset (built with the evaluation transform), sharded over ranks, gathered in order.
+    """Embed a dataset (built with the evaluation transform), sharded over ranks, gathered in order
+    (:func:`xbn_queue.training.embed.embed_sharded`).
 
     ``on_bad``, when given, receives the dataset indices of the unreadable images (``--skip-bad-images``).
 
@@ -116,40 +120,29 @@ def embed_split(model: nn.Module, ds: ImageDataset, cfg: MetricConfig, ctx: Dist
         ``(features (N', D) float32 on ``device``, labels (N',) int64, bad)`` where unreadable images
         (with ``--skip-bad-images``) are dropped and counted in ``bad``.
     """
-    idx = _shard(len(ds), ctx.rank, ctx.world_size)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ds, idx), batch_size=cfg.eval_batch_size, shuffle=False,
-        num_workers=cfg.workers, pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
-    was_training = model.training
-    model.eval()
-    feats, labels, index, oks = [], [], [], []
-    try:
-        for x, y, i, ok in progress(loader, desc=desc, enabled=cfg.progress, leave=False):
-            x = x.to(device, non_blocking=True)
-            if cfg.channels_last and device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(cfg, device):
-                z = model(x)  # (b, D)
-            feats.append(z.float())
-            labels.append(y.to(device))
-            index.append(i.to(device))
-            oks.append(ok.to(device))
-    finally:
-        model.train(was_training)
-    d = cfg.embedding_dim
-    f = torch.cat(feats) if feats else torch.zeros(0, d, device=device)
-    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    i = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
-    ok = torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool, device=device)
-    if ctx.is_distributed:
-        f, y, i, ok = (ctx.gather_features(t) for t in (f, y, i, ok))
-        order = torch.argsort(i)
-        f, y, ok = f[order], y[order], ok[order]
+    idx = shard_indices(len(ds), ctx.rank, ctx.world_size)
+    loader = _loader(ds, [idx[s:s + cfg.eval_batch_size] for s in range(0, len(idx), cfg.eval_batch_size)], cfg, device)
+    batches = ((x, i, y, ok) for x, y, i, ok in progress(loader, desc=desc, enabled=cfg.progress, leave=False))
+    channels_last = cfg.channels_last and device.type == "cuda"
+    f, i, y, ok = embed_sharded(model, batches, dim=cfg.embedding_dim, ctx=ctx, device=device, amp=cfg.amp,
+                                columns=(torch.long, torch.bool),
+                                memory_format=torch.channels_last if channels_last else torch.preserve_format)
     bad = int((~ok).sum())
     if bad and on_bad is not None:
-        idx_all = torch.sort(i).values if ctx.is_distributed else i
-        on_bad(idx_all[~ok].tolist())
+        on_bad(i[~ok].tolist())
     return f[ok], y[ok], bad
+
+
+def _prefill_reader(ds: Any, cfg: MetricConfig, device: torch.device):
+    """``--prefill``'s reader (:func:`xbn_queue.training.prefill.prefill_memory`): batches of training-set indices
+    -> ``(x, labels, ids)`` of the readable images of ``ds`` (the training set under the evaluation transform)."""
+    def read(batches: List[np.ndarray]) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+        for x, y, idx, ok in _loader(ds, [b.tolist() for b in batches], cfg, device):
+            x = x[ok].to(device)
+            if cfg.channels_last and device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y[ok].to(device), idx[ok].to(device)
+    return read
 
 
 def _autocast(cfg: MetricConfig, device: torch.device):
@@ -435,7 +428,9 @@ class MetricRun(RunLoop):
         cfg, st = self.cfg, self.state
         if (cfg.prefill and not self.warm and not st.prefilled and self.mem_loss is not None
                 and self.mem_loss.queue.num_steps == cfg.memory_warmup_steps):
-            st.prefilled = prefill_memory(self.model, self.mem_loss, self.train_eval_ds, cfg, self.ctx, self.device)
+            st.prefilled = prefill_memory(self.mem_loss.queue, self.model, _prefill_reader(self.train_eval_ds, cfg, self.device),
+                                          num_train=len(self.train_eval_ds), seed=cfg.seed, batch_size=cfg.eval_batch_size,
+                                          ctx=self.ctx, device=self.device, amp=cfg.amp, progress=cfg.progress)
 
     def readable(self, batch: Tuple[Tensor, Tensor, Tensor, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         """The batch without unreadable images (counted once each), on the device."""

@@ -56,6 +56,30 @@ def _check(features: Tensor, labels: Tensor, what: str, dim: int = -1) -> None:
         raise ValueError(f"{what} labels: expected shape ({features.shape[0]},), got {tuple(getattr(labels, 'shape', ()))}")
 
 
+def _standardise(x: Tensor, eps: float):
+    """``((x - mean) / std, mean, std)`` per dimension of ``x`` ``(N, D)`` (biased std floored at ``eps``)."""
+    mean = x.mean(dim=0)  # (D,)
+    std = x.var(dim=0, unbiased=False).sqrt().clamp_min(eps)  # (D,)
+    return (x - mean) / std, mean, std  # (N, D), (D,), (D,)
+
+
+def _gradients(weight: Tensor, bias: Tensor, x: Tensor, y: Tensor, weight_decay: float):
+    """Gradients ``(C, D)``, ``(C,)`` of the mean cross-entropy of ``x @ weight.T + bias`` on the batch ``x`` ``(b, D)``,
+    ``y`` ``(b,)``, plus ``weight_decay * weight``; in closed form: d(loss)/d(logits) = (softmax - one-hot) / b."""
+    err = torch.softmax(torch.addmm(bias, x, weight.t()), dim=1)  # (b, C)
+    err[torch.arange(len(y), device=err.device), y] -= 1.0
+    err /= len(y)
+    grad_w = torch.addmm(weight, err.t(), x, beta=weight_decay) if weight_decay else err.t() @ x  # (C, D)
+    return grad_w, err.sum(dim=0)  # (C, D), (C,)
+
+
+def _sgd_momentum_step(params, velocities, grads, momentum: float, step: float, first: bool) -> None:
+    """PyTorch's SGD with momentum, in place: ``v = g`` on the first step, then ``v = m v + g``; ``p -= step v``."""
+    for param, vel, grad in zip(params, velocities, grads):
+        vel.copy_(grad) if first else vel.mul_(momentum).add_(grad)
+        param.sub_(vel, alpha=step)
+
+
 def fit_linear_probe(
     features: Tensor,
     labels: Tensor,
@@ -95,10 +119,7 @@ def fit_linear_probe(
         raise ValueError(f"expected num_classes >= 2, epochs >= 1, batch_size >= 1, got {num_classes}, {epochs}, {batch_size}")
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     with torch.no_grad():  # the gradient of the linear layer in closed form: no autograd, no torch.optim
-        x_all = features.detach().to(dtype)  # (N, D)
-        mean = x_all.mean(dim=0)  # (D,)
-        std = x_all.var(dim=0, unbiased=False).sqrt().clamp_min(eps)  # (D,)
-        x_all = (x_all - mean) / std  # (N, D) standardised once: the features are frozen
+        x_all, mean, std = _standardise(features.detach().to(dtype), eps)  # once: the features are frozen
         y_all = labels.to(device=x_all.device, dtype=torch.long)  # (N,)
         n, d = x_all.shape
         weight = torch.zeros(num_classes, d, dtype=dtype, device=x_all.device)  # (C, D)
@@ -110,20 +131,10 @@ def fit_linear_probe(
         for _ in range(epochs):
             order = torch.randperm(n, generator=g).to(x_all.device)  # (N,)
             for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]  # (b,)
-                x, y = x_all[idx], y_all[idx]  # (b, D), (b,)
-                # d(mean cross-entropy)/d logits = (softmax - one-hot) / b: the gradient in closed form
-                err = torch.softmax(torch.addmm(bias, x, weight.t()), dim=1)  # (b, C)
-                err[torch.arange(len(idx), device=err.device), y] -= 1.0
-                err /= len(idx)
-                grad_w = torch.addmm(weight, err.t(), x, beta=weight_decay) if weight_decay else err.t() @ x  # (C, D)
-                grad_b = err.sum(dim=0)  # (C,)
-                for vel, grad in ((vel_w, grad_w), (vel_b, grad_b)):
-                    # PyTorch's SGD: the first step's buffer is the gradient itself, then v = m v + g
-                    vel.copy_(grad) if t == 0 else vel.mul_(momentum).add_(grad)
+                idx = order[start : start + batch_size]  # (b,) the step's rows
+                grads = _gradients(weight, bias, x_all[idx], y_all[idx], weight_decay)  # (C, D), (C,)
                 step = lr * (1 + math.cos(math.pi * t / total)) / 2  # cosine from lr to 0
-                weight.sub_(vel_w, alpha=step)
-                bias.sub_(vel_b, alpha=step)
+                _sgd_momentum_step((weight, bias), (vel_w, vel_b), grads, momentum, step, first=t == 0)
                 t += 1
     return LinearProbe(mean, std, weight, bias)
 

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,18 +43,19 @@ from selfsup.data import (
     pil_batch_loader,
     stratified_subset,
 )
-from selfsup.knn import extract_features, knn_accuracy
+from selfsup.knn import knn_accuracy
 from selfsup.model import MoCoEncoder, make_key_encoder, momentum_update, shuffle_batch
-from selfsup.prefill import prefill_queue
 from selfsup.probe import linear_probe_accuracy
 from xbn_queue.adaptation import AXBN
 from xbn_queue.training.checkpoint import check_compatible
 from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
                                     check_two_classes, one_line)
 from xbn_queue.training.config import config_to_dict
+from xbn_queue.training.embed import embed_sharded
 from xbn_queue.training.loop import (Callback, NonFiniteError, RunLoop, RunState, RunSummary, broadcast_buffers,
                                      with_output_dir, wrap_ddp)
 from xbn_queue.training.precision import autocast
+from xbn_queue.training.prefill import prefill_memory
 from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.tracking import WandbReport, kalman_gain_record, plot_history
 
@@ -126,6 +127,17 @@ def criterion_queue(criterion: torch.nn.Module) -> Any:
     """The :class:`xbn_queue.AdaptiveQueue` inside a loss built by :func:`build_criterion`."""
     bank = getattr(criterion, "memory_bank", None)
     return bank.queue if bank is not None else criterion.queue
+
+
+def _prefill_reader(images_u8: Tensor, prepare: Callable[[Tensor], Tensor], device: torch.device, with_ids: bool):
+    """``--prefill``'s reader (:func:`xbn_queue.training.prefill.prefill_memory`): batches of training-set indices ->
+    ``(x, None, ids)``, the unaugmented images ``prepare``d as for the k-NN monitor, their indices as sample ids
+    when the training steps pass ids."""
+    def read(batches: List[np.ndarray]) -> Iterator[Tuple[Tensor, None, Optional[Tensor]]]:
+        for idx in batches:
+            ids = torch.from_numpy(idx).to(device)  # (b,)
+            yield prepare(images_u8[ids.to(images_u8.device)].to(device)), None, ids if with_ids else None
+    return read
 
 
 def _step_generator(seed: int, epoch: int, step: int, rank: int, stream: int) -> torch.Generator:
@@ -358,9 +370,6 @@ class Trainer(RunLoop):
             ``{"backbone": acc, "head": acc}``.
         """
         enc = self.encoder_q
-        was_training = enc.training
-        enc.eval()
-        rank, world = self.ctx.rank, self.ctx.world_size
         broadcast_buffers(enc, self.ctx)  # evaluate rank 0's model (the one checkpointed) on every rank
 
         def both(x: Tensor) -> Tensor:
@@ -368,15 +377,12 @@ class Trainer(RunLoop):
             h = enc.head(f)  # (b, embedding_dim) encoder output
             return torch.cat([F.normalize(f.float(), dim=1), F.normalize(h.float(), dim=1)], dim=1)  # (b, F + E)
 
-        def features(images: Tensor, idx: Tensor) -> Tensor:
-            mine = idx[rank::world]
-            with autocast(self.amp, self.device):
-                f = extract_features(both, images, self.cfg.knn_batch_size, self.device, self._prepare, mine, normalize=False)
-            if world > 1:  # gather every rank's share and restore the original order
-                f = self.ctx.gather_features(f)
-                order = self.ctx.gather_features(mine.to(self.device))
-                f = f[torch.argsort(order)]
-            return f
+        def features(images: Tensor, idx: Tensor) -> Tensor:  # (n, F + E), this rank's share embedded, all gathered
+            mine = idx[self.ctx.rank::self.ctx.world_size]
+            batches = ((self._prepare(images[ids.to(images.device)].to(self.device, non_blocking=True)), ids)
+                       for ids in mine.split(self.cfg.knn_batch_size))
+            return embed_sharded(enc, batches, encode=both, dim=enc.backbone.num_features + self.cfg.embedding_dim,
+                                 ctx=self.ctx, device=self.device, amp=self.amp)[0]
 
         dim_head = self.cfg.embedding_dim
         bank = features(self.eval_train_u8, self.knn_bank_idx)  # (N, F + E)
@@ -398,7 +404,6 @@ class Trainer(RunLoop):
                 out[f"probe_{name}"] = linear_probe_accuracy(
                     bank[:, cols], bank_labels, queries[:, cols], test_labels, self.data.num_classes,
                     epochs=self.cfg.probe_epochs, seed=self.cfg.seed)
-        enc.train(was_training)
         return out
 
     def knn_eval(self) -> float:
@@ -507,8 +512,12 @@ class Trainer(RunLoop):
         ``--memory-warmup-steps``), once per run (recorded in the checkpoint)."""
         cfg, st = self.cfg, self.state
         if cfg.prefill and not st.prefilled and criterion_queue(self.criterion).num_steps == cfg.memory_warmup_steps:
-            st.prefilled = prefill_queue(self.encoder_k, self.criterion, self.eval_train_u8, self._prepare, cfg,
-                                         self.ctx, self.device, self.pass_ids())
+            memory = criterion_queue(self.criterion) if cfg.adapt_keys == "raw" else self.criterion.memory_bank
+            read = _prefill_reader(self.eval_train_u8, self._prepare, self.device, with_ids=self.pass_ids())
+            st.prefilled = prefill_memory(memory, self.encoder_k, read,
+                                          num_train=len(self.eval_train_u8), seed=cfg.seed, batch_size=cfg.knn_batch_size,
+                                          ctx=self.ctx, device=self.device, amp=self.amp,
+                                          normalize=cfg.adapt_keys != "raw", progress=cfg.progress)
 
     def end_epoch(self, evaluate: bool) -> Dict[str, Any]:
         """The epoch's record (every rank): mean loss, speed, queue fill; the k-NN accuracy when ``evaluate``."""

@@ -18,7 +18,7 @@ if an input is float64), whatever the input dtype.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -184,24 +184,38 @@ def queue_staleness(queue: Any, ids: Tensor, fresh_embeddings: Tensor) -> Dict[s
         raise ValueError(
             f"fresh_embeddings must have the queue's dim {stored.shape[1]}, got {fresh_embeddings.shape[1]}"
         )
-    device = stored.device
-    ids = ids.to(device=device, dtype=torch.int64)
-    sorted_ids, order = torch.sort(ids)  # (M,), (M,)
-    if sorted_ids.numel() > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any()):
-        raise ValueError("ids must not contain duplicates")
-    nan = {"mean_l2": math.nan, "max_l2": math.nan, "mean_cosine": math.nan, "count": 0, "moment_gap": math.nan}
-    if sorted_ids.numel() == 0 or stored_ids.numel() == 0:
-        return nan
-    pos = torch.searchsorted(sorted_ids, stored_ids).clamp_(max=sorted_ids.numel() - 1)  # (n,)
-    match = sorted_ids[pos] == stored_ids  # (n,) stored row has a fresh counterpart
+    match, fresh_index = _match_ids(stored_ids, ids.to(device=stored.device, dtype=torch.int64))
     count = int(match.sum())
     if count == 0:
-        return nan
-    fresh_rows = fresh_embeddings.to(device)[order[pos[match]]]  # (count, D)
+        return {"mean_l2": math.nan, "max_l2": math.nan, "mean_cosine": math.nan, "count": 0, "moment_gap": math.nan}
+    fresh_rows = fresh_embeddings.to(stored.device)[fresh_index]  # (count, D)
     out: Dict[str, Any] = memory_staleness(stored[match], fresh_rows)
     out["count"] = count
     out["moment_gap"] = moment_gap(stored[match], fresh_rows) if count >= 2 else math.nan
     return out
+
+
+def _match_ids(stored_ids: Tensor, ids: Tensor) -> Tuple[Tensor, Tensor]:
+    """Which stored rows have a fresh counterpart, and which one.
+
+    Args:
+        stored_ids: (n,) int64 ids of the stored rows (repeats allowed).
+        ids: (M,) int64 ids of the fresh rows, on ``stored_ids``' device.
+
+    Returns:
+        ``match`` (n,) bool, and ``index`` (count,): the fresh row of each matched stored row, in order.
+
+    Raises:
+        ValueError: if ``ids`` contains duplicates.
+    """
+    sorted_ids, order = torch.sort(ids)  # (M,), (M,)
+    if sorted_ids.numel() > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any()):
+        raise ValueError("ids must not contain duplicates")
+    if sorted_ids.numel() == 0:
+        return torch.zeros_like(stored_ids, dtype=torch.bool), order
+    pos = torch.searchsorted(sorted_ids, stored_ids).clamp_(max=sorted_ids.numel() - 1)  # (n,)
+    match = sorted_ids[pos] == stored_ids  # (n,) stored row has a fresh counterpart
+    return match, order[pos[match]]
 
 
 class DriftMonitor(nn.Module):

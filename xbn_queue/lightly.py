@@ -231,44 +231,63 @@ class AdaptiveMemoryBank(DeferredEnqueue, MemoryBankModule):
             return (output, None, None) if with_labels else (output, None)
         if update:
             self._check_can_hold()
-        if ids is not None and (not isinstance(ids, Tensor) or tuple(ids.shape) != (output.shape[0],)):
-            raise ValueError(f"ids must be (B={output.shape[0]},), got {tuple(getattr(ids, 'shape', ()))}")
-        if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[1] != self.size[1]:
-            raise ValueError(
-                f"output must be (B, D={self.size[1]}), got {tuple(getattr(output, 'shape', ()))}"
-            )
+        self._check_output(output, ids)
         follow_device(self.queue, self.queue.memory, output.device)
         batch_labels, drop_labels = self._check_labels(labels, output.shape[0], write=update, step=update)
         with torch.no_grad():
             if update:
-                # Checked once (shape, dtype, finiteness per the queue's ``validate``) for both the
-                # adaptation and the write: no second check, no host read on CUDA.
-                batch = self.queue._check_embeddings(output.detach(), "output")
-                batch_ids = None if ids is None else self.queue._check_index(ids, output.shape[0], "ids")
-                if drop_labels:
-                    self._drop_labels()
-                if self.gather_distributed and xdist.is_distributed():
-                    batch = xdist.all_gather_cat(batch)  # (B * world, D), rank order
-                    batch_ids = None if batch_ids is None else xdist.all_gather_cat(batch_ids)
-                    batch_labels = None if batch_labels is None else xdist.all_gather_cat(batch_labels)
-                self.queue._adapt(batch)  # to the statistics of the whole (gathered) batch
+                batch, batch_ids, batch_labels = self._adapt_to_batch(output, ids, batch_labels, drop_labels)
             bank = self._snapshot()  # (n, D), a copy
             bank_labels = self.queue.valid_labels().clone() if with_labels else None  # (n,), the rows of bank
             if ids is not None and self.mask_same_ids:
                 self.negative_mask = self.queue.same_id_mask(ids)  # (B, n): the bank returned, before the write
-            in_warmup = self.queue.in_warmup
-            if update and self._deferring:  # written when the deferred_enqueue() block ends
-                self._hold((batch, batch_ids, batch_labels))
-                in_warmup = self.queue._in_warmup(min(len(self.queue) + self._rows_written(batch.shape[0]), self.size[0]))
-            elif update:
-                self._write(batch, checked=True, ids=batch_ids, labels=batch_labels)
-                in_warmup = self.queue.in_warmup
+            in_warmup = self._enqueue_step(batch, batch_ids, batch_labels) if update else self.queue.in_warmup
         if in_warmup:  # the memory stays out of the loss: lightly's loss without a bank
             self.negative_mask = None
             return (output, None, None) if with_labels else (output, None)
         if self.feature_dim_first:
             bank = bank.t()  # (D, n)
         return (output, bank, bank_labels) if with_labels else (output, bank)
+
+    def _check_output(self, output: Tensor, ids: Optional[Tensor]) -> None:
+        """The shape checks of :meth:`forward` (the values are checked by the queue, on the device)."""
+        if ids is not None and (not isinstance(ids, Tensor) or tuple(ids.shape) != (output.shape[0],)):
+            raise ValueError(f"ids must be (B={output.shape[0]},), got {tuple(getattr(ids, 'shape', ()))}")
+        if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[1] != self.size[1]:
+            raise ValueError(f"output must be (B, D={self.size[1]}), got {tuple(getattr(output, 'shape', ()))}")
+
+    def _adapt_to_batch(
+        self, output: Tensor, ids: Optional[Tensor], labels: Optional[Tensor], drop_labels: bool
+    ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Adapt the stored rows to this step's batch (gathered over ranks with ``gather_distributed``).
+
+        Returns:
+            ``(batch (B', D), ids (B',) or None, labels (B',) or None)``: checked once (shape, dtype,
+            finiteness per the queue's ``validate``) for both the adaptation and the write, no second
+            check, no host read on CUDA; ``B' = B * world`` when gathered, in rank order.
+        """
+        batch = self.queue._check_embeddings(output.detach(), "output")
+        batch_ids = None if ids is None else self.queue._check_index(ids, output.shape[0], "ids")
+        if drop_labels:
+            self._drop_labels()
+        if self.gather_distributed and xdist.is_distributed():
+            batch = xdist.all_gather_cat(batch)  # (B * world, D), rank order
+            batch_ids = None if batch_ids is None else xdist.all_gather_cat(batch_ids)
+            labels = None if labels is None else xdist.all_gather_cat(labels)
+        self.queue._adapt(batch)  # to the statistics of the whole (gathered) batch
+        return batch, batch_ids, labels
+
+    def _enqueue_step(self, batch: Tensor, ids: Optional[Tensor], labels: Optional[Tensor]) -> bool:
+        """Write a step's (checked, gathered) batch now, or hold it until the ``deferred_enqueue()`` block ends.
+
+        Returns:
+            Whether the memory is in its warm-up once the batch is written (a Python bool: no host read).
+        """
+        if self._deferring:  # written when the deferred_enqueue() block ends
+            self._hold((batch, ids, labels))
+            return self.queue._in_warmup(min(len(self.queue) + self._rows_written(batch.shape[0]), self.size[0]))
+        self._write(batch, checked=True, ids=ids, labels=labels)
+        return self.queue.in_warmup
 
     @property
     def bank(self) -> Tensor:  # type: ignore[override]

@@ -270,70 +270,26 @@ class AdaptiveCrossBatchMemory(DeferredEnqueue, CrossBatchMemory):
                 (B, embedding_size), labels, mask or ids of another length, more rows to enqueue than
                 ``memory_size``, or ``mask_same_ids`` without ids.
         """
-        if indices_tuple is not None and enqueue_mask is not None:
-            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
-        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"embeddings must be (B, embedding_size={self.embedding_size}), "
-                f"got {tuple(getattr(embeddings, 'shape', ()))}"
-            )
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(
-                f"labels must be (B={embeddings.shape[0]},), got {tuple(getattr(labels, 'shape', ()))}"
-            )
-        if ids is not None and (not isinstance(ids, Tensor) or ids.shape != (embeddings.shape[0],)):
-            raise ValueError(f"ids must be (B={embeddings.shape[0]},), got {tuple(getattr(ids, 'shape', ()))}")
-        if self.mask_same_ids and ids is None:
-            raise ValueError("ids are required with mask_same_ids=True: pass loss_fn(embeddings, labels, ids=sample_ids)")
+        self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask, ids)
         self._check_can_hold()
-        anchor_ids = ids
         self.reset_stats()
         device = embeddings.device
         labels = c_f.to_device(labels, device=device)
         self._follow_device(device)
-
-        if enqueue_mask is not None:
-            if enqueue_mask.shape != (embeddings.shape[0],):
-                raise ValueError(
-                    f"enqueue_mask must be (B={embeddings.shape[0]},), got {tuple(enqueue_mask.shape)}"
-                )
-            enqueue_mask = enqueue_mask.to(device=device, dtype=torch.bool)
-            emb_for_queue = embeddings[enqueue_mask]  # (Bq, D)
-            labels_for_queue = labels[enqueue_mask]  # (Bq,)
-            ids_for_queue = ids[enqueue_mask.to(ids.device)] if ids is not None else None
-            anchor_ids = ids[~enqueue_mask.to(ids.device)] if ids is not None else None
-            embeddings = embeddings[~enqueue_mask]  # (Ba, D) anchors
-            labels = labels[~enqueue_mask]
-            do_remove_self_comparisons = False
-        else:
-            emb_for_queue = embeddings
-            labels_for_queue = labels
-            ids_for_queue = ids
-            do_remove_self_comparisons = True
+        (embeddings, labels, anchor_ids), (emb_for_queue, labels_for_queue, ids_for_queue) = _split_by_mask(
+            embeddings, labels, ids, enqueue_mask)
         if emb_for_queue.shape[0] > self.memory_size:
-            raise ValueError(
-                f"cannot enqueue {emb_for_queue.shape[0]} rows into a memory of memory_size={self.memory_size}"
-            )
-
+            raise ValueError(f"cannot enqueue {emb_for_queue.shape[0]} rows into a memory of memory_size={self.memory_size}")
         pending = self._adapt_and_enqueue(emb_for_queue, labels_for_queue, ids_for_queue)  # held, or None: written
         self._memory_dtype, self._label_dtype = embeddings.dtype, labels.dtype
 
         if self.queue.in_warmup if pending is None else pending.in_warmup:
             return self._warmup_loss(embeddings, labels, emb_for_queue, labels_for_queue, indices_tuple, enqueue_mask)
 
-        if pending is None:
-            # Like PML, the loss reads the memory in place (a live view, cast to the loss dtype; a copy only
-            # when the dtypes differ): PML's supported losses never modify their reference embeddings.
-            E_mem = self.queue.valid_memory().to(device=device, dtype=embeddings.dtype)  # (n, D)
-            L_mem = self.queue.valid_labels().to(device=device, dtype=labels.dtype)  # (n,)
-        else:  # the memory as it will be once the held batch is written (the same values), the batch not in it
-            rows, row_labels, _ = self.queue.preview(pending)  # (n, D), (n,)
-            E_mem = rows.to(device=device, dtype=embeddings.dtype)
-            L_mem = row_labels.to(device=device, dtype=labels.dtype)
-        do_remove_self_comparisons = do_remove_self_comparisons and self.curr_batch_idx.numel() > 0
-        mem_indices = self.create_indices_tuple(
-            embeddings, labels, E_mem, L_mem, indices_tuple, do_remove_self_comparisons
-        )
+        E_mem, L_mem = self._memory_for_loss(pending, embeddings, labels)  # (n, D), (n,)
+        # with a mask the anchors are not in the memory: no self-comparison to remove (as in PML)
+        do_remove_self_comparisons = enqueue_mask is None and self.curr_batch_idx.numel() > 0
+        mem_indices = self.create_indices_tuple(embeddings, labels, E_mem, L_mem, indices_tuple, do_remove_self_comparisons)
         if self.mask_same_ids:
             same = self.queue.same_id_mask(anchor_ids, exclude=self.curr_batch_idx, pending=pending)  # (Ba, n)
             mem_indices = remove_same_id_pairs(mem_indices, same)
@@ -341,6 +297,46 @@ class AdaptiveCrossBatchMemory(DeferredEnqueue, CrossBatchMemory):
         if self.add_batch_loss:
             loss = loss + self._batch_loss(embeddings, labels, indices_tuple)
         return loss
+
+    def _check_inputs(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        indices_tuple: Optional[Tuple[Tensor, ...]],
+        enqueue_mask: Optional[Tensor],
+        ids: Optional[Tensor],
+    ) -> None:
+        """The argument checks of :meth:`forward` (shapes only: no device value is read)."""
+        if indices_tuple is not None and enqueue_mask is not None:
+            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings must be (B, embedding_size={self.embedding_size}), "
+                f"got {tuple(getattr(embeddings, 'shape', ()))}"
+            )
+        batch = embeddings.shape[0]
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != batch:
+            raise ValueError(f"labels must be (B={batch},), got {tuple(getattr(labels, 'shape', ()))}")
+        if ids is not None and (not isinstance(ids, Tensor) or ids.shape != (batch,)):
+            raise ValueError(f"ids must be (B={batch},), got {tuple(getattr(ids, 'shape', ()))}")
+        if self.mask_same_ids and ids is None:
+            raise ValueError("ids are required with mask_same_ids=True: pass loss_fn(embeddings, labels, ids=sample_ids)")
+        if enqueue_mask is not None and enqueue_mask.shape != (batch,):
+            raise ValueError(f"enqueue_mask must be (B={batch},), got {tuple(enqueue_mask.shape)}")
+
+    def _memory_for_loss(self, pending: Optional[PendingWrite], embeddings: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        """The loss's reference rows ``(n, D)`` and labels ``(n,)``, in the dtypes and on the device of the batch.
+
+        Like PML, the loss reads the memory in place (a live view, cast to the loss dtype; a copy only when the
+        dtypes differ): PML's supported losses never modify their reference embeddings. With a batch held back
+        (``pending``), the memory as it will be once that batch is written (the same values), the batch not in it.
+        """
+        if pending is None:
+            rows, row_labels = self.queue.valid_memory(), self.queue.valid_labels()  # (n, D), (n,)
+        else:
+            rows, row_labels, _ = self.queue.preview(pending)  # (n, D), (n,)
+        return (rows.to(device=embeddings.device, dtype=embeddings.dtype),
+                row_labels.to(device=embeddings.device, dtype=labels.dtype))
 
     def _warmup_loss(
         self,
@@ -523,3 +519,17 @@ class AdaptiveCrossBatchMemory(DeferredEnqueue, CrossBatchMemory):
         state = fresh.state_dict()
         state["ptr"] = torch.full_like(state["ptr"], ptr)
         return state
+
+
+def _split_by_mask(
+    embeddings: Tensor, labels: Tensor, ids: Optional[Tensor], enqueue_mask: Optional[Tensor]
+) -> Tuple[Tuple[Tensor, Tensor, Optional[Tensor]], Tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """``(anchors, labels, ids)`` and ``(rows to enqueue, labels, ids)`` of a batch: PML's ``enqueue_mask``
+    (True: enqueued, False: an anchor); without a mask the whole batch is both."""
+    if enqueue_mask is None:
+        return (embeddings, labels, ids), (embeddings, labels, ids)
+    mask = enqueue_mask.to(device=embeddings.device, dtype=torch.bool)  # (B,)
+    mask_ids = mask.to(ids.device) if ids is not None else None
+    anchors = (embeddings[~mask], labels[~mask], ids[~mask_ids] if ids is not None else None)  # (Ba, D), (Ba,)
+    queued = (embeddings[mask], labels[mask], ids[mask_ids] if ids is not None else None)  # (Bq, D), (Bq,)
+    return anchors, queued

@@ -16,13 +16,14 @@ until ``rows`` rows were written (the memory's size by default) or the loader en
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any, Callable, Iterable, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["prefill"]
+__all__ = ["prefill", "memory_size"]
 
 Unpacked = Tuple[Any, Optional[Tensor], Optional[Tensor]]
 
@@ -40,7 +41,12 @@ def _default_unpack(batch: Any) -> Unpacked:
     )
 
 
-def _capacity(memory: Any) -> int:
+def memory_size(memory: Any) -> int:
+    """The rows ``memory`` holds: an :class:`~xbn_queue.AdaptiveQueue`'s ``size``, or its ``.queue``'s.
+
+    Raises:
+        ValueError: ``memory`` is neither.
+    """
     queue = getattr(memory, "queue", memory)
     size = getattr(queue, "size", None)
     if not isinstance(size, int):
@@ -57,6 +63,29 @@ def _module_device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, train: bool) -> Iterator[None]:
+    """``model`` in train (``True``) or eval mode inside the block; every submodule's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _enqueue_at_most(memory: Any, emb: Tensor, labels: Optional[Tensor], ids: Optional[Tensor], room: int) -> int:
+    """Enqueue the first ``room`` rows of a batch at most (the last batch is cut to fit); the rows written."""
+    k = min(emb.shape[0], room)
+    if k < emb.shape[0]:
+        emb = emb[:k]  # (k, D)
+        labels = labels[:k] if labels is not None else None
+        ids = ids[:k] if ids is not None else None
+    memory.enqueue(emb.detach(), labels, ids)
+    return k
 
 
 @torch.no_grad()
@@ -98,46 +127,44 @@ def prefill(
             unpacked, or what the memory's ``enqueue`` refuses (wrong shapes, labels given
             inconsistently...).
     """
-    capacity = _capacity(memory)
+    capacity = memory_size(memory)
     target = capacity if rows is None else int(rows)
     if not 1 <= target <= capacity:
         raise ValueError(f"prefill: rows must be in [1, {capacity}] (the memory's size), got {rows}")
     device = _module_device(model) if device is None else torch.device(device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(train)
-    bar = _progress_bar(target, progress)
     written = 0
-    try:
+    with _mode(model, train), _progress_bar(target, progress) as bar:
         for batch in loader:
             x, labels, ids = unpack(batch)
             x = x.to(device) if isinstance(x, Tensor) else x
             emb = embed(model, x) if embed is not None else model(x)  # (B, D)
-            k = min(emb.shape[0], target - written)
-            if k < emb.shape[0]:
-                emb = emb[:k]
-                labels = labels[:k] if labels is not None else None
-                ids = ids[:k] if ids is not None else None
-            memory.enqueue(emb.detach(), labels, ids)
+            k = _enqueue_at_most(memory, emb, labels, ids, target - written)
             written += k
-            if bar is not None:
-                bar.update(k)
+            bar.update(k)
             if written >= target:
                 break
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        if bar is not None:
-            bar.close()
     return written
 
 
-def _progress_bar(total: int, progress: Optional[bool]) -> Any:
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
-        return None
+@contextlib.contextmanager
+def _progress_bar(total: int, progress: Optional[bool]) -> Iterator[Any]:
+    """A tqdm bar of ``total`` rows (closed at the block's end), or an object whose ``update`` does nothing."""
+    tqdm = None
+    if progress or (progress is None and sys.stderr.isatty()):
+        try:
+            from tqdm import tqdm
+        except ImportError:  # the core needs torch only: no bar without tqdm
+            pass
+    if tqdm is None:
+        yield _NoBar()
+        return
+    bar = tqdm(total=total, desc="prefill", unit="rows", leave=False)
     try:
-        from tqdm import tqdm
-    except ImportError:  # the core needs torch only: no bar without tqdm
-        return None
-    return tqdm(total=total, desc="prefill", unit="rows", leave=False)
+        yield bar
+    finally:
+        bar.close()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass

@@ -52,10 +52,9 @@ def prefill_spy(monkeypatch):
     calls = []
     original = mt.prefill_memory
 
-    def spy(model, memory_loss, dataset, cfg, ctx, device):
-        steps_before = memory_loss.queue.num_steps
-        done = original(model, memory_loss, dataset, cfg, ctx, device)
-        q = memory_loss.queue
+    def spy(q, model, *args, **kwargs):
+        steps_before = q.num_steps
+        done = original(q, model, *args, **kwargs)
         calls.append({"model": {k: v.clone() for k, v in model.state_dict().items()}, "rows": len(q),
                       "memory": q.embeddings.clone(), "labels": q.labels.clone(), "ids": q.ids.clone(),
                       "steps_before": steps_before, "training": model.training})
@@ -116,8 +115,8 @@ def test_prefill_resume_from_the_end_of_the_head_warmup_prefills_once(tmp_path, 
 def test_prefill_resume_after_the_prefill_never_prefills_again(tmp_path, prefill_reference, prefill_spy, monkeypatch):
     spy = mt.prefill_memory
 
-    def prefill_then_sigterm(*args):  # the run stops (checkpoint, exit) after the step of the prefill
-        done = spy(*args)
+    def prefill_then_sigterm(*args, **kwargs):  # the run stops (checkpoint, exit) after the step of the prefill
+        done = spy(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return done
 

@@ -51,18 +51,18 @@ def test_warmup_loss_is_the_loss_with_only_this_steps_keys(tmp_path):
 def prefill_spy(monkeypatch):
     """Wraps the trainer's prefill call: records the key encoder, the queue and the step count right after it."""
     calls = []
-    original = st.prefill_queue
+    original = st.prefill_memory
 
-    def spy(encoder, criterion, *args):
-        queue = st.criterion_queue(criterion)
+    def spy(memory, encoder, *args, **kwargs):
+        queue = getattr(memory, "queue", memory)  # lightly's bank or the raw loss's queue
         steps_before = queue.num_steps
-        done = original(encoder, criterion, *args)
+        done = original(memory, encoder, *args, **kwargs)
         calls.append({"encoder": {k: v.clone() for k, v in encoder.state_dict().items()}, "rows": len(queue),
                       "memory": queue.embeddings.clone(), "ids": None if queue.ids is None else queue.ids.clone(),
                       "steps_before": steps_before, "training": encoder.training})
         return done
 
-    monkeypatch.setattr(st, "prefill_queue", spy)
+    monkeypatch.setattr(st, "prefill_memory", spy)
     return calls
 
 

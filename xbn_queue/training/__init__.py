@@ -27,8 +27,10 @@ that names the extra to install (``pip install "xbn-queue[train]"`` or ``"xbn-qu
   ranges (``at_least``, ``between``, ``check_ranges``), run folders (``check_output_dir``,
   ``prepare_output_dir``, ``default_run_dir``), ``resume_command``, ``check_memory_fits``, ``run_main``
   (exit 0 / 2 / 128 + N, one-line errors).
-- :mod:`~xbn_queue.training.prefill`: ``prefill_batches`` (which training images a ``--prefill`` embeds,
-  split over ranks).
+- :mod:`~xbn_queue.training.prefill`: ``prefill_memory`` (a trainer's ``--prefill``; the trainer supplies how to
+  read a batch) and ``prefill_batches`` (which training images it embeds, split over ranks).
+- :mod:`~xbn_queue.training.embed`: ``embed_sharded``, ``shard_indices`` (an evaluation split embedded by every
+  rank's share, gathered in the split's order).
 - :mod:`~xbn_queue.training.series`: ``run_series`` (``compare`` and sweeps: a signal stops the whole
   series, per-run ``complete`` flags, ``--resume`` finishes only the missing runs), ``mean_std``,
   ``format_mean_std``, ``incomplete_banner``.
@@ -56,7 +58,8 @@ _EXPORTS = {
     "GracefulExit": "signals",
     "RunLoop": "loop", "RunState": "loop", "RunSummary": "loop", "Callback": "loop", "NonFiniteError": "loop",
     "autocast": "precision", "amp_dtype": "precision", "grad_scaler": "precision", "backward_step": "precision",
-    "prefill_batches": "prefill",
+    "prefill_batches": "prefill", "prefill_memory": "prefill",
+    "embed_sharded": "embed", "shard_indices": "embed",
     "RunLogger": "tracking", "plot_history": "tracking", "plot_compare": "tracking", "read_metrics": "tracking",
 }
 
