@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from xbn_queue.training.progress import progress
 
-from .config import MetricConfig, resolve_config
+from ..config import MetricConfig, resolve_config
 
 __all__ = ["BASELINES", "RAW_PIXELS_MAX_SIZE", "compute_baselines", "load_or_compute_baselines", "summarize_baselines",
            "recompute_batchnorm"]
@@ -71,11 +71,11 @@ def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List
     from xbn_queue.training.distributed import DistContext
     from xbn_queue.training.seeding import seed_everything
 
-    from .data import ImageDataset, load_dataset
-    from .evaluate import SCORE_PREFIXES, retrieval_metrics
-    from .fastdata import TensorCache, use_tensor_cache
-    from .model import build_model
-    from .train import build_transforms, embed_split
+    from ..data import ImageDataset, load_dataset
+    from ..evaluate import SCORE_PREFIXES, retrieval_metrics
+    from ..fastdata import TensorCache, use_tensor_cache
+    from ..model import build_model
+    from ..train import build_transforms, embed_split
 
     cfg = resolve_config(cfg)
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):

@@ -8,7 +8,7 @@ and the last evaluation (the best is chosen on the evaluation split itself, whic
 runs against the baselines' single evaluation, so the last stands next to it). The table shows, per
 method, the mean and the sample standard deviation (ddof=1) over seeds in percent (one seed: the
 value alone) of R@1 early / best / last and MAP@R best / last, after two baselines on the same
-evaluation split (raw pixels and the untrained network, :mod:`metric.baselines`). Under it, a second
+evaluation split (raw pixels and the untrained network, :mod:`metric.experiments.baselines`). Under it, a second
 table gives the **paired gains** of every adapted memory (XBN, AXBN, and XBN* / AXBN* when compared) over
 XBM, XBM* and No-XBM, whichever the comparison holds: per seed the run minus the baseline's run of the
 same seed (same initialisation, same batches), mean ± sample std over seeds, at the early and at the
@@ -51,7 +51,7 @@ from xbn_queue.training.config import config_to_argv
 from xbn_queue.training.series import (JobSlot, PlannedRun, RunOutcome, SeriesReport, check_series_dir, format_mean_std,
                                        incomplete_banner, lock_series_dir, mean_std, run_series, series_wandb)
 
-from .config import METHODS, MetricConfig, resolve_config, validate_config
+from ..config import METHODS, MetricConfig, resolve_config, validate_config
 
 __all__ = ["add_compare_args", "run_compare", "compare_main", "format_table", "table_columns", "plan_runs", "series_trainer",
            "run_rows", "run_records", "run_scores", "summarize_runs", "metric_keys", "baselines_for", "early_epoch_of",
@@ -150,7 +150,7 @@ GAIN_BASELINES = ("xbm", "xbm-batch", "none")
 
 def gain_targets(methods: Sequence[str]) -> List[str]:
     """The methods with an adapted memory among ``methods`` (XBN, AXBN, their ``-batch`` variants, xbn-cov)."""
-    from .config import method_memory
+    from ..config import method_memory
 
     return [m for m in methods if method_memory(m)[0] not in (None, "none")]
 
@@ -206,7 +206,7 @@ def _plain_key(key: str) -> str:
 
 
 def _is_score(key: str) -> bool:
-    from .evaluate import SCORE_PREFIXES
+    from ..evaluate import SCORE_PREFIXES
 
     return _plain_key(key).startswith(SCORE_PREFIXES)
 
@@ -276,7 +276,7 @@ def default_series_dir(cfg: MetricConfig, resume: bool, kind: str = "compare") -
     """
     from xbn_queue.training.cli import series_output_dir
 
-    from .train import DEFAULT_RUNS
+    from ..train import DEFAULT_RUNS
 
     return dataclasses.replace(cfg, output_dir=series_output_dir(cfg.output_dir, resume, DEFAULT_RUNS, kind, cfg.dataset))
 
@@ -296,7 +296,7 @@ def series_trainer(cfg: MetricConfig, resume: bool, varied: Sequence[str] = ()) 
     the varied options) in its own folder; with ``resume`` it continues from the folder's
     ``last.pt``, and a finished run is not trained again. ``varied``: the settings tagged in W&B.
     """
-    from .train import train
+    from ..train import train
 
     def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
         t = time.time()
@@ -328,7 +328,7 @@ def series_command(cfg: MetricConfig, resume: bool, threads_given: bool,
 
 #: The environment of a run's process: it imports this very ``metric`` package.
 def _child_env() -> Dict[str, str]:
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     return {"PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
@@ -404,7 +404,7 @@ def summarize_runs(runs: Sequence[Dict[str, Any]], methods: Sequence[str]) -> Di
 
 
 def baselines_for(cfg: MetricConfig, seeds: List[int], out: Path, tag: str = "compare") -> Dict[str, Any]:
-    """Raw-pixel and untrained-network baselines (:mod:`metric.baselines`), printed; ``{}`` off rank 0."""
+    """Raw-pixel and untrained-network baselines (:mod:`metric.experiments.baselines`), printed; ``{}`` off rank 0."""
     from .baselines import BASELINES, load_or_compute_baselines, summarize_baselines
 
     if int(os.environ.get("RANK", "0") or 0) != 0:

@@ -63,7 +63,7 @@ from xbn_queue.training.cli import UsageError
 from xbn_queue.training.series import (PlannedRun, check_series_dir, format_mean_std, incomplete_banner, lock_series_dir,
                                        mean_std)
 
-from .config import METHODS, MetricConfig, memory_rows, resolve_config
+from ..config import METHODS, MetricConfig, memory_rows, resolve_config
 
 __all__ = ["add_sweep_args", "run_sweep", "sweep_main", "sweep_plan", "sweep_points", "sweep_axes", "parse_vary", "Axis",
            "add_gains", "format_sweep_tables", "format_gain_tables", "plot_sweep", "plot_gain_vs_staleness", "write_runs_csv"]
@@ -315,8 +315,8 @@ def _check_plan(cfg: MetricConfig, plan: Sequence[PlannedRun]) -> None:
     Each run's configuration goes through :func:`metric.config.resolve_config` and the data checks of
     :func:`metric.train.train` (memory rows, classes per batch), with the data read once.
     """
-    from .data import load_dataset
-    from .train import _check_data
+    from ..data import load_dataset
+    from ..train import _check_data
 
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed, max_per_class=cfg.max_per_class,
                         omniglot_rotations=cfg.omniglot_rotations)
@@ -345,7 +345,7 @@ GAIN_KEYS = ["gain_recall@1", "gain_last_recall@1", "gain_map@r", "gain_last_map
 
 
 def add_gains(runs: Sequence[Dict[str, Any]], axes: Sequence[Axis]) -> None:
-    """Give every finished run its gains over each baseline of :data:`metric.compare.GAIN_BASELINES` (XBM,
+    """Give every finished run its gains over each baseline of :data:`metric.experiments.compare.GAIN_BASELINES` (XBM,
     XBM*, No-XBM) the sweep holds, paired: ``<gain_prefix(B)><key> = run[key] - B[key]`` with ``B``'s run
     of the same point and seed (same initialisation and batches), for the :data:`GAIN_SCORES`
     (fractions); and the ``xbm_staleness_cosine`` of its XBM twin. A run gets no gain over its own

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from metric import baselines as B
+from metric.experiments import baselines as B
 from metric.cli import main
 from metric.config import resolve_config
 from metric.data import load_digits
