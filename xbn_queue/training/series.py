@@ -17,21 +17,22 @@ name, or ``--wandb-group``) and the tags of the values it varies, so that a dash
 seeds together (the run itself adds its job type, the method, and the tags ``method=``, ``seed=``,
 ``dataset=``: :class:`~xbn_queue.training.tracking.WandbReport`).
 
-Aggregation helpers (:func:`mean_std`, :func:`format_mean_std`, :func:`incomplete_banner`) let every
-table say the same thing the same way: percentages, no ``± 0.00`` with one seed, and a first line
-naming incomplete runs. Use::
+Aggregation helpers (:func:`mean_std`, :func:`format_mean_std`, :func:`table_title`) let every table say
+the same thing the same way: percentages, no ``± 0.00`` with one seed, and a first line naming
+incomplete runs; :func:`write_series` writes the table, its JSON and its figures (none while runs are
+missing). ``xbn-metric compare`` / ``sweep`` and ``xbn-selfsup compare`` are this skeleton::
 
-    plan = [PlannedRun(f"{m}-seed{s}", {"method": m, "seed": s}) for m in methods for s in seeds]
+    plan = seed_plan("method", methods, cfg.seed, seeds)          # "<method>-seed<S>": {"method", "seed"}
     check_series_dir(out, plan, resume=..., overwrite=...)       # before anything is written
 
     def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
-        res = train(replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else ""))
-        return RunOutcome(complete=res["stopped"] != "signal", signal=res.get("signal"), result=res)
+        return RunOutcome.of_summary(train(series_run_config(cfg, run, run_dir, resume, wandb_name=...)))
 
     with lock_series_dir(out, plan, resume=..., overwrite=...):  # the first write; each run locks its own folder
         report = run_series(plan, out, train_one)
         done = report.completed()                                # only these go into a table
-        ...                                                      # the table, written under the lock
+        markdown = table_title(title, report.incomplete(), resume_cmd) + ...
+        write_series(out, "compare", markdown, result, report.incomplete(), resume_cmd, {"compare.png": draw})
     return report.exit_code                                      # 0, or 130 / 143
 """
 
