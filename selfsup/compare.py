@@ -228,7 +228,7 @@ def compare(
     try:
         data = load_compare_data(cfg) if data is None else data
         check_data(cfg, data, ctx.world_size)
-        lock = lock_on_rank0(ctx, out, plan, resume, cfg.overwrite) or lock
+        lock = lock_on_rank0(ctx, out, plan, resume, cfg.overwrite)
         if ctx.is_main:
             print(f"[compare] comparison folder: {out}", file=sys.stderr, flush=True)
         report = run_series(plan, out, series_trainer(cfg, data, resume), verbose=ctx.is_main)
@@ -259,11 +259,11 @@ def load_compare_data(cfg: SelfSupConfig) -> ImageData:
                         skip_bad_images=cfg.skip_bad_images, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
 
 
-def lock_on_rank0(ctx: Any, out: Path, plan: Sequence[PlannedRun], resume: bool, overwrite: bool) -> Optional[Any]:
+def lock_on_rank0(ctx: Any, out: Path, plan: Sequence[PlannedRun], resume: bool, overwrite: bool) -> Any:
     """Rank 0 locks the comparison folder (each run locks its own below it); every rank stops if it cannot.
 
     Returns:
-        The held lock on rank 0, ``None`` on the other ranks.
+        The :class:`~xbn_queue.training.cli.FolderLock`: held on rank 0, unheld on the other ranks.
 
     Raises:
         UsageError: on every rank, when rank 0 could not lock the folder (:func:`lock_series_dir`).
@@ -272,11 +272,11 @@ def lock_on_rank0(ctx: Any, out: Path, plan: Sequence[PlannedRun], resume: bool,
     from xbn_queue.training.loop import any_rank
 
     lock, lock_error = None, None
-    if ctx.is_main:
-        try:
-            lock = lock_series_dir(out, plan, resume=resume, overwrite=overwrite, what="an xbn-selfsup compare")
-        except UsageError as err:
-            lock_error = err
+    try:
+        lock = lock_series_dir(out, plan, resume=resume, overwrite=overwrite, what="an xbn-selfsup compare",
+                               enabled=ctx.is_main)
+    except UsageError as err:
+        lock_error = err
     if any_rank(ctx, lock_error is not None)[0]:
         raise lock_error or UsageError(f"--output-dir {out}: refused on rank 0 (see its message)")
     return lock
