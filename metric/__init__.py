@@ -4,7 +4,7 @@ with the batch loss added (``xbm-batch`` = XBM*, ``xbn-batch`` = XBN*, ``axbn-ba
 
 Layout: :mod:`metric.config` (options), :mod:`metric.data` (datasets), :mod:`metric.sampler`
 (m-per-class batches), :mod:`metric.model` (embedding network), :mod:`metric.train` (loop),
-:mod:`metric.evaluate` (Recall@K, MAP@R), :mod:`metric.compare` (method comparison),
+:mod:`metric.evaluate` (Recall@K, MAP@R), :mod:`metric.experiments.compare` (method comparison),
 :mod:`metric.cli` (``xbn-metric``). See ``docs/metric.md``.
 """
 

@@ -93,11 +93,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def body() -> int:
         if argv[:1] == ["compare"]:
-            from .compare import compare_main
+            from .experiments.compare import compare_main
 
             return compare_main(argv)
         if argv[:1] == ["sweep"]:
-            from .sweep import sweep_main
+            from .experiments.sweep import sweep_main
 
             return sweep_main(argv)
         if argv[:1] in (["embed"], ["search"]):

@@ -248,6 +248,44 @@ class MetricReport(Callback):
                 loop.say(f"warning: could not plot: {one_line(err)}")
 
 
+@dataclasses.dataclass
+class EvaluationSets:
+    """The images a run is evaluated on, under the evaluation transform: datasets of ``(image, label, index, ok)``.
+
+    Attributes:
+        train: The training split (the drift probe, the staleness sample, the baselines' BatchNorm statistics).
+        query: The query split.
+        gallery: The gallery split (``query`` itself when the query is the gallery).
+        cache: The decoded tensors of the in-memory fast path (:class:`~metric.fastdata.TensorCache`), else ``None``.
+    """
+
+    train: Any
+    query: Any
+    gallery: Any
+    cache: Optional[TensorCache] = None
+
+
+def evaluation_sets(cfg: MetricConfig, data: RetrievalData, device: torch.device, size: Optional[int] = None) -> EvaluationSets:
+    """The evaluation sets at ``size`` px (default ``cfg.image_size``), for the trainer and the baselines alike.
+
+    With the tensor cache (:func:`~metric.fastdata.use_tensor_cache`) every split is decoded once into tensors on
+    ``device``; else each is an :class:`~metric.data.ImageDataset` under the evaluation transform of
+    :func:`build_transforms` (resize, centre crop, ImageNet normalisation), kept once transformed when the
+    images are in memory.
+    """
+    size = cfg.image_size if size is None else int(size)
+    if use_tensor_cache(cfg.tensor_cache, cfg.augment, data):  # decoded once, batches augmented on the device
+        cache = TensorCache.build(data, size, device)
+        return EvaluationSets(cache.train_eval, cache.query, cache.gallery, cache)
+    eval_tf = build_transforms(dataclasses.replace(cfg, image_size=size))[1]
+    skip = cfg.skip_bad_images
+    in_memory = all(isinstance(it, np.ndarray) for it in data.train.items[:1] + data.query.items[:1])
+    train = ImageDataset(data.train, eval_tf, skip_bad_images=skip, cache=in_memory)
+    query = ImageDataset(data.query, eval_tf, skip_bad_images=skip, cache=in_memory)
+    gallery = query if data.query_is_gallery else ImageDataset(data.gallery, eval_tf, skip_bad_images=skip, cache=in_memory)
+    return EvaluationSets(train, query, gallery)
+
+
 class MetricRun(RunLoop):
     """One metric-learning run on the shared loop (see the module docstring).
 
@@ -309,20 +347,13 @@ class MetricRun(RunLoop):
     def build_datasets(self) -> None:
         """The training data step (the in-memory fast path or per-image loading) and the evaluation sets."""
         cfg, data = self.cfg, self.data
-        self.cache: Optional[TensorCache] = None
-        if use_tensor_cache(cfg.tensor_cache, cfg.augment, data):  # decoded once, batches augmented on the device
-            self.cache = TensorCache.build(data, cfg.image_size, self.device)
+        sets = evaluation_sets(cfg, data, self.device)
+        self.cache: Optional[TensorCache] = sets.cache
+        self.train_eval_ds, self.query_ds, self.gallery_ds = sets.train, sets.query, sets.gallery  # probe, staleness
+        if self.cache is not None:
             self.fast_augment = TensorMildAugment(cfg.image_size, cfg.crop_min_scale, hflip=cfg.hflip, re_prob=cfg.re_prob)
-            self.train_eval_ds, self.query_ds, self.gallery_ds = self.cache.train_eval, self.cache.query, self.cache.gallery
-            return
-        train_tf, eval_tf = build_transforms(cfg)
-        skip = cfg.skip_bad_images
-        in_memory = all(isinstance(it, np.ndarray) for it in data.train.items[:1] + data.query.items[:1])
-        self.train_ds = ImageDataset(data.train, train_tf, skip_bad_images=skip)
-        self.train_eval_ds = ImageDataset(data.train, eval_tf, skip_bad_images=skip, cache=in_memory)  # probe, staleness
-        self.query_ds = ImageDataset(data.query, eval_tf, skip_bad_images=skip, cache=in_memory)
-        self.gallery_ds = self.query_ds if data.query_is_gallery else ImageDataset(data.gallery, eval_tf,
-                                                                                   skip_bad_images=skip, cache=in_memory)
+        else:
+            self.train_ds = ImageDataset(data.train, build_transforms(cfg)[0], skip_bad_images=cfg.skip_bad_images)
 
     def build_probe(self) -> None:
         """The fixed probe batch of the drift diagnostic: training images under the evaluation transform."""

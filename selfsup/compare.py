@@ -16,14 +16,14 @@ form one W&B group, the comparison folder's name (or ``--wandb-group``), each wi
 type (:func:`~xbn_queue.training.series.series_wandb`).
 """
 
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from xbn_queue.training.series import (PlannedRun, RunOutcome, check_series_dir, format_mean_std, incomplete_banner,
-                                       lock_series_dir, mean_std, run_series, series_wandb)
+from xbn_queue.training.series import (PlannedRun, RunOutcome, SeriesReport, check_series_dir, format_mean_std,
+                                       lock_series_dir, mean_std, run_series, seed_plan, series_run_config, table_title,
+                                       write_series)
 
 from selfsup.config import ADAPTATIONS, SelfSupConfig
 from selfsup.data import ImageData, load_dataset
@@ -138,14 +138,15 @@ def read_knn_history(metrics_path: Path) -> Dict[float, float]:
 
 
 def _plot(runs: Dict[str, Dict[int, Dict[float, float]]], png: Path, title: str) -> None:
-    """``compare.png``: k-NN accuracy per epoch, mean +- std band over seeds, one line per adaptation."""
+    """``compare.png``: k-NN accuracy per epoch, mean +- std band over seeds, one line per adaptation.
+
+    Raises:
+        ValueError: the k-NN monitor never ran (e.g. ``--knn-every 0`` and runs cut short).
+    """
     from xbn_queue.training.tracking import plot_compare
 
     curves = {a: [{e: 100 * v for e, v in accs.items()} for accs in by.values()] for a, by in runs.items()}
-    try:
-        plot_compare([("k-NN accuracy (%)", curves)], png, title=title)
-    except ValueError:  # the k-NN monitor never ran (e.g. --knn-every 0 and runs cut short)
-        print(f"[compare] no k-NN accuracy recorded: {png.name} not written", file=sys.stderr)
+    plot_compare([("k-NN accuracy (%)", curves)], png, title=title)
 
 
 def series_knn_features(cfg: SelfSupConfig, out: Path, plan: Sequence[PlannedRun], resume: bool) -> str:
@@ -209,92 +210,122 @@ def compare(
     Raises:
         UsageError: unknown adaptation, ``seeds < 1``, bad options, an unusable output folder or data.
     """
-    from xbn_queue.training.cli import FolderLock, UsageError, parse_choices
+    from xbn_queue.training.cli import FolderLock, parse_choices
     from xbn_queue.training.distributed import init_distributed
-    from xbn_queue.training.loop import any_rank
 
-    from selfsup.train import check_data, train
+    from selfsup.train import check_data
 
     adaptations = parse_choices("--adaptations", adaptations, ADAPTATIONS)
-    if seeds < 1:
-        raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
+    plan = seed_plan("adaptation", adaptations, cfg.seed, seeds)
     cfg.validate()
     resume = bool(cfg.resume)
     cfg = default_compare_dir(cfg)
     out = Path(cfg.output_dir)
-    seed_list = [cfg.seed + i for i in range(seeds)]
-    plan = [PlannedRun(f"{a}-seed{s}", {"adaptation": a, "seed": s}) for a in adaptations for s in seed_list]
     check_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite)
     cfg = replace(cfg, knn_features=series_knn_features(cfg, out, plan, resume))
     ctx = init_distributed(cfg.device)  # one process group for all runs
     lock = FolderLock(out)  # held by rank 0 from its first write to its last
     try:
-        if data is None:
-            data = load_dataset(
-                cfg.dataset, cfg.data_root, download=cfg.download, image_size=cfg.image_size,
-                skip_bad_images=cfg.skip_bad_images, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-            )
+        data = load_compare_data(cfg) if data is None else data
         check_data(cfg, data, ctx.world_size)
-        lock_error: Optional[UsageError] = None
-        if ctx.is_main:  # rank 0 locks the folder (each run locks its own below it); every rank stops if it cannot
-            try:
-                lock = lock_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite, what="an xbn-selfsup compare")
-            except UsageError as err:
-                lock_error = err
-        if any_rank(ctx, lock_error is not None)[0]:
-            raise lock_error or UsageError(f"--output-dir {out}: refused on rank 0 (see its message)")
+        lock = lock_on_rank0(ctx, out, plan, resume, cfg.overwrite)
         if ctx.is_main:
             print(f"[compare] comparison folder: {out}", file=sys.stderr, flush=True)
-
-        def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
-            name = run.name
-            run_cfg = replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
-                              wandb_name=cfg.wandb_name and f"{cfg.wandb_name}-{name}", **series_wandb(cfg, out, run))
-            res = train(run_cfg, data)
-            return RunOutcome(complete=res.get("stopped") != "signal", signal=res.get("signal"), result=res)
-
-        report = run_series(plan, out, train_one, verbose=ctx.is_main)
-        runs: Dict[str, Dict[int, Dict[float, float]]] = {a: {} for a in adaptations}
-        for rec in report.completed():
-            a, s = rec.run.settings["adaptation"], rec.run.settings["seed"]
-            runs[a][s] = read_knn_history(rec.output_dir / "metrics.jsonl") if ctx.is_main else {}
-        incomplete = report.incomplete()
-        summary = summarize(runs)
-        final = summarize_final(runs)
-        title = (
-            f"MoCo k-NN accuracy on {cfg.knn_features} features ({cfg.dataset}, {len(data.train_images)} train / {len(data.test_images)} test images, "
-            f"{cfg.epochs} epochs, batch {cfg.batch_size}, queue {cfg.queue_size}, seeds {seed_list})"
-        )
-        if incomplete:
-            title = f"{incomplete_banner(incomplete, resume_cmd or None)}\n\n{title}; finished runs only"
-        markdown = format_table(summary, title, final)
-        result = {
-            "adaptations": list(adaptations),
-            "knn_features": cfg.knn_features,
-            "seeds": seed_list,
-            "complete": not incomplete,
-            "incomplete_runs": incomplete,
-            "run_complete": {r.run.name: r.complete for r in report.records},
-            "runs": {a: {str(s): {f"{e:g}": v for e, v in accs.items()} for s, accs in by.items()} for a, by in runs.items()},
-            "summary": {a: {f"{e:g}": v for e, v in by.items()} for a, by in summary.items()},
-            "final": final,
-            "markdown": markdown,
-        }
+        report = run_series(plan, out, series_trainer(cfg, data, resume), verbose=ctx.is_main)
+        runs = knn_histories(report, adaptations, ctx.is_main)
+        result = compare_result(cfg, data, [cfg.seed + i for i in range(seeds)], report, runs, resume_cmd)
         if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "compare.md").write_text(markdown)
-            (out / "compare.json").write_text(json.dumps(result, indent=2))
-            if incomplete:
-                (out / "compare.png").unlink(missing_ok=True)
-                print(incomplete_banner(incomplete, resume_cmd or None), file=sys.stderr)
-            else:
-                _plot(runs, out / "compare.png", f"MoCo on {cfg.dataset}: mean ± std over {len(seed_list)} seed(s)")
-                print(markdown)
+            write_compare(out, result, runs, f"MoCo on {cfg.dataset}: mean ± std over {seeds} seed(s)", resume_cmd)
         result["exit_code"] = report.exit_code
         return result
     finally:
         lock.release()
         ctx.cleanup()
+
+
+def write_compare(out: Path, result: Dict[str, Any], runs: Dict[str, Dict[int, Dict[float, float]]], title: str,
+                  resume_cmd: str = "") -> None:
+    """Write ``compare.md``, ``compare.json`` and ``compare.png`` (titled ``title``;
+    :func:`~xbn_queue.training.series.write_series`), then print the table when every run finished."""
+    write_series(out, "compare", result["markdown"], result, result["incomplete_runs"], resume_cmd,
+                 {"compare.png": lambda png: _plot(runs, png, title)})
+    if result["complete"]:
+        print(result["markdown"])
+
+
+def load_compare_data(cfg: SelfSupConfig) -> ImageData:
+    """The dataset every run of a comparison shares, loaded once."""
+    return load_dataset(cfg.dataset, cfg.data_root, download=cfg.download, image_size=cfg.image_size,
+                        skip_bad_images=cfg.skip_bad_images, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
+
+
+def lock_on_rank0(ctx: Any, out: Path, plan: Sequence[PlannedRun], resume: bool, overwrite: bool) -> Any:
+    """Rank 0 locks the comparison folder (each run locks its own below it); every rank stops if it cannot.
+
+    Returns:
+        The :class:`~xbn_queue.training.cli.FolderLock`: held on rank 0, unheld on the other ranks.
+
+    Raises:
+        UsageError: on every rank, when rank 0 could not lock the folder (:func:`lock_series_dir`).
+    """
+    from xbn_queue.training.cli import UsageError
+    from xbn_queue.training.loop import any_rank
+
+    lock, lock_error = None, None
+    try:
+        lock = lock_series_dir(out, plan, resume=resume, overwrite=overwrite, what="an xbn-selfsup compare",
+                               enabled=ctx.is_main)
+    except UsageError as err:
+        lock_error = err
+    if any_rank(ctx, lock_error is not None)[0]:
+        raise lock_error or UsageError(f"--output-dir {out}: refused on rank 0 (see its message)")
+    return lock
+
+
+def series_trainer(cfg: SelfSupConfig, data: ImageData, resume: bool) -> Callable[[PlannedRun, Path], RunOutcome]:
+    """The ``train_one`` callback of :func:`~xbn_queue.training.series.run_series`: ``cfg`` with the run's
+    adaptation and seed, in its folder, on the shared ``data``."""
+    from selfsup.train import train
+
+    def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
+        wandb_name = cfg.wandb_name and f"{cfg.wandb_name}-{run.name}"
+        return RunOutcome.of_summary(train(series_run_config(cfg, run, run_dir, resume, wandb_name), data))
+
+    return train_one
+
+
+def knn_histories(report: SeriesReport, adaptations: Sequence[str], read: bool = True) -> Dict[str, Dict[int, Dict[float, float]]]:
+    """``runs[adaptation][seed][epoch] = k-NN accuracy`` of the finished runs (``read=False``: empty histories,
+    on the ranks that write nothing)."""
+    runs: Dict[str, Dict[int, Dict[float, float]]] = {a: {} for a in adaptations}
+    for rec in report.completed():
+        a, s = rec.run.settings["adaptation"], rec.run.settings["seed"]
+        runs[a][s] = read_knn_history(rec.output_dir / "metrics.jsonl") if read else {}
+    return runs
+
+
+def compare_result(cfg: SelfSupConfig, data: ImageData, seed_list: List[int], report: SeriesReport,
+                   runs: Dict[str, Dict[int, Dict[float, float]]], resume_cmd: str = "") -> Dict[str, Any]:
+    """The content of ``compare.json``, its ``markdown`` the content of ``compare.md`` (:func:`format_table`)."""
+    incomplete = report.incomplete()
+    summary = summarize(runs)
+    final = summarize_final(runs)
+    title = table_title(
+        f"MoCo k-NN accuracy on {cfg.knn_features} features ({cfg.dataset}, {len(data.train_images)} train / "
+        f"{len(data.test_images)} test images, {cfg.epochs} epochs, batch {cfg.batch_size}, queue {cfg.queue_size}, "
+        f"seeds {seed_list})", incomplete, resume_cmd)
+    return {
+        "adaptations": list(runs),
+        "knn_features": cfg.knn_features,
+        "seeds": seed_list,
+        "complete": not incomplete,
+        "incomplete_runs": incomplete,
+        "run_complete": {r.run.name: r.complete for r in report.records},
+        "runs": {a: {str(s): {f"{e:g}": v for e, v in accs.items()} for s, accs in by.items()} for a, by in runs.items()},
+        "summary": {a: {f"{e:g}": v for e, v in by.items()} for a, by in summary.items()},
+        "final": final,
+        "markdown": format_table(summary, title, final),
+    }
 
 
 def compare_main(argv: Sequence[str]) -> int:

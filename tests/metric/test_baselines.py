@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from metric import baselines as B
+from metric.experiments import baselines as B
 from metric.cli import main
 from metric.config import resolve_config
 from metric.data import load_digits
@@ -123,3 +123,37 @@ def test_compare_prints_and_writes_both_baselines(tmp_path, capsys):
     u = base["untrained"]["recall@1"]
     assert lines[2].startswith(f"| Untrained net | {100 * u['mean']:.2f} ± {100 * u['std']:.2f} |")
     assert "baseline raw pixels: recall@1" in cap.err and "baseline untrained net: recall@1" in cap.err
+
+
+@pytest.mark.parametrize("tensor_cache", ["on", "off"])
+def test_trainer_and_baselines_evaluate_on_sets_of_the_one_builder(tmp_path, monkeypatch, tensor_cache):
+    """compute_baselines and the trainer both take their evaluation sets from metric.train.evaluation_sets, and
+    those hold the evaluation images: each query image is the evaluation transform of its file (float64 check)."""
+    import metric.train as T
+    from metric.data import open_image
+    from metric.train import build_transforms, evaluation_sets, train
+
+    built = []
+
+    def spy(cfg, data, device, size=None):
+        sets = evaluation_sets(cfg, data, device, size)
+        built.append((size or cfg.image_size, sets))
+        return sets
+
+    monkeypatch.setattr(T, "evaluation_sets", spy)
+    cfg = resolve_config(tiny_cfg(tmp_path / "run", image_size=36, tensor_cache=tensor_cache, max_steps=1))
+    B.compute_baselines(cfg, seeds=[0])
+    assert [size for size, _ in built] == [B.RAW_PIXELS_MAX_SIZE, 36]
+    train(cfg)
+    assert [size for size, _ in built] == [B.RAW_PIXELS_MAX_SIZE, 36, 36]
+    data = load_digits("instance", train_fraction=cfg.train_fraction)
+    for size, sets in built:
+        assert (sets.cache is not None) == (tensor_cache == "on")
+        assert len(sets.train) == len(data.train) and len(sets.query) == len(data.query)
+        assert (sets.gallery is sets.query) == data.query_is_gallery
+        if tensor_cache == "off":  # the evaluation transform of each file at ``size`` px
+            eval_tf = build_transforms(resolve_config(tiny_cfg(tmp_path, image_size=size)))[1]
+            for i in (0, len(data.query) - 1):
+                torch.testing.assert_close(sets.query[i][0].double(), eval_tf(open_image(data.query.items[i])).double())
+        else:
+            assert tuple(sets.query[0][0].shape) == (3, size, size)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pytorch_metric_learning import losses, miners
 
-from metric.compare import PAPER_NAMES, _parse_methods, format_table, plan_runs, table_columns
+from metric.experiments.compare import PAPER_NAMES, _parse_methods, format_table, plan_runs, table_columns
 from metric.config import METHODS, method_memory, resolve_config
 from metric.train import build_losses
 from xbn_queue.training.cli import UsageError

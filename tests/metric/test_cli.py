@@ -56,7 +56,7 @@ def test_compare_prints_and_writes_mean_std_table(tmp_path, capsys):
 
 
 def test_run_scores_best_last_and_early_against_plain_records():
-    from metric.compare import run_scores
+    from metric.experiments.compare import run_scores
 
     recs = [{"epoch": 1, "phase": "warmup", "recall@1": 0.5, "map@r": 0.1},
             {"epoch": 2, "recall@1": 0.8, "map@r": 0.3, "staleness_cosine": 0.9},

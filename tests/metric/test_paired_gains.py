@@ -6,8 +6,8 @@ sample standard deviation (ddof=1).
 
 import pytest
 
-from metric.compare import format_gain_table, gain_columns, paired_gains
-from metric.sweep import Axis, add_gains, format_gain_tables, sweep_points
+from metric.experiments.compare import format_gain_table, gain_columns, paired_gains
+from metric.experiments.sweep import Axis, add_gains, format_gain_tables, sweep_points
 from xbn_queue.training.series import paired_differences
 
 #        seed:        0     1     2

@@ -7,7 +7,7 @@ import pytest
 
 from metric.cli import main
 from metric.config import resolve_config
-from metric.sweep import Axis, format_sweep_tables, sweep_plan, sweep_points
+from metric.experiments.sweep import Axis, format_sweep_tables, sweep_plan, sweep_points
 from xbn_queue.training.cli import UsageError
 
 from .helpers import tiny_argv, tiny_cfg

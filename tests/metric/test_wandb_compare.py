@@ -38,7 +38,7 @@ def first_best(evals, key):
 
 
 def test_compare_runs_are_grouped_tagged_summarised_and_log_best_pt(tmp_path, offline, monkeypatch):
-    import metric.compare as mc
+    import metric.experiments.compare as mc
 
     monkeypatch.setattr(mc, "baselines_for", lambda *a, **k: {})  # not what this test is about (test_baselines.py)
     root = make_folder(tmp_path / "folder", per_class=8)
@@ -74,7 +74,7 @@ def test_log_model_without_wandb_is_one_line_and_writes_nothing(tmp_path, capsys
 
 
 def test_sweep_runs_carry_the_group_and_their_swept_values_in_process_and_as_commands(tmp_path, monkeypatch):
-    import metric.compare as mc
+    import metric.experiments.compare as mc
     import metric.train as mt
 
     seen = []

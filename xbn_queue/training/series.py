@@ -17,21 +17,22 @@ name, or ``--wandb-group``) and the tags of the values it varies, so that a dash
 seeds together (the run itself adds its job type, the method, and the tags ``method=``, ``seed=``,
 ``dataset=``: :class:`~xbn_queue.training.tracking.WandbReport`).
 
-Aggregation helpers (:func:`mean_std`, :func:`format_mean_std`, :func:`incomplete_banner`) let every
-table say the same thing the same way: percentages, no ``± 0.00`` with one seed, and a first line
-naming incomplete runs. Use::
+Aggregation helpers (:func:`mean_std`, :func:`format_mean_std`, :func:`table_title`) let every table say
+the same thing the same way: percentages, no ``± 0.00`` with one seed, and a first line naming
+incomplete runs; :func:`write_series` writes the table, its JSON and its figures (none while runs are
+missing). ``xbn-metric compare`` / ``sweep`` and ``xbn-selfsup compare`` are this skeleton::
 
-    plan = [PlannedRun(f"{m}-seed{s}", {"method": m, "seed": s}) for m in methods for s in seeds]
+    plan = seed_plan("method", methods, cfg.seed, seeds)          # "<method>-seed<S>": {"method", "seed"}
     check_series_dir(out, plan, resume=..., overwrite=...)       # before anything is written
 
     def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
-        res = train(replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else ""))
-        return RunOutcome(complete=res["stopped"] != "signal", signal=res.get("signal"), result=res)
+        return RunOutcome.of_summary(train(series_run_config(cfg, run, run_dir, resume, wandb_name=...)))
 
     with lock_series_dir(out, plan, resume=..., overwrite=...):  # the first write; each run locks its own folder
         report = run_series(plan, out, train_one)
         done = report.completed()                                # only these go into a table
-        ...                                                      # the table, written under the lock
+        markdown = table_title(title, report.incomplete(), resume_cmd) + ...
+        write_series(out, "compare", markdown, result, report.incomplete(), resume_cmd, {"compare.png": draw})
     return report.exit_code                                      # 0, or 130 / 143
 """
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import os
 import re
@@ -56,7 +58,7 @@ from xbn_queue.training.cli import FolderLock, RunError, UsageError, available_c
 
 __all__ = ["PlannedRun", "RunOutcome", "RunRecord", "SeriesReport", "JobSlot", "job_slots", "visible_gpus", "run_series",
            "check_series_dir", "lock_series_dir", "holds_series", "mean_std", "format_mean_std", "incomplete_banner",
-           "paired_differences", "series_wandb"]
+           "paired_differences", "series_wandb", "seed_plan", "series_run_config", "table_title", "write_series"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +95,32 @@ def series_wandb(cfg: Any, out: Union[str, os.PathLike], run: PlannedRun, varied
     return {"wandb_group": cfg.wandb_group or Path(out).name, "wandb_tags": list(dict.fromkeys(tags)) or None}
 
 
+def seed_plan(key: str, values: Sequence[Any], seed: int, seeds: int) -> list[PlannedRun]:
+    """The plan of a comparison: one run per value and seed, ``<value>-seed<S>`` with ``{key: value, "seed": S}``.
+
+    Args:
+        key: The configuration field compared (``"method"``, ``"adaptation"``).
+        values: Its values, in table order.
+        seed: The first seed; the runs use ``seed, seed + 1, ..., seed + seeds - 1``.
+        seeds: Runs per value.
+
+    Raises:
+        UsageError: ``seeds < 1`` (naming ``--seeds``).
+    """
+    if seeds < 1:
+        raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
+    return [PlannedRun(f"{v}-seed{seed + i}", {key: v, "seed": seed + i}) for v in values for i in range(seeds)]
+
+
+def series_run_config(cfg: Any, run: PlannedRun, run_dir: Path, resume: bool, wandb_name: Optional[str],
+                      varied: Sequence[str] = ()) -> Any:
+    """The configuration of one planned run: ``cfg`` (a trainer's config dataclass) with the run's settings, in
+    ``run_dir``, continuing from its ``last.pt`` when ``resume``, named ``wandb_name`` in the series' W&B group
+    (:func:`series_wandb`; ``varied``: the settings tagged)."""
+    return dataclasses.replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
+                               wandb_name=wandb_name, **series_wandb(cfg, run_dir.parent, run, varied))
+
+
 @dataclasses.dataclass
 class RunOutcome:
     """What the per-run callback returns.
@@ -106,6 +134,11 @@ class RunOutcome:
     complete: bool
     signal: Optional[int] = None
     result: Any = None
+
+    @classmethod
+    def of_summary(cls, summary: Mapping[str, Any]) -> "RunOutcome":
+        """The outcome of a trainer's summary (``stopped``, ``signal``): complete unless a signal stopped it."""
+        return cls(complete=summary.get("stopped") != "signal", signal=summary.get("signal"), result=summary)
 
 
 @dataclasses.dataclass
@@ -287,8 +320,6 @@ def run_series(plan: Sequence[PlannedRun], out: Union[str, os.PathLike],
         UsageError: ``jobs < 1``, or ``jobs > 1`` without ``command``; a run's process exited 2.
         RunError: a run's process failed (exit status 1, or killed).
     """
-    from xbn_queue.training.signals import GracefulExit
-
     if jobs < 1:
         raise UsageError(f"--jobs {jobs}: expected an integer >= 1")
     out = Path(out)
@@ -297,6 +328,14 @@ def run_series(plan: Sequence[PlannedRun], out: Union[str, os.PathLike],
         if command is None:
             raise UsageError("run_series: jobs > 1 needs a command that trains one run in its own process")
         return _run_parallel(records, command, job_slots(min(jobs, len(records))), dict(env or {}), verbose, prog)
+    return _run_in_order(records, train_one, verbose, prog)
+
+
+def _run_in_order(records: list[RunRecord], train_one: Callable[[PlannedRun, Path], RunOutcome], verbose: bool,
+                  prog: str) -> SeriesReport:
+    """:func:`run_series` in this process, one run after the other, until a signal stops a run or arrives between two."""
+    from xbn_queue.training.signals import GracefulExit
+
     signal_number: Optional[int] = None
     with GracefulExit(enabled=True, verbose=verbose) as stop:
         for i, rec in enumerate(records):
@@ -475,3 +514,46 @@ def incomplete_banner(names: Sequence[str], resume_cmd: Optional[str] = None) ->
     """First line of a table that leaves out unfinished runs."""
     line = f"INCOMPLETE: {len(names)} run(s) did not finish and are not counted: {', '.join(names)}"
     return line + (f"; finish with: {resume_cmd}" if resume_cmd else "")
+
+
+def table_title(title: str, incomplete: Sequence[str], resume_cmd: str = "", partial: Optional[str] = None) -> str:
+    """The first lines of a series' table: ``title`` when every run finished; else :func:`incomplete_banner`,
+    a blank line and ``partial`` (default: ``title`` + ``"; finished runs only"``)."""
+    if not incomplete:
+        return title
+    return f"{incomplete_banner(incomplete, resume_cmd or None)}\n\n{title + '; finished runs only' if partial is None else partial}"
+
+
+def write_series(out: Union[str, os.PathLike], kind: str, markdown: str, result: Mapping[str, Any],
+                 incomplete: Sequence[str] = (), resume_cmd: str = "",
+                 figures: Optional[Mapping[str, Callable[[Path], Any]]] = None) -> None:
+    """Write a series' table and figures: ``<kind>.md``, ``<kind>.json`` and each figure of ``figures``.
+
+    A figure shows finished runs only when every run finished: with runs missing every figure is removed
+    (a figure of an earlier, complete state would disagree with the table) and the
+    :func:`incomplete_banner` goes to stderr. A figure with nothing to draw (its function raises
+    ``ValueError``: no evaluation recorded) is left out with one line on stderr.
+
+    Args:
+        out: The series folder (created if needed).
+        kind: The name of the table files (``"compare"``, ``"sweep"``).
+        markdown: The content of ``<kind>.md``, as written.
+        result: The content of ``<kind>.json`` (indented, one trailing newline).
+        incomplete: The names of the runs that did not finish (:meth:`SeriesReport.incomplete`).
+        resume_cmd: The command that finishes the series, for the banner.
+        figures: ``{file name: draw(png_path)}``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{kind}.md").write_text(markdown)
+    (out / f"{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
+    for name, draw in (figures or {}).items():
+        (out / name).unlink(missing_ok=True)
+        if incomplete:
+            continue
+        try:
+            draw(out / name)
+        except ValueError:  # nothing to draw (no evaluation recorded, or no run to compare with)
+            print(f"[{kind}] nothing to plot: {name} not written", file=sys.stderr, flush=True)
+    if incomplete:
+        print(incomplete_banner(incomplete, resume_cmd or None), file=sys.stderr, flush=True)

@@ -475,16 +475,7 @@ def plot_history(
 
     # Accept a bare key ("loss") or a list of keys as shorthand for one-key panels.
     panels = [(p,) if isinstance(p, str) else tuple(p) for p in ([panels] if isinstance(panels, str) else panels)]
-    series: list[list[tuple[str, list[float], list[float]]]] = []
-    for keys in panels:
-        lines = []
-        for key in keys:
-            pts = [(r[x], r[key]) for r in records if _is_number(r.get(x)) and _is_number(r.get(key))]
-            scale, label = (100.0, f"{key} (%)") if key in percent else (1.0, key)
-            if pts:
-                lines.append((label, [p[0] for p in pts], [scale * p[1] for p in pts]))
-        if lines:
-            series.append(lines)
+    series = _history_lines(records, panels, x, percent)
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     n = max(len(series), 1)
@@ -502,6 +493,23 @@ def plot_history(
             ax.plot(xs, ys, marker="o", markersize=3, label=key)
         _style(ax, x)
     return _save(fig, png_path, title)
+
+
+def _history_lines(records: Sequence[Mapping[str, Any]], panels: Sequence[tuple[str, ...]], x: str,
+                   percent: Sequence[str]) -> list[list[tuple[str, list[float], list[float]]]]:
+    """The lines of :func:`plot_history`: per panel that has any, ``[(label, xs, ys), ...]`` for each of its keys
+    with a finite point (``percent`` keys scaled to %)."""
+    series: list[list[tuple[str, list[float], list[float]]]] = []
+    for keys in panels:
+        lines = []
+        for key in keys:
+            pts = [(r[x], r[key]) for r in records if _is_number(r.get(x)) and _is_number(r.get(key))]
+            scale, label = (100.0, f"{key} (%)") if key in percent else (1.0, key)
+            if pts:
+                lines.append((label, [p[0] for p in pts], [scale * p[1] for p in pts]))
+        if lines:
+            series.append(lines)
+    return series
 
 
 def _style(ax: Any, xlabel: str, ylabel: Optional[str] = None) -> None:
@@ -536,6 +544,17 @@ def curve_stats(runs: Sequence[Mapping[float, float]]) -> list[tuple[float, floa
         std = math.sqrt(sum((y - mean) ** 2 for y in ys) / (len(ys) - 1)) if len(ys) > 1 else 0.0
         out.append((x, mean, std, len(ys)))
     return out
+
+
+def _mean_band(ax: Any, label: str, stats: Sequence[tuple[float, float, float, int]]) -> None:
+    """One curve of :func:`plot_compare`: the mean line over seeds (``label (n=N)``) and, where several seeds
+    have a value, the ± std band (``stats`` from :func:`curve_stats`)."""
+    xs = [t[0] for t in stats]
+    means = [t[1] for t in stats]
+    (line,) = ax.plot(xs, means, marker="o", markersize=3, label=f"{label} (n={max(t[3] for t in stats)})")
+    if any(t[3] > 1 for t in stats):
+        ax.fill_between(xs, [m - t[2] for m, t in zip(means, stats)], [m + t[2] for m, t in zip(means, stats)],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
 
 
 def plot_compare(
@@ -590,12 +609,7 @@ def plot_compare(
     for i, (ylabel, lines) in enumerate(drawn):
         ax = fig.add_subplot(len(drawn), 1, i + 1)
         for label, stats in lines:
-            xs = [t[0] for t in stats]
-            means = [t[1] for t in stats]
-            (line,) = ax.plot(xs, means, marker="o", markersize=3, label=f"{label} (n={max(t[3] for t in stats)})")
-            if any(t[3] > 1 for t in stats):
-                ax.fill_between(xs, [m - t[2] for m, t in zip(means, stats)], [m + t[2] for m, t in zip(means, stats)],
-                                color=line.get_color(), alpha=0.2, linewidth=0)
+            _mean_band(ax, label, stats)
         for j, (label, y) in enumerate((hlines or {}).get(ylabel, {}).items()):
             ax.axhline(y, linestyle="--", linewidth=1, color=("grey", "black", "brown", "olive")[j % 4], label=label)
         _style(ax, xlabel, ylabel)

@@ -46,7 +46,7 @@ def _child(module: str, argv: list, out_path: str, err_path: str) -> None:
 def main() -> None:
     cases = json.load(open(sys.argv[1]))
     import metric.cli  # noqa: F401  (imports shared by every child)
-    import metric.compare  # noqa: F401
+    import metric.experiments.compare  # noqa: F401
     import selfsup.cli  # noqa: F401
     import selfsup.compare  # noqa: F401
     import metric.train  # noqa: F401

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import re
@@ -60,10 +59,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from xbn_queue.training.cli import UsageError
-from xbn_queue.training.series import (PlannedRun, check_series_dir, format_mean_std, incomplete_banner, lock_series_dir,
-                                       mean_std)
+from xbn_queue.training.series import (PlannedRun, check_series_dir, format_mean_std, lock_series_dir, mean_std,
+                                       table_title, write_series)
 
-from .config import METHODS, MetricConfig, memory_rows, resolve_config
+from ..config import METHODS, MetricConfig, memory_rows, resolve_config
 
 __all__ = ["add_sweep_args", "run_sweep", "sweep_main", "sweep_plan", "sweep_points", "sweep_axes", "parse_vary", "Axis",
            "add_gains", "format_sweep_tables", "format_gain_tables", "plot_sweep", "plot_gain_vs_staleness", "write_runs_csv"]
@@ -315,8 +314,8 @@ def _check_plan(cfg: MetricConfig, plan: Sequence[PlannedRun]) -> None:
     Each run's configuration goes through :func:`metric.config.resolve_config` and the data checks of
     :func:`metric.train.train` (memory rows, classes per batch), with the data read once.
     """
-    from .data import load_dataset
-    from .train import _check_data
+    from ..data import load_dataset
+    from ..train import _check_data
 
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed, max_per_class=cfg.max_per_class,
                         omniglot_rotations=cfg.omniglot_rotations)
@@ -345,7 +344,7 @@ GAIN_KEYS = ["gain_recall@1", "gain_last_recall@1", "gain_map@r", "gain_last_map
 
 
 def add_gains(runs: Sequence[Dict[str, Any]], axes: Sequence[Axis]) -> None:
-    """Give every finished run its gains over each baseline of :data:`metric.compare.GAIN_BASELINES` (XBM,
+    """Give every finished run its gains over each baseline of :data:`metric.experiments.compare.GAIN_BASELINES` (XBM,
     XBM*, No-XBM) the sweep holds, paired: ``<gain_prefix(B)><key> = run[key] - B[key]`` with ``B``'s run
     of the same point and seed (same initialisation and batches), for the :data:`GAIN_SCORES`
     (fractions); and the ``xbm_staleness_cosine`` of its XBM twin. A run gets no gain over its own
@@ -622,15 +621,10 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: Optional[str] = None
         UsageError: an unknown method or option, a malformed list, seeds < 1, a point the data cannot
             give, or an unusable output folder.
     """
-    from .compare import (GAIN_BASELINES, _parse_methods, baselines_for, check_jobs, default_series_dir, early_epoch_of,
-                          early_label, metric_keys, run_rows, run_series_of)
+    from .compare import (baselines_for, default_series_dir, early_epoch_of, early_label, print_finished, run_rows,
+                          run_series_of)
 
-    todo = _parse_methods(methods)
-    if seeds < 1:
-        raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
-    if classes_per_batch is not None and classes_per_batch < 1:
-        raise UsageError(f"--classes-per-batch {classes_per_batch}: expected an integer >= 1")
-    check_jobs(jobs)
+    todo = _check_sweep_options(methods, seeds, classes_per_batch, jobs)
     axes = sweep_axes(cfg, vary, batch_sizes, memory_sizes)
     resume, threads_given = bool(cfg.resume), cfg.threads is not None
     cfg = default_series_dir(resolve_config(cfg), resume, "sweep")
@@ -652,66 +646,105 @@ def run_sweep(cfg: MetricConfig, methods: str, batch_sizes: Optional[str] = None
         runs = run_rows(report, early)
         add_gains(runs, axes)
         if main:
-            from .compare import _shown
-
-            for rec, entry in zip(report.records, runs):
-                if rec.complete:
-                    print(f"[sweep] {rec.run.name}: {_shown(entry)}", file=sys.stderr, flush=True)
-        keys = list(dict.fromkeys([*metric_keys(cfg), *SWEEP_KEYS, *GAIN_KEYS]))
-        points = sweep_points(runs, todo, axes, fixed, keys)
-        wall = time.time() - t0
-        incomplete = report.incomplete()
-        result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds,
-                  "sweeps": {a.name: list(a.values) for a in axes}, "fixed": fixed, "complete": not incomplete,
-                  "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
-                  "machine": f"{platform.machine()} {platform.processor()}".strip(),
-                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  "points": points, "baselines": baselines, "runs": runs}
-        for a in axes:  # the names of the first versions of sweep.json
-            if a.name in ("batch_size", "memory_size"):
-                result[a.name + "s"] = list(a.values)
+            print_finished(report, runs, "sweep")
+        result = sweep_result(cfg, todo, seeds, axes, fixed, runs, baselines, report.incomplete(), time.time() - t0)
         if main:
-            base = baselines.get("summary", {})
-            spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
-            header = f"{cfg.dataset}: {spread}; best epoch (highest Recall@1) / last epoch, in %"
-            if incomplete:
-                banner = incomplete_banner(incomplete, resume_cmd or None)
-                header = f"{banner}\n\n{cfg.dataset}: finished runs only; best epoch / last epoch, in %"
-                print(banner, file=sys.stderr)
-            from .baselines import BASELINES
-
-            shown = "; ".join(f"{BASELINES[n]}: R@1 {format_mean_std(s.get('recall@1'))}, MAP@R {format_mean_std(s.get('map@r'))}"
-                              for n, s in base.items())
-            has_baseline = any(b in todo for b in GAIN_BASELINES) and len(todo) > 1
-            gains = format_gain_tables(points, fixed, early_label(runs, early)) if has_baseline else ""
-            text = "\n\n".join([header] + ([f"Baselines (same evaluation split): {shown}"] if shown else [])
-                                + [format_sweep_tables(points, fixed, key) for key in ("recall@1", "map@r", "r_precision")]
-                                + ([gains] if gains else []))
-            if not incomplete:
-                print(text)
-                print(f"[sweep] {len(runs)} runs in {wall:.0f} s", file=sys.stderr)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "sweep.md").write_text(text + "\n")
-            (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-            write_runs_csv(runs, axes, out / "sweep.csv")
-            figures = {"sweep.png": lambda png: plot_sweep(points, fixed, png, f"{cfg.dataset}: Recall@1, {spread}", base),
-                       "gain.png": lambda png: plot_sweep({k: [p for p in v if p["method"] != "xbm"] for k, v in points.items()},
-                                                          fixed, png, f"{cfg.dataset}: Recall@1 gain over XBM, {spread}",
-                                                          key="gain_recall@1", ylabel="Recall@1 gain over XBM (points)",
-                                                          zero_line=True),
-                       "gain_staleness.png": lambda png: plot_gain_vs_staleness(
-                           runs, png, f"{cfg.dataset}: gain over XBM against the XBM memory's staleness, every run")}
-            for name, draw in figures.items():
-                (out / name).unlink(missing_ok=True)
-                if not incomplete:
-                    try:
-                        draw(out / name)
-                    except ValueError:  # nothing to draw (no evaluation, or no xbm run to compare with)
-                        print(f"[sweep] nothing to plot: {name} not written", file=sys.stderr)
+            write_sweep(out, result, axes, early_label(runs, early), resume_cmd)
         result["exit_code"] = report.exit_code
         return result
     finally:
         lock.release()
+
+
+def _check_sweep_options(methods: str, seeds: int, classes_per_batch: Optional[int], jobs: int) -> List[str]:
+    """The methods of ``--methods``, after checking the sweep's own options (not the training options).
+
+    Raises:
+        UsageError: an unknown method, ``--seeds`` or ``--classes-per-batch`` below 1, or a refused ``--jobs``.
+    """
+    from .compare import _parse_methods, check_jobs
+
+    todo = _parse_methods(methods)
+    if seeds < 1:
+        raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
+    if classes_per_batch is not None and classes_per_batch < 1:
+        raise UsageError(f"--classes-per-batch {classes_per_batch}: expected an integer >= 1")
+    check_jobs(jobs)
+    return todo
+
+
+def sweep_result(cfg: MetricConfig, todo: Sequence[str], seeds: int, axes: Sequence[Axis], fixed: Dict[str, Any],
+                 runs: List[Dict[str, Any]], baselines: Dict[str, Any], incomplete: List[str], wall: float) -> Dict[str, Any]:
+    """The content of ``sweep.json``: every run, the points (mean / std / n, :func:`sweep_points`), the baselines.
+
+    Args:
+        cfg: The resolved base configuration.
+        todo: The methods.
+        seeds: Runs per point.
+        axes, fixed: The sweeps and the base point (:func:`sweep_plan`).
+        runs: The runs' rows with their gains (:func:`add_gains`).
+        baselines: ``baselines_for`` (``{}`` off rank 0).
+        incomplete: The runs that did not finish.
+        wall: Seconds the sweep took.
+    """
+    from .compare import metric_keys
+
+    keys = list(dict.fromkeys([*metric_keys(cfg), *SWEEP_KEYS, *GAIN_KEYS]))
+    points = sweep_points(runs, todo, axes, fixed, keys)
+    result = {"dataset": cfg.dataset, "methods": list(todo), "seeds": seeds,
+              "sweeps": {a.name: list(a.values) for a in axes}, "fixed": fixed, "complete": not incomplete,
+              "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
+              "machine": f"{platform.machine()} {platform.processor()}".strip(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "points": points, "baselines": baselines, "runs": runs}
+    for a in axes:  # the names of the first versions of sweep.json
+        if a.name in ("batch_size", "memory_size"):
+            result[a.name + "s"] = list(a.values)
+    return result
+
+
+def sweep_markdown(result: Dict[str, Any], early_label: str, resume_cmd: str = "") -> str:
+    """The content of ``sweep.md`` (without its last newline): the title (or the incomplete banner), the
+    baselines, Recall@1 / MAP@R / R-Precision per sweep and, with a baseline method among others, the gains."""
+    from .baselines import BASELINES
+    from .compare import GAIN_BASELINES
+
+    dataset, todo, points, fixed = result["dataset"], result["methods"], result["points"], result["fixed"]
+    spread = "one seed" if result["seeds"] == 1 else f"mean ± std over {result['seeds']} seeds"
+    header = table_title(f"{dataset}: {spread}; best epoch (highest Recall@1) / last epoch, in %", result["incomplete_runs"],
+                         resume_cmd, f"{dataset}: finished runs only; best epoch / last epoch, in %")
+    shown = "; ".join(f"{BASELINES[n]}: R@1 {format_mean_std(s.get('recall@1'))}, MAP@R {format_mean_std(s.get('map@r'))}"
+                      for n, s in result["baselines"].get("summary", {}).items())
+    has_baseline = any(b in todo for b in GAIN_BASELINES) and len(todo) > 1
+    gains = format_gain_tables(points, fixed, early_label) if has_baseline else ""
+    return "\n\n".join([header] + ([f"Baselines (same evaluation split): {shown}"] if shown else [])
+                        + [format_sweep_tables(points, fixed, key) for key in ("recall@1", "map@r", "r_precision")]
+                        + ([gains] if gains else []))
+
+
+def sweep_figures(result: Dict[str, Any]) -> Dict[str, Callable[[Path], Path]]:
+    """``sweep.png`` (Recall@1 per sweep), ``gain.png`` (the gain over XBM) and ``gain_staleness.png``, each a
+    function of its file (:func:`~xbn_queue.training.series.write_series`)."""
+    dataset, points, fixed, runs = result["dataset"], result["points"], result["fixed"], result["runs"]
+    spread = "one seed" if result["seeds"] == 1 else f"mean ± std over {result['seeds']} seeds"
+    base = result["baselines"].get("summary", {})
+    trained = {k: [p for p in v if p["method"] != "xbm"] for k, v in points.items()}
+    return {"sweep.png": lambda png: plot_sweep(points, fixed, png, f"{dataset}: Recall@1, {spread}", base),
+            "gain.png": lambda png: plot_sweep(trained, fixed, png, f"{dataset}: Recall@1 gain over XBM, {spread}",
+                                               key="gain_recall@1", ylabel="Recall@1 gain over XBM (points)", zero_line=True),
+            "gain_staleness.png": lambda png: plot_gain_vs_staleness(
+                runs, png, f"{dataset}: gain over XBM against the XBM memory's staleness, every run")}
+
+
+def write_sweep(out: Path, result: Dict[str, Any], axes: Sequence[Axis], early_label: str, resume_cmd: str = "") -> None:
+    """Print the tables (when every run finished) and write ``sweep.md``, ``sweep.json``, ``sweep.csv`` and the
+    figures (:func:`sweep_figures`; removed while runs are missing)."""
+    text = sweep_markdown(result, early_label, resume_cmd)
+    if not result["incomplete_runs"]:
+        print(text)
+        print(f"[sweep] {len(result['runs'])} runs in {result['wall_seconds']:.0f} s", file=sys.stderr)
+    write_series(out, "sweep", text + "\n", result, result["incomplete_runs"], resume_cmd, sweep_figures(result))
+    write_runs_csv(result["runs"], axes, out / "sweep.csv")
 
 
 def sweep_main(argv: List[str]) -> int:

@@ -8,7 +8,7 @@ and the last evaluation (the best is chosen on the evaluation split itself, whic
 runs against the baselines' single evaluation, so the last stands next to it). The table shows, per
 method, the mean and the sample standard deviation (ddof=1) over seeds in percent (one seed: the
 value alone) of R@1 early / best / last and MAP@R best / last, after two baselines on the same
-evaluation split (raw pixels and the untrained network, :mod:`metric.baselines`). Under it, a second
+evaluation split (raw pixels and the untrained network, :mod:`metric.experiments.baselines`). Under it, a second
 table gives the **paired gains** of every adapted memory (XBN, AXBN, and XBN* / AXBN* when compared) over
 XBM, XBM* and No-XBM, whichever the comparison holds: per seed the run minus the baseline's run of the
 same seed (same initialisation, same batches), mean ± sample std over seeds, at the early and at the
@@ -49,9 +49,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from xbn_queue.training.config import config_to_argv
 from xbn_queue.training.series import (JobSlot, PlannedRun, RunOutcome, SeriesReport, check_series_dir, format_mean_std,
-                                       incomplete_banner, lock_series_dir, mean_std, run_series, series_wandb)
+                                       lock_series_dir, mean_std, run_series, seed_plan, series_run_config, table_title,
+                                       write_series)
 
-from .config import METHODS, MetricConfig, resolve_config, validate_config
+from ..config import METHODS, MetricConfig, resolve_config, validate_config
 
 __all__ = ["add_compare_args", "run_compare", "compare_main", "format_table", "table_columns", "plan_runs", "series_trainer",
            "run_rows", "run_records", "run_scores", "summarize_runs", "metric_keys", "baselines_for", "early_epoch_of",
@@ -113,8 +114,12 @@ def _parse_methods(methods: str) -> List[str]:
 
 
 def plan_runs(methods: Sequence[str], seed: int, seeds: int) -> List[PlannedRun]:
-    """One :class:`PlannedRun` per (method, seed): ``<method>-seed<seed>`` with ``{"method", "seed"}``."""
-    return [PlannedRun(f"{m}-seed{seed + i}", {"method": m, "seed": seed + i}) for m in methods for i in range(seeds)]
+    """One :class:`PlannedRun` per (method, seed): ``<method>-seed<seed>`` with ``{"method", "seed"}``.
+
+    Raises:
+        UsageError: ``seeds < 1``.
+    """
+    return seed_plan("method", methods, seed, seeds)
 
 
 def table_columns(early_label: str) -> List[Tuple[str, str]]:
@@ -150,7 +155,7 @@ GAIN_BASELINES = ("xbm", "xbm-batch", "none")
 
 def gain_targets(methods: Sequence[str]) -> List[str]:
     """The methods with an adapted memory among ``methods`` (XBN, AXBN, their ``-batch`` variants, xbn-cov)."""
-    from .config import method_memory
+    from ..config import method_memory
 
     return [m for m in methods if method_memory(m)[0] not in (None, "none")]
 
@@ -206,7 +211,7 @@ def _plain_key(key: str) -> str:
 
 
 def _is_score(key: str) -> bool:
-    from .evaluate import SCORE_PREFIXES
+    from ..evaluate import SCORE_PREFIXES
 
     return _plain_key(key).startswith(SCORE_PREFIXES)
 
@@ -255,17 +260,18 @@ def _curves(records: Sequence[Dict[str, Any]]) -> Dict[str, Dict[float, float]]:
 def _plot(curves: Dict[str, List[Dict[str, Dict[float, float]]]], png: Path, title: str,
           baselines: Dict[str, Dict[str, Dict[str, float]]]) -> None:
     """``compare.png``: Recall@1 and drift per epoch, mean ± std band over seeds, one line per method;
-    the baselines' Recall@1 as horizontal lines."""
+    the baselines' Recall@1 as horizontal lines.
+
+    Raises:
+        ValueError: no evaluation recorded (e.g. runs cut short by ``--max-steps``).
+    """
     from xbn_queue.training.tracking import plot_compare
 
     panels = [(label, {PAPER_NAMES.get(m, m): [run[key] for run in runs] for m, runs in curves.items()})
               for key, label, _ in _CURVES]
     hlines = {_CURVES[0][1]: {PAPER_NAMES.get(n, n): 100 * s["recall@1"]["mean"] for n, s in baselines.items()
                               if s.get("recall@1", {}).get("n")}}
-    try:
-        plot_compare(panels, png, title=title, hlines=hlines)
-    except ValueError:  # no evaluation recorded (e.g. runs cut short by --max-steps)
-        print(f"[compare] no per-epoch metrics recorded: {png.name} not written", file=sys.stderr)
+    plot_compare(panels, png, title=title, hlines=hlines)
 
 
 def default_series_dir(cfg: MetricConfig, resume: bool, kind: str = "compare") -> MetricConfig:
@@ -276,7 +282,7 @@ def default_series_dir(cfg: MetricConfig, resume: bool, kind: str = "compare") -
     """
     from xbn_queue.training.cli import series_output_dir
 
-    from .train import DEFAULT_RUNS
+    from ..train import DEFAULT_RUNS
 
     return dataclasses.replace(cfg, output_dir=series_output_dir(cfg.output_dir, resume, DEFAULT_RUNS, kind, cfg.dataset))
 
@@ -284,9 +290,7 @@ def default_series_dir(cfg: MetricConfig, resume: bool, kind: str = "compare") -
 def _run_config(cfg: MetricConfig, run: PlannedRun, run_dir: Path, resume: bool, varied: Sequence[str] = ()) -> MetricConfig:
     """The configuration of one planned run: ``cfg`` with the run's settings, in its own folder; with W&B on,
     in the series' W&B group with the ``varied`` settings as tags (:func:`~xbn_queue.training.series.series_wandb`)."""
-    return dataclasses.replace(cfg, **run.settings, output_dir=str(run_dir), resume="auto" if resume else "",
-                               wandb_name=f"{cfg.wandb_name or cfg.dataset}-{run.name}",
-                               **series_wandb(cfg, run_dir.parent, run, varied))
+    return series_run_config(cfg, run, run_dir, resume, f"{cfg.wandb_name or cfg.dataset}-{run.name}", varied)
 
 
 def series_trainer(cfg: MetricConfig, resume: bool, varied: Sequence[str] = ()) -> Callable[[PlannedRun, Path], RunOutcome]:
@@ -296,13 +300,13 @@ def series_trainer(cfg: MetricConfig, resume: bool, varied: Sequence[str] = ()) 
     the varied options) in its own folder; with ``resume`` it continues from the folder's
     ``last.pt``, and a finished run is not trained again. ``varied``: the settings tagged in W&B.
     """
-    from .train import train
+    from ..train import train
 
     def train_one(run: PlannedRun, run_dir: Path) -> RunOutcome:
         t = time.time()
         res = train(_run_config(cfg, run, run_dir, resume, varied))
         res["seconds"] = round(time.time() - t, 1)
-        return RunOutcome(complete=res.get("stopped") != "signal", signal=res.get("signal"), result=res)
+        return RunOutcome.of_summary(res)
 
     return train_one
 
@@ -328,7 +332,7 @@ def series_command(cfg: MetricConfig, resume: bool, threads_given: bool,
 
 #: The environment of a run's process: it imports this very ``metric`` package.
 def _child_env() -> Dict[str, str]:
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     return {"PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
@@ -404,7 +408,7 @@ def summarize_runs(runs: Sequence[Dict[str, Any]], methods: Sequence[str]) -> Di
 
 
 def baselines_for(cfg: MetricConfig, seeds: List[int], out: Path, tag: str = "compare") -> Dict[str, Any]:
-    """Raw-pixel and untrained-network baselines (:mod:`metric.baselines`), printed; ``{}`` off rank 0."""
+    """Raw-pixel and untrained-network baselines (:mod:`metric.experiments.baselines`), printed; ``{}`` off rank 0."""
     from .baselines import BASELINES, load_or_compute_baselines, summarize_baselines
 
     if int(os.environ.get("RANK", "0") or 0) != 0:
@@ -473,11 +477,8 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
     Raises:
         UsageError: unknown method, ``seeds < 1``, bad options or an unusable output folder.
     """
-    from xbn_queue.training.cli import UsageError
-
     todo = _parse_methods(methods)
-    if seeds < 1:
-        raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
+    plan = plan_runs(todo, cfg.seed, seeds)
     check_jobs(jobs)
     resume, threads_given = bool(cfg.resume), cfg.threads is not None
     cfg = default_series_dir(resolve_config(cfg), resume)
@@ -485,7 +486,6 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
         validate_config(dataclasses.replace(cfg, method=method))
     early = early_epoch_of(cfg, early_epoch)
     out = Path(cfg.output_dir)
-    plan = plan_runs(todo, cfg.seed, seeds)
     check_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite)
     main = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun rank (each run sets up its own process group)
     lock = lock_series_dir(out, plan, resume=resume, overwrite=cfg.overwrite, what=f"an {PROG} compare", enabled=main)
@@ -493,52 +493,83 @@ def run_compare(cfg: MetricConfig, methods: str, seeds: int, resume_cmd: str = "
         if main:
             print(f"[compare] comparison folder: {out}", file=sys.stderr, flush=True)
         t0 = time.time()
-
         baselines = baselines_for(cfg, [cfg.seed + i for i in range(seeds)], out)
         report = run_series_of(cfg, plan, out, resume, jobs, threads_given, verbose=main, prog="compare")
         runs = run_rows(report, early)
-        curves: Dict[str, List[Dict[str, Dict[float, float]]]] = {}
-        for rec, entry in zip(report.records, runs):
-            if rec.complete and main:
-                curves.setdefault(entry["method"], []).append(_curves(run_records(rec.output_dir)))
-                print(f"[compare] {rec.run.name}: {_shown(entry)}", file=sys.stderr, flush=True)
-        summary = summarize_runs(runs, todo)
-        wall = time.time() - t0
-        base = baselines.get("summary", {})
-        label = early_label(runs, early)
-        table = format_table({**base, **summary}, table_columns(label))
-        gains = paired_gains(runs, todo, [k for k, _ in gain_columns(label)])
-        if gains:
-            table += "\n\n" + gain_header(seeds) + "\n\n" + format_gain_table(gains, gain_columns(label))
-        incomplete = report.incomplete()
-        result = {"dataset": cfg.dataset, "methods": todo, "seeds": seeds, "early_epoch": early, "complete": not incomplete,
-                  "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
-                  "machine": f"{platform.machine()} {platform.processor()}".strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  "summary": summary, "gains": gains, "baselines": baselines, "runs": runs}
         if main:
-            spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
-            what = ("Recall@1 at an early epoch, at the best epoch (highest Recall@1 on the evaluation split) and at "
-                    "the last epoch, MAP@R at the best and the last, in %")
-            if incomplete:
-                banner = incomplete_banner(incomplete, resume_cmd or None)
-                header = f"{banner}\n\n{cfg.dataset}: finished runs only; {what}"
-                print(banner, file=sys.stderr)
-            else:
-                header = f"{cfg.dataset}: {spread}; {what}"
-                print(header)
-                print(table)
-                print(f"[compare] {len(runs)} runs in {wall:.0f} s", file=sys.stderr)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "compare.md").write_text(f"{header}\n\n{table}\n")
-            (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-            if incomplete:
-                (out / "compare.png").unlink(missing_ok=True)
-            else:
-                _plot(curves, out / "compare.png", f"{cfg.dataset}: mean ± std over {seeds} seed(s)", base)
+            print_finished(report, runs, "compare")
+        result, table = compare_result(cfg, todo, seeds, early, runs, baselines, report.incomplete(), time.time() - t0)
+        if main:
+            write_compare(out, result, table, method_curves(report, runs), resume_cmd)
         result["exit_code"] = report.exit_code
         return result
     finally:
         lock.release()
+
+
+def print_finished(report: SeriesReport, runs: Sequence[Dict[str, Any]], prog: str) -> None:
+    """One line per finished run on stderr: its table numbers (:func:`_shown`)."""
+    for rec, entry in zip(report.records, runs):
+        if rec.complete:
+            print(f"[{prog}] {rec.run.name}: {_shown(entry)}", file=sys.stderr, flush=True)
+
+
+def method_curves(report: SeriesReport, runs: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Dict[float, float]]]]:
+    """The per-epoch curves of the finished runs for ``compare.png``: ``{method: [curves of each seed]}`` (:func:`_curves`)."""
+    curves: Dict[str, List[Dict[str, Dict[float, float]]]] = {}
+    for rec, entry in zip(report.records, runs):
+        if rec.complete:
+            curves.setdefault(entry["method"], []).append(_curves(run_records(rec.output_dir)))
+    return curves
+
+
+def compare_result(cfg: MetricConfig, todo: Sequence[str], seeds: int, early: int, runs: List[Dict[str, Any]],
+                   baselines: Dict[str, Any], incomplete: List[str], wall: float) -> Tuple[Dict[str, Any], str]:
+    """The content of ``compare.json`` and the markdown tables (methods, then the paired gains when any).
+
+    Args:
+        cfg: The resolved shared configuration.
+        todo: The methods, in table order.
+        seeds: Runs per method.
+        early: The epoch of the early column (:func:`early_epoch_of`).
+        runs: :func:`run_rows` of the series.
+        baselines: :func:`baselines_for` (``{}`` off rank 0).
+        incomplete: The runs that did not finish (:meth:`~xbn_queue.training.series.SeriesReport.incomplete`).
+        wall: Seconds the comparison took.
+
+    Returns:
+        ``(result, table)``.
+    """
+    summary = summarize_runs(runs, todo)
+    label = early_label(runs, early)
+    table = format_table({**baselines.get("summary", {}), **summary}, table_columns(label))
+    gains = paired_gains(runs, todo, [k for k, _ in gain_columns(label)])
+    if gains:
+        table += "\n\n" + gain_header(seeds) + "\n\n" + format_gain_table(gains, gain_columns(label))
+    result = {"dataset": cfg.dataset, "methods": list(todo), "seeds": seeds, "early_epoch": early, "complete": not incomplete,
+              "incomplete_runs": incomplete, "wall_seconds": round(wall, 1),
+              "machine": f"{platform.machine()} {platform.processor()}".strip(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "summary": summary, "gains": gains, "baselines": baselines, "runs": runs}
+    return result, table
+
+
+def write_compare(out: Path, result: Dict[str, Any], table: str, curves: Dict[str, List[Dict[str, Dict[float, float]]]],
+                  resume_cmd: str = "") -> None:
+    """Print the table (or the incomplete banner) and write ``compare.md``, ``compare.json`` and ``compare.png``
+    (:func:`~xbn_queue.training.series.write_series`)."""
+    dataset, seeds, incomplete = result["dataset"], result["seeds"], result["incomplete_runs"]
+    spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
+    what = ("Recall@1 at an early epoch, at the best epoch (highest Recall@1 on the evaluation split) and at "
+            "the last epoch, MAP@R at the best and the last, in %")
+    header = table_title(f"{dataset}: {spread}; {what}", incomplete, resume_cmd, f"{dataset}: finished runs only; {what}")
+    if not incomplete:
+        print(header)
+        print(table)
+        print(f"[compare] {len(result['runs'])} runs in {result['wall_seconds']:.0f} s", file=sys.stderr)
+    base = result["baselines"].get("summary", {})
+    write_series(out, "compare", f"{header}\n\n{table}\n", result, incomplete, resume_cmd,
+                 {"compare.png": lambda png: _plot(curves, png, f"{dataset}: mean ± std over {seeds} seed(s)", base)})
 
 
 def compare_main(argv: List[str]) -> int:

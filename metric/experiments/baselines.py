@@ -26,14 +26,18 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from xbn_queue.training.progress import progress
 
-from .config import MetricConfig, resolve_config
+from ..config import MetricConfig, resolve_config
+
+if TYPE_CHECKING:
+    from ..data import RetrievalData
+    from ..train import EvaluationSets
 
 __all__ = ["BASELINES", "RAW_PIXELS_MAX_SIZE", "compute_baselines", "load_or_compute_baselines", "summarize_baselines",
            "recompute_batchnorm"]
@@ -54,7 +58,8 @@ UNTRAINED_BN = "re-estimated on the training split (no grad, evaluation transfor
 def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List[Dict[str, float]]]:
     """Recall@K and MAP@R of raw pixels (once) and of the untrained network (once per seed).
 
-    Runs on one process, on ``cfg.device`` (``auto``: CUDA when available).
+    Runs on one process, on ``cfg.device`` (``auto``: CUDA when available), on the evaluation sets the
+    runs build (:func:`metric.train.evaluation_sets`).
 
     Args:
         cfg: the comparison's configuration (``None`` fields take the dataset defaults).
@@ -66,68 +71,58 @@ def compute_baselines(cfg: MetricConfig, seeds: Sequence[int]) -> Dict[str, List
     Raises:
         metric.data.DataFormatError, ValueError, metric.model.PretrainedWeightsError: as :func:`metric.train.train`.
     """
-    from timm.data import create_transform
-
-    from xbn_queue.training.distributed import DistContext
-    from xbn_queue.training.seeding import seed_everything
-
-    from .data import ImageDataset, load_dataset
-    from .evaluate import SCORE_PREFIXES, retrieval_metrics
-    from .fastdata import TensorCache, use_tensor_cache
-    from .model import build_model
-    from .train import build_transforms, embed_split
+    from ..data import load_dataset
+    from ..train import evaluation_sets
 
     cfg = resolve_config(cfg)
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda")
-    else:
-        device = torch.device("cpu")
-    ctx = DistContext(device=device)
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction, cfg.split_seed, max_per_class=cfg.max_per_class,
                         download=cfg.download, omniglot_rotations=cfg.omniglot_rotations)
-
-    def score(q: torch.Tensor, ql: torch.Tensor, g: torch.Tensor, gl: torch.Tensor) -> Dict[str, float]:
-        rec = retrieval_metrics(q, ql, None if data.query_is_gallery else g, None if data.query_is_gallery else gl,
-                                ks=cfg.recall_ks, query_is_gallery=data.query_is_gallery, chunk_size=cfg.eval_chunk)
-        return {k: float(v) for k, v in rec.items() if k.startswith(SCORE_PREFIXES)}
-
-    fast = use_tensor_cache(cfg.tensor_cache, cfg.augment, data)
-
-    def eval_sets(size: int, tf):
-        """(train, query, gallery) datasets under the evaluation transform at ``size`` px."""
-        if fast:
-            cache = TensorCache.build(data, size, device)
-            return cache.train_eval, cache.query, cache.gallery
-        tr = ImageDataset(data.train, tf, skip_bad_images=cfg.skip_bad_images)
-        q = ImageDataset(data.query, tf, skip_bad_images=cfg.skip_bad_images)
-        return tr, q, q if data.query_is_gallery else ImageDataset(data.gallery, tf, skip_bad_images=cfg.skip_bad_images)
-
-    def embed_all(model: torch.nn.Module, sets, c: MetricConfig):
-        qf, ql, _ = embed_split(model, sets[1], c, ctx, device, desc="baseline query")
-        if data.query_is_gallery:
-            return qf, ql, qf, ql
-        gf, gl, _ = embed_split(model, sets[2], c, ctx, device, desc="baseline gallery")
-        return qf, ql, gf, gl
-
-    # raw pixels: the evaluation transform at <= 32 px, flattened, L2-normalised
     size = min(int(cfg.image_size), RAW_PIXELS_MAX_SIZE)
-    raw_sets = eval_sets(size, None if fast else create_transform(input_size=size, is_training=False, interpolation="bicubic"))
-    flat = torch.nn.Sequential(torch.nn.Flatten(), _L2())
-    raw_cfg = dataclasses.replace(cfg, embedding_dim=3 * size * size, amp=False)
-    q, ql, g, gl = embed_all(flat, raw_sets, raw_cfg)  # (Q, 3 s^2), ...
-    out: Dict[str, List[Dict[str, float]]] = {"raw-pixels": [score(q, ql, g, gl)], "untrained": []}
+    raw_sets = evaluation_sets(cfg, data, device, size)
+    sets = raw_sets if size == cfg.image_size else evaluation_sets(cfg, data, device)
+    return {"raw-pixels": [_raw_pixel_scores(cfg, data, raw_sets, size, device)],
+            "untrained": [_untrained_scores(cfg, data, sets, int(seed), device) for seed in seeds]}
 
-    # the untrained network, one per seed, with BatchNorm statistics of the training images
-    sets = raw_sets if size == cfg.image_size and fast else eval_sets(cfg.image_size, None if fast else build_transforms(cfg)[1])
-    for seed in seeds:
-        seed_everything(int(seed))
-        model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path,
-                            cfg.width, cfg.image_size, cfg.head).to(device)
-        if not (cfg.pretrained or cfg.pretrained_path):
-            recompute_batchnorm(model, sets[0], cfg.eval_batch_size, device, cfg.progress)
-        q, ql, g, gl = embed_all(model, sets, cfg)  # (Q, D), ...
-        out["untrained"].append(score(q, ql, g, gl))
-    return out
+
+def _raw_pixel_scores(cfg: MetricConfig, data: RetrievalData, sets: EvaluationSets, size: int,
+                      device: torch.device) -> Dict[str, float]:
+    """Raw pixels: the evaluation images at ``size`` px, flattened to ``3 * size * size`` values, L2-normalised."""
+    flat = torch.nn.Sequential(torch.nn.Flatten(), _L2())
+    return _scores(flat, data, sets, dataclasses.replace(cfg, embedding_dim=3 * size * size, amp=False), device)
+
+
+def _untrained_scores(cfg: MetricConfig, data: RetrievalData, sets: EvaluationSets, seed: int,
+                      device: torch.device) -> Dict[str, float]:
+    """The network built with ``seed`` as a run builds it, no training step; a network trained from scratch gets
+    the BatchNorm statistics of the training images (:func:`recompute_batchnorm`)."""
+    from xbn_queue.training.seeding import seed_everything
+
+    from ..model import build_model
+
+    seed_everything(seed)
+    model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained, cfg.pretrained_path,
+                        cfg.width, cfg.image_size, cfg.head).to(device)
+    if not (cfg.pretrained or cfg.pretrained_path):
+        recompute_batchnorm(model, sets.train, cfg.eval_batch_size, device, cfg.progress)
+    return _scores(model, data, sets, cfg, device)
+
+
+def _scores(model: torch.nn.Module, data: RetrievalData, sets: EvaluationSets, cfg: MetricConfig,
+            device: torch.device) -> Dict[str, float]:
+    """Embed the query (and the gallery) with ``model`` and score the retrieval: Recall@K, MAP@R, R-Precision."""
+    from xbn_queue.training.distributed import DistContext
+
+    from ..evaluate import SCORE_PREFIXES, retrieval_metrics
+    from ..train import embed_split
+
+    ctx = DistContext(device=device)
+    q, ql, _ = embed_split(model, sets.query, cfg, ctx, device, desc="baseline query")  # (Q, D), (Q,)
+    g, gl = (None, None) if data.query_is_gallery else embed_split(model, sets.gallery, cfg, ctx, device,
+                                                                    desc="baseline gallery")[:2]  # (G, D), (G,)
+    rec = retrieval_metrics(q, ql, g, gl, ks=cfg.recall_ks, query_is_gallery=data.query_is_gallery, chunk_size=cfg.eval_chunk)
+    return {k: float(v) for k, v in rec.items() if k.startswith(SCORE_PREFIXES)}
 
 
 @torch.no_grad()
