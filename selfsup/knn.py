@@ -7,10 +7,7 @@ summed weight (:func:`lightly.utils.benchmarking.knn_predict`). Queries are proc
 that the similarity block stays below ``max_elements`` entries whatever the bank size.
 """
 
-from typing import Callable, Optional
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -71,38 +68,3 @@ def knn_accuracy(
     """Fraction of queries whose weighted k-NN prediction equals their label (in [0, 1])."""
     pred = knn_predict(queries, bank, bank_labels.to(bank.device), num_classes, k, t, max_elements)
     return (pred == query_labels.to(pred.device)).float().mean().item()
-
-
-@torch.no_grad()
-def extract_features(
-    encode: Callable[[Tensor], Tensor],
-    images: Tensor,
-    batch_size: int,
-    device: torch.device,
-    prepare: Callable[[Tensor], Tensor],
-    indices: Optional[Tensor] = None,
-    normalize: bool = True,
-) -> Tensor:
-    """L2-normalized features of uint8 images.
-
-    Args:
-        encode: maps a prepared batch to ``(b, F)`` features (e.g. the query encoder's backbone, in eval mode).
-        images: ``(N, 3, H, W)`` uint8 on any device.
-        batch_size: images per forward.
-        device: where to run.
-        prepare: uint8 batch on ``device`` -> network input (normalization, memory format).
-        indices: optional subset of rows to encode (e.g. this rank's share).
-        normalize: L2-normalize each row (``False``: ``encode`` returns features to keep as they are).
-
-    Returns:
-        ``(n, F)`` float32 features on ``device``, L2-normalized if ``normalize``.
-    """
-    idx = torch.arange(images.shape[0]) if indices is None else indices
-    out = []
-    for start in range(0, idx.numel(), batch_size):
-        batch = images[idx[start : start + batch_size].to(images.device)].to(device, non_blocking=True)
-        f = encode(prepare(batch)).float()  # (b, F)
-        out.append(F.normalize(f, dim=1) if normalize else f)
-    if not out:
-        return torch.empty(0, 0, device=device)
-    return torch.cat(out)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup.knn import extract_features, knn_accuracy, knn_predict
+from selfsup.knn import knn_accuracy, knn_predict
 
 
 def reference_knn(queries, bank, labels, num_classes, k, t):
@@ -56,15 +56,6 @@ def test_knn_rejects_bad_shapes():
         knn_predict(torch.zeros(2, 3), torch.zeros(4, 5), torch.zeros(4, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="bank of 0 rows"):
         knn_predict(torch.zeros(2, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 2)
-
-
-def test_extract_features_normalizes_and_respects_indices():
-    images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
-    encode = lambda x: x.flatten(1)[:, :5] * 3.0  # noqa: E731
-    prepare = lambda u8: u8.float()  # noqa: E731
-    idx = torch.tensor([7, 2, 5])
-    f = extract_features(encode, images, batch_size=2, device=torch.device("cpu"), prepare=prepare, indices=idx)
-    torch.testing.assert_close(f, F.normalize(images[idx].float().flatten(1)[:, :5], dim=1))
 
 
 def test_knn_is_lightlys_and_matches_the_float64_reference_on_a_larger_bank():
