@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from xbn_queue.adaptation import kalman_r_value
 from xbn_queue.training.cli import Range, UsageError, above, at_least, available_cores, between, check_ranges
-from xbn_queue.training.memory import MemoryOptions, memory_field
+from xbn_queue.training.memory import MemoryOptions, check_kalman_r, memory_field
 from xbn_queue.training.tracking import check_wandb_options
 
 ADAPTATIONS = ["none", "xbn", "axbn"]
@@ -164,11 +164,13 @@ class SelfSupConfig:
                              mask_same_ids=self.mask_same_ids, size_option="--queue-size")
 
     def kalman_r_value(self) -> Union[float, str]:
-        """Returns ``kalman_r`` as a float, or the string ``"auto"`` or ``"sampling"``."""
-        value = kalman_r_value(self.kalman_r)  # the library's rule (xbn_queue.adaptation), one for both trainers
-        if value is None:
-            raise UsageError(f"--kalman-r {self.kalman_r}: expected a number > 0, 'auto' or 'sampling'")
-        return value
+        """Returns ``kalman_r`` as a float, or the string ``"auto"`` or ``"sampling"``.
+
+        Raises:
+            UsageError: a value that is none of these.
+        """
+        check_kalman_r("--kalman-r", self.kalman_r)  # the library's rule (xbn_queue.adaptation), one for both trainers
+        return kalman_r_value(self.kalman_r)
 
     def effective_lr(self, world_size: int = 1) -> float:
         """The SGD learning rate a run sets: ``lr``, times ``world_size`` with ``--scale-lr``."""
