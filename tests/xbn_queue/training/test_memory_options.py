@@ -130,3 +130,37 @@ def test_each_config_gathers_its_memory_options():
     assert MetricConfig(method="xbm").memory_options().adaptation == "none"
     s = SelfSupConfig(adaptation="xbn", queue_size=128, memory_warmup_steps=4, mask_same_ids=True).memory_options()
     assert (s.adaptation, s.size, s.warmup_steps, s.mask_same_ids, s.size_option) == ("xbn", 128, 4, True, "--queue-size")
+
+
+@pytest.mark.parametrize("trainer", ["metric", "selfsup"])
+def test_a_run_turns_its_size_into_rows_once_and_its_memory_has_them(tmp_path, monkeypatch, trainer):
+    """One call of MemoryOptions.rows per run (right after the data is loaded); the memory the run builds
+    has exactly those rows."""
+    calls = []
+    real = MemoryOptions.rows
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.size)
+        calls.append(real(self, *args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(MemoryOptions, "rows", counted)
+    if trainer == "metric":
+        from metric.train import MetricRun
+
+        from tests.metric.helpers import tiny_cfg
+
+        run = MetricRun(tiny_cfg(tmp_path, method="axbn", memory_size=0.3, max_steps=1))
+        run.fit()
+        queue = run.mem_loss.queue
+        assert calls == [0.3, round(0.3 * len(run.data.train))] and run.meta["memory_rows"] == calls[1]
+    else:
+        from selfsup.train import Trainer, criterion_queue
+
+        from tests.selfsup.conftest import tiny_config
+
+        run = Trainer(tiny_config(tmp_path, adaptation="axbn", queue_size=64, max_steps=1, knn_every=0))
+        run.fit()
+        queue = criterion_queue(run.criterion)
+        assert calls == [64, 64]
+    assert queue.size == calls[1]
