@@ -8,12 +8,13 @@ sets always win. The resolved configuration is what ``config.yaml`` in the run f
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from xbn_queue.adaptation import kalman_r_value
 from xbn_queue.training.cli import UsageError, above, at_least, available_cores, between, check_ranges
+from xbn_queue.training.memory import MemoryOptions, memory_field
+from xbn_queue.training.memory import memory_rows as _memory_rows
 from xbn_queue.training.tracking import check_wandb_options
 
 from .losses import DEFAULT_LOSS, DEFAULT_MINER, DEFAULT_MINER_ARGS
@@ -143,13 +144,13 @@ class MetricConfig:
     embedding_norm: str = field(default="l2", metadata=_h("l2, or l2 followed by bn / ln (Appendix A)", choices=["l2", "bn", "ln"], group="model"))
     # method and memory
     method: str = field(default="xbn", metadata=_h("none (No-XBM: the batch loss alone); a memory with its loss: xbm (XBM, not adapted), xbn (XBN, Eq. 6), axbn (AXBN, Kalman, Eq. 18-23), xbn-cov (full covariance); each memory method with -batch (xbm-batch = XBM*, xbn-batch = XBN*, axbn-batch = AXBN*, xbn-cov-batch) adds the plain batch loss to the memory loss", choices=list(METHODS), group="memory"))
-    memory_size: Optional[Union[int, float]] = field(default=None, metadata=_h("memory rows N (an integer >= 1), or a multiple of the training set (of an epoch), a decimal like 0.5 or 2.0 (default 0.5; deepfashion2 1.0). A memory larger than the training set (above 1.0) holds older copies of the same images: same label, so they are positives of their anchors", group="memory"))
-    memory_warmup_steps: int = field(default=0, metadata=_h("keep the memory out of the loss for the first N steps of the method (after the head-only warm-up): the loss is the plain batch loss while the memory fills and adapts", group="memory", range=at_least(0)))
+    memory_size: Optional[Union[int, float]] = memory_field("size", None, "memory rows N (an integer >= 1), or a multiple of the training set (of an epoch), a decimal like 0.5 or 2.0 (default 0.5; deepfashion2 1.0). A memory larger than the training set (above 1.0) holds older copies of the same images: same label, so they are positives of their anchors", group="memory")
+    memory_warmup_steps: int = memory_field("warmup_steps", 0, "keep the memory out of the loss for the first N steps of the method (after the head-only warm-up): the loss is the plain batch loss while the memory fills and adapts", group="memory")
     prefill: bool = field(default=False, metadata=_h("fill the memory with the current model's embeddings (eval mode, evaluation transform) of distinct training images right before the first step that uses it (after the head-only warm-up and --memory-warmup-steps)", group="memory"))
-    kalman_r: Union[float, str] = field(default=0.01, metadata=_h("AXBN measurement noise r > 0 (per batch: r/B; the paper's 0.01 gives a Kalman gain >= 0.9987, i.e. XBN), 'auto' (per-dimension noise from the batch, Q = q R) or 'sampling' (noises in units of the population variance: R = 1/B, Q = q; gain 0.25 at batch 8, 0.54 at 64) (default 0.01)", group="memory"))
-    kalman_q: Optional[float] = field(default=None, metadata=_h("AXBN process noise q (default 1; --kalman-r sampling: 0.01)", group="memory", range=at_least(0)))
-    kalman_p0: float = field(default=1.0, metadata=_h("AXBN initial estimate variance p0", group="memory", range=above(0)))
-    kalman_gain_every: Optional[int] = field(default=None, metadata=_h("AXBN: recompute the Kalman gain every N steps (default 100; deepfashion2, digits 10)", group="memory", range=at_least(1)))
+    kalman_r: Union[float, str] = memory_field("kalman_r", 0.01, "AXBN measurement noise r > 0 (per batch: r/B; the paper's 0.01 gives a Kalman gain >= 0.9987, i.e. XBN), 'auto' (per-dimension noise from the batch, Q = q R) or 'sampling' (noises in units of the population variance: R = 1/B, Q = q; gain 0.25 at batch 8, 0.54 at 64) (default 0.01)", group="memory")
+    kalman_q: Optional[float] = memory_field("kalman_q", None, "AXBN process noise q (default 1; --kalman-r sampling: 0.01)", group="memory")
+    kalman_p0: float = memory_field("kalman_p0", 1.0, "AXBN initial estimate variance p0", group="memory")
+    kalman_gain_every: Optional[int] = memory_field("kalman_gain_every", None, "AXBN: recompute the Kalman gain every N steps (default 100; deepfashion2, digits 10)", group="memory")
     # loss
     loss: str = field(default=DEFAULT_LOSS, metadata=_h("the loss, a class of pytorch_metric_learning.losses by name, e.g. ContrastiveLoss, MultiSimilarityLoss, TripletMarginLoss, NTXentLoss (default SupConLoss: the paper's); with a memory, one PML's CrossBatchMemory supports", group="loss"))
     loss_args: str = field(default="", metadata=_h("keyword arguments of --loss, NAME=VALUE,... e.g. pos_margin=0,neg_margin=0.5 (default: none, PML's defaults)", metavar="NAME=VALUE,...", group="loss"))
@@ -201,6 +202,13 @@ class MetricConfig:
         if self.method not in METHODS:
             raise UsageError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
 
+    def memory_options(self) -> MemoryOptions:
+        """The memory these (resolved) options describe; ``adaptation`` is ``None`` for ``--method none``."""
+        return MemoryOptions(adaptation=method_memory(self.method)[0], size=self.memory_size,
+                             warmup_steps=self.memory_warmup_steps, prefill=self.prefill, kalman_p0=self.kalman_p0,
+                             kalman_q=self.kalman_q, kalman_r=self.kalman_r, kalman_gain_every=self.kalman_gain_every,
+                             size_option="--memory-size")
+
 
 def validate_config(cfg: MetricConfig) -> None:
     """Every check of the options alone (no data needed): ranges and the relations between options.
@@ -208,12 +216,8 @@ def validate_config(cfg: MetricConfig) -> None:
     Raises:
         UsageError: naming the option, the value and what is expected.
     """
-    check_ranges(cfg)
+    check_ranges(cfg)  # the memory options' bounds too (xbn_queue.training.memory)
     check_wandb_options(cfg)
-    if kalman_r_value(cfg.kalman_r) is None:
-        raise UsageError(f"--kalman-r {cfg.kalman_r}: expected a number > 0, 'auto' or 'sampling'")
-    if cfg.memory_size is not None:
-        memory_rows(cfg.memory_size, None)
     from .losses import check_loss_and_miner, resolve_miner_args
 
     check_loss_and_miner(cfg.loss, cfg.loss_args, cfg.miner, resolve_miner_args(cfg.miner, cfg.miner_args),
@@ -308,40 +312,11 @@ def _head_none_dim(cfg: MetricConfig, explicit: Optional[int]) -> int:
 
 
 def memory_rows(memory_size: Union[int, float, str], num_train: Optional[int]) -> int:
-    """Number of memory rows: an integer is a row count, a float (``0.5``, ``2.0``, ``5e-1``; also as a
-    string) a multiple of the ``num_train`` training images, i.e. of an epoch (rounded, at least 1).
-
-    A memory may hold more than an epoch (``2.0``, or a count above ``num_train``): it then keeps
-    older copies of the same images, which have the same label and so are positives of their
-    anchors (a row's own copy written in the same step is removed, as in PML's ``CrossBatchMemory``).
-    Only the device's memory bounds it (checked by the trainer against the resolved rows).
-
-    Args:
-        memory_size: The ``--memory-size`` value.
-        num_train: Training images, or ``None`` to check the value alone (returns 0 for a fraction).
+    """Number of memory rows of a ``--memory-size``: an integer is a row count, a float (``0.5``, ``2.0``, ``5e-1``;
+    also as a string) a multiple of the ``num_train`` training images (``None``: check the value alone, 0 for a
+    fraction). The rule both trainers share, :func:`xbn_queue.training.memory.memory_rows`.
 
     Raises:
         UsageError: unparsable value, a fraction that is not a finite number > 0, a count < 1.
     """
-    value: Union[int, float]
-    expected = "expected a row count >= 1 or a fraction of the training set > 0 (like 0.5 or 2.0)"
-    if isinstance(memory_size, bool):
-        raise UsageError(f"--memory-size {memory_size}: {expected}")
-    if isinstance(memory_size, (int, float)):
-        value = memory_size
-    else:
-        text = str(memory_size).strip()
-        try:
-            value = int(text)
-        except ValueError:
-            try:
-                value = float(text)
-            except ValueError:
-                raise UsageError(f"--memory-size {memory_size}: {expected}") from None
-    if isinstance(value, float):
-        if not (math.isfinite(value) and value > 0.0):
-            raise UsageError(f"--memory-size {memory_size}: a fraction of the training set must be a finite number > 0")
-        return 0 if num_train is None else max(1, int(round(value * num_train)))
-    if value < 1:
-        raise UsageError(f"--memory-size {memory_size}: {expected}")
-    return value
+    return _memory_rows(memory_size, num_train, "--memory-size")

@@ -32,8 +32,7 @@ from torch import Tensor, nn
 
 from xbn_queue.drift import feature_drift, queue_staleness
 from xbn_queue.training.checkpoint import check_compatible
-from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
-                                    check_two_classes, one_line, warn)
+from xbn_queue.training.cli import UsageError, check_output_dir, check_two_classes, one_line, warn
 from xbn_queue.training.config import config_to_dict
 from xbn_queue.training.distributed import DistContext
 from xbn_queue.training.embed import embed_sharded, shard_indices
@@ -45,8 +44,7 @@ from xbn_queue.training.progress import progress
 from xbn_queue.training.seeding import seed_everything
 from xbn_queue.training.tracking import WandbReport, kalman_gain_record, plot_history
 
-from .config import (COMPAT_KEYS, MetricConfig, kalman_r_value, memory_rows, method_memory, resolve_config,
-                     saved_config)
+from .config import COMPAT_KEYS, MetricConfig, method_memory, resolve_config, saved_config
 from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import is_score, retrieval_metrics
 from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
@@ -91,13 +89,9 @@ def build_losses(cfg: MetricConfig, rows: int, distributed: bool):
     adaptation, add_batch_loss = method_memory(cfg.method)
     if adaptation is None:
         return batch_loss, None
-    kw: Dict[str, Any] = {"gather_distributed": distributed,  # sample ids are stored with the rows (staleness)
-                          "warmup_steps": cfg.memory_warmup_steps}
-    if adaptation == "axbn":
-        kw.update(kalman_p0=cfg.kalman_p0, kalman_q=cfg.kalman_q, kalman_gain_every=cfg.kalman_gain_every,
-                  kalman_r=kalman_r_value(cfg.kalman_r))
     mem = AdaptiveCrossBatchMemory(base, embedding_size=cfg.embedding_dim, memory_size=rows, miner=miner,
-                                   adaptation=adaptation, add_batch_loss=add_batch_loss, **kw)
+                                   add_batch_loss=add_batch_loss, gather_distributed=distributed,
+                                   **cfg.memory_options().queue_kwargs())
     return batch_loss, mem
 
 
@@ -308,17 +302,13 @@ class MetricRun(RunLoop):
         """Options, run folder, memory size, data; nothing is written."""
         cfg, device = self.cfg, self.device
         check_output_dir(self.out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
-        if isinstance(cfg.memory_size, int) or str(cfg.memory_size).strip().isdigit():
-            check_memory_fits("--memory-size", cfg.memory_size, int(cfg.memory_size), cfg.embedding_dim, device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.data: RetrievalData = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.train_fraction,
                                                 cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download,
                                                 omniglot_rotations=cfg.omniglot_rotations)
-        self.rows = _check_data(cfg, self.data, self.ctx.world_size)
-        if cfg.method != "none":
-            check_memory_fits("--memory-size", cfg.memory_size, self.rows, cfg.embedding_dim, device)
+        self.rows = _check_data(cfg, self.data, self.ctx.world_size, device)  # --memory-size as rows, from here on
 
     def build(self) -> None:
         """Model, losses (the memory inside), AMP scaler, datasets, probe batch; the optimiser comes per phase."""
@@ -544,22 +534,26 @@ class MetricRun(RunLoop):
         return record
 
 
-def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
-    """Refuse data on which training or evaluation cannot give a meaningful number (before any write).
+def _check_data(cfg: MetricConfig, data: RetrievalData, world: int, device: Optional[torch.device] = None) -> int:
+    """Refuse data on which training or evaluation cannot give a meaningful number (before any write), and
+    turn ``--memory-size`` into rows (:meth:`xbn_queue.training.memory.MemoryOptions.rows`, the one place
+    they are checked).
+
+    Args:
+        device: where the memory will live (``None``: its capacity is not checked, as for a sweep's plan).
 
     Returns:
         The number of memory rows (``--memory-size`` resolved against the training set).
 
     Raises:
         UsageError: fewer than two training classes, no class with ``m_per_class`` images, fewer classes
-            than a batch needs, a memory smaller than one global batch, ``--prefill`` with a memory larger
-            than the training set, or no query with a positive.
+            than a batch needs, no query with a positive, a memory smaller than one global batch,
+            ``--prefill`` with a memory larger than the training set, or one the device cannot hold.
     """
     labels = np.asarray(data.train.labels)
     classes, counts = np.unique(labels, return_counts=True)
     where = f"--dataset {cfg.dataset}" + (f" --data-root {cfg.data_root}" if cfg.data_root else "")
     check_two_classes(labels, where, "metric learning needs at least 2 (one class trains to loss 0 and scores Recall 100%)")
-    rows = memory_rows(cfg.memory_size, len(data.train))
     if cfg.m_per_class > counts.max():
         raise UsageError(f"--m-per-class {cfg.m_per_class}: no training class has that many images (largest: "
                          f"{counts.max()}); expected at most {counts.max()}")
@@ -567,12 +561,6 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
         raise UsageError(f"--batch-size {cfg.batch_size}: {cfg.batch_size // cfg.m_per_class} classes per batch "
                          f"(--m-per-class {cfg.m_per_class}) but the training split has {len(classes)}; expected at most "
                          f"{len(classes) * cfg.m_per_class}")
-    if cfg.method != "none":
-        check_memory_holds_a_batch("--memory-size", cfg.memory_size, rows, cfg.batch_size, world)
-        if cfg.prefill and rows > len(labels):
-            raise UsageError(f"--prefill: fills the memory with distinct training images, but --memory-size "
-                             f"{cfg.memory_size} is {rows} rows, more than the {len(labels)} training images; use "
-                             "a memory of at most the training set (1.0) with --prefill")
     q = np.asarray(data.query.labels)
     if data.query_is_gallery:
         qc, qn = np.unique(q, return_counts=True)
@@ -582,7 +570,7 @@ def _check_data(cfg: MetricConfig, data: RetrievalData, world: int) -> int:
     if with_pos == 0:
         raise UsageError(f"{where}: no query image has a positive (same class) in the gallery, so Recall@K and "
                          "MAP@R are undefined; each evaluation class needs at least 2 images")
-    return rows
+    return cfg.memory_options().rows(len(labels), cfg.embedding_dim, cfg.batch_size, world, device)
 
 
 def _print_epoch(record: Dict[str, Any], total_epochs: int, cfg: MetricConfig) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from xbn_queue.adaptation import kalman_r_value
 from xbn_queue.training.cli import Range, UsageError, above, at_least, available_cores, between, check_ranges
+from xbn_queue.training.memory import MemoryOptions, check_kalman_r, memory_field
 from xbn_queue.training.tracking import check_wandb_options
 
 ADAPTATIONS = ["none", "xbn", "axbn"]
@@ -94,15 +95,15 @@ class SelfSupConfig:
         "lightly's NTXentLoss)",
         ADAPT_KEYS,
     )
-    queue_size: int = _opt(4096, "number of keys in the queue", range=at_least(1))
+    queue_size: int = memory_field("rows", 4096, "number of keys in the queue")
     temperature: float = _opt(0.1, "temperature of the NT-Xent loss", range=above(0))
-    memory_warmup_steps: int = _opt(0, "keep the queue out of the loss for the first N steps (it still fills and adapts): the other keys of the batch are the negatives", range=at_least(0))
+    memory_warmup_steps: int = memory_field("warmup_steps", 0, "keep the queue out of the loss for the first N steps (it still fills and adapts): the other keys of the batch are the negatives")
     prefill: bool = _opt(False, "fill the queue with the key encoder's keys (eval mode, no augmentation) of distinct training images right before the first step that uses it (after --memory-warmup-steps)")
     mask_same_ids: bool = _opt(False, "leave out of each query's negatives the stored keys of its own image (older keys of the same sample); the fraction of such negatives is logged as same_id_negatives_frac either way with --adapt-keys raw")
-    kalman_p0: float = _opt(1.0, "AXBN: initial error covariance", range=above(0))
-    kalman_q: Optional[float] = _opt(None, "AXBN: process noise (default 1; --kalman-r sampling: 0.01)", range=at_least(0))
-    kalman_r: Union[float, str] = _opt(0.01, "AXBN: measurement noise: a float > 0 (per batch r/B; the paper's 0.01 gives a Kalman gain >= 0.9987, i.e. XBN), 'auto' (per-dimension noise from each batch, Q = q R) or 'sampling' (noises in units of the population variance: R = 1/B, Q = q; gain below 1 for small batches) (default 0.01)")
-    kalman_gain_every: int = _opt(1, "AXBN: recompute the Kalman gain every this many steps", range=at_least(1))
+    kalman_p0: float = memory_field("kalman_p0", 1.0, "AXBN: initial error covariance")
+    kalman_q: Optional[float] = memory_field("kalman_q", None, "AXBN: process noise (default 1; --kalman-r sampling: 0.01)")
+    kalman_r: Union[float, str] = memory_field("kalman_r", 0.01, "AXBN: measurement noise: a float > 0 (per batch r/B; the paper's 0.01 gives a Kalman gain >= 0.9987, i.e. XBN), 'auto' (per-dimension noise from each batch, Q = q R) or 'sampling' (noises in units of the population variance: R = 1/B, Q = q; gain below 1 for small batches) (default 0.01)")
+    kalman_gain_every: int = memory_field("kalman_gain_every", 1, "AXBN: recompute the Kalman gain every this many steps")
 
     # optimisation
     batch_size: int = _opt(128, "images per step per process", range=at_least(2))
@@ -155,12 +156,21 @@ class SelfSupConfig:
     wandb_tags: Optional[List[str]] = _opt(None, "more W&B tags (every run is tagged method=<adaptation>, seed=, dataset=)")
     wandb_log_model: bool = _opt(False, "log last.pt to W&B as a model artifact at the end of the run (needs --wandb-mode online or offline)")
 
+    def memory_options(self) -> MemoryOptions:
+        """The queue these options describe (``--queue-size`` is its rows)."""
+        return MemoryOptions(adaptation=self.adaptation, size=self.queue_size, warmup_steps=self.memory_warmup_steps,
+                             prefill=self.prefill, kalman_p0=self.kalman_p0, kalman_q=self.kalman_q,
+                             kalman_r=self.kalman_r, kalman_gain_every=self.kalman_gain_every,
+                             mask_same_ids=self.mask_same_ids, size_option="--queue-size")
+
     def kalman_r_value(self) -> Union[float, str]:
-        """Returns ``kalman_r`` as a float, or the string ``"auto"`` or ``"sampling"``."""
-        value = kalman_r_value(self.kalman_r)  # the library's rule (xbn_queue.adaptation), one for both trainers
-        if value is None:
-            raise UsageError(f"--kalman-r {self.kalman_r}: expected a number > 0, 'auto' or 'sampling'")
-        return value
+        """Returns ``kalman_r`` as a float, or the string ``"auto"`` or ``"sampling"``.
+
+        Raises:
+            UsageError: a value that is none of these.
+        """
+        check_kalman_r("--kalman-r", self.kalman_r)  # the library's rule (xbn_queue.adaptation), one for both trainers
+        return kalman_r_value(self.kalman_r)
 
     def effective_lr(self, world_size: int = 1) -> float:
         """The SGD learning rate a run sets: ``lr``, times ``world_size`` with ``--scale-lr``."""
@@ -172,10 +182,7 @@ class SelfSupConfig:
         Raises:
             UsageError: naming the option, the value and what is expected.
         """
-        check_ranges(self)  # every field's declared range
+        check_ranges(self)  # every field's declared range or rule, the memory options' too (xbn_queue.training.memory)
         check_wandb_options(self)
         if self.batch_size % self.split_bn != 0:
             raise UsageError(f"--batch-size {self.batch_size}: expected a multiple of --split-bn {self.split_bn}")
-        if self.queue_size < self.batch_size:
-            raise UsageError(f"--queue-size {self.queue_size}: expected at least one batch (--batch-size {self.batch_size})")
-        self.kalman_r_value()  # a float > 0, "auto" or "sampling"

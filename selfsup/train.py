@@ -48,8 +48,7 @@ from selfsup.model import MoCoEncoder, make_key_encoder, momentum_update, shuffl
 from selfsup.probe import linear_probe_accuracy
 from xbn_queue.adaptation import AXBN
 from xbn_queue.training.checkpoint import check_compatible
-from xbn_queue.training.cli import (UsageError, check_memory_fits, check_memory_holds_a_batch, check_output_dir,
-                                    check_two_classes, one_line)
+from xbn_queue.training.cli import UsageError, check_output_dir, check_two_classes, one_line
 from xbn_queue.training.config import config_to_dict
 from xbn_queue.training.embed import embed_sharded
 from xbn_queue.training.loop import (Callback, NonFiniteError, RunLoop, RunState, RunSummary, broadcast_buffers,
@@ -85,34 +84,30 @@ def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.M
     In both modes and for every adaptation the queue starts empty, so that every arm of a
     comparison starts from the same memory.
     """
-    kw: Dict[str, Any] = {"warmup_steps": cfg.memory_warmup_steps}
-    if cfg.adaptation == "axbn":
-        kw.update(
-            kalman_p0=cfg.kalman_p0,
-            kalman_q=cfg.kalman_q,
-            kalman_r=cfg.kalman_r_value(),
-            kalman_gain_every=cfg.kalman_gain_every,
-        )
+    memory = cfg.memory_options()
+    rows = cfg.queue_size  # a row count, checked by check_data (MemoryOptions.rows)
     if cfg.adapt_keys == "raw":
         from selfsup.loss import RawKeyMoCoLoss
 
-        return RawKeyMoCoLoss(
-            cfg.queue_size, cfg.embedding_dim, cfg.temperature, cfg.adaptation, gather_distributed=distributed,
-            mask_same_ids=cfg.mask_same_ids, **kw
-        )
+        return RawKeyMoCoLoss(rows, cfg.embedding_dim, cfg.temperature, gather_distributed=distributed,
+                              mask_same_ids=memory.mask_same_ids, **memory.queue_kwargs())
     from lightly.loss import NTXentLoss
 
     from xbn_queue.lightly import AdaptiveMemoryBank, AdaptiveNTXentLoss
 
-    loss_class = AdaptiveNTXentLoss if cfg.mask_same_ids else NTXentLoss  # (lightly's loss, taking sample ids)
-    criterion = loss_class(temperature=cfg.temperature, memory_bank_size=(cfg.queue_size, cfg.embedding_dim))
+    loss_class = AdaptiveNTXentLoss if memory.mask_same_ids else NTXentLoss  # (lightly's loss, taking sample ids)
+    criterion = loss_class(temperature=cfg.temperature)  # no bank of its own: the adaptive bank goes in below
+    if loss_class is NTXentLoss:
+        # Up to 0.5 lightly's NTXentLoss was built with memory_bank_size=(rows, dim) and drew a bank of random
+        # rows that the next line replaced at once; the same draws keep torch's global random stream (the
+        # checkpoints' RNG state, anything drawn later) what it was.
+        torch.randn(rows, cfg.embedding_dim)
     # init="empty" for every adaptation: the arms of a comparison start from the same (empty) memory,
     # as the raw mode does (lightly's own bank, and AdaptiveMemoryBank's default for "none", start
     # with random unit rows instead)
-    criterion.memory_bank = AdaptiveMemoryBank(
-        size=(cfg.queue_size, cfg.embedding_dim), adaptation=cfg.adaptation, gather_distributed=distributed,
-        init="empty", mask_same_ids=cfg.mask_same_ids, **kw
-    )
+    criterion.memory_bank = AdaptiveMemoryBank(size=(rows, cfg.embedding_dim), gather_distributed=distributed,
+                                               init="empty", mask_same_ids=memory.mask_same_ids,
+                                               **memory.queue_kwargs())
     return criterion
 
 
@@ -173,20 +168,30 @@ def recipe_summary(cfg: SelfSupConfig, world_size: int = 1, steps_per_epoch: int
             f"(k={cfg.knn_k}, t={cfg.knn_t:g})")
 
 
-def check_data(cfg: SelfSupConfig, data: ImageData, world_size: int = 1) -> None:
-    """Refuse data on which training or the k-NN monitor cannot give a meaningful number.
+def check_data(cfg: SelfSupConfig, data: ImageData, world_size: int = 1, device: Optional[torch.device] = None) -> int:
+    """Refuse data on which training or the k-NN monitor cannot give a meaningful number, and check the queue's
+    rows (:meth:`xbn_queue.training.memory.MemoryOptions.rows`, the one place they are checked).
+
+    Args:
+        device: where the queue will live (``None``: its capacity is not checked, as for a comparison's plan).
+
+    Returns:
+        The queue's rows (``--queue-size``).
 
     Raises:
-        UsageError: fewer than two training classes, or a queue larger than the training set.
+        UsageError: fewer than two training classes, a queue larger than the training set, a batch larger
+            than it, a queue smaller than one global batch or one the device cannot hold.
     """
     where = f"--dataset {cfg.dataset} --data-root {cfg.data_root}"
     check_two_classes(data.train_labels, where, "the k-NN monitor needs at least 2")
+    rows = cfg.memory_options().rows(len(data.train_images), cfg.embedding_dim, cfg.batch_size, world_size, device)
     if cfg.queue_size > len(data.train_images):
         raise UsageError(f"--queue-size {cfg.queue_size}: larger than the {len(data.train_images)} training images "
                          f"(the queue would hold the same images several times); expected at most {len(data.train_images)}")
     if len(data.train_images) < cfg.batch_size * world_size:
         raise UsageError(f"--batch-size {cfg.batch_size}: larger than the {len(data.train_images)} training images "
                          f"(x {world_size} processes)")
+    return rows
 
 
 @dataclasses.dataclass
@@ -277,14 +282,12 @@ class Trainer(RunLoop):
         check_output_dir(self.out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        check_memory_fits("--queue-size", cfg.queue_size, cfg.queue_size, cfg.embedding_dim, self.device)
         seed_everything(cfg.seed)
-        check_memory_holds_a_batch("--queue-size", cfg.queue_size, cfg.queue_size, cfg.batch_size, world)
         if self.data is None:
             self.data = load_dataset(cfg.dataset, cfg.data_root, download=cfg.download, image_size=cfg.image_size,
                                      skip_bad_images=cfg.skip_bad_images, train_subset=cfg.train_subset,
                                      test_subset=cfg.test_subset)
-        check_data(cfg, self.data, world)
+        check_data(cfg, self.data, world, self.device)  # the queue's rows too
 
     def build(self) -> None:
         """Images as uint8 tensors, sampler, encoders, loss (the queue inside), optimiser, schedule, views."""

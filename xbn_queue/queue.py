@@ -115,6 +115,27 @@ class DeferredEnqueue:
         raise NotImplementedError
 
 
+def _check_arguments(size: int, dim: int, dtype: torch.dtype, stats_resync_every: int, validate: str,
+                     warmup_steps: int, warmup_rows: int) -> None:
+    """:class:`AdaptiveQueue`'s own argument checks (a library class refuses bad input whoever calls it).
+
+    Raises:
+        ValueError: naming the argument and the value.
+    """
+    if int(size) < 1 or int(dim) < 1:
+        raise ValueError(f"size and dim must be positive, got size={size}, dim={dim}")
+    if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    if int(stats_resync_every) < 1:
+        raise ValueError(f"stats_resync_every must be >= 1, got {stats_resync_every}")
+    if validate not in _VALIDATE:
+        raise ValueError(f"validate must be one of {', '.join(map(repr, _VALIDATE))}, got {validate!r}")
+    if int(warmup_steps) < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if not 0 <= int(warmup_rows) <= int(size):
+        raise ValueError(f"warmup_rows must be in [0, size={size}], got {warmup_rows}")
+
+
 class AdaptiveQueue(nn.Module):
     """Ring buffer of embeddings whose stored rows can be adapted to the current batch.
 
@@ -235,18 +256,7 @@ class AdaptiveQueue(nn.Module):
         warmup_rows: int = 0,
     ) -> None:
         super().__init__()
-        if int(size) < 1 or int(dim) < 1:
-            raise ValueError(f"size and dim must be positive, got size={size}, dim={dim}")
-        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-        if int(stats_resync_every) < 1:
-            raise ValueError(f"stats_resync_every must be >= 1, got {stats_resync_every}")
-        if validate not in _VALIDATE:
-            raise ValueError(f"validate must be one of {', '.join(map(repr, _VALIDATE))}, got {validate!r}")
-        if int(warmup_steps) < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0 <= int(warmup_rows) <= int(size):
-            raise ValueError(f"warmup_rows must be in [0, size={size}], got {warmup_rows}")
+        _check_arguments(size, dim, dtype, stats_resync_every, validate, warmup_steps, warmup_rows)
         self.warmup_steps = int(warmup_steps)
         self.warmup_rows = int(warmup_rows)
         self.stats_resync_every = int(stats_resync_every)
@@ -272,6 +282,10 @@ class AdaptiveQueue(nn.Module):
                 f"adaptation={self.adaptation.name!r} needs float32 or float64 storage, got dtype={dtype} "
                 "(a bfloat16 / float16 memory keeps a per-dimension frame)"
             )
+        self._register_state(dtype)
+
+    def _register_state(self, dtype: torch.dtype) -> None:
+        """The queue's state: every piece a registered buffer, plus the host mirrors of the scalars the host reads."""
         self.register_buffer("memory", torch.zeros(self.size, self.dim, dtype=dtype))  # (M, D)
         self.register_buffer("label_memory", torch.zeros(self.size, dtype=torch.long))  # (M,)
         self.register_buffer("id_memory", torch.zeros(self.size, dtype=torch.long))  # (M,)

@@ -9,8 +9,8 @@ The contract (the same for ``xbn-metric`` and ``xbn-selfsup``, single runs and `
   itself (a non-finite loss, a full disk, an unreadable image met mid-run), also as one line, naming the
   run folder and ``--resume`` when the run had written it (:func:`mark_started`). An error the loop did
   not expect after the run started (a ``ValueError`` of a bug) is a traceback, never exit 2.
-- every numeric option declares its valid range next to its field (``metadata={"range": at_least(1)}``);
-  :func:`check_ranges` enforces it and ``--help`` shows it;
+- every numeric option declares its valid range next to its field (``metadata={"range": at_least(1)}``,
+  or a rule ``metadata={"check": fn}``); :func:`check_ranges` enforces it and ``--help`` shows a range;
 - a run folder that holds a run is never written into without ``--resume`` or ``--overwrite``
   (:func:`check_output_dir`), and nothing is created until every check has passed
   (:func:`prepare_output_dir` is called last); without ``--output-dir`` every run gets a new folder
@@ -128,20 +128,24 @@ def _flag(name: str) -> str:
 
 
 def check_ranges(cfg: Any) -> None:
-    """Check every field of the dataclass ``cfg`` that declares ``metadata["range"]``.
+    """Check every field of the dataclass ``cfg`` that declares ``metadata["range"]`` or ``metadata["check"]``.
 
-    ``None`` (an option left to a per-dataset default) passes; a list is checked item by item.
+    ``metadata["check"]`` is a rule that a range cannot say (``--memory-size``: a row count or a fraction):
+    ``check(option, value)`` raises :class:`UsageError`. ``None`` (an option left to a per-dataset
+    default) passes; a list is checked item by item.
 
     Raises:
         UsageError: ``--batch-size -4: expected an integer >= 2``.
     """
     for f in dataclasses.fields(cfg):
-        rng = range_of(f)
+        rng, check = range_of(f), (f.metadata or {}).get("check")
         value = getattr(cfg, f.name)
-        if rng is None or value is None:
+        if value is None:
             continue
         for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v not in rng:
+            if check is not None:
+                check(_flag(f.name), v)
+            if rng is not None and v not in rng:
                 kind = "an integer" if isinstance(v, int) and not isinstance(v, bool) else "a number"
                 raise UsageError(f"{_flag(f.name)} {v}: expected {kind} {rng}")
 

@@ -23,7 +23,9 @@ as ``wandb agent`` passes it, see :class:`BoolAction`), ``pathlib.Path``,
 ``nargs``, ``const``, ``metavar``, ``aliases`` (extra flags, e.g. ``["-o"]``), ``hidden_aliases`` (old
 spellings still accepted on the command line and in YAML, not shown in ``--help``), ``range`` (a
 :class:`xbn_queue.training.cli.Range`, shown in ``--help`` and enforced by
-:func:`xbn_queue.training.cli.check_ranges`) and ``group`` (help section). A default is shown in the
+:func:`xbn_queue.training.cli.check_ranges`), ``check`` (a rule ``check(option, value)`` that a range
+cannot say, enforced by ``check_ranges`` too; :mod:`xbn_queue.training.memory` declares the memory
+options' bounds this way) and ``group`` (help section). A default is shown in the
 help once: not appended when the help text already mentions one, nor when it is ``None``.
 
 Command-line errors (an unknown option, a value of the wrong type) print one line
@@ -304,6 +306,41 @@ def _cli_converter(spec: _Spec) -> Callable[[str], Any]:
     return convert
 
 
+def _help_text(spec: _Spec, meta: Mapping[str, Any]) -> str:
+    """A field's ``--help`` line: its help, then ``(required)`` or the default (once), then ``[valid: RANGE]``."""
+    text = str(meta.get("help", ""))
+    if spec.default is _REQUIRED:
+        text = f"{text} (required)".strip()
+    elif spec.default is not None and "default" not in text.lower():
+        shown = spec.default if not isinstance(spec.default, str) or spec.default else '""'
+        text = f"{text} (default: {shown})".strip()
+    if meta.get("range") is not None:
+        text = f"{text} [valid: {meta['range']}]"
+    return text.replace("%", "%%")
+
+
+def _argument_kwargs(name: str, spec: _Spec, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``add_argument`` keywords of a field's option (``default=SUPPRESS``: only given options reach the namespace)."""
+    kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help_text(spec, meta)}
+    if spec.kind == "bool":
+        kwargs.update(action=BoolAction, optional=spec.optional)
+        return kwargs
+    kwargs["type"] = _cli_converter(spec)
+    if spec.choices is not None:
+        kwargs["choices"] = _NoneOrChoices(spec.choices) if spec.optional else spec.choices
+    if spec.kind == "list":
+        kwargs["nargs"] = meta.get("nargs", "*")
+    elif "nargs" in meta:
+        kwargs["nargs"] = meta["nargs"]
+    if "const" in meta:
+        kwargs["const"] = meta["const"]
+    if "metavar" in meta:
+        kwargs["metavar"] = meta["metavar"]
+    elif spec.choices is None:
+        kwargs["metavar"] = name.upper()
+    return kwargs
+
+
 def build_parser(
     cls: type,
     prog: Optional[str] = None,
@@ -347,33 +384,8 @@ def build_parser(
         target: Any = parser
         if "group" in meta:
             target = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        flags = ["--" + name.replace("_", "-"), *meta.get("aliases", [])]
-        help_text = str(meta.get("help", ""))
-        if spec.default is _REQUIRED:
-            help_text = f"{help_text} (required)".strip()
-        elif spec.default is not None and "default" not in help_text.lower():
-            shown = spec.default if not isinstance(spec.default, str) or spec.default else '""'
-            help_text = f"{help_text} (default: {shown})".strip()
-        if meta.get("range") is not None:
-            help_text = f"{help_text} [valid: {meta['range']}]"
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
-        if spec.kind == "bool":
-            kwargs.update(action=BoolAction, optional=spec.optional)
-        else:
-            kwargs["type"] = _cli_converter(spec)
-            if spec.choices is not None:
-                kwargs["choices"] = _NoneOrChoices(spec.choices) if spec.optional else spec.choices
-            if spec.kind == "list":
-                kwargs["nargs"] = meta.get("nargs", "*")
-            elif "nargs" in meta:
-                kwargs["nargs"] = meta["nargs"]
-            if "const" in meta:
-                kwargs["const"] = meta["const"]
-            if "metavar" in meta:
-                kwargs["metavar"] = meta["metavar"]
-            elif spec.choices is None:
-                kwargs["metavar"] = name.upper()
-        target.add_argument(*flags, **kwargs)
+        kwargs = _argument_kwargs(name, spec, meta)
+        target.add_argument("--" + name.replace("_", "-"), *meta.get("aliases", []), **kwargs)
         hidden = ["--" + a.lstrip("-").replace("_", "-") for a in meta.get("hidden_aliases", [])]
         if hidden:
             target.add_argument(*hidden, **dict(kwargs, help=argparse.SUPPRESS))

@@ -5,7 +5,8 @@ no traceback, and leave its folder (and everything else under the test's tmp fol
 table runs in this process (``tests/inprocess.py``: ``main(argv)`` as the console script calls it), in a
 few seconds; the real entry points (``python -m metric`` / ``python -m selfsup``) run once per trainer in
 fresh interpreters. A refused case returns before any data or model work: the ones about the data itself
-load the data but build no model; only a checkpoint that cannot be read is found after the model is
+and about the memory's rows (turned into rows and checked once, right after the data is loaded:
+``xbn_queue.training.memory.MemoryOptions.rows``) load the data but build no model; only a checkpoint that cannot be read is found after the model is
 built (the run loop reads ``last.pt`` into the built model).
 """
 
@@ -168,10 +169,12 @@ def _check(cid: str, mod: str, needle: str, code: int, stdout: str, stderr: str)
     return "" if ok else f"{cid}: exit {code}, stderr {stderr[-600:]!r}"
 
 
-#: Cases about the data itself: they load the (tiny) data set, and must still refuse before building a model.
+#: Cases about the data itself or the memory's rows: they load the (tiny) data set, and must still refuse before
+#: building a model.
 DATA_CASES = {"metric-prefill-memory-larger-than-training-set", "metric-m-per-class-above-class-size",
               "metric-single-class-training-data", "selfsup-queue-larger-than-training-set",
-              "selfsup-single-class-training-data"}
+              "selfsup-single-class-training-data", "metric-memory-cannot-be-allocated",
+              "selfsup-memory-cannot-be-allocated"}
 #: A checkpoint is read into the built model (check, build, then resume): these may load data and build.
 CHECKPOINT_CASES = {f"{mod}-{what}-checkpoint" for mod in ("metric", "selfsup") for what in ("corrupt", "truncated")}
 
