@@ -27,13 +27,18 @@ that names the extra to install (``pip install "xbn-queue[train]"`` or ``"xbn-qu
   ranges (``at_least``, ``between``, ``check_ranges``), run folders (``check_output_dir``,
   ``prepare_output_dir``, ``default_run_dir``), ``resume_command``, ``check_memory_fits``, ``run_main``
   (exit 0 / 2 / 128 + N, one-line errors).
+- :mod:`~xbn_queue.training.memory`: ``MemoryOptions`` (the memory options both trainers share: adaptation,
+  size, Kalman noises, warm-up, prefill, same-id masking; ``rows()`` turns the size into rows once, right after
+  the data is loaded; ``queue_kwargs()`` builds the memory's arguments), ``memory_field`` (one set of bounds),
+  ``memory_rows``.
 - :mod:`~xbn_queue.training.prefill`: ``prefill_memory`` (a trainer's ``--prefill``; the trainer supplies how to
   read a batch) and ``prefill_batches`` (which training images it embeds, split over ranks).
 - :mod:`~xbn_queue.training.embed`: ``embed_sharded``, ``shard_indices`` (an evaluation split embedded by every
   rank's share, gathered in the split's order).
 - :mod:`~xbn_queue.training.series`: ``run_series`` (``compare`` and sweeps: a signal stops the whole
   series, per-run ``complete`` flags, ``--resume`` finishes only the missing runs), ``mean_std``,
-  ``format_mean_std``, ``incomplete_banner``.
+  ``format_mean_std``, ``incomplete_banner``; the compare skeleton every series command shares (``seed_plan``,
+  ``series_run_config``, ``RunOutcome.of_summary``, ``table_title``, ``write_series``).
 
 Import from the submodules (``from xbn_queue.training.config import parse_config``); the functions and
 classes above (except ``progress``, which shares its module's name) are also available lazily as
@@ -60,6 +65,7 @@ _EXPORTS = {
     "autocast": "precision", "amp_dtype": "precision", "grad_scaler": "precision", "backward_step": "precision",
     "prefill_batches": "prefill", "prefill_memory": "prefill",
     "embed_sharded": "embed", "shard_indices": "embed",
+    "MemoryOptions": "memory", "memory_field": "memory", "memory_rows": "memory",
     "RunLogger": "tracking", "plot_history": "tracking", "plot_compare": "tracking", "read_metrics": "tracking",
 }
 
