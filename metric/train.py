@@ -47,7 +47,7 @@ from .config import (COMPAT_KEYS, MetricConfig, kalman_r_value, memory_rows, met
                      saved_config)
 from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import is_score, retrieval_metrics
-from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
+from .fastdata import TensorCache, TensorMildAugment, cached_batches, tensor_cache_plan
 from .model import MetricModel, build_model
 from .prefill import prefill_memory
 from .recipe import recipe_summary
@@ -345,8 +345,14 @@ class MetricRun(RunLoop):
         """The training data step (the in-memory fast path or per-image loading) and the evaluation sets."""
         cfg, data = self.cfg, self.data
         self.cache: Optional[TensorCache] = None
-        if use_tensor_cache(cfg.tensor_cache, cfg.augment, data):  # decoded once, batches augmented on the device
-            self.cache = TensorCache.build(data, cfg.image_size, self.device)
+        cached, note = tensor_cache_plan(cfg.tensor_cache, cfg.augment, data, cfg.image_size, cfg.tensor_cache_max_mb)
+        if note and self.ctx.is_main:
+            self.say(note)
+        if cached:  # decoded once, batches augmented on the device
+            self.cache = TensorCache.build(data, cfg.image_size, self.device, cfg.tensor_cache_dir,
+                                           write=self.ctx.is_main, skip_bad=cfg.skip_bad_images)
+            if self.cache.files is not None and self.ctx.is_main:
+                self.say(self.cache.files.summary())
             self.fast_augment = TensorMildAugment(cfg.image_size, cfg.crop_min_scale, hflip=cfg.hflip, re_prob=cfg.re_prob)
             self.train_eval_ds, self.query_ds, self.gallery_ds = self.cache.train_eval, self.cache.query, self.cache.gallery
             return
