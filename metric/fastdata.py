@@ -308,7 +308,7 @@ def _decode_chunk(items: Sequence[Item], size: int, skip_bad: bool, out: Decoded
     images: Dict[str, Tensor] = {}
     for item in items:
         try:
-            a = np.asarray(open_image(item), dtype=np.uint8)  # (H, W, 3)
+            a = np.array(open_image(item), dtype=np.uint8)  # (H, W, 3), writable
         except BadImageError:
             if not skip_bad:
                 raise

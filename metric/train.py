@@ -314,6 +314,8 @@ class MetricRun(RunLoop):
                                                 cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download,
                                                 omniglot_rotations=cfg.omniglot_rotations)
         self.rows = _check_data(cfg, self.data, self.ctx.world_size)
+        self.cached, self.cache_note = tensor_cache_plan(cfg.tensor_cache, cfg.augment, self.data, cfg.image_size,
+                                                         cfg.tensor_cache_max_mb)
         if cfg.method != "none":
             check_memory_fits("--memory-size", cfg.memory_size, self.rows, cfg.embedding_dim, device)
 
@@ -345,10 +347,9 @@ class MetricRun(RunLoop):
         """The training data step (the in-memory fast path or per-image loading) and the evaluation sets."""
         cfg, data = self.cfg, self.data
         self.cache: Optional[TensorCache] = None
-        cached, note = tensor_cache_plan(cfg.tensor_cache, cfg.augment, data, cfg.image_size, cfg.tensor_cache_max_mb)
-        if note and self.ctx.is_main:
-            self.say(note)
-        if cached:  # decoded once, batches augmented on the device
+        if self.cache_note and self.ctx.is_main:  # image files above --tensor-cache-max-mb
+            self.say(self.cache_note)
+        if self.cached:  # decoded once, batches augmented on the device
             self.cache = TensorCache.build(data, cfg.image_size, self.device, cfg.tensor_cache_dir,
                                            write=self.ctx.is_main, skip_bad=cfg.skip_bad_images)
             if self.cache.files is not None and self.ctx.is_main:
