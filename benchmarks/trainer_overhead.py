@@ -24,10 +24,12 @@ the embedded job:
   in memory); it must print the embedded trainer's Recall@1 digit for digit (the same decoded tensors);
 * **plain** and **plain, batched**: the plain loop reading the PNGs with PIL into tensors first.
 
-It prints the wall time of each process (start to exit, imports included), the best of the rounds, the
-ratios, and Recall@1 of every run as a sanity check. Usage::
+It prints the wall time and the CPU time (user + system, which waiting for a core on a shared machine
+does not inflate) of each process, start to exit, imports included; per job the best of the rounds and
+the trainer / plain ratios (the median of the ratios paired by round); and Recall@1 of every run as a
+sanity check. Usage::
 
-    python benchmarks/trainer_overhead.py [--jobs embedded,folder] [--repeats 3] [--epochs 2] [--json out.json]
+    python benchmarks/trainer_overhead.py [--jobs embedded,folder] [--repeats 3] [--epochs 2] [--with-pil] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -163,28 +166,34 @@ def _pin() -> None:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
 
-def run_trainer(epochs: int, out: Path, folder: Path = None) -> tuple:
+def _timed(cmd: list) -> tuple:
+    """Run ``cmd`` pinned to one core: ``(wall seconds, CPU seconds of the process (user + system), stdout)``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_pinned_env(), capture_output=True, text=True, preexec_fn=_pin)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return wall, cpu, proc.stdout
+
+
+def run_trainer(epochs: int, out: Path, folder: Path = None, extra: tuple = ()) -> dict:
     data = ["--dataset", "omniglot"] if folder is None else ["--dataset", "folder", "--data-root", str(folder), *OMNIGLOT_OPTIONS]
+    data += list(extra)
     cmd = [sys.executable, "-m", "metric", *data, "--method", "xbn", "--epochs", str(epochs),
            "--eval-every", str(epochs), "--threads", "1", "--output-dir", str(out), "--overwrite", "--no-progress"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_pinned_env(), capture_output=True, text=True, preexec_fn=_pin)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"trainer failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    wall, cpu, _ = _timed(cmd)
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
-    return seconds, float(last["recall@1"])
+    return {"wall_s": wall, "cpu_s": cpu, "r1": float(last["recall@1"])}
 
 
-def run_plain(epochs: int, batched: bool, folder: Path = None) -> tuple:
+def run_plain(epochs: int, batched: bool, folder: Path = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-child", "--epochs", str(epochs)]
     cmd += (["--batched"] if batched else []) + (["--folder", str(folder)] if folder is not None else [])
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_pinned_env(), capture_output=True, text=True, preexec_fn=_pin)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"plain loop failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return seconds, float(proc.stdout.strip().splitlines()[-1])
+    wall, cpu, out = _timed(cmd)
+    return {"wall_s": wall, "cpu_s": cpu, "r1": float(out.strip().splitlines()[-1])}
 
 
 def _machine() -> dict:
@@ -200,17 +209,28 @@ def _machine() -> dict:
 
 
 def _report(job: str, runs: dict, epochs: int, repeats: int) -> dict:
-    best = {k: min(s for s, _ in v) for k, v in runs.items()}
-    r1 = {k: [round(100 * r, 2) for _, r in v] for k, v in runs.items()}
+    """Print and return a job's times: best of the rounds, and the median of the ratios paired by round."""
+    import statistics
+
+    best = {k: {c: min(r[c] for r in v) for c in ("wall_s", "cpu_s")} for k, v in runs.items()}
+    paired = {f"{c}_{base}": statistics.median(t[c] / b[c] for t, b in zip(runs["trainer"], runs[base]))
+              for base in ("plain", "plain-batched") for c in ("wall_s", "cpu_s")}
     what = {"embedded": "the embedded Omniglot split", "folder": "a folder of the 2,720 Omniglot PNGs"}[job]
-    print(f"{job}: one core, {epochs} epochs on {what} (XBN), best of {repeats} runs each:")
-    print(f"  trainer (xbn-metric)                   {best['trainer']:6.1f} s   R@1 {r1['trainer']}")
-    print(f"  plain loop, per-image augmentation     {best['plain']:6.1f} s   R@1 {r1['plain']}")
-    print(f"  plain loop, batched augmentation       {best['plain-batched']:6.1f} s   R@1 {r1['plain-batched']}")
-    print(f"  ratio trainer / plain (per-image)      {best['trainer'] / best['plain']:6.2f}x")
-    print(f"  ratio trainer / plain (batched)        {best['trainer'] / best['plain-batched']:6.2f}x")
-    return {"runs_s_r1": runs, "best_s": best, "ratio_per_image": best["trainer"] / best["plain"],
-            "ratio_batched": best["trainer"] / best["plain-batched"]}
+    print(f"{job}: one core, {epochs} epochs on {what} (XBN), {repeats} rounds; best wall / best CPU seconds, R@1 of each round:")
+    for name, label in (("trainer", "trainer (xbn-metric)"), ("trainer-pil", "trainer, --tensor-cache off"),
+                        ("plain", "plain loop, per-image augmentation"), ("plain-batched", "plain loop, batched augmentation")):
+        if name not in runs:
+            continue
+        r1 = [round(100 * r["r1"], 2) for r in runs[name]]
+        print(f"  {label:38s} {best[name]['wall_s']:6.1f} s / {best[name]['cpu_s']:6.1f} s   R@1 {r1}")
+    for base, label in (("plain", "per-image"), ("plain-batched", "batched")):
+        if "trainer-pil" in runs:
+            pil = statistics.median(t["cpu_s"] / b["cpu_s"] for t, b in zip(runs["trainer-pil"], runs[base]))
+            paired[f"cpu_s_pil_{base}"] = pil
+            print(f"  trainer --tensor-cache off / plain ({label}): CPU {pil:.2f}x (median of rounds)")
+        print(f"  trainer / plain ({label:9s}): CPU {paired[f'cpu_s_{base}']:.2f}x (median of rounds), "
+              f"wall {paired[f'wall_s_{base}']:.2f}x (median), {best['trainer']['wall_s'] / best[base]['wall_s']:.2f}x (best of each)")
+    return {"runs": runs, "best": best, "median_paired_ratio": paired}
 
 
 def main() -> None:
@@ -219,6 +239,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the runs (order rotated each round)")
     ap.add_argument("--jobs", default="embedded,folder", help="embedded, folder or both (comma-separated)")
     ap.add_argument("--json", type=Path, default=None, help="also write the measurements here")
+    ap.add_argument("--with-pil", action="store_true", help="folder job: also the trainer with --tensor-cache off (per-image PIL)")
     ap.add_argument("--plain-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batched", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, default=None, help=argparse.SUPPRESS)
@@ -233,8 +254,10 @@ def main() -> None:
     if not jobs or set(jobs) - {"embedded", "folder"}:
         ap.error(f"--jobs {args.jobs}: expected embedded, folder or both")
     machine = _machine()
-    names = [(job, run) for job in jobs for run in ("trainer", "plain", "plain-batched")]
-    runs = {job: {run: [] for run in ("trainer", "plain", "plain-batched")} for job in jobs}
+    kinds = {job: ["trainer", "plain", "plain-batched"] + (["trainer-pil"] if job == "folder" and args.with_pil else [])
+             for job in jobs}
+    names = [(job, run) for job in jobs for run in kinds[job]]
+    runs = {job: {run: [] for run in kinds[job]} for job in jobs}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "omniglot-pngs"
         if "folder" in jobs:
@@ -242,14 +265,16 @@ def main() -> None:
         for r in range(args.repeats):
             for job, name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
                 where = folder if job == "folder" else None
-                if name == "trainer":
-                    runs[job][name].append(run_trainer(args.epochs, Path(tmp) / "run", where))
+                if name.startswith("trainer"):
+                    extra = ("--tensor-cache", "off") if name == "trainer-pil" else ()
+                    runs[job][name].append(run_trainer(args.epochs, Path(tmp) / "run", where, extra))
                 else:
                     runs[job][name].append(run_plain(args.epochs, name == "plain-batched", where))
-                print(f"  {job} {name}: {runs[job][name][-1][0]:.1f} s", file=sys.stderr, flush=True)
+                last = runs[job][name][-1]
+                print(f"  {job} {name}: {last['wall_s']:.1f} s wall, {last['cpu_s']:.1f} s CPU", file=sys.stderr, flush=True)
     report = {job: _report(job, runs[job], args.epochs, args.repeats) for job in jobs}
     if len(jobs) == 2:
-        same = [r for _, r in runs["folder"]["trainer"]] == [r for _, r in runs["embedded"]["trainer"]]
+        same = [r["r1"] for r in runs["folder"]["trainer"]] == [r["r1"] for r in runs["embedded"]["trainer"]]
         print(f"  folder trainer R@1 equals the embedded trainer's: {'yes' if same else 'NO'}")
         report["folder_r1_equals_embedded"] = same
     machine["load_avg_end"] = list(os.getloadavg())
