@@ -474,7 +474,10 @@ class TensorCache:
         if not equal_sized_in_memory(data.train.items):
             items = data.train.items + data.query.items + ([] if data.query_is_gallery else data.gallery.items)
             files = decode_files(items, image_size, cache_dir, write, skip_bad)
-            return cls.from_files(data, files, device)
+            cache = cls.from_files(data, files, device)
+            files.train.clear()  # the per-file copies, now stacked (the cache held both only while stacking)
+            files.eval.clear()
+            return cache
         raw_train = to_uint8_batch(data.train.items)
         train = _resize(raw_train, (image_size, image_size), "bilinear").to(device)
         train_eval = CachedSplit(data.train, eval_resize(raw_train, image_size).to(device))
