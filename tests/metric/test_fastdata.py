@@ -409,3 +409,29 @@ def test_a_folder_run_above_the_limit_says_so_and_loads_per_image(tmp_path, caps
     assert "tensor cache: 24 image files decoded (0 reused from" in err and "--tensor-cache-max-mb" not in err
     train(tiny_cfg(tmp_path / "again", tensor_cache_dir=str(tmp_path / "cache"), **kw))
     assert "tensor cache: 0 image files decoded (24 reused from" in capsys.readouterr().err
+
+
+def _decode_repeatedly(args):
+    from metric.fastdata import decode_files
+
+    files, cache, rounds = args
+    for _ in range(rounds):
+        out = decode_files(files, S, cache)
+        assert not out.note, out.note  # never a part of a file
+    return out.reused
+
+
+def test_two_processes_sharing_a_cache_folder_only_ever_read_whole_files(tmp_path):
+    """Two processes (two runs, or two ranks) decode overlapping subsets into one cache file at once."""
+    import multiprocessing
+
+    from metric.fastdata import decode_files
+
+    rng = np.random.default_rng(5)
+    _write_pngs(tmp_path / "f", {f"c/{k}.png": rng.integers(0, 256, (20, 20), dtype=np.uint8) for k in range(8)})
+    files = [str(tmp_path / "f" / "c" / f"{k}.png") for k in range(8)]
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map(_decode_repeatedly, [(files[:6], tmp_path / "cache", 50), (files[2:], tmp_path / "cache", 50)])
+    final = decode_files(files, S, tmp_path / "cache")
+    assert not final.note and final.decoded + final.reused == 8
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [final.file.name]  # no temporary file left
