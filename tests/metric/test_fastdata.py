@@ -435,3 +435,22 @@ def test_two_processes_sharing_a_cache_folder_only_ever_read_whole_files(tmp_pat
     final = decode_files(files, S, tmp_path / "cache")
     assert not final.note and final.decoded + final.reused == 8
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [final.file.name]  # no temporary file left
+
+
+def test_a_folder_run_on_the_disk_cache_resumes_bit_identically(tmp_path):
+    """The straight run decodes the files; the interrupted one and its resumption read them back from disk."""
+    from .conftest import make_folder
+
+    root = make_folder(tmp_path / "f", classes=tuple("abcdef"), per_class=6)
+    kw = dict(dataset="folder", data_root=str(root), split="instance", train_fraction=0.5, augment="mild",
+              backbone="tinycnn", pretrained=False, image_size=16, embedding_dim=32, epochs=2, warmup_epochs=0,
+              batch_size=8, m_per_class=2, memory_size="16", workers=0, checkpoint_every=2,
+              tensor_cache_dir=str(tmp_path / "cache"))
+    train(tiny_cfg(tmp_path / "straight", **kw))
+    assert train(tiny_cfg(tmp_path / "split", max_steps=3, **kw))["stopped"] == "max_steps"
+    train(tiny_cfg(tmp_path / "split", resume="auto", **kw))
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["state"]["global_step"] == b["state"]["global_step"] > 3
+    for part in ("model", "memory"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)  # bit-identical
