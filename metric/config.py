@@ -173,7 +173,9 @@ class MetricConfig:
     device: str = field(default="auto", metadata=_h("auto, cpu or cuda", choices=["auto", "cpu", "cuda"], group="runtime"))
     amp: bool = field(default=True, metadata=_h("mixed precision on GPU (bf16 autocast, or fp16 + GradScaler)", group="runtime"))
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format on GPU", group="runtime"))
-    tensor_cache: str = field(default="auto", metadata=_h("decode equal-sized in-memory images (omniglot, digits) once into tensors and augment whole batches on the device: auto (with --augment mild), on, off", choices=["auto", "on", "off"], group="runtime"))
+    tensor_cache: str = field(default="auto", metadata=_h("decode the images once into tensors and augment whole batches on the device: auto (with --augment mild: equal-sized in-memory images, as omniglot and digits, and image files within --tensor-cache-max-mb), on, off", choices=["auto", "on", "off"], group="runtime"))
+    tensor_cache_max_mb: int = field(default=1024, metadata=_h("image files (folder, sop, cub, ...) take the tensor cache only when their decoded copies (2 x 3 x S x S bytes per file) take at most this many MiB; above it auto loads them per image with PIL (and says so), on is refused; 0: never for files", group="runtime", range=at_least(0)))
+    tensor_cache_dir: Optional[str] = field(default=None, metadata=_h("keep the decoded image files here too and reuse them in later runs (an entry is reused while its file keeps its path, size and modification time); default: in memory for the run only", metavar="DIR", group="runtime"))
     threads: Optional[int] = field(default=None, metadata=_h("torch CPU threads, 0 = torch's default (default 0; digits 1: a tiny model runs fastest on one thread)", group="runtime", range=at_least(0)))
     seed: int = field(default=0, metadata=_h("random seed", group="runtime"))
     output_dir: Optional[str] = field(default=None, metadata=_h("run folder (default: a new folder runs/metric/<dataset>-<method>-<timestamp>)", group="runtime"))
@@ -232,6 +234,10 @@ def validate_config(cfg: MetricConfig) -> None:
         raise UsageError(f"--omniglot-rotations {cfg.omniglot_rotations}: applies to --dataset omniglot only, not {cfg.dataset}")
     if cfg.download and not cfg.data_root:
         raise UsageError(f"--download: needs --data-root DIR, the folder the full {cfg.dataset} dataset is stored in")
+    if cfg.tensor_cache_dir:
+        from .fastdata import check_cache_dir
+
+        check_cache_dir(cfg.tensor_cache_dir)
     if cfg.eval_backend == "faiss":
         import importlib.util
 

@@ -18,6 +18,8 @@ Protocols (``../shared/FORMATS.md``):
   given (``--split instance`` or ``auto``), or, with ``--split class``, the classes are split by the
   rule below and training images come from ``train/``, test images from ``test/``. Without them:
   ``--split class``/``auto`` splits the classes, ``--split instance`` splits each class's images.
+  Items are the file paths; the trainer decodes them once into its tensor cache when they fit
+  ``--tensor-cache-max-mb`` (:mod:`metric.fastdata`), else per image (:class:`ImageDataset`).
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download).
   ``--split instance``/``auto`` splits each digit's images by the rule below (train and test on all
   ten digits, test leave-one-out); ``--split class`` trains on digits 0-4 and tests on 5-9 (zero-shot).

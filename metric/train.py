@@ -47,7 +47,7 @@ from xbn_queue.training.tracking import WandbReport, kalman_gain_record, plot_hi
 from .config import COMPAT_KEYS, MetricConfig, method_memory, resolve_config, saved_config
 from .data import ImageDataset, RetrievalData, load_dataset
 from .evaluate import is_score, retrieval_metrics
-from .fastdata import TensorCache, TensorMildAugment, cached_batches, use_tensor_cache
+from .fastdata import TensorCache, TensorMildAugment, cached_batches, tensor_cache_plan, use_tensor_cache
 from .model import MetricModel, build_model
 from .recipe import recipe_summary
 from .sampler import MPerClassBatches, steps_per_epoch
@@ -259,17 +259,21 @@ class EvaluationSets:
     cache: Optional[TensorCache] = None
 
 
-def evaluation_sets(cfg: MetricConfig, data: RetrievalData, device: torch.device, size: Optional[int] = None) -> EvaluationSets:
+def evaluation_sets(cfg: MetricConfig, data: RetrievalData, device: torch.device, size: Optional[int] = None,
+                    cached: Optional[bool] = None, write: bool = True) -> EvaluationSets:
     """The evaluation sets at ``size`` px (default ``cfg.image_size``), for the trainer and the baselines alike.
 
-    With the tensor cache (:func:`~metric.fastdata.use_tensor_cache`) every split is decoded once into tensors on
-    ``device``; else each is an :class:`~metric.data.ImageDataset` under the evaluation transform of
-    :func:`build_transforms` (resize, centre crop, ImageNet normalisation), kept once transformed when the
-    images are in memory.
+    With the tensor cache (``cached``; by default :func:`~metric.fastdata.use_tensor_cache` of the options, image
+    files within ``--tensor-cache-max-mb`` included) every split is decoded once into tensors on ``device``
+    (kept in ``--tensor-cache-dir`` when given; ``write``: this process may write it); else each is an
+    :class:`~metric.data.ImageDataset` under the evaluation transform of :func:`build_transforms` (resize, centre
+    crop, ImageNet normalisation), kept once transformed when the images are in memory.
     """
     size = cfg.image_size if size is None else int(size)
-    if use_tensor_cache(cfg.tensor_cache, cfg.augment, data):  # decoded once, batches augmented on the device
-        cache = TensorCache.build(data, size, device)
+    if cached is None:
+        cached = use_tensor_cache(cfg.tensor_cache, cfg.augment, data, size, cfg.tensor_cache_max_mb)
+    if cached:
+        cache = TensorCache.build(data, size, device, cfg.tensor_cache_dir, write=write, skip_bad=cfg.skip_bad_images)
         return EvaluationSets(cache.train_eval, cache.query, cache.gallery, cache)
     eval_tf = build_transforms(dataclasses.replace(cfg, image_size=size))[1]
     skip = cfg.skip_bad_images
@@ -309,6 +313,8 @@ class MetricRun(RunLoop):
                                                 cfg.split_seed, max_per_class=cfg.max_per_class, download=cfg.download,
                                                 omniglot_rotations=cfg.omniglot_rotations)
         self.rows = _check_data(cfg, self.data, self.ctx.world_size, device)  # --memory-size as rows, from here on
+        self.cached, self.cache_note = tensor_cache_plan(cfg.tensor_cache, cfg.augment, self.data, cfg.image_size,
+                                                         cfg.tensor_cache_max_mb)
 
     def build(self) -> None:
         """Model, losses (the memory inside), AMP scaler, datasets, probe batch; the optimiser comes per phase."""
@@ -337,10 +343,14 @@ class MetricRun(RunLoop):
     def build_datasets(self) -> None:
         """The training data step (the in-memory fast path or per-image loading) and the evaluation sets."""
         cfg, data = self.cfg, self.data
-        sets = evaluation_sets(cfg, data, self.device)
+        if self.cache_note and self.ctx.is_main:  # image files above --tensor-cache-max-mb
+            self.say(self.cache_note)
+        sets = evaluation_sets(cfg, data, self.device, cached=self.cached, write=self.ctx.is_main)
         self.cache: Optional[TensorCache] = sets.cache
         self.train_eval_ds, self.query_ds, self.gallery_ds = sets.train, sets.query, sets.gallery  # probe, staleness
-        if self.cache is not None:
+        if self.cache is not None:  # decoded once, batches augmented on the device
+            if self.cache.files is not None and self.ctx.is_main:
+                self.say(self.cache.files.summary())
             self.fast_augment = TensorMildAugment(cfg.image_size, cfg.crop_min_scale, hflip=cfg.hflip, re_prob=cfg.re_prob)
         else:
             self.train_ds = ImageDataset(data.train, build_transforms(cfg)[0], skip_bad_images=cfg.skip_bad_images)

@@ -200,3 +200,257 @@ def test_cached_run_resumes_bit_identically(tmp_path):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)  # bit-identical
     assert a["state"]["global_step"] == b["state"]["global_step"] == 22
+
+
+# ------------------------------------------------------------------------------ image files
+def _write_pngs(root, arrays):
+    """``{relative path: (H, W) or (H, W, 3) uint8}`` -> PNG files under ``root``."""
+    from PIL import Image
+
+    for rel, a in arrays.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(root / rel)
+
+
+def _folder_of(root, omniglot, per_class=3):
+    """The first ``per_class`` images of 2 training and 2 test characters of the embedded Omniglot as PNGs in
+    ``train/`` and ``test/`` class folders, and the in-memory data of the same images in the same order."""
+    from metric.data import RetrievalData, Split
+
+    def part(split, sub):
+        items, labels, files = [], [], {}
+        for c in np.unique(split.labels)[:2]:
+            for k, i in enumerate(np.flatnonzero(split.labels == c)[:per_class]):
+                files[f"{sub}/class{int(c):04d}/{k:02d}.png"] = split.items[i]
+                items.append(split.items[i])
+                labels.append(int(c))
+        return files, Split(items, np.asarray(labels))
+
+    tr_files, train = part(omniglot.train, "train")
+    te_files, test = part(omniglot.query, "test")
+    _write_pngs(root, {**tr_files, **te_files})
+    return RetrievalData("omniglot", train, test, test, True)
+
+
+def test_a_folder_of_the_embedded_pngs_gives_the_in_memory_tensors(tmp_path, omniglot):
+    """Equal-sized gray files: the very tensors of the in-memory path (so the run trains the same)."""
+    from metric.data import load_folder
+    from metric.fastdata import TensorCache
+
+    in_memory = _folder_of(tmp_path / "f", omniglot)
+    folder = load_folder(tmp_path / "f")
+    assert [len(s) for s in (folder.train, folder.query)] == [len(in_memory.train), len(in_memory.query)] == [6, 6]
+    a = TensorCache.build(in_memory, S, torch.device("cpu"))
+    b = TensorCache.build(folder, S, torch.device("cpu"))
+    assert b.files is not None and b.files.decoded == 12 and b.train.shape == (6, 1, S, S)
+    for x, y in ((a.train, b.train), (a.train_eval.images, b.train_eval.images), (a.query.images, b.query.images)):
+        assert torch.equal(x, y)
+
+
+def test_the_folder_cache_equals_decoding_each_file_directly(tmp_path):
+    """Files of several sizes and shapes, gray and colour: each cached copy equals that one file decoded with PIL
+    and resized alone; a colour file makes every copy 3-channel; a crop item is decoded as its box."""
+    from PIL import Image
+
+    from metric.data import RetrievalData, Split
+    from metric.fastdata import TensorCache
+
+    rng = np.random.default_rng(0)
+    arrays = {"a/0.png": rng.integers(0, 256, (40, 40), dtype=np.uint8),
+              "a/1.png": rng.integers(0, 256, (30, 50, 3), dtype=np.uint8),
+              "b/0.png": rng.integers(0, 256, (64, 48), dtype=np.uint8),
+              "b/1.png": rng.integers(0, 256, (40, 40), dtype=np.uint8)}
+    _write_pngs(tmp_path, arrays)
+    paths = [str(tmp_path / r) for r in arrays]
+    items = paths[:2] + [(paths[2], (4.0, 6.0, 40.0, 50.0))] + paths[3:]
+    split = Split(items, np.array([0, 0, 1, 1]))
+    cache = TensorCache.build(RetrievalData("folder", split, split, split, True), S, torch.device("cpu"))
+    for j, item in enumerate(items):
+        im = Image.open(item[0] if isinstance(item, tuple) else item).convert("RGB")
+        if isinstance(item, tuple):
+            im = im.crop((4, 6, 40, 50))
+        x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        assert torch.equal(cache.train[j], _resize(x, (S, S), "bilinear")[0]), j
+        assert torch.equal(cache.query.images[j], eval_resize(x, S)[0]), j
+    assert cache.train.shape == (4, 3, S, S) and bool(cache.train_ok.all())
+
+
+def _cache_entries(file):
+    return torch.load(file, weights_only=True)["keys"]
+
+
+def test_the_disk_cache_is_reused_and_invalidated_by_size_mtime_additions_and_removals(tmp_path):
+    import os
+
+    from metric.fastdata import decode_files
+
+    rng = np.random.default_rng(1)
+    _write_pngs(tmp_path / "f", {f"c/{k}.png": rng.integers(0, 256, (20, 20), dtype=np.uint8) for k in range(3)})
+    files = [str(tmp_path / "f" / "c" / f"{k}.png") for k in range(3)]
+    cache = tmp_path / "cache"
+    first = decode_files(files, S, cache)
+    assert (first.decoded, first.reused) == (3, 0) and first.file.is_file() and not first.note
+    again = decode_files(files, S, cache)
+    assert (again.decoded, again.reused) == (0, 3)
+    for k in files:
+        assert torch.equal(again.train[k], first.train[k]) and torch.equal(again.eval[k], first.eval[k])
+    # new bytes (another size) in one file: that file alone is decoded again, and gives the new image
+    new = rng.integers(0, 256, (24, 24), dtype=np.uint8)
+    _write_pngs(tmp_path / "f", {"c/1.png": new})
+    edited = decode_files(files, S, cache)
+    assert (edited.decoded, edited.reused) == (1, 2)
+    assert torch.equal(edited.train[files[1]], decode_files([files[1]], S).train[files[1]])
+    assert not torch.equal(edited.train[files[1]], first.train[files[1]])
+    # the same bytes with another modification time: decoded again
+    st = os.stat(files[2])
+    os.utime(files[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert decode_files(files, S, cache).decoded == 1
+    # an added file: decoded; a removed file: dropped from the cache file
+    _write_pngs(tmp_path / "f", {"c/3.png": new})
+    added = decode_files(files + [str(tmp_path / "f" / "c" / "3.png")], S, cache)
+    assert (added.decoded, added.reused) == (1, 3)
+    os.remove(files[0])
+    left = decode_files(files[1:] + [str(tmp_path / "f" / "c" / "3.png")], S, cache)
+    assert (left.decoded, left.reused) == (0, 3)
+    assert files[0] not in _cache_entries(left.file) and len(_cache_entries(left.file)) == 3
+    assert [p.name for p in cache.iterdir()] == [left.file.name]  # no temporary file left behind
+
+
+def test_a_subset_keeps_the_other_entries_and_a_broken_cache_file_is_replaced(tmp_path):
+    from metric.fastdata import decode_files
+
+    rng = np.random.default_rng(2)
+    _write_pngs(tmp_path / "f", {f"c/{k}.png": rng.integers(0, 256, (20, 20), dtype=np.uint8) for k in range(4)})
+    files = [str(tmp_path / "f" / "c" / f"{k}.png") for k in range(4)]
+    decode_files(files, S, tmp_path / "cache")
+    sub = decode_files(files[:2], S, tmp_path / "cache")  # e.g. --max-per-class 2: the other two entries stay
+    assert (sub.decoded, sub.reused) == (0, 2) and decode_files(files, S, tmp_path / "cache").reused == 4
+    sub.file.write_bytes(sub.file.read_bytes()[:100])  # a truncated file (a run killed while copying it, say)
+    broken = decode_files(files, S, tmp_path / "cache")
+    assert broken.decoded == 4 and "could not read" in broken.note
+    assert decode_files(files, S, tmp_path / "cache").reused == 4  # written again, whole
+    assert decode_files(files, 16, tmp_path / "cache").decoded == 4  # another image size: its own file
+
+
+def test_a_failed_write_leaves_the_cache_file_as_it_was(tmp_path, monkeypatch):
+    """Writes go to a temporary file that replaces the cache file in one step: a reader (another run, another
+    rank) sees the old file or the new one, never a part."""
+    from metric import fastdata
+
+    rng = np.random.default_rng(3)
+    _write_pngs(tmp_path / "f", {f"c/{k}.png": rng.integers(0, 256, (20, 20), dtype=np.uint8) for k in range(3)})
+    files = [str(tmp_path / "f" / "c" / f"{k}.png") for k in range(3)]
+    first = fastdata.decode_files(files[:2], S, tmp_path / "cache")
+    before = first.file.read_bytes()
+
+    def full_disk(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fastdata.torch, "save", full_disk)
+    out = fastdata.decode_files(files, S, tmp_path / "cache")
+    assert "could not write" in out.note and "No space left" in out.note and len(out.train) == 3
+    assert first.file.read_bytes() == before and [p.name for p in (tmp_path / "cache").iterdir()] == [first.file.name]
+
+
+def test_unreadable_files_raise_or_are_marked(tmp_path):
+    from metric.data import BadImageError, RetrievalData, Split
+    from metric.fastdata import TensorCache, decode_files
+
+    rng = np.random.default_rng(4)
+    _write_pngs(tmp_path, {f"c/{k}.png": rng.integers(0, 256, (20, 20), dtype=np.uint8) for k in range(3)})
+    (tmp_path / "c" / "1.png").write_bytes(b"not a png")
+    files = [str(tmp_path / "c" / f"{k}.png") for k in range(3)]
+    with pytest.raises(BadImageError, match="1.png"):
+        decode_files(files, S)
+    split = Split(files, np.zeros(3, np.int64))
+    cache = TensorCache.build(RetrievalData("folder", split, split, split, True), S, torch.device("cpu"),
+                              cache_dir=tmp_path / "cache", skip_bad=True)
+    assert cache.train_ok.tolist() == [True, False, True] and cache.files.bad == {files[1]}
+    assert [item[3] for item in cache.query.__getitems__([0, 1, 2])] == [True, False, True]
+    assert files[1] not in _cache_entries(cache.files.file)  # tried again next time
+
+
+def test_the_size_limit_of_image_files(tmp_path):
+    """Within --tensor-cache-max-mb: cached; above it auto says why in one line and loads per image, on is refused."""
+    from metric.data import load_folder
+    from metric.fastdata import decoded_mib, tensor_cache_plan
+    from xbn_queue.training.cli import UsageError
+
+    from .conftest import make_folder
+
+    data = load_folder(make_folder(tmp_path / "f"))  # 24 files
+    need = decoded_mib(24, 64)
+    assert need == pytest.approx(24 * 2 * 3 * 64 * 64 / 2**20)
+    assert tensor_cache_plan("auto", "mild", data, 64, max_mb=need) == (True, "")
+    assert tensor_cache_plan("auto", "timm", data, 64, max_mb=need) == (False, "")
+    assert tensor_cache_plan("on", "timm", data, 64, max_mb=need) == (True, "")
+    use, note = tensor_cache_plan("auto", "mild", data, 64, max_mb=need * 0.99)
+    assert not use and note.startswith("--tensor-cache auto: 24 image files decoded at 64 px take") and "per image with PIL" in note
+    assert tensor_cache_plan("auto", "timm", data, 64, max_mb=0) == (False, "")  # nothing to say: not asked for
+    with pytest.raises(UsageError, match="--tensor-cache on: .* more than --tensor-cache-max-mb 0"):
+        tensor_cache_plan("on", "mild", data, 64, max_mb=0)
+
+
+def test_a_folder_run_above_the_limit_says_so_and_loads_per_image(tmp_path, capsys):
+    from .conftest import make_folder
+
+    root = make_folder(tmp_path / "f")
+    kw = dict(dataset="folder", data_root=str(root), split="instance", train_fraction=0.5, augment="mild",
+              backbone="tinycnn", pretrained=False, image_size=16, embedding_dim=32, epochs=1, warmup_epochs=0,
+              batch_size=8, m_per_class=2, memory_size="16", workers=0, max_steps=1)
+    train(tiny_cfg(tmp_path / "above", tensor_cache_max_mb=0, **kw))
+    err = capsys.readouterr().err
+    assert "--tensor-cache auto: 24 image files decoded at 16 px take 0 MiB, more than --tensor-cache-max-mb 0; " \
+           "loading them per image with PIL" in err and "tensor cache:" not in err
+    train(tiny_cfg(tmp_path / "within", tensor_cache_dir=str(tmp_path / "cache"), **kw))
+    err = capsys.readouterr().err
+    assert "tensor cache: 24 image files decoded (0 reused from" in err and "--tensor-cache-max-mb" not in err
+    train(tiny_cfg(tmp_path / "again", tensor_cache_dir=str(tmp_path / "cache"), **kw))
+    assert "tensor cache: 0 image files decoded (24 reused from" in capsys.readouterr().err
+
+
+def _decode_repeatedly(args):
+    from metric.fastdata import decode_files
+
+    files, cache, rounds = args
+    for _ in range(rounds):
+        out = decode_files(files, S, cache)
+        assert not out.note, out.note  # never a part of a file
+    return out.reused
+
+
+def test_two_processes_sharing_a_cache_folder_only_ever_read_whole_files(tmp_path):
+    """Two processes (two runs, or two ranks) decode overlapping subsets into one cache file at once."""
+    import multiprocessing
+
+    from metric.fastdata import decode_files
+
+    rng = np.random.default_rng(5)
+    _write_pngs(tmp_path / "f", {f"c/{k}.png": rng.integers(0, 256, (20, 20), dtype=np.uint8) for k in range(8)})
+    files = [str(tmp_path / "f" / "c" / f"{k}.png") for k in range(8)]
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map(_decode_repeatedly, [(files[:6], tmp_path / "cache", 50), (files[2:], tmp_path / "cache", 50)])
+    final = decode_files(files, S, tmp_path / "cache")
+    assert not final.note and final.decoded + final.reused == 8
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [final.file.name]  # no temporary file left
+
+
+def test_a_folder_run_on_the_disk_cache_resumes_bit_identically(tmp_path):
+    """The straight run decodes the files; the interrupted one and its resumption read them back from disk."""
+    from .conftest import make_folder
+
+    root = make_folder(tmp_path / "f", classes=tuple("abcdef"), per_class=6)
+    kw = dict(dataset="folder", data_root=str(root), split="instance", train_fraction=0.5, augment="mild",
+              backbone="tinycnn", pretrained=False, image_size=16, embedding_dim=32, epochs=2, warmup_epochs=0,
+              batch_size=8, m_per_class=2, memory_size="16", workers=0, checkpoint_every=2,
+              tensor_cache_dir=str(tmp_path / "cache"))
+    train(tiny_cfg(tmp_path / "straight", **kw))
+    assert train(tiny_cfg(tmp_path / "split", max_steps=3, **kw))["stopped"] == "max_steps"
+    train(tiny_cfg(tmp_path / "split", resume="auto", **kw))
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["state"]["global_step"] == b["state"]["global_step"] > 3
+    for part in ("model", "memory"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)  # bit-identical

@@ -82,6 +82,11 @@ def _fixtures(tmp: Path) -> Dict[str, Path]:
         _png(one / "test" / "cat" / f"{i:04d}.png", 30 * i)
         _png(one / "test" / "dog" / f"{i:04d}.png", 20 * i + 5)
     f["one_class"] = one
+    two = tmp / "two_class"
+    for i in range(4):
+        for j, c in enumerate(("ant", "bee", "cat", "dog")):
+            _png(two / c / f"{i:04d}.png", 50 * j + 10 * i)
+    f["two_class"] = two
     bad_yaml = tmp / "bad.yaml"
     bad_yaml.write_text("epochs: [1, 2\nlr: 0.1\n")
     f["bad_yaml"] = bad_yaml
@@ -132,6 +137,13 @@ def _cases(f: Dict[str, Path], tmp: Path) -> List[Tuple[str, str, List[str], str
         ("metric-conv4-pretrained", "metric", [*METRIC_TINY, "--backbone", "conv4", "--pretrained", "--output-dir", new], "'conv4' has no pretrained weights"),
         ("metric-compare-unknown-method", "metric", ["compare", *METRIC_TINY, "--methods", "xbm,bogus", "--output-dir", new], "bogus"),
         ("metric-single-class-training-data", "metric", [*METRIC_TINY, *one, "--batch-size", "4", "--m-per-class", "2"], "at least 2"),
+        ("metric-tensor-cache-max-mb-negative", "metric", [*METRIC_TINY, "--tensor-cache-max-mb", "-1", "--output-dir", new], "--tensor-cache-max-mb -1"),
+        ("metric-tensor-cache-max-mb-not-a-number", "metric", [*METRIC_TINY, "--tensor-cache-max-mb", "lots", "--output-dir", new], "--tensor-cache-max-mb"),
+        ("metric-tensor-cache-dir-is-a-file", "metric", [*METRIC_TINY, "--tensor-cache-dir", str(f["a_file"]), "--output-dir", new], "--tensor-cache-dir"),
+        ("metric-tensor-cache-on-above-max-mb", "metric", [*METRIC_TINY, "--dataset", "folder", "--data-root", str(f["two_class"]),
+                                                           "--split", "class", "--train-fraction", "0.5", "--batch-size", "4", "--m-per-class", "2",
+                                                           "--tensor-cache", "on", "--tensor-cache-max-mb", "0", "--output-dir", new],
+         "--tensor-cache-max-mb 0"),
         ("selfsup-queue-larger-than-training-set", "selfsup", [*SELFSUP_TINY, "--queue-size", "100000", "--output-dir", new], "--queue-size 100000"),
         ("selfsup-split-bn-not-dividing", "selfsup", [*SELFSUP_TINY, "--split-bn", "5", "--output-dir", new], "--split-bn 5"),
         ("selfsup-compare-unknown-adaptation", "selfsup", ["compare", *SELFSUP_TINY, "--adaptations", "xbn,bogus", "--output-dir", new], "bogus"),
@@ -172,6 +184,7 @@ def _check(cid: str, mod: str, needle: str, code: int, stdout: str, stderr: str)
 #: Cases about the data itself or the memory's rows: they load the (tiny) data set, and must still refuse before
 #: building a model.
 DATA_CASES = {"metric-prefill-memory-larger-than-training-set", "metric-m-per-class-above-class-size",
+              "metric-tensor-cache-on-above-max-mb",
               "metric-single-class-training-data", "selfsup-queue-larger-than-training-set",
               "selfsup-single-class-training-data", "metric-memory-cannot-be-allocated",
               "selfsup-memory-cannot-be-allocated"}
