@@ -135,8 +135,8 @@ def test_trainer_and_baselines_evaluate_on_sets_of_the_one_builder(tmp_path, mon
 
     built = []
 
-    def spy(cfg, data, device, size=None):
-        sets = evaluation_sets(cfg, data, device, size)
+    def spy(cfg, data, device, size=None, **kwargs):
+        sets = evaluation_sets(cfg, data, device, size, **kwargs)
         built.append((size or cfg.image_size, sets))
         return sets
 
