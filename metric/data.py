@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
@@ -53,6 +52,8 @@ import torch
 from torch.utils.data import Dataset
 
 from xbn_queue.training.images import IMAGE_EXTENSIONS, BadImageError, digits_uint8
+
+from .datasets.types import DataFormatError, Item, RetrievalData, Split
 
 __all__ = [
     "DataFormatError",
@@ -71,54 +72,6 @@ __all__ = [
     "download_omniglot",
     "ImageDataset",
 ]
-
-Item = Union[str, Tuple[str, Tuple[float, float, float, float]], np.ndarray]
-
-
-class DataFormatError(ValueError):
-    """A dataset file is missing or malformed; the message names the file (and line)."""
-
-
-@dataclass
-class Split:
-    """Items and their labels.
-
-    Attributes:
-        items: N items: an image path, ``(path, (x1, y1, x2, y2))`` for a crop, or a uint8 array.
-        labels: (N,) int64 labels.
-    """
-
-    items: List[Item]
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def num_classes(self) -> int:
-        return int(np.unique(self.labels).size)
-
-
-@dataclass
-class RetrievalData:
-    """A training split plus the evaluation protocol.
-
-    Attributes:
-        name: dataset name.
-        train: training split.
-        query: query split.
-        gallery: gallery split (the same object as ``query`` when ``query_is_gallery``).
-        query_is_gallery: leave-one-out evaluation.
-        info: free-form description of how the split was made (saved with the run).
-    """
-
-    name: str
-    train: Split
-    query: Split
-    gallery: Split
-    query_is_gallery: bool
-    info: Dict[str, Any] = field(default_factory=dict)
-
 
 def _encode(raw: Sequence[Hashable], mapping: Optional[Dict[Hashable, int]] = None) -> np.ndarray:
     """Map raw labels to consecutive int64 codes (a shared ``mapping`` is extended in place)."""

@@ -15,7 +15,6 @@ Deterministic given ``seed`` on one device: the only randomness is the shuffling
 import math
 from dataclasses import dataclass
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from .types import DataFormatError, RetrievalData, Split
+
 __all__ = ["PMLBenchmark", "BENCHMARKS", "load_pml_benchmark", "download_pml_benchmark", "pml_class"]
 
 
@@ -88,8 +90,6 @@ def pml_class(name: str):
 
 
 def _error(message: str):
-    from ..data import DataFormatError
-
     return DataFormatError(message)
 
 
@@ -176,8 +176,6 @@ def load_pml_benchmark(name: str, root: Optional[Union[str, Path]], download: bo
             parse, an empty split, or a failed download.
     """
     import numpy as np
-
-    from ..data import RetrievalData, Split
 
     spec = BENCHMARKS[name]
     if root is None or str(root) == "":

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -64,7 +63,7 @@ PROG = "xbn-metric"
 PAPER_NAMES = {"none": "No-XBM", "xbm": "XBM", "xbm-batch": "XBM*", "xbn": "XBN", "xbn-batch": "XBN*", "axbn": "AXBN",
                "axbn-batch": "AXBN*", "xbn-cov-batch": "xbn-cov*", "raw-pixels": "Raw pixels", "untrained": "Untrained net"}
 
-DESCRIPTION = f"""Train every method of --methods with --seeds seeds each (seeds --seed, --seed + 1, ...) and
+DESCRIPTION = """Train every method of --methods with --seeds seeds each (seeds --seed, --seed + 1, ...) and
 tabulate, per method, mean ± std over seeds of Recall@1 at an early epoch (--early-epoch), at the best
 epoch (highest Recall@1) and at the last epoch, and MAP@R at the best and the last, in %, after the
 raw-pixel and untrained-network baselines. A second table gives the paired gains of the adapted memories

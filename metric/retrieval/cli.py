@@ -23,14 +23,14 @@ from .neighbours import search_store
 
 __all__ = ["embed_main", "search_main", "export_main"]
 
-EMBED_DESCRIPTION = f"""Embed every image of a dataset or folder with a trained run's model and write an embedding store
+EMBED_DESCRIPTION = """Embed every image of a dataset or folder with a trained run's model and write an embedding store
 (OUT/embeddings.npy: (N, D) float32, memory-mappable; OUT/items.csv: row,item,label; OUT/store.json: the
 run, the checkpoint's SHA-256, the dimension, the source). The model is rebuilt from the checkpoint's own
 configuration (no hub access) and uses the run's evaluation transform; batches run on the GPU with AMP when
 there is one. --update embeds only the images not in the store yet (and extends the indexes saved beside it).
 Exit status: 0 done; 2 bad input (one line, nothing written)."""
 
-SEARCH_DESCRIPTION = f"""Find the nearest gallery images of each query in an embedding store, by the similarity the run was
+SEARCH_DESCRIPTION = """Find the nearest gallery images of each query in an embedding store, by the similarity the run was
 evaluated with (inner product; cosine for L2-normalised embeddings), with faiss. The index is built on
 first use, saved beside the store (index-<kind>.faiss) and reused. --k must be >= 1; a --k larger than the
 gallery is clamped to it with a note. --query may be an image, a folder of images (sub-folder names are
