@@ -60,7 +60,7 @@ from .data import BadImageError, RetrievalData, Split, open_image
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TensorMildAugment", "TensorCache", "CachedSplit", "use_tensor_cache",
            "tensor_cache_plan", "equal_sized_in_memory", "image_files", "runs_cached", "DEFAULT_MAX_MB",
-           "DecodedFiles", "decode_files", "check_cache_dir", "eval_resize", "to_uint8_batch", "cached_batches"]
+           "DecodedFiles", "decode_files", "DecodedFileSplit", "check_cache_dir", "eval_resize", "to_uint8_batch", "cached_batches"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -443,6 +443,26 @@ class CachedSplit(Dataset):
     def batch(self, indices: Tensor) -> Tensor:
         """``(n,)`` indices -> ``(n, 3, S, S)`` normalised float images on the cache's device."""
         return normalize(self.images.index_select(0, indices.to(self.images.device)))
+
+
+class DecodedFileSplit(Dataset):
+    """Image files as a run's tensor cache evaluated them, decoded one by one: ``(image (3, S, S), label, index, ok)``.
+
+    Each file is opened and resized exactly as :func:`decode_files` does (its :func:`eval_resize` copy), so a
+    model trained and evaluated on the cache embeds new files (``xbn-metric embed``) as it evaluated its
+    own; unreadable files give zeros and ``ok=False``.
+    """
+
+    def __init__(self, split: Split, image_size: int) -> None:
+        self.split, self.size = split, int(image_size)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: int) -> Tuple[Tensor, int, int, bool]:
+        item, out = self.split.items[int(key)], DecodedFiles({}, {})
+        _decode_chunk([item], self.size, True, out)
+        return normalize(out.eval[_key(item)][None])[0], int(self.split.labels[key]), int(key), _key(item) not in out.bad
 
 
 @dataclass

@@ -320,7 +320,8 @@ class MetricRun(RunLoop):
         """Model, losses (the memory inside), AMP scaler, datasets, probe batch; the optimiser comes per phase."""
         cfg, device = self.cfg, self.device
         self.cfg_dict = config_to_dict(cfg)
-        self.meta = {"memory_rows": self.rows, "world_size": self.ctx.world_size}
+        self.meta = {"memory_rows": self.rows, "world_size": self.ctx.world_size,
+                     "tensor_cache": bool(self.cached)}  # how it evaluated (xbn-metric embed does the same)
         self.model = build_model(cfg.backbone, cfg.embedding_dim, cfg.embedding_norm, cfg.pretrained,
                                  cfg.pretrained_path, cfg.width, cfg.image_size, cfg.head).to(device)
         if cfg.channels_last and device.type == "cuda":

@@ -30,6 +30,8 @@ class LoadedModel:
         sha256: SHA-256 of the checkpoint file (hex).
         transform: The run's evaluation transform (PIL image -> (3, H, W) tensor).
         device: Where the model lives.
+        files_cached: The run evaluated through its tensor cache (recorded from 0.6 on), so image files are decoded
+            as that cache decodes them (:class:`~metric.fastdata.DecodedFileSplit`) rather than by its transform.
     """
 
     model: nn.Module
@@ -38,6 +40,7 @@ class LoadedModel:
     sha256: str
     transform: Any
     device: torch.device
+    files_cached: bool = False
 
 
 def checkpoint_of(run: PathLike) -> Path:
@@ -104,4 +107,5 @@ def load_run_model(run: PathLike, device: str = "auto") -> LoadedModel:
         raise CheckpointError(f"{path} is not a readable {PROG} checkpoint (the model does not load: "
                               f"{one_line(err)[:160]})") from None
     dev = _device(device)
-    return LoadedModel(model.to(dev).eval(), cfg, path, file_sha256(path), build_transforms(cfg)[1], dev)
+    files_cached = bool((ckpt.get("meta") or {}).get("tensor_cache", False))
+    return LoadedModel(model.to(dev).eval(), cfg, path, file_sha256(path), build_transforms(cfg)[1], dev, files_cached)

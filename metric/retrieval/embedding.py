@@ -74,15 +74,18 @@ def embed_images(lm: LoadedModel, items: Sequence[Any], batch_size: int = 256, w
 
 
 def _image_dataset(lm: LoadedModel, items: Sequence[Any]):
-    """The items as the run evaluated them: through its tensor cache for in-memory images, else its transform."""
+    """The items as the run evaluated them: through its tensor cache for in-memory images, and for image
+    files when the run evaluated through the cache (decoded as the cache decodes files); else its transform."""
     from ..data import ImageDataset, Split
-    from ..fastdata import CachedSplit, eval_resize, runs_cached, to_uint8_batch
+    from ..fastdata import CachedSplit, DecodedFileSplit, eval_resize, image_files, runs_cached, to_uint8_batch
 
     split = Split(list(items), np.zeros(len(items), dtype=np.int64))
     cfg = lm.config
     if runs_cached(getattr(cfg, "tensor_cache", "auto"), cfg.augment, split.items):
         # the run evaluated these in-memory images through its tensor cache: the same preprocessing here
         return CachedSplit(split, eval_resize(to_uint8_batch(split.items), int(cfg.image_size)))
+    if lm.files_cached and image_files(split.items):  # decoded as the run's cache decoded its files
+        return DecodedFileSplit(split, int(cfg.image_size))
     return ImageDataset(split, lm.transform, skip_bad_images=True)
 
 

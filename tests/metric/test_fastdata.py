@@ -454,3 +454,31 @@ def test_a_folder_run_on_the_disk_cache_resumes_bit_identically(tmp_path):
     for part in ("model", "memory"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)  # bit-identical
+
+
+def test_files_embedded_later_are_decoded_as_the_runs_cache_decoded_them(tmp_path, omniglot):
+    """xbn-metric embed of image files with a run that evaluated through its tensor cache: each file gives the
+    cache's evaluation tensor (here: the in-memory Omniglot images, bit for bit, as PNGs); an unreadable file is
+    marked; a run that evaluated through its transform keeps the transform."""
+    from types import SimpleNamespace
+
+    from metric.data import ImageDataset, Split
+    from metric.fastdata import DecodedFileSplit, TensorCache
+    from metric.retrieval.embedding import _image_dataset
+
+    in_memory = _folder_of(tmp_path / "f", omniglot)
+    files = sorted(str(p) for p in (tmp_path / "f" / "test").rglob("*.png"))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    split = Split(files + [str(tmp_path / "bad.png")], np.arange(len(files) + 1))
+    cached = TensorCache.build(in_memory, S, torch.device("cpu"))
+    ds = DecodedFileSplit(split, S)
+    for j in range(len(files)):
+        x, label, index, ok = ds[j]
+        assert torch.equal(x, normalize(cached.query.images[j:j + 1])[0]) and (label, index, ok) == (j, j, True)
+    x, _, _, ok = ds[len(files)]
+    assert not ok and x.shape == (3, S, S)
+    cfg = SimpleNamespace(tensor_cache="auto", augment="mild", image_size=S)
+    assert isinstance(_image_dataset(SimpleNamespace(config=cfg, files_cached=True, transform=None), files),
+                      DecodedFileSplit)
+    assert isinstance(_image_dataset(SimpleNamespace(config=cfg, files_cached=False, transform=None), files),
+                      ImageDataset)

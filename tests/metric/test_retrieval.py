@@ -369,3 +369,40 @@ def test_a_run_on_the_tensor_cache_is_embedded_as_it_was_evaluated(tmp_path):
     assert main(["search", str(store), "--query", str(store), "--k", "1", "--out", str(results)]) == 0
     got = json.loads(results.read_text())
     assert got["top1_accuracy"] == pytest.approx(res["best"]["recall@1"], abs=1e-12)
+    from metric.retrieval import load_run_model
+
+    assert load_run_model(out, "cpu").files_cached  # recorded in the checkpoint's meta
+
+
+def test_a_folder_run_on_the_tensor_cache_embeds_its_files_as_it_evaluated_them(run, tmp_path):
+    """A run on an image folder evaluated through the tensor cache (files decoded once): embedding the same
+    files again decodes them as that cache did, so the store's top-1 is the run's Recall@1 exactly; a run that
+    evaluated through its transform (the shared digits run, timm augmentation) records that it did not."""
+    from metric.config import resolve_config
+    from metric.retrieval import load_run_model
+    from metric.train import train
+
+    from .conftest import make_folder
+    from .helpers import tiny_cfg
+
+    root = make_folder(tmp_path / "images", with_train_test=True)
+    out = tmp_path / "run"
+    cfg = tiny_cfg(out, dataset="folder", data_root=str(root), split="auto", method="xbm", epochs=1, warmup_epochs=0,
+                   augment="mild", drift_every=0, batch_size=8, memory_size="16", image_size=16, probe_size=8,
+                   backbone="tinycnn", pretrained=False)
+    res = train(resolve_config(cfg))
+    assert load_run_model(out, "cpu").files_cached and not load_run_model(run[0], "cpu").files_cached
+    store, results = tmp_path / "store", tmp_path / "res.json"
+    assert main(["embed", str(out), "--out", str(store), "--no-progress"]) == 0
+    assert main(["search", str(store), "--query", str(store), "--k", "1", "--out", str(results)]) == 0
+    assert json.loads(results.read_text())["top1_accuracy"] == pytest.approx(res["best"]["recall@1"], abs=1e-12)
+    # the store holds the model's embeddings of the cache's evaluation tensors of the same files
+    from metric.data import load_dataset
+    from metric.fastdata import TensorCache
+
+    lm, data = load_run_model(out, "cpu"), load_dataset("folder", str(root), "auto")
+    cache = TensorCache.build(data, 16, torch.device("cpu"))
+    with torch.no_grad():
+        want = lm.model(cache.query.batch(torch.arange(len(data.query)))).numpy()
+    torch.testing.assert_close(torch.from_numpy(np.load(store / "embeddings.npy")), torch.from_numpy(want))
+
