@@ -17,7 +17,7 @@ from .adaptation import ADAPTATIONS, AXBN, XBN, Adaptation, NoAdaptation, XBNCov
 from .prefill import prefill
 from .queue import AdaptiveQueue
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "AdaptiveQueue",
