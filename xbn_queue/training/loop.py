@@ -2,7 +2,8 @@
 
 A run, in :meth:`RunLoop.fit` and :meth:`RunLoop.run_epochs`::
 
-    __init__: setup()            # check() (nothing written), then build(): data, model, memory, optimiser
+    __init__: setup()            # check() (nothing written), read_resume() (--resume's checkpoint read: a
+                                 #   corrupt file is refused here), then build(): data, model, memory, optimiser
     resume_if_asked()            # load_state(last.pt): model, memory, optimiser, RNG, RunState
     prepare_run_folder()         # the first write (rank 0), between two barriers: lock, config.yaml
     on_run_start                 # callbacks: open metrics.jsonl / W&B
@@ -388,6 +389,8 @@ class RunLoop:
         self.logger: Optional[RunLogger] = None
         self._saved_step = self._saved_epoch = -1
         self._resumed_stamp: Optional[tuple] = None
+        #: ``--resume``'s checkpoint, read by :meth:`read_resume` before the build, restored by :meth:`resume_if_asked`.
+        self._pending_resume: Optional[Tuple[Path, Dict[str, Any]]] = None
         #: Held by rank 0 from :meth:`prepare_run_folder` to the end of :meth:`fit`.
         self.folder_lock = FolderLock(self.out, "--output-dir", what=f"an {self.prog} run", prog=self.prog)
         #: Set by :meth:`build`: steps per epoch, epochs, evaluation every N epochs (0: only the last), the
@@ -419,9 +422,23 @@ class RunLoop:
             raise
 
     def setup(self) -> None:
-        """Check everything (nothing is written), then build."""
+        """Check everything (nothing is written), read ``--resume``'s checkpoint, then build."""
         self.check()
+        self.read_resume()
         self.build()
+
+    def read_resume(self) -> None:
+        """With ``--resume``: find and read the checkpoint before anything is built, so that a corrupt or
+        truncated file is refused at once (one line, exit 2); :meth:`resume_if_asked` restores it after the build.
+
+        Raises:
+            CheckpointError: not a readable checkpoint of this trainer.
+        """
+        path = resolve_resume(self.cfg.resume, self.out) if self.cfg.resume else None
+        if path is not None:
+            stamp = _file_stamp(Path(path))  # taken before reading: a rewrite during the read is noticed later
+            ckpt = load_checkpoint(path, map_location="cpu", kind=self.prog, required_keys=tuple(self.checkpoint_keys))
+            self._pending_resume, self._resumed_stamp = (Path(path), ckpt), stamp
 
     def close(self) -> None:
         """Release the process group (if this run created it)."""
@@ -599,21 +616,26 @@ class RunLoop:
 
     def resume_if_asked(self) -> None:
         """With ``--resume``: restore the run from its checkpoint (``resumed_from`` is set)."""
-        path = resolve_resume(self.cfg.resume, self.out) if self.cfg.resume else None
-        if path is not None:
-            self.restore(path)
-            self.resumed_from = Path(path)
+        if self._pending_resume is None and self.cfg.resume:  # a subclass that did not run setup()
+            self.read_resume()
+        if self._pending_resume is not None:
+            path, ckpt = self._pending_resume
+            self._pending_resume = None  # the checkpoint's tensors are not kept beyond the restore
+            self.restore(path, ckpt)
+            self.resumed_from = path
         elif self.cfg.resume and self.ctx.is_main:
             self.say(f"--resume: no checkpoint in {self.out}, starting a new run")
 
-    def restore(self, path: Path) -> None:
-        """Model, memory, optimiser, RNG and position from the checkpoint at ``path``.
+    def restore(self, path: Path, ckpt: Optional[Dict[str, Any]] = None) -> None:
+        """Model, memory, optimiser, RNG and position from the checkpoint at ``path`` (``ckpt``: already read).
 
         Raises:
             CheckpointError: not a readable checkpoint of this trainer (one line).
             ValueError: a checkpoint of an incompatible configuration (one line naming the keys).
         """
-        ckpt = load_checkpoint(path, map_location="cpu", kind=self.prog, required_keys=tuple(self.checkpoint_keys))
+        if ckpt is None:
+            self._resumed_stamp = _file_stamp(Path(path))
+            ckpt = load_checkpoint(path, map_location="cpu", kind=self.prog, required_keys=tuple(self.checkpoint_keys))
         try:
             self.load_state(ckpt, Path(path))
         except IncompatibleCheckpointError:
@@ -623,7 +645,6 @@ class RunLoop:
                                   f"{one_line(err)[:160]})") from None
         self.last_checkpoint = Path(path)
         self._saved_step, self._saved_epoch = self.state.global_step, self.state.epoch
-        self._resumed_stamp = _file_stamp(Path(path))
 
     def already_complete(self) -> RunSummary:
         """``--resume`` found a finished run: say so, write nothing."""

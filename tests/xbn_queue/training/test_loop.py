@@ -248,6 +248,33 @@ def test_an_incompatible_checkpoint_is_refused_with_the_differing_keys(tmp_path)
         run(tmp_path, [], lr=0.2, resume="auto")
 
 
+def test_resumes_checkpoint_is_read_before_the_build_and_a_rewrite_after_the_read_is_refused(tmp_path):
+    from xbn_queue.training.checkpoint import CheckpointError, atomic_save
+    from xbn_queue.training.cli import UsageError
+
+    class Counted(ToyRun):
+        builds = 0
+
+        def build(self) -> None:
+            type(self).builds += 1
+            super().build()
+
+    run(tmp_path, [], max_steps=2)
+    (tmp_path / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="last.pt is not a readable"):
+        Counted(ToyConfig(output_dir=str(tmp_path), resume="auto"))
+    assert Counted.builds == 0  # refused before anything was built
+
+    run(tmp_path / "b", [], max_steps=2)
+    loop = ToyRun(ToyConfig(output_dir=str(tmp_path / "b"), resume="auto"))  # reads b/last.pt
+    try:
+        atomic_save(load_checkpoint(tmp_path / "b" / "last.pt"), tmp_path / "b" / "last.pt")  # another writer
+        with pytest.raises(UsageError, match="changed since it was read"):
+            loop.fit()
+    finally:
+        loop.close()
+
+
 def test_state_and_summary_round_trip_and_default_missing_keys():
     st = ToyState(epoch=2, step_in_epoch=1, global_step=9, loss_sum=1.5, best={"step": 8}, evaluations=2)
     assert ToyState.from_dict(st.to_dict()) == st
