@@ -147,7 +147,7 @@ def _ntxent_with_bank_by_hand(q, k, bank, excluded, t, differentiable=False):
         ki = k[i].double() / k[i].double().norm()
         logits = [qi @ ki / t]
         logits += [qi @ bank[j].double() / t for j in range(bank.shape[0]) if not excluded[i][j]]
-        top = max(float(v) for v in logits)
+        top = max(float(v.detach()) for v in logits)
         total = total + top + torch.log(sum(torch.exp(v - top) for v in logits)) - logits[0]
     total = total / q.shape[0]
     return total if differentiable else float(total)
