@@ -97,11 +97,6 @@ def build_criterion(cfg: SelfSupConfig, distributed: bool = False) -> torch.nn.M
 
     loss_class = AdaptiveNTXentLoss if memory.mask_same_ids else NTXentLoss  # (lightly's loss, taking sample ids)
     criterion = loss_class(temperature=cfg.temperature)  # no bank of its own: the adaptive bank goes in below
-    if loss_class is NTXentLoss:
-        # Up to 0.5 lightly's NTXentLoss was built with memory_bank_size=(rows, dim) and drew a bank of random
-        # rows that the next line replaced at once; the same draws keep torch's global random stream (the
-        # checkpoints' RNG state, anything drawn later) what it was.
-        torch.randn(rows, cfg.embedding_dim)
     # init="empty" for every adaptation: the arms of a comparison start from the same (empty) memory,
     # as the raw mode does (lightly's own bank, and AdaptiveMemoryBank's default for "none", start
     # with random unit rows instead)
