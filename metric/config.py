@@ -14,12 +14,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from xbn_queue.adaptation import kalman_r_value
 from xbn_queue.training.cli import UsageError, above, at_least, available_cores, between, check_ranges
 from xbn_queue.training.memory import MemoryOptions, memory_field
-from xbn_queue.training.memory import memory_rows as _memory_rows
 from xbn_queue.training.tracking import check_wandb_options
 
 from .losses import DEFAULT_LOSS, DEFAULT_MINER, DEFAULT_MINER_ARGS
 
-__all__ = ["MetricConfig", "kalman_r_value", "DATASET_DEFAULTS", "resolve_config", "validate_config", "memory_rows", "METHODS",
+__all__ = ["MetricConfig", "kalman_r_value", "DATASET_DEFAULTS", "resolve_config", "validate_config", "METHODS",
            "MEMORY_METHODS", "method_memory", "COMPAT_KEYS", "COMPAT_DEFAULTS", "saved_config"]
 
 #: The memory methods (``none``: no memory) and, for each, its ``-batch`` variant: the memory loss plus the
@@ -315,14 +314,3 @@ def _head_none_dim(cfg: MetricConfig, explicit: Optional[int]) -> int:
                          f"--backbone {cfg.backbone} at --image-size {cfg.image_size}; leave --embedding-dim unset "
                          f"(or use --head linear)")
     return size
-
-
-def memory_rows(memory_size: Union[int, float, str], num_train: Optional[int]) -> int:
-    """Number of memory rows of a ``--memory-size``: an integer is a row count, a float (``0.5``, ``2.0``, ``5e-1``;
-    also as a string) a multiple of the ``num_train`` training images (``None``: check the value alone, 0 for a
-    fraction). The rule both trainers share, :func:`xbn_queue.training.memory.memory_rows`.
-
-    Raises:
-        UsageError: unparsable value, a fraction that is not a finite number > 0, a count < 1.
-    """
-    return _memory_rows(memory_size, num_train, "--memory-size")

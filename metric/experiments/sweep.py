@@ -59,10 +59,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from xbn_queue.training.cli import UsageError
+from xbn_queue.training.memory import memory_rows
 from xbn_queue.training.series import (PlannedRun, check_series_dir, format_mean_std, lock_series_dir, mean_std,
                                        table_title, write_series)
 
-from ..config import METHODS, MetricConfig, memory_rows, resolve_config
+from ..config import METHODS, MetricConfig, resolve_config
 
 __all__ = ["add_sweep_args", "run_sweep", "sweep_main", "sweep_plan", "sweep_points", "sweep_axes", "parse_vary", "Axis",
            "add_gains", "format_sweep_tables", "format_gain_tables", "plot_sweep", "plot_gain_vs_staleness", "write_runs_csv"]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from metric.cli import main
-from metric.config import MetricConfig, memory_rows
+from metric.config import MetricConfig
+from xbn_queue.training.memory import memory_rows
 from metric.model import PretrainedWeightsError, build_model
 from xbn_queue.training.config import parse_config
 
