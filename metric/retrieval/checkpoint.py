@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from xbn_queue.training.cli import UsageError
+from xbn_queue.training.seeding import resolve_device
 
 __all__ = ["LoadedModel", "load_run_model", "checkpoint_of", "file_sha256", "PROG"]
 
@@ -66,11 +67,11 @@ def file_sha256(path: PathLike) -> str:
 
 
 def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available")
-    return torch.device(device)
+    """``--device`` as a ``torch.device`` (the trainers' rule, :func:`xbn_queue.training.seeding.resolve_device`)."""
+    try:
+        return resolve_device(device)
+    except ValueError as err:
+        raise UsageError(f"--device {device}: {err}") from None
 
 
 def load_run_model(run: PathLike, device: str = "auto") -> LoadedModel:
