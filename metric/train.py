@@ -139,10 +139,6 @@ def _prefill_reader(ds: Any, cfg: MetricConfig, device: torch.device):
     return read
 
 
-def _autocast(cfg: MetricConfig, device: torch.device):
-    return autocast(cfg.amp, device)
-
-
 def _set_phase(model: MetricModel, warm: bool) -> None:
     """Warm-up: backbone frozen (no grad, eval mode); otherwise everything trains."""
     for p in model.backbone.parameters():
@@ -611,7 +607,7 @@ def _staleness(model: MetricModel, queue, ds: ImageDataset, cfg: MetricConfig, d
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, ids.tolist()), batch_size=cfg.eval_batch_size,
                                          shuffle=False, num_workers=cfg.workers, generator=torch.Generator().manual_seed(0))
     for x, _, _, _ in loader:
-        with _autocast(cfg, device):
+        with autocast(cfg.amp, device):
             fresh.append(model(x.to(device)).float())  # (b, D)
     model.train(was)
     r = queue_staleness(queue, ids, torch.cat(fresh))
